@@ -1,0 +1,52 @@
+"""stepdiff: text-to-image diffusion whose denoising loop can be steered at every step."""
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+from . import callbacks
+from .output import RunRecord, StepDiffPipelineOutput
+from .pipelines import (
+    AutoPipelineForText2Image,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    StepDiffPipeline,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoPipelineForText2Image",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "RunRecord",
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StepDiffPipeline",
+    "StepDiffPipelineOutput",
+    "UniPCMultistepScheduler",
+    "__version__",
+    "callbacks",
+]

@@ -1,0 +1,44 @@
+"""What a pipeline call returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffusers.utils import BaseOutput
+
+__all__ = ["RunRecord", "StepDiffPipelineOutput"]
+
+
+@dataclass
+class RunRecord:
+    """What the run did: steps, model calls and batch rows actually computed, interrupt, wall time."""
+
+    steps_total: int
+    steps_completed: int
+    interrupted: bool
+    model_calls: int
+    model_rows: int
+    rows_per_step: list[int] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps_total": self.steps_total,
+            "steps_completed": self.steps_completed,
+            "interrupted": self.interrupted,
+            "model_calls": self.model_calls,
+            "model_rows": self.model_rows,
+            "rows_per_step": list(self.rows_per_step),
+            "wall_seconds": round(self.wall_seconds, 4),
+        }
+
+
+@dataclass
+class StepDiffPipelineOutput(BaseOutput):
+    """``images`` as asked by ``output_type``; ``output[0]`` is the images, as in the classic library."""
+
+    images: Any
+    interrupted: bool = False
+    steps_completed: int = 0
+    record: RunRecord | None = None

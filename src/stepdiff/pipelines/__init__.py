@@ -1,0 +1,6 @@
+from .auto import AutoPipelineForText2Image
+from .base import StepDiffPipeline
+from .stable_diffusion import StableDiffusionPipeline
+from .stable_diffusion_xl import StableDiffusionXLPipeline
+
+__all__ = ["AutoPipelineForText2Image", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "StepDiffPipeline"]

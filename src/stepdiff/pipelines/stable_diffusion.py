@@ -1,0 +1,133 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder; epsilon- or v-prediction UNet."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .base import Conditioning, StepDiffPipeline, _check_prompt_inputs, _prompt_list, repeat_rows, tokenize
+
+__all__ = ["StableDiffusionPipeline"]
+
+
+class StableDiffusionPipeline(StepDiffPipeline):
+    """Text-to-image with Stable Diffusion 1.x/2.x, on stepdiff's shared denoising loop.
+
+    The safety checker and feature extractor of real SD folders are loaded if present but not run.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["safety_checker", "feature_extractor", "image_encoder"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "prompt_embeds", "negative_prompt_embeds", "denoised"]
+    _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
+        "prompt_embeds": ("cond", "encoder_hidden_states"),
+        "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
+    }
+    _family_class_names = ("StableDiffusionPipeline",)
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: Any = None,
+        feature_extractor: Any = None,
+        image_encoder: Any = None,
+        requires_safety_checker: bool = False,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
+        )
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+        self._cross_attention_kwargs: dict | None = None
+
+    def _embed(self, texts: list[str], device: torch.device, clip_skip: int | None, max_length: int | None = None):
+        ids = tokenize(self.tokenizer, texts, max_length).to(device)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = (ids != self.tokenizer.pad_token_id).long()
+        if clip_skip is None:
+            embeds = self.text_encoder(ids, attention_mask=mask)[0]
+        else:  # hidden state clip_skip layers before the last, through the final layer norm
+            hidden = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            embeds = self.text_encoder.text_model.final_layer_norm(hidden[-(clip_skip + 1)])
+        return embeds
+
+    def encode(
+        self, *, device, num_images_per_prompt, height, width, prompt, negative_prompt,
+        prompt_embeds, negative_prompt_embeds, clip_skip,
+    ) -> Conditioning:
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        if prompt_embeds is None:
+            prompt_embeds = self._embed(prompt, device, clip_skip)
+        batch = prompt_embeds.shape[0]
+        if negative_prompt_embeds is None:
+            negative = negative_prompt if negative_prompt is not None else [""] * batch
+            negative_prompt_embeds = self._embed(negative, device, clip_skip, max_length=prompt_embeds.shape[1])
+        cond = repeat_rows(prompt_embeds.to(device, dtype), num_images_per_prompt)
+        uncond = repeat_rows(negative_prompt_embeds.to(device, dtype), num_images_per_prompt)
+        return Conditioning(cond={"encoder_hidden_states": cond}, uncond={"encoder_hidden_states": uncond})
+
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        return self.unet(
+            latent_input, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
+            cross_attention_kwargs=self._cross_attention_kwargs, return_dict=False,
+        )[0]
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        """Generate images. Arguments and defaults follow the classic StableDiffusionPipeline.
+
+        ``callback_on_step_end(pipeline, step_index, timestep, callback_kwargs) -> dict | None`` runs after
+        every step with the tensors named in ``callback_on_step_end_tensor_inputs`` (default
+        ``["latents"]``; allowed: ``_callback_tensor_inputs``). Returns a ``StepDiffPipelineOutput``.
+        """
+        prompts = _prompt_list("prompt", prompt)
+        negatives = _prompt_list("negative_prompt", negative_prompt)
+        batch_size = _check_prompt_inputs(prompts, negatives, prompt_embeds, negative_prompt_embeds)
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+            raise ValueError(f"clip_skip must be None or a non-negative int, got {clip_skip!r}")
+        self._cross_attention_kwargs = cross_attention_kwargs
+        return self._generate(
+            batch_size=batch_size,
+            encode_kwargs=dict(
+                prompt=prompts, negative_prompt=negatives, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+            ),
+            height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps,
+            sigmas=sigmas, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+

@@ -1,0 +1,225 @@
+"""Stable Diffusion XL: two CLIP text encoders, pooled embeddings and micro-conditioning time ids."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .base import Conditioning, StepDiffPipeline, _check_prompt_inputs, _prompt_list, repeat_rows, tokenize
+
+__all__ = ["StableDiffusionXLPipeline"]
+
+
+def _size_pair(name: str, value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, (tuple, list)) and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be a (height, width) pair of non-negative ints, got {value!r}")
+
+
+class StableDiffusionXLPipeline(StepDiffPipeline):
+    """Text-to-image with SDXL base models, on stepdiff's shared denoising loop (no watermarker)."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components: ClassVar[list[str]] = [
+        "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_encoder", "feature_extractor",
+    ]
+    _callback_tensor_inputs: ClassVar[list[str]] = [
+        "latents", "prompt_embeds", "negative_prompt_embeds", "add_text_embeds", "add_time_ids",
+        "negative_pooled_prompt_embeds", "negative_add_time_ids", "denoised",
+    ]
+    _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
+        "prompt_embeds": ("cond", "encoder_hidden_states"),
+        "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
+        "add_text_embeds": ("cond", "text_embeds"),
+        "negative_pooled_prompt_embeds": ("uncond", "text_embeds"),
+        "add_time_ids": ("cond", "time_ids"),
+        "negative_add_time_ids": ("uncond", "time_ids"),
+    }
+    _family_class_names = ("StableDiffusionXLPipeline",)
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: Any = None,
+        feature_extractor: Any = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self._cross_attention_kwargs: dict | None = None
+
+    def _embed(self, texts: list[str], texts_2: list[str], device, clip_skip: int | None, max_length=None):
+        """(hidden states of both encoders concatenated, pooled projection of the second)."""
+        pairs = [(self.tokenizer, self.text_encoder, texts), (self.tokenizer_2, self.text_encoder_2, texts_2)]
+        hidden, pooled = [], None
+        for tokenizer, encoder, batch in pairs:
+            if encoder is None:
+                continue
+            out = encoder(tokenize(tokenizer, batch, max_length).to(device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds come first
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def _time_ids(self, original_size, crops, target_size, dtype, projection_dim: int) -> torch.Tensor:
+        ids = list(original_size + crops + target_size)
+        passed = self.unet.config.addition_time_embed_dim * len(ids) + projection_dim
+        expected = self.unet.add_embedding.linear_1.in_features
+        if passed != expected:
+            raise ValueError(
+                f"the UNet expects an added embedding of length {expected} but the time ids and text_encoder_2 "
+                f"projection give {passed}; check unet.config.addition_time_embed_dim and projection_dim"
+            )
+        return torch.tensor([ids], dtype=dtype)
+
+    def encode(
+        self, *, device, num_images_per_prompt, height, width, prompt, prompt_2, negative_prompt,
+        negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+        negative_pooled_prompt_embeds, original_size, crops_coords_top_left, target_size,
+        negative_original_size, negative_crops_coords_top_left, negative_target_size, clip_skip,
+    ) -> Conditioning:
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = self._embed(prompt, prompt_2 or prompt, device, clip_skip)
+        batch = prompt_embeds.shape[0]
+        if negative_prompt_embeds is None:
+            if negative_prompt is None and self.config.force_zeros_for_empty_prompt:
+                negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+                negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+            else:
+                neg = negative_prompt if negative_prompt is not None else [""] * batch
+                neg_2 = negative_prompt_2 or neg
+                negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed(
+                    neg, neg_2, device, None, max_length=prompt_embeds.shape[1]
+                )
+        dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
+        projection_dim = (
+            self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None
+            else pooled_prompt_embeds.shape[-1]
+        )
+        original_size = original_size or (height, width)
+        target_size = target_size or (height, width)
+        time_ids = self._time_ids(original_size, crops_coords_top_left, target_size, dtype, projection_dim)
+        if negative_original_size is not None and negative_target_size is not None:
+            neg_time_ids = self._time_ids(
+                negative_original_size, negative_crops_coords_top_left, negative_target_size, dtype, projection_dim
+            )
+        else:
+            neg_time_ids = time_ids
+        n = num_images_per_prompt
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return repeat_rows(t.to(device, dtype), n)
+
+        return Conditioning(
+            cond={
+                "encoder_hidden_states": rows(prompt_embeds), "text_embeds": rows(pooled_prompt_embeds),
+                "time_ids": time_ids.to(device).repeat(batch * n, 1),
+            },
+            uncond={
+                "encoder_hidden_states": rows(negative_prompt_embeds),
+                "text_embeds": rows(negative_pooled_prompt_embeds),
+                "time_ids": neg_time_ids.to(device).repeat(batch * n, 1),
+            },
+        )
+
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        return self.unet(
+            latent_input, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
+            added_cond_kwargs={"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]},
+            cross_attention_kwargs=self._cross_attention_kwargs, return_dict=False,
+        )[0]
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        """Generate images. Arguments and defaults follow the classic StableDiffusionXLPipeline.
+
+        See ``StableDiffusionPipeline.__call__`` for the callback protocol; returns a ``StepDiffPipelineOutput``.
+        """
+        prompts = _prompt_list("prompt", prompt)
+        prompts_2 = _prompt_list("prompt_2", prompt_2)
+        negatives = _prompt_list("negative_prompt", negative_prompt)
+        negatives_2 = _prompt_list("negative_prompt_2", negative_prompt_2)
+        batch_size = _check_prompt_inputs(prompts, negatives, prompt_embeds, negative_prompt_embeds)
+        for name, value, other in (("prompt_2", prompts_2, prompts), ("negative_prompt_2", negatives_2, negatives)):
+            if value is not None and (other is None or len(value) != len(other)):
+                raise ValueError(f"{name} must match the length of {name[:-2]}, got {value!r}")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (from text_encoder_2)")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too (from text_encoder_2)")
+        sizes = {
+            name: _size_pair(name, value) for name, value in (
+                ("original_size", original_size), ("crops_coords_top_left", crops_coords_top_left),
+                ("target_size", target_size), ("negative_original_size", negative_original_size),
+                ("negative_crops_coords_top_left", negative_crops_coords_top_left),
+                ("negative_target_size", negative_target_size),
+            )
+        }
+        self._cross_attention_kwargs = cross_attention_kwargs
+        return self._generate(
+            batch_size=batch_size,
+            encode_kwargs=dict(
+                prompt=prompts, prompt_2=prompts_2, negative_prompt=negatives, negative_prompt_2=negatives_2,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, clip_skip=clip_skip, **sizes,
+            ),
+            height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps,
+            sigmas=sigmas, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )

@@ -1,0 +1,56 @@
+"""Judge a generated shapes image from its pixels: background colour, shape colour, shape type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .dataset import COLORS
+
+__all__ = ["Verdict", "judge", "parse_caption"]
+
+_NAMES = list(COLORS)
+_PALETTE = np.array([COLORS[n] for n in _NAMES], dtype=np.float32)  # (8, 3)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    background: str
+    color: str
+    shape: str
+    fill_ratio: float
+
+
+def _nearest(rgb: np.ndarray) -> np.ndarray:
+    """Index of the nearest palette colour for each RGB row; rgb: (..., 3)."""
+    d = ((rgb[..., None, :].astype(np.float32) - _PALETTE) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def judge(image: Image.Image | np.ndarray) -> Verdict:
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    labels = _nearest(pixels)  # (H, W) palette index per pixel
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
+    counts = np.bincount(labels[labels != bg].ravel(), minlength=len(_NAMES))
+    if counts.sum() == 0:
+        return Verdict(_NAMES[bg], "none", "none", 0.0)
+    fg = int(counts.argmax())
+    mask = labels == fg
+    rows = np.flatnonzero(mask.sum(1) >= 2)  # ignore single stray pixels
+    cols = np.flatnonzero(mask.sum(0) >= 2)
+    if len(rows) == 0 or len(cols) == 0:
+        return Verdict(_NAMES[bg], _NAMES[fg], "none", 0.0)
+    box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    ratio = float(box.mean())
+    # Ideal fill ratios of the bounding box: square 1.0, circle pi/4 = 0.785, triangle 0.5.
+    shape = "square" if ratio > 0.89 else "circle" if ratio > 0.64 else "triangle"
+    return Verdict(_NAMES[bg], _NAMES[fg], shape, ratio)
+
+
+def parse_caption(text: str) -> tuple[str, str, str]:
+    """'a red circle on a blue background' -> ('red', 'circle', 'blue')."""
+    words = text.split()
+    return words[1], words[2], words[5]

@@ -1,0 +1,285 @@
+"""Train the shipped shapes model from scratch: VAE, then text encoder + UNet.
+
+    python -m stepdiff.shapes.train --out runs/shapes            # full run (settings below)
+    python -m stepdiff.shapes.train --out runs/smoke --smoke     # a few steps, for CI
+
+Every setting is in `TrainConfig`; the seed is fixed. A run that is cut short resumes from its
+last checkpoint when started again with the same --out. The result is a standard Stable
+Diffusion folder (model_index.json + one folder per component, fp16 safetensors) that both
+stepdiff and diffusers load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline as _DiffusersSD
+from diffusers.schedulers import DPMSolverMultistepScheduler
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..tokenizer import build_clip_tokenizer
+from .dataset import IMAGE_SIZE, VOCABULARY, sample_batch
+
+__all__ = ["TrainConfig", "train"]
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    threads: int = 2
+    # VAE: f=4 (3 blocks), 4 latent channels -> 4x16x16 latents for 64x64 images.
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_steps: int = 1400
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # Latents are precomputed once for a fixed training set.
+    num_train_images: int = 40_000
+    # Text encoder + UNet, trained jointly.
+    text_layers: int = 3
+    text_width: int = 64
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers_per_block: int = 1
+    unet_steps: int = 3000
+    unet_batch: int = 64
+    unet_lr: float = 4e-4
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0  # Min-SNR weighting, Hang et al. 2023
+    offset_noise: float = 0.05  # helps plain dark/bright backgrounds (Guttenberg 2023)
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    smoke: bool = False
+
+    def smoke_version(self) -> TrainConfig:
+        return dataclasses.replace(
+            self, vae_steps=3, vae_batch=4, num_train_images=64, unet_steps=3, unet_batch=4,
+            warmup_steps=1, checkpoint_every=2, smoke=True,
+        )
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def build_vae(cfg: TrainConfig) -> AutoencoderKL:
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+    with torch.no_grad():  # start with a near-deterministic posterior: trains far faster
+        vae.encoder.conv_out.bias[4:].fill_(-6.0)
+    return vae
+
+
+def build_unet(cfg: TrainConfig, sample_size: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=cfg.unet_layers_per_block,
+        block_out_channels=cfg.unet_channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cfg.text_width, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def build_text_encoder(cfg: TrainConfig, vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text_width, intermediate_size=cfg.text_width * 4,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=16,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, projection_dim=cfg.text_width,
+    )
+    return CLIPTextModel(config)
+
+
+class _Checkpoints:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def save(self, name: str, state: dict) -> None:
+        tmp = self.root / f"{name}.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.root / f"{name}.pt")  # whole or not at all
+
+    def load(self, name: str) -> dict | None:
+        path = self.root / f"{name}.pt"
+        return torch.load(path, weights_only=False) if path.exists() else None
+
+
+def train_vae(cfg: TrainConfig, ck: _Checkpoints) -> AutoencoderKL:
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    state = ck.load("vae")
+    start = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        if state.get("done"):
+            return vae.eval()
+    rng = np.random.default_rng(cfg.seed + 1 + start)
+    bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * _cosine_lr(step, cfg.vae_steps, 100)
+        x = _to_tensor(sample_batch(rng, cfg.vae_batch)[0])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon, x).item(), 1e-10))
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            ck.save("vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    ck.save("vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": cfg.vae_steps, "done": True})
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_dataset(cfg: TrainConfig, vae: AutoencoderKL, ck: _Checkpoints) -> tuple[torch.Tensor, list[str], float]:
+    state = ck.load("latents")
+    if state is not None:
+        return state["latents"], state["captions"], state["scaling_factor"]
+    rng = np.random.default_rng(cfg.seed + 2)
+    images, captions = sample_batch(rng, cfg.num_train_images)
+    chunks = []
+    for i in tqdm(range(0, len(images), 256), desc="encode"):
+        chunks.append(vae.encode(_to_tensor(images[i : i + 256])).latent_dist.mean)
+    latents = torch.cat(chunks)
+    # SD convention: scale latents to unit variance.
+    scaling_factor = float(1.0 / latents.std())
+    ck.save("latents", {"latents": latents, "captions": captions, "scaling_factor": scaling_factor})
+    return latents, captions, scaling_factor
+
+
+def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], tokenizer, ck: _Checkpoints):
+    noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    text_encoder = build_text_encoder(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    unet = build_unet(cfg, latents.shape[-1])
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    start = 0
+    state = ck.load("unet")
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        ema = state["ema"]
+        start = state["step"]
+    ids = tokenizer(
+        [*captions, ""], padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+    ).input_ids
+    caption_ids, empty_ids = ids[:-1], ids[-1:]
+    acp = noise_scheduler.alphas_cumprod
+    snr = acp / (1 - acp)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps)
+    for step in bar:
+        gen.manual_seed(cfg.seed + 3 + step)  # resumable: each step's randomness is its own
+        for g in opt.param_groups:
+            g["lr"] = cfg.unet_lr * _cosine_lr(step, cfg.unet_steps, cfg.warmup_steps)
+        idx = torch.randint(len(latents), (cfg.unet_batch,), generator=gen)
+        x0 = latents[idx]
+        tok = caption_ids[idx].clone()
+        drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout
+        tok[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        noise += cfg.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        xt = noise_scheduler.add_noise(x0, noise, t)
+        cond = text_encoder(tok)[0]
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # epsilon-prediction Min-SNR
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            ck.save("unet", {
+                "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "opt": opt.state_dict(), "ema": ema, "step": step + 1,
+            })
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    return unet.eval(), text_encoder.eval()
+
+
+def train(cfg: TrainConfig, out: Path) -> Path:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    ck = _Checkpoints(out / "checkpoints")
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    started = time.time()
+    tokenizer = build_clip_tokenizer(VOCABULARY, out / "tokenizer_build", model_max_length=16)
+    vae = train_vae(cfg, ck)
+    latents, captions, scaling = encode_dataset(cfg, vae, ck)
+    vae.register_to_config(scaling_factor=scaling)
+    unet, text_encoder = train_unet(cfg, latents * scaling, captions, tokenizer, ck)
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = _DiffusersSD(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    model_dir = out / "model"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # keep the human-readable BPE files beside tokenizer.json
+        shutil.copy(out / "tokenizer_build" / name, model_dir / "tokenizer" / name)
+    elapsed = time.time() - started
+    (out / "train_time.json").write_text(json.dumps({"wall_seconds_this_invocation": elapsed}))
+    print(f"saved {model_dir} after {elapsed / 60:.1f} min")
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the shipped shapes text-to-image model from scratch.")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, final model/)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps only, to check the script runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig()
+    if args.smoke:
+        cfg = cfg.smoke_version()
+    if args.threads is not None:
+        cfg = dataclasses.replace(cfg, threads=args.threads)
+    train(cfg, args.out)
+
+
+if __name__ == "__main__":
+    main()

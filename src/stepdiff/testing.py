@@ -1,0 +1,87 @@
+"""Tiny random SD / SDXL pipelines in the standard folder layout, built offline.
+
+Used by the test suite, the benchmarks and ``stepdiff tiny-model``. The folders hold
+model_index.json, one folder per component and real tokenizer files, and load through
+``from_pretrained`` like real weights (and through diffusers' own pipelines, for parity checks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline as _DiffusersSD
+from diffusers import StableDiffusionXLPipeline as _DiffusersSDXL
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from .tokenizer import build_clip_tokenizer
+
+__all__ = ["TINY_WORDS", "make_tiny_sd", "make_tiny_sdxl"]
+
+TINY_WORDS = "a photo of cat dog red blue car road croissant bear sports best quality high detail".split()
+
+
+def _scheduler(prediction_type: str = "epsilon") -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type,
+        timestep_spacing="leading", steps_offset=1,
+    )
+
+
+def _vae(width: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(width, width), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=min(32, width), sample_size=32,
+    )
+
+
+def _text_config(vocab_size: int, tokenizer, hidden: int, projection_dim: int = 32) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_act="gelu", projection_dim=projection_dim, max_position_embeddings=77,
+    )
+
+
+def make_tiny_sd(out: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A ~0.5M-parameter random SD 1.x-style pipeline folder."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(TINY_WORDS, out / "_tokenizer_build", model_max_length=77)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer), tokenizer, 32))
+    pipe = _DiffusersSD(
+        vae=_vae(32), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out / "model", safe_serialization=True)
+    return out / "model"
+
+
+def make_tiny_sdxl(out: str | Path, seed: int = 0, width: int = 32, sample_size: int = 16) -> Path:
+    """A random SDXL pipeline folder; ``width`` scales the UNet (32 is tiny, 96+ makes the UNet dominate)."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(TINY_WORDS, out / "_tokenizer_build", model_max_length=77)
+    unet = UNet2DConditionModel(
+        block_out_channels=(width, width * 2), layers_per_block=2, sample_size=sample_size, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1,
+    )
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer), tokenizer, 32))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))
+    pipe = _DiffusersSDXL(
+        vae=_vae(32), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
+    )
+    pipe.save_pretrained(out / "model", safe_serialization=True)
+    return out / "model"
