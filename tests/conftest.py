@@ -1,0 +1,91 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach a model hub
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+import stepdiff  # noqa: E402
+from stepdiff.testing import make_tiny_sd, make_tiny_sdxl  # noqa: E402
+
+diffusers_logging.disable_progress_bar()
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sd_v_folder(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
+
+
+def _load(cls, folder):
+    pipe = cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def sd_pipe(sd_folder):
+    return _load(stepdiff.StableDiffusionPipeline, sd_folder)
+
+
+@pytest.fixture
+def sdxl_pipe(sdxl_folder):
+    return _load(stepdiff.StableDiffusionXLPipeline, sdxl_folder)
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def pipe(request, sd_folder, sdxl_folder):
+    """Each test using this runs on both families."""
+    if request.param == "sd":
+        return _load(stepdiff.StableDiffusionPipeline, sd_folder)
+    return _load(stepdiff.StableDiffusionXLPipeline, sdxl_folder)
+
+
+class ModelCallCounter:
+    """Records the batch size of every denoiser call."""
+
+    def __init__(self, module):
+        self.rows: list[int] = []
+        self.hidden: list[torch.Tensor] = []
+        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.rows.append(sample.shape[0])
+        hidden = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        self.hidden.append(hidden)
+
+    @property
+    def calls(self) -> int:
+        return len(self.rows)
+
+
+@pytest.fixture
+def count_calls():
+    counters = []
+
+    def make(pipe):
+        counter = ModelCallCounter(pipe.unet)
+        counters.append(counter)
+        return counter
+
+    yield make
+    for c in counters:
+        c._handle.remove()
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
