@@ -4,15 +4,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach a model hub
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
+import pytest
+import torch
+from diffusers.utils import logging as diffusers_logging
 
-import stepdiff  # noqa: E402
-from stepdiff.testing import make_tiny_sd, make_tiny_sdxl  # noqa: E402
+import stepdiff
+from stepdiff.testing import make_tiny_sd, make_tiny_sdxl
 
 diffusers_logging.disable_progress_bar()
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("STEPDIFF_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

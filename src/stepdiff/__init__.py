@@ -1,5 +1,12 @@
 """stepdiff: text-to-image diffusion whose denoising loop can be steered at every step."""
 
+from transformers.utils import logging as _tf_logging
+
+# diffusers' pipeline modules import transformers' image processors, which warn once that torchvision
+# is missing (stepdiff needs no image processor). Quiet that during our own import only.
+_verbosity = _tf_logging.get_verbosity()
+_tf_logging.set_verbosity_error()
+
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -49,4 +56,5 @@ __all__ = [
     "UniPCMultistepScheduler",
     "__version__",
     "callbacks",
+    "default_model",
 ]

@@ -7,6 +7,7 @@ model_index.json, one folder per component and real tokenizer files, and load th
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +21,11 @@ from .tokenizer import build_clip_tokenizer
 __all__ = ["TINY_WORDS", "make_tiny_sd", "make_tiny_sdxl"]
 
 TINY_WORDS = "a photo of cat dog red blue car road croissant bear sports best quality high detail".split()
+
+
+def _tokenizer():
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_clip_tokenizer(TINY_WORDS, tmp, model_max_length=77)
 
 
 def _scheduler(prediction_type: str = "epsilon") -> EulerDiscreteScheduler:
@@ -49,7 +55,7 @@ def make_tiny_sd(out: str | Path, seed: int = 0, prediction_type: str = "epsilon
     """A ~0.5M-parameter random SD 1.x-style pipeline folder."""
     out = Path(out)
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(TINY_WORDS, out / "_tokenizer_build", model_max_length=77)
+    tokenizer = _tokenizer()
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -61,15 +67,15 @@ def make_tiny_sd(out: str | Path, seed: int = 0, prediction_type: str = "epsilon
         scheduler=_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out / "model", safe_serialization=True)
-    return out / "model"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
 
 
 def make_tiny_sdxl(out: str | Path, seed: int = 0, width: int = 32, sample_size: int = 16) -> Path:
     """A random SDXL pipeline folder; ``width`` scales the UNet (32 is tiny, 96+ makes the UNet dominate)."""
     out = Path(out)
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(TINY_WORDS, out / "_tokenizer_build", model_max_length=77)
+    tokenizer = _tokenizer()
     unet = UNet2DConditionModel(
         block_out_channels=(width, width * 2), layers_per_block=2, sample_size=sample_size, in_channels=4,
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -83,5 +89,5 @@ def make_tiny_sdxl(out: str | Path, seed: int = 0, width: int = 32, sample_size:
         vae=_vae(32), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
     )
-    pipe.save_pretrained(out / "model", safe_serialization=True)
-    return out / "model"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

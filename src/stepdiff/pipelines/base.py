@@ -78,7 +78,9 @@ def _check_prompt_inputs(prompts, negatives, prompt_embeds, negative_prompt_embe
         raise ValueError("pass exactly one of prompt and prompt_embeds" + (" (got both)" if prompts else " (got neither)"))
     if prompt_embeds is not None:
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != embed_dims:
-            raise ValueError(f"prompt_embeds must be a {embed_dims}-D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}")
+            raise ValueError(
+                f"prompt_embeds must be a {embed_dims}-D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}"
+            )
         batch = prompt_embeds.shape[0]
     else:
         batch = len(prompts)
