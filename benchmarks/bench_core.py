@@ -1,0 +1,82 @@
+"""Issue 2 benchmarks: stepdiff against diffusers on identical tiny-SDXL weights, in one process.
+
+    python benchmarks/bench_core.py [--repeats 7] [--width 128]
+
+(a) stepdiff / diffusers time for 25 steps, no callback (goal <= 1.00)
+(b) overhead of a no-op callback that requests every tensor input (goal <= 2%)
+(c) CFG cutoff at ratio 0.4 against full CFG (goal <= 0.75; theory 0.70 plus fixed costs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, os.path.dirname(__file__))
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+from _common import table, time_interleaved  # noqa: E402
+
+import stepdiff  # noqa: E402
+from stepdiff.testing import make_tiny_sdxl  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--width", type=int, default=128, help="UNet base channels (large enough to dominate a step)")
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    diffusers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_tiny_sdxl(tmp, width=args.width, sample_size=32)
+        ours = stepdiff.StableDiffusionXLPipeline.from_pretrained(folder)
+        theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)
+    params = sum(p.numel() for p in ours.unet.parameters()) / 1e6
+    kwargs = dict(prompt="a red car on the road", num_inference_steps=args.steps, guidance_scale=6.0, output_type="np")
+
+    def noop(pipe, i, t, kw):
+        return kw
+
+    def run(pipe, **extra):
+        return lambda: pipe(**kwargs, generator=torch.Generator().manual_seed(0), **extra)
+
+    every_ours = list(stepdiff.StableDiffusionXLPipeline._callback_tensor_inputs)
+    every_theirs = list(diffusers.StableDiffusionXLPipeline._callback_tensor_inputs)
+    t = time_interleaved({
+        "diffusers": run(theirs),
+        "stepdiff": run(ours),
+        "stepdiff+noop(all inputs)": run(ours, callback_on_step_end=noop, callback_on_step_end_tensor_inputs=every_ours),
+        "diffusers+noop(all inputs)": run(theirs, callback_on_step_end=noop, callback_on_step_end_tensor_inputs=every_theirs),
+        "stepdiff+cutoff0.4": run(ours, callback_on_step_end=stepdiff.callbacks.CFGCutoffCallback(cutoff_step_ratio=0.4)),
+        "diffusers+cutoff0.4": run(
+            theirs, callback_on_step_end=diffusers.callbacks.SDXLCFGCutoffCallback(cutoff_step_ratio=0.4)
+        ),
+    }, repeats=args.repeats)
+    rows_cut = 2 * (int(args.steps * 0.4) + 1) + (args.steps - int(args.steps * 0.4) - 1)
+    print(f"tiny SDXL, UNet {params:.1f}M params, 64x64 output (32x32 latents), {args.steps} steps, "
+          f"median of {args.repeats}, torch threads 2\n")
+    print(table([
+        (name, f"{sec:.3f}") for name, sec in t.items()
+    ], ("run", "median s")))
+    print()
+    print(table([
+        ("(a) stepdiff / diffusers, no callback", f"{t['stepdiff'] / t['diffusers']:.3f}", "<= 1.00"),
+        ("(b) no-op callback, every tensor input: stepdiff overhead",
+         f"{t['stepdiff+noop(all inputs)'] / t['stepdiff'] - 1:+.1%}", "<= 2%"),
+        ("    same for diffusers", f"{t['diffusers+noop(all inputs)'] / t['diffusers'] - 1:+.1%}", ""),
+        ("(c) CFG cutoff 0.4 / full CFG, stepdiff", f"{t['stepdiff+cutoff0.4'] / t['stepdiff']:.3f}",
+         f"<= 0.75 (rows {rows_cut}/{2 * args.steps} = {rows_cut / (2 * args.steps):.2f})"),
+        ("    same for diffusers", f"{t['diffusers+cutoff0.4'] / t['diffusers']:.3f}", ""),
+    ], ("measure", "value", "goal")))
+
+
+if __name__ == "__main__":
+    main()
