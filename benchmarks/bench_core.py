@@ -17,12 +17,12 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, os.path.dirname(__file__))
 
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-from _common import table, time_interleaved  # noqa: E402
+import diffusers
+import torch
 
-import stepdiff  # noqa: E402
-from stepdiff.testing import make_tiny_sdxl  # noqa: E402
+import stepdiff
+from _common import table, time_interleaved
+from stepdiff.testing import make_tiny_sdxl
 
 
 def main() -> None:

@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--cfg-cutoff-step", type=int, default=None, metavar="N", help="turn guidance off after step N")
     g.add_argument("--stop-at", type=int, default=None, metavar="N", help="stop after step N (early stop)")
     g.add_argument("--verbose", action="store_true", help="print the run record (steps, model calls, rows, time)")
+    pv = g.add_argument_group("previews of intermediate steps")
+    pv.add_argument("--preview-dir", type=Path, default=None, help="write a preview PNG per step here ({step}.png)")
+    pv.add_argument("--preview-every", type=int, default=1, metavar="N", help="preview every N steps (and the last)")
+    pv.add_argument("--preview-source", choices=("denoised", "latents"), default="denoised",
+                    help="denoised: the x0 estimate (clean early on, default); latents: the noisy latents")
+    pv.add_argument("--preview-method", choices=("linear", "vae"), default="linear",
+                    help="linear: latent-to-RGB table (cheap, default); vae: exact decode (slower)")
+    pv.add_argument("--animation", type=Path, default=None, metavar="PATH", help="write the trajectory as .gif or .webp")
+    pv.add_argument("--contact-sheet", type=Path, default=None, metavar="PATH",
+                    help="write a grid of the previews, step number under each (.png)")
 
     e = sub.add_parser("eval-shapes", help="judge prompt adherence of a shapes model on held-out prompts",
                        description="Generate the held-out prompts at fixed seeds and judge each image from its pixels.")
@@ -89,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds-per-combo", type=int, default=9, help="seeds per held-out combination (default 9: 216 pairs)")
     e.add_argument("--batch", type=int, default=24, help="images per pipeline call (default 24)")
     e.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+
+    f = sub.add_parser("fit-preview", help="fit a latent-to-RGB preview table for a model and store it in its folder",
+                       description="Encode sample images, decode them with the full VAE, and fit rgb = latents @ "
+                                   "factors + bias by least squares. Writes MODEL_DIR/latent_rgb.json.")
+    f.add_argument("model", type=Path, help="model folder")
+    f.add_argument("--images", type=Path, default=None,
+                   help="folder of sample images (default: procedural coloured shapes)")
+    f.add_argument("--count", type=int, default=512, help="procedural images to fit on (default 512)")
 
     t = sub.add_parser("tiny-model", help="write a tiny random SD or SDXL model folder (for trying the API)")
     t.add_argument("out", type=Path, help="folder to create")
@@ -147,6 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     if args.guidance is not None and not (args.guidance >= 0):
         raise ValueError(f"--guidance must be a number >= 0, got {args.guidance}")
+    if args.preview_every < 1:
+        raise ValueError(f"--preview-every must be >= 1, got {args.preview_every}")
     if args.stop_at is not None and args.stop_at < 0:
         raise ValueError(f"--stop-at must be >= 0, got {args.stop_at}")
     if args.size is not None:
@@ -178,6 +198,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         callbacks.append(stop)
 
+    preview = None
+    if args.preview_dir is not None or args.animation is not None or args.contact_sheet is not None:
+        from .preview import PreviewCallback
+
+        preview = PreviewCallback(
+            folder=args.preview_dir, every=args.preview_every, source=args.preview_source,
+            method=args.preview_method, animation=args.animation, contact_sheet=args.contact_sheet, frame_size=128,
+        )
+        callbacks.append(preview)
+
     pipe, folder = _load(args)
     unknown, known = unknown_words(pipe.tokenizer, args.prompt, _model_info(folder).get("vocabulary"))
     if unknown:
@@ -208,8 +238,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "stepdiff_version": __version__, "record": record,
         }
         print(save_png(image, path, a1111_parameters(args.prompt, args.negative, fields), meta))
+    if preview is not None:
+        for extra in (args.animation, args.contact_sheet):
+            if extra is not None:
+                print(extra)
     if args.verbose:
         print(f"record: {record}", file=sys.stderr)
+    return 0
+
+
+def cmd_fit_preview(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipelines.base import StepDiffPipeline
+    from .preview import builtin_tables, fit_latent_rgb, images_to_tensor, preview_psnr
+
+    StepDiffPipeline._check_folder(args.model)
+    if args.images is not None:
+        from PIL import Image
+
+        files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not files:
+            raise FileNotFoundError(f"--images {str(args.images)!r} holds no .png/.jpg/.webp images")
+        pipe = _from_pretrained(args.model)
+        size = pipe.default_size()
+        images = images_to_tensor([Image.open(p).convert("RGB").resize((size, size)) for p in files])
+    else:
+        import numpy as np
+
+        from .shapes.dataset import all_combos, sample_batch
+
+        pipe = _from_pretrained(args.model)
+        images = images_to_tensor(sample_batch(np.random.default_rng(0), args.count, all_combos())[0])
+    fit_on, held_out = images[: len(images) * 3 // 4], images[len(images) * 3 // 4 :]
+    table = fit_latent_rgb(pipe.vae, fit_on, name=f"fitted:{Path(args.model).name}")
+    with torch.no_grad():
+        latents = pipe.vae.encode(held_out).latent_dist.mean * pipe.vae.config.scaling_factor
+    print(f"{'table':<10} PSNR vs VAE decode on {len(held_out)} held-out images (dB)")
+    print(f"{'fitted':<10} {preview_psnr(pipe.vae, table, latents):.2f}")
+    for name, builtin in builtin_tables().items():
+        if builtin.channels == table.channels:
+            print(f"{name:<10} {preview_psnr(pipe.vae, builtin, latents):.2f}")
+    print(table.save(args.model))
     return 0
 
 
@@ -259,7 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors: already printed
         return int(e.code or 0)
-    commands = {"generate": cmd_generate, "eval-shapes": cmd_eval_shapes, "tiny-model": cmd_tiny_model}
+    commands = {
+        "generate": cmd_generate, "eval-shapes": cmd_eval_shapes, "fit-preview": cmd_fit_preview,
+        "tiny-model": cmd_tiny_model,
+    }
     try:
         return commands[args.command](args)
     except (ValueError, TypeError, OSError) as e:

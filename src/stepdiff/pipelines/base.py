@@ -380,6 +380,7 @@ class StepDiffPipeline(DiffusionPipeline):
         elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
         callback, tensor_names = self._resolve_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        _run_hooks(callback, "on_run_start", self)  # callbacks check their own settings against this model
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._interrupt = False
@@ -417,6 +418,7 @@ class StepDiffPipeline(DiffusionPipeline):
                     self._run_callback(callback, state, tensor_names)
                 bar.update()
         interrupted = state.steps_completed < len(steps)
+        _run_hooks(callback, "on_run_end", self)
 
         # 6. Decode.
         if output_type == "latent":
@@ -435,6 +437,15 @@ class StepDiffPipeline(DiffusionPipeline):
         return StepDiffPipelineOutput(
             images=images, interrupted=interrupted, steps_completed=state.steps_completed, record=record
         )
+
+
+def _run_hooks(callback: object, hook: str, pipeline: StepDiffPipeline) -> None:
+    """Optional ``on_run_start(pipeline)`` / ``on_run_end(pipeline)`` methods of callbacks (and of a list's members)."""
+    members = callback.callbacks if isinstance(callback, MultiPipelineCallbacks) else [callback]
+    for member in members:
+        fn = getattr(member, hook, None)
+        if callable(fn):
+            fn(pipeline)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int | None = None) -> torch.Tensor:

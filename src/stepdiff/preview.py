@@ -1,0 +1,326 @@
+"""Previews of intermediate steps: latents -> RGB without the VAE, for every latent family.
+
+Built-in linear tables (rgb in [-1, 1] = latents @ factors + bias, latents as the sampler sees them)
+for the SD 1.x, SDXL, SD3 and Flux latent spaces; numbers from the sources named in
+``data/latent_rgb_factors.json`` (InvokeAI, Apache-2.0; ComfyUI, numbers only). For any other VAE,
+``fit_latent_rgb`` fits a table by least squares and ``LatentRGBTable.save`` stores it in the model
+folder (``latent_rgb.json``), where ``table_for`` finds it before any built-in table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "FITTED_TABLE_FILE",
+    "LatentRGBTable",
+    "PreviewCallback",
+    "builtin_tables",
+    "contact_sheet",
+    "fit_latent_rgb",
+    "preview_psnr",
+    "table_for",
+]
+
+FITTED_TABLE_FILE = "latent_rgb.json"
+_SOURCES = ("denoised", "latents")
+_METHODS = ("linear", "vae")
+
+
+@dataclass(frozen=True)
+class LatentRGBTable:
+    """rgb[-1..1] = latents(C) @ factors(C x 3) + bias."""
+
+    name: str
+    factors: tuple[tuple[float, float, float], ...]
+    bias: tuple[float, float, float]
+    source: str
+    scaling_factor: float | None = None
+
+    @property
+    def channels(self) -> int:
+        return len(self.factors)
+
+    def to_rgb(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) or (C, h, w) latents -> RGB in [-1, 1], same leading shape, 3 channels."""
+        if latents.shape[-3] != self.channels:
+            raise ValueError(
+                f"latent-to-RGB table {self.name!r} has {self.channels} channels but the latents have "
+                f"{latents.shape[-3]}; fit one for this model with fit_latent_rgb / `stepdiff fit-preview`"
+            )
+        factors = torch.tensor(self.factors, dtype=torch.float32, device=latents.device)
+        bias = torch.tensor(self.bias, dtype=torch.float32, device=latents.device)
+        rgb = torch.einsum("...chw,cr->...rhw", latents.float(), factors) + bias[:, None, None]
+        return rgb
+
+    def to_image(self, latents: torch.Tensor) -> Image.Image:
+        """One (C, h, w) latent -> a PIL image at latent resolution."""
+        return rgb_to_image(self.to_rgb(latents))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "factors": [list(r) for r in self.factors], "bias": list(self.bias),
+                "source": self.source, "scaling_factor": self.scaling_factor}
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / FITTED_TABLE_FILE
+        _write_atomic(path, json.dumps(self.to_json(), indent=1).encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentRGBTable:
+        data = json.loads(Path(path).read_text())
+        return cls(name=data["name"], factors=tuple(tuple(r) for r in data["factors"]), bias=tuple(data["bias"]),
+                   source=data["source"], scaling_factor=data.get("scaling_factor"))
+
+
+def rgb_to_image(rgb: torch.Tensor) -> Image.Image:
+    """(3, h, w) in [-1, 1] -> PIL RGB."""
+    array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def builtin_tables() -> dict[str, LatentRGBTable]:
+    data = json.loads(resources.files("stepdiff").joinpath("data/latent_rgb_factors.json").read_text())
+    return {
+        name: LatentRGBTable(name=name, factors=tuple(tuple(r) for r in fam["factors"]), bias=tuple(fam["bias"]),
+                             source=fam["source"], scaling_factor=fam["vae_scaling_factor"])
+        for name, fam in data["families"].items()
+    }
+
+
+def table_for(pipeline: Any) -> LatentRGBTable:
+    """The model folder's fitted table if it has one, else the built-in table of its latent family."""
+    folder = getattr(getattr(pipeline, "config", None), "_name_or_path", None)
+    if folder and (Path(folder) / FITTED_TABLE_FILE).is_file():
+        return LatentRGBTable.load(Path(folder) / FITTED_TABLE_FILE)
+    vae_cfg = pipeline.vae.config
+    channels = vae_cfg.latent_channels
+    candidates = [t for t in builtin_tables().values() if t.channels == channels]
+    if not candidates:
+        raise ValueError(
+            f"no built-in latent-to-RGB table has {channels} channels; fit one with `stepdiff fit-preview MODEL_DIR`"
+        )
+    # The family whose VAE scaling factor is closest (on a log scale) to this VAE's.
+    return min(candidates, key=lambda t: abs(math.log(t.scaling_factor / vae_cfg.scaling_factor)))
+
+
+@torch.no_grad()
+def fit_latent_rgb(vae: Any, images: torch.Tensor, name: str = "fitted", batch: int = 64) -> LatentRGBTable:
+    """Least-squares fit of factors and bias: encode ``images`` (N, 3, H, W in [-1, 1]), decode the
+    latents with the full VAE, and regress the decoded pixels (pooled to latent resolution) on the
+    latents as the sampler sees them (scaled, and shifted where the VAE has a shift factor)."""
+    cfg = vae.config
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    xs, ys = [], []
+    for start in range(0, len(images), batch):
+        x = images[start : start + batch].to(vae.device, vae.dtype)
+        raw = vae.encode(x).latent_dist.mean
+        decoded = vae.decode(raw).sample.float()
+        latents = ((raw - shift) * cfg.scaling_factor).float()
+        pooled = F.adaptive_avg_pool2d(decoded, latents.shape[-2:])
+        xs.append(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]))
+        ys.append(pooled.permute(0, 2, 3, 1).reshape(-1, 3))
+    x = torch.cat(xs).double()
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    solution = torch.linalg.lstsq(design, torch.cat(ys).double()).solution  # (C + 1, 3)
+    factors = tuple(tuple(float(v) for v in row) for row in solution[:-1])
+    bias = tuple(float(v) for v in solution[-1])
+    return LatentRGBTable(name=name, factors=factors, bias=bias, source=f"least-squares fit on {len(images)} images",
+                          scaling_factor=float(cfg.scaling_factor))
+
+
+@torch.no_grad()
+def preview_psnr(vae: Any, table: LatentRGBTable, latents: torch.Tensor) -> float:
+    """PSNR (dB) of the linear preview against the full VAE decode of the same latents, at latent resolution."""
+    cfg = vae.config
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    decoded = vae.decode((latents / cfg.scaling_factor + shift).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+    target = F.adaptive_avg_pool2d(decoded, latents.shape[-2:])
+    pred = table.to_rgb(latents).clamp(-1, 1)
+    mse = F.mse_loss(pred, target.to(pred.device)).item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def contact_sheet(frames: Sequence[tuple[int, Image.Image]], columns: int = 8, scale: int = 1) -> Image.Image:
+    """A grid of frames with the step number under each."""
+    if not frames:
+        raise ValueError("contact_sheet needs at least one frame")
+    w, h = frames[0][1].size
+    w, h = w * scale, h * scale
+    label = 12
+    cols = min(columns, len(frames))
+    rows = math.ceil(len(frames) / cols)
+    sheet = Image.new("RGB", (cols * w, rows * (h + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (step, image) in enumerate(frames):
+        x, y = (k % cols) * w, (k // cols) * (h + label)
+        sheet.paste(image.resize((w, h), Image.Resampling.NEAREST), (x, y))
+        draw.text((x + 2, y + h), f"{step}", fill="black")
+    return sheet
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_image_atomic(image: Image.Image, path: Path, **kwargs: Any) -> None:
+    fmt = {".gif": "GIF", ".webp": "WEBP", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_output_file(name: str, path: Path | None, suffixes: tuple[str, ...]) -> Path | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{name} must end in one of {suffixes}, got {str(path)!r}")
+    parent = path.parent.resolve()
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{name}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{name}: folder {str(parent)!r} is not writable")
+    return path
+
+
+class PreviewCallback:
+    """Previews every ``every`` steps (and the last): PNG files, an animation, a contact sheet, a UI hook.
+
+    ``source="denoised"`` (default) previews the x0 estimate, which is a clean picture early on;
+    ``"latents"`` previews the noisy latents, as the seed document does. ``method="linear"`` uses a
+    latent-to-RGB table (cheap); ``"vae"`` decodes with the pipeline's VAE (exact, slower). Previews
+    only observe: the callback never changes the run.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path | None = None,
+        every: int = 1,
+        source: str = "denoised",
+        method: str = "linear",
+        animation: str | Path | None = None,
+        contact_sheet: str | Path | None = None,
+        on_image: Callable[[Image.Image, int, torch.Tensor], None] | None = None,
+        table: LatentRGBTable | None = None,
+        batch_index: int = 0,
+        min_interval: float = 0.0,
+        frame_size: int | None = None,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if source not in _SOURCES:
+            raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        if not (isinstance(min_interval, (int, float)) and min_interval >= 0):
+            raise ValueError(f"min_interval must be a number of seconds >= 0, got {min_interval!r}")
+        if isinstance(batch_index, bool) or not isinstance(batch_index, int) or batch_index < 0:
+            raise ValueError(f"batch_index must be an int >= 0, got {batch_index!r}")
+        if folder is not None:
+            folder = Path(folder)
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(f"preview folder {str(folder)!r} exists and is not a folder")
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(f"preview folder {str(folder)!r} is not writable")
+        self.folder = folder
+        self.every, self.source, self.method = every, source, method
+        self.animation = _check_output_file("animation", animation, (".gif", ".webp"))
+        self.contact_sheet = _check_output_file("contact_sheet", contact_sheet, (".png", ".jpg", ".webp"))
+        self.on_image, self.table, self.batch_index = on_image, table, batch_index
+        self.min_interval, self.frame_size = float(min_interval), frame_size
+        self.frames: list[tuple[int, Image.Image]] = []
+        self.seconds = 0.0  # time spent making previews, for benchmarks
+        self._last = -math.inf
+        self._table: LatentRGBTable | None = None
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        return [self.source]
+
+    def on_run_start(self, pipeline: Any) -> None:
+        """Check the table against this model before generation starts."""
+        self.frames, self.seconds, self._last = [], 0.0, -math.inf
+        if self.method == "linear":
+            table = self.table if self.table is not None else table_for(pipeline)
+            channels = pipeline.latent_channels()
+            if table.channels != channels:
+                raise ValueError(
+                    f"latent-to-RGB table {table.name!r} has {table.channels} channels but this model's latents "
+                    f"have {channels}; fit one with `stepdiff fit-preview MODEL_DIR`"
+                )
+            self._table = table
+
+    def _render(self, pipeline: Any, latents: torch.Tensor) -> Image.Image:
+        if self.method == "vae":
+            from .pipelines.base import decode_with_vae
+
+            image = decode_with_vae(pipeline.vae, latents[None])[0].float()
+            image = rgb_to_image(image)
+        else:
+            image = self._table.to_image(latents)
+        if self.frame_size is not None:
+            image = image.resize((self.frame_size, self.frame_size), Image.Resampling.NEAREST)
+        return image
+
+    def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
+        last = step_index == pipeline.num_timesteps - 1
+        if step_index % self.every and not last:
+            return None
+        started = time.perf_counter()
+        if not last and started - self._last < self.min_interval:
+            return None
+        self._last = started
+        tensor = callback_kwargs[self.source]
+        index = min(self.batch_index, tensor.shape[0] - 1)
+        image = self._render(pipeline, tensor[index])
+        self.frames.append((step_index, image))
+        if self.folder is not None:
+            _save_image_atomic(image, self.folder / f"{step_index}.png")
+        if self.on_image is not None:
+            self.on_image(image, step_index, timestep)
+        self.seconds += time.perf_counter() - started
+        return None  # previews only observe
+
+    def on_run_end(self, pipeline: Any) -> None:
+        """Write the animation and contact sheet (also after an interrupted run)."""
+        if not self.frames:
+            return
+        if self.animation is not None:
+            first, *rest = [image for _, image in self.frames]
+            _save_image_atomic(first, self.animation, save_all=True, append_images=rest, duration=120, loop=0)
+        if self.contact_sheet is not None:
+            _save_image_atomic(contact_sheet(self.frames), self.contact_sheet)
+
+
+def images_to_tensor(images: Sequence[Image.Image] | np.ndarray) -> torch.Tensor:
+    """PIL images or a uint8 (N, H, W, 3) array -> (N, 3, H, W) float in [-1, 1]."""
+    array = np.stack([np.asarray(i.convert("RGB")) for i in images]) if not isinstance(images, np.ndarray) else images
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -1,0 +1,189 @@
+"""Previews: built-in tables, table choice, least-squares fit, PreviewCallback, bad input."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stepdiff.preview import (
+    FITTED_TABLE_FILE,
+    LatentRGBTable,
+    PreviewCallback,
+    builtin_tables,
+    contact_sheet,
+    fit_latent_rgb,
+    preview_psnr,
+    table_for,
+)
+
+from .conftest import gen
+
+
+def test_builtin_tables_cover_four_families_with_sources():
+    tables = builtin_tables()
+    assert {n: t.channels for n, t in tables.items()} == {"sd15": 4, "sdxl": 4, "sd3": 16, "flux": 16}
+    assert all("github.com" in t.source for t in tables.values())
+
+
+def _fake_pipe(channels, scaling, folder=None):
+    return SimpleNamespace(config=SimpleNamespace(_name_or_path=folder),
+                           vae=SimpleNamespace(config=SimpleNamespace(latent_channels=channels, scaling_factor=scaling)))
+
+
+@pytest.mark.parametrize("channels,scaling,expected", [(4, 0.18215, "sd15"), (4, 0.13025, "sdxl"), (16, 1.5305, "sd3"),
+                                                       (16, 0.3611, "flux")])
+def test_table_chosen_from_vae_config(channels, scaling, expected):
+    assert table_for(_fake_pipe(channels, scaling)).name == expected
+
+
+def test_fitted_table_in_model_folder_comes_first(tmp_path):
+    fitted = LatentRGBTable("mine", ((1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 0)), (0, 0, 0), "test")
+    fitted.save(tmp_path)
+    assert json.loads((tmp_path / FITTED_TABLE_FILE).read_text())["name"] == "mine"
+    assert table_for(_fake_pipe(4, 0.18215, str(tmp_path))) == fitted
+
+
+def test_no_table_for_unknown_channel_count():
+    with pytest.raises(ValueError, match="no built-in latent-to-RGB table has 8 channels"):
+        table_for(_fake_pipe(8, 1.0))
+
+
+class LinearVAE:
+    """A VAE whose decoder is exactly linear per latent pixel: the fit must recover it."""
+
+    def __init__(self, factors, bias, scaling):
+        self.factors, self.bias = torch.tensor(factors), torch.tensor(bias)
+        self.config = SimpleNamespace(scaling_factor=scaling, shift_factor=None)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.enc = torch.randn(6, 4, generator=gen(5))
+
+    def encode(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, 4)
+        features = torch.cat([pooled, pooled**2], dim=1)  # 6 features: the 4 latent channels are full rank
+        mean = torch.einsum("nchw,cl->nlhw", features, self.enc)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean))
+
+    def decode(self, z):
+        # rgb = (z * scaling) @ factors + bias, then nearest upsampling by 4
+        rgb = torch.einsum("nlhw,lr->nrhw", z * self.config.scaling_factor, self.factors) + self.bias[:, None, None]
+        return SimpleNamespace(sample=rgb.repeat_interleave(4, -1).repeat_interleave(4, -2))
+
+
+def test_fit_recovers_an_exactly_linear_decoder():
+    factors = [[0.3, 0.1, 0.0], [-0.2, 0.4, 0.1], [0.1, -0.1, 0.5], [0.0, 0.2, -0.3]]
+    vae = LinearVAE(factors, [0.1, -0.05, 0.02], scaling=0.5)
+    images = torch.rand(16, 3, 32, 32, generator=gen(1)) * 2 - 1
+    table = fit_latent_rgb(vae, images)
+    assert np.allclose(table.factors, factors, atol=1e-4)
+    assert np.allclose(table.bias, [0.1, -0.05, 0.02], atol=1e-4)
+    latents = vae.encode(images).latent_dist.mean * 0.5
+    assert preview_psnr(vae, table, latents) > 60
+
+
+def test_fit_beats_builtin_tables_on_a_real_vae(sd_pipe):
+    images = torch.rand(24, 3, 32, 32, generator=gen(2)) * 2 - 1
+    images = torch.nn.functional.avg_pool2d(images, 8).repeat_interleave(8, -1).repeat_interleave(8, -2)  # blocky
+    table = fit_latent_rgb(sd_pipe.vae, images[:16])
+    latents = sd_pipe.vae.encode(images[16:]).latent_dist.mean * sd_pipe.vae.config.scaling_factor
+    fitted = preview_psnr(sd_pipe.vae, table, latents)
+    assert all(fitted > preview_psnr(sd_pipe.vae, t, latents) for t in builtin_tables().values() if t.channels == 4)
+
+
+def test_preview_callback_writes_frames_animation_sheet(pipe, tmp_path):
+    seen = []
+    cb = PreviewCallback(folder=tmp_path / "frames", every=2, animation=tmp_path / "a.gif",
+                         contact_sheet=tmp_path / "sheet.png", on_image=lambda im, i, t: seen.append(i))
+    pipe("a cat", num_inference_steps=5, generator=gen(), callback_on_step_end=cb)
+    assert sorted(int(p.stem) for p in (tmp_path / "frames").glob("*.png")) == [0, 2, 4]
+    assert seen == [0, 2, 4]
+    gif = Image.open(tmp_path / "a.gif")
+    assert gif.n_frames == 3
+    sheet = Image.open(tmp_path / "sheet.png")
+    w, h = cb.frames[0][1].size
+    assert sheet.size == (3 * w, h + 12)
+
+
+@pytest.mark.parametrize("source", ["denoised", "latents"])
+@pytest.mark.parametrize("method", ["linear", "vae"])
+def test_previews_only_observe(sd_pipe, source, method):
+    plain = sd_pipe("a cat", num_inference_steps=4, generator=gen(), output_type="np").images
+    cb = PreviewCallback(source=source, method=method)
+    with_preview = sd_pipe("a cat", num_inference_steps=4, generator=gen(), output_type="np", callback_on_step_end=cb).images
+    assert np.array_equal(plain, with_preview)
+    assert len(cb.frames) == 4
+
+
+def test_vae_method_matches_final_image(sd_pipe):
+    cb = PreviewCallback(source="latents", method="vae")
+    out = sd_pipe("a cat", num_inference_steps=3, generator=gen(), callback_on_step_end=cb)
+    assert np.abs(np.asarray(cb.frames[-1][1], dtype=int) - np.asarray(out.images[0], dtype=int)).max() <= 1
+
+
+def test_denoised_preview_is_cleaner_than_noisy_latents_early(sd_pipe):
+    """At the first step the x0 estimate is far from noise; the noisy latents are mostly noise."""
+    frames = {}
+    for source in ("denoised", "latents"):
+        cb = PreviewCallback(source=source, method="vae")
+        sd_pipe("a cat", num_inference_steps=10, generator=gen(), callback_on_step_end=cb)
+        frames[source] = np.asarray(cb.frames[0][1], dtype=float)
+    final_cb = PreviewCallback(source="latents", method="vae")
+    sd_pipe("a cat", num_inference_steps=10, generator=gen(), callback_on_step_end=final_cb)
+    final = np.asarray(final_cb.frames[-1][1], dtype=float)
+    assert np.abs(frames["denoised"] - final).mean() < np.abs(frames["latents"] - final).mean()
+
+
+def test_preview_after_interrupt_still_writes_animation(sd_pipe, tmp_path):
+    def stop(p, i, t, kw):
+        if i == 1:
+            p._interrupt = True
+        return kw
+
+    cb = PreviewCallback(animation=tmp_path / "a.webp")
+    sd_pipe("a cat", num_inference_steps=6, generator=gen(), callback_on_step_end=[cb, stop])
+    assert Image.open(tmp_path / "a.webp").n_frames == 2
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(every=0), ValueError, "every must be an int >= 1, got 0"),
+    (dict(source="noise"), ValueError, "source must be one of"),
+    (dict(method="fast"), ValueError, "method must be one of"),
+    (dict(animation="x.mp4"), ValueError, "animation must end in one of"),
+    (dict(contact_sheet="/nonexistent-dir/s.png"), FileNotFoundError, "does not exist"),
+])
+def test_bad_preview_settings(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        PreviewCallback(**kwargs)
+
+
+def test_preview_folder_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        PreviewCallback(folder=tmp_path / "f")
+
+
+def test_table_channel_mismatch_fails_before_generation(sd_pipe, count_calls):
+    calls = count_calls(sd_pipe)
+    table = builtin_tables()["sd3"]
+    with pytest.raises(ValueError, match="has 16 channels but this model's latents have 4"):
+        sd_pipe("a cat", num_inference_steps=2, callback_on_step_end=PreviewCallback(table=table))
+    assert calls.calls == 0
+
+
+def test_contact_sheet_needs_frames():
+    with pytest.raises(ValueError, match="at least one frame"):
+        contact_sheet([])
+
+
+def test_cli_preview_flags(sd_folder, tmp_path, capsys):
+    from stepdiff.cli import main
+
+    code = main(["generate", "a cat", "--model", str(sd_folder), "--steps", "4", "--output", str(tmp_path / "x.png"),
+                 "--preview-dir", str(tmp_path / "pv"), "--preview-every", "2", "--preview-source", "latents",
+                 "--animation", str(tmp_path / "a.gif"), "--contact-sheet", str(tmp_path / "s.png")])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "pv").iterdir()) == ["0.png", "2.png", "3.png"]
+    assert Image.open(tmp_path / "a.gif").n_frames == 3 and (tmp_path / "s.png").is_file()
+    assert main(["generate", "a cat", "--model", str(sd_folder), "--preview-every", "0"]) == 2
