@@ -114,22 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace):
+def _from_pretrained(folder: Path, dtype: str = "float32"):
+    """Load quietly: no loading bars (the denoising bar stays), no rename warnings."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from .models import default_model
     from .pipelines import AutoPipelineForText2Image
-    from .schedulers import make_scheduler
 
-    diffusers_logging.disable_progress_bar()  # loading bars; the denoising bar stays
+    diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    folder = args.model if args.model is not None else default_model()
-    kwargs = {} if args.dtype == "float32" else {"torch_dtype": getattr(torch, args.dtype)}
+    kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype; both spellings work
-        pipe = AutoPipelineForText2Image.from_pretrained(folder, **kwargs)
+        return AutoPipelineForText2Image.from_pretrained(folder, **kwargs)
+
+
+def _load(args: argparse.Namespace):
+    from .models import default_model
+    from .schedulers import make_scheduler
+
+    folder = args.model if args.model is not None else default_model()
+    pipe = _from_pretrained(folder, args.dtype)
     pipe.to(args.device)
     if args.scheduler is not None or args.karras:
         name = args.scheduler or type(pipe.scheduler).__name__
