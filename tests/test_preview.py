@@ -187,3 +187,17 @@ def test_cli_preview_flags(sd_folder, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "pv").iterdir()) == ["0.png", "2.png", "3.png"]
     assert Image.open(tmp_path / "a.gif").n_frames == 3 and (tmp_path / "s.png").is_file()
     assert main(["generate", "a cat", "--model", str(sd_folder), "--preview-every", "0"]) == 2
+
+
+def test_cli_fit_preview_writes_table(sd_folder, tmp_path, capsys):
+    import shutil
+
+    from stepdiff.cli import main
+
+    folder = shutil.copytree(sd_folder, tmp_path / "m")
+    assert main(["fit-preview", str(folder), "--count", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "fitted" in out and "sd15" in out
+    table = LatentRGBTable.load(folder / FITTED_TABLE_FILE)
+    assert table.channels == 4 and table.name == "fitted:m"
+    assert main(["fit-preview", str(tmp_path / "missing")]) == 2
