@@ -24,6 +24,7 @@ from diffusers import (
 )
 
 from . import callbacks
+from .control import CancelToken
 from .output import RunRecord, StepDiffPipelineOutput
 from .pipelines import (
     AutoPipelineForText2Image,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoPipelineForText2Image",
+    "CancelToken",
     "DDIMScheduler",
     "DDPMScheduler",
     "DEISMultistepScheduler",

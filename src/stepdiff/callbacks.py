@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,11 +19,15 @@ from diffusers import callbacks as _classic
 __all__ = [
     "CFGCutoffCallback",
     "MultiPipelineCallbacks",
+    "NaNGuard",
     "PipelineCallback",
     "SD3CFGCutoffCallback",
     "SDCFGCutoffCallback",
     "SDXLCFGCutoffCallback",
     "StepCallback",
+    "StopAtStep",
+    "StopOnConvergence",
+    "Timeout",
 ]
 
 StepCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], "dict[str, torch.Tensor] | None"]
@@ -145,6 +150,95 @@ class SD3CFGCutoffCallback(CFGCutoffCallback):
     """CFG cutoff for Stable Diffusion 3 (the classic name; same behaviour as CFGCutoffCallback)."""
 
     tensor_inputs = ["prompt_embeds", "pooled_prompt_embeds"]  # noqa: RUF012
+
+
+class StopAtStep(PipelineCallback):
+    """Stop after the cutoff step (``cutoff_step_index`` or ``cutoff_step_ratio``); the image is clean."""
+
+    tensor_inputs: list[str] = []  # noqa: RUF012
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
+        if step_index >= self.cutoff_step(pipeline):
+            pipeline.stop(f"stopped at step {step_index}")
+        return callback_kwargs
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class StopOnConvergence:
+    """Stop once the x0 estimate has changed less than ``tolerance`` for ``patience`` steps in a row.
+
+    The change of a step is the RMS difference between consecutive x0 estimates divided by the RMS
+    of the previous one, taken as the largest over the batch, so every image must have settled.
+    """
+
+    tensor_inputs: list[str] = ["denoised"]  # noqa: RUF012
+
+    def __init__(self, tolerance: float = 0.01, patience: int = 2, min_steps: int = 0) -> None:
+        self.tolerance = _positive("tolerance", tolerance)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+        if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 0:
+            raise ValueError(f"min_steps must be an int >= 0, got {min_steps!r}")
+        self.patience, self.min_steps = patience, min_steps
+        self.changes: list[float] = []
+        self._previous: torch.Tensor | None = None
+        self._calm = 0
+
+    def on_run_start(self, pipeline: Any) -> None:
+        self.changes, self._previous, self._calm = [], None, 0
+
+    def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
+        x0 = callback_kwargs["denoised"].float()
+        if self._previous is not None:
+            dims = tuple(range(1, x0.ndim))
+            diff = (x0 - self._previous).pow(2).mean(dims).sqrt()
+            scale = self._previous.pow(2).mean(dims).sqrt().clamp_min(1e-8)
+            change = float((diff / scale).max())
+            self.changes.append(change)
+            self._calm = self._calm + 1 if change < self.tolerance else 0
+            if self._calm >= self.patience and step_index + 1 >= self.min_steps:
+                pipeline.stop(f"converged: x0 changed < {self.tolerance:g} for {self.patience} steps")
+        self._previous = x0
+        return None
+
+
+class Timeout:
+    """Stop once ``seconds`` have passed since the run started; the image is the last x0 estimate."""
+
+    tensor_inputs: list[str] = []  # noqa: RUF012
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = _positive("seconds", seconds)
+        self._started = time.monotonic()
+
+    def on_run_start(self, pipeline: Any) -> None:
+        self._started = time.monotonic()
+
+    def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
+        if time.monotonic() - self._started >= self.seconds:
+            pipeline.stop(f"timeout after {self.seconds:g} s")
+        return None
+
+
+class NaNGuard:
+    """Fail fast, naming the step, when the latents become NaN or infinite."""
+
+    tensor_inputs: list[str] = ["latents"]  # noqa: RUF012
+
+    def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
+        latents = callback_kwargs["latents"]
+        if not torch.isfinite(latents).all():
+            bad = int((~torch.isfinite(latents)).sum())
+            raise FloatingPointError(
+                f"latents became NaN or inf at step {step_index} ({bad} of {latents.numel()} values); "
+                "try float32, a lower guidance scale, or another scheduler"
+            )
+        return None
 
 
 _CLASSIC_EQUIVALENTS: dict[type, type[CFGCutoffCallback]] = {

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -51,6 +53,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--karras", action="store_true", help="use Karras sigmas with the scheduler")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights dtype (default float32)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickle .bin checkpoints (they can run code: only for files you trust)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _from_pretrained(folder: Path, dtype: str = "float32"):
+def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = False):
     """Load quietly: no loading bars (the denoising bar stays), no rename warnings."""
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -127,7 +131,7 @@ def _from_pretrained(folder: Path, dtype: str = "float32"):
     kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype; both spellings work
-        return AutoPipelineForText2Image.from_pretrained(folder, **kwargs)
+        return AutoPipelineForText2Image.from_pretrained(folder, allow_pickle=allow_pickle, **kwargs)
 
 
 def _load(args: argparse.Namespace):
@@ -135,7 +139,7 @@ def _load(args: argparse.Namespace):
     from .schedulers import make_scheduler
 
     folder = args.model if args.model is not None else default_model()
-    pipe = _from_pretrained(folder, args.dtype)
+    pipe = _from_pretrained(folder, args.dtype, args.allow_pickle)
     pipe.to(args.device)
     if args.scheduler is not None or args.karras:
         name = args.scheduler or type(pipe.scheduler).__name__
@@ -161,6 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from . import __version__
     from .callbacks import CFGCutoffCallback
+    from .control import CancelToken
     from .images import a1111_parameters, check_writable_dir, next_free_path, save_png
     from .schedulers import display_name
     from .vocabulary import unknown_words
@@ -224,10 +229,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.size is not None:
         kwargs["width"], kwargs["height"] = args.size
     generators = [torch.Generator(args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
-    out = pipe(
-        prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=guidance,
-        num_images_per_prompt=args.num_images, generator=generators, callback_on_step_end=callbacks or None, **kwargs,
-    )
+    token = CancelToken()
+    with _graceful_interrupt(token):
+        out = pipe(
+            prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=guidance,
+            num_images_per_prompt=args.num_images, generator=generators, callback_on_step_end=callbacks or None,
+            cancel=token, **kwargs,
+        )
     record = out.record.to_dict()
     cutoff = args.cfg_cutoff if args.cfg_cutoff is not None else args.cfg_cutoff_step
     for i, (image, path) in enumerate(zip(out.images, paths)):
@@ -235,13 +243,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "Steps": args.steps, "Sampler": display_name(pipe.scheduler, args.karras), "CFG scale": guidance,
             "Seed": args.seed + i, "Size": f"{image.width}x{image.height}", "Model": Path(folder).name,
             "CFG cutoff": cutoff, "Interrupted at step": out.steps_completed if out.interrupted else None,
+            "Stop reason": out.stop_reason if out.interrupted else None,
             "Version": f"stepdiff {__version__}",
         }
         meta = {
             "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed + i, "steps": args.steps,
             "scheduler": type(pipe.scheduler).__name__, "karras": args.karras, "guidance_scale": guidance,
             "cfg_cutoff_ratio": args.cfg_cutoff, "cfg_cutoff_step": args.cfg_cutoff_step, "model": str(folder),
-            "stepdiff_version": __version__, "record": record,
+            "stepdiff_version": __version__, "record": record, "interrupted": out.interrupted,
+            "steps_completed": out.steps_completed, "stop_reason": out.stop_reason,
         }
         print(save_png(image, path, a1111_parameters(args.prompt, args.negative, fields), meta))
     if preview is not None:
@@ -287,6 +297,28 @@ def cmd_fit_preview(args: argparse.Namespace) -> int:
             print(f"{name:<10} {preview_psnr(pipe.vae, builtin, latents):.2f}")
     print(table.save(args.model))
     return 0
+
+
+@contextlib.contextmanager
+def _graceful_interrupt(token):
+    """First Ctrl-C: stop after the current step and keep the image. Second: abort, writing nothing."""
+
+    def handler(signum, frame):
+        if token.cancelled:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        token.cancel("interrupted by Ctrl-C")
+        print("\nstepdiff: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no signal handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _model_info(folder: Path) -> dict:
@@ -344,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"stepdiff: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stepdiff: aborted; nothing written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

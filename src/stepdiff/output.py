@@ -17,6 +17,7 @@ class RunRecord:
     steps_total: int
     steps_completed: int
     interrupted: bool
+    stop_reason: str  # "completed", or why the run stopped early
     model_calls: int
     model_rows: int
     rows_per_step: list[int] = field(default_factory=list)
@@ -27,6 +28,7 @@ class RunRecord:
             "steps_total": self.steps_total,
             "steps_completed": self.steps_completed,
             "interrupted": self.interrupted,
+            "stop_reason": self.stop_reason,
             "model_calls": self.model_calls,
             "model_rows": self.model_rows,
             "rows_per_step": list(self.rows_per_step),
@@ -41,4 +43,5 @@ class StepDiffPipelineOutput(BaseOutput):
     images: Any
     interrupted: bool = False
     steps_completed: int = 0
+    stop_reason: str = "completed"
     record: RunRecord | None = None

@@ -26,12 +26,14 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..callbacks import MultiPipelineCallbacks, adapt_classic
+from ..control import CancelToken
 from ..loop import LoopState, denoise, scheduler_step_kwargs
 from ..output import RunRecord, StepDiffPipelineOutput
 
 __all__ = ["StepDiffPipeline"]
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_INTERRUPT_OUTPUTS = ("denoised", "latents")
 
 
 @dataclass
@@ -114,6 +116,13 @@ class StepDiffPipeline(DiffusionPipeline):
     # model_index.json "_class_name" values this family loads
     _family_class_names: ClassVar[tuple[str, ...]] = ()
     _optional_components: ClassVar[list[str]] = []
+    # Call state (set at the start of every call).
+    _interrupt: bool = False
+    _stop_reason: str | None = None
+    _cancel: CancelToken | None = None
+    _guidance_scale: float = 1.0
+    _guidance_rescale: float = 0.0
+    _num_timesteps: int = 0
 
     # ---------------------------------------------------------------- loading
 
@@ -135,11 +144,14 @@ class StepDiffPipeline(DiffusionPipeline):
         return class_name
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):  # type: ignore[override]
+    def from_pretrained(  # type: ignore[override]
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, allow_pickle: bool = False, **kwargs: Any
+    ):
         """Load a local folder in the standard layout (the same path real SD/SDXL weights use).
 
-        Only safetensors weights load by default; pass ``use_safetensors=False`` to allow pickle
-        ``.bin`` checkpoints you trust.
+        Only safetensors weights load by default: pickle checkpoints (``.bin``) can run code when
+        loaded, so a folder with only those is refused unless you pass ``allow_pickle=True`` for files
+        you trust. Truncated or corrupt weight files are reported before anything loads.
         """
         class_name = cls._check_folder(pretrained_model_name_or_path)
         if cls._family_class_names and class_name not in cls._family_class_names:
@@ -151,7 +163,11 @@ class StepDiffPipeline(DiffusionPipeline):
                 f"{str(pretrained_model_name_or_path)!r} holds a {class_name!r} model, which {cls.__name__} cannot "
                 f"load: {hint} (or AutoPipelineForText2Image)"
             )
-        kwargs.setdefault("use_safetensors", True)
+        _check_weights(Path(pretrained_model_name_or_path), allow_pickle)
+        if allow_pickle:
+            kwargs.setdefault("use_safetensors", None)  # diffusers: safetensors where present, else .bin
+        else:
+            kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------ properties
@@ -179,6 +195,21 @@ class StepDiffPipeline(DiffusionPipeline):
 
     @property
     def interrupt(self) -> bool:
+        return self._interrupt
+
+    def stop(self, reason: str = "stopped by callback") -> None:
+        """Stop the run before the next model call (from a callback); the classic ``_interrupt = True`` also works.
+
+        The image is decoded from the last x0 estimate (see ``interrupt_output``); ``output.stop_reason``
+        says why the run ended.
+        """
+        self._stop_reason = reason
+        self._interrupt = True
+
+    def _should_stop(self) -> bool:
+        if self._cancel is not None and self._cancel.cancelled:
+            self._stop_reason = self._cancel.reason
+            self._interrupt = True
         return self._interrupt
 
     @property
@@ -356,6 +387,8 @@ class StepDiffPipeline(DiffusionPipeline):
         return_dict: bool,
         callback_on_step_end: Any,
         callback_on_step_end_tensor_inputs: list[str] | None,
+        cancel: CancelToken | None = None,
+        interrupt_output: str = "denoised",
     ):
         started = time.perf_counter()
         # 1. Check every argument before any model work.
@@ -369,6 +402,13 @@ class StepDiffPipeline(DiffusionPipeline):
             raise ValueError(f"eta must be a finite number, got {eta!r}")
         if output_type not in _OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
+        if interrupt_output not in _INTERRUPT_OUTPUTS:
+            raise ValueError(f"interrupt_output must be one of {_INTERRUPT_OUTPUTS}, got {interrupt_output!r}")
+        if cancel is not None:
+            if not isinstance(cancel, CancelToken):
+                raise TypeError(f"cancel must be a stepdiff.CancelToken, got {type(cancel).__name__}")
+            if cancel.cancelled:
+                raise ValueError("cancel token is already cancelled; call token.reset() to reuse it")
         rows = batch_size * num_images_per_prompt
         if isinstance(generator, list):
             if len(generator) != rows or not all(isinstance(g, torch.Generator) for g in generator):
@@ -384,6 +424,8 @@ class StepDiffPipeline(DiffusionPipeline):
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._interrupt = False
+        self._stop_reason = None
+        self._cancel = cancel
         device = self._execution_device
 
         # 2. Encode prompts: conditional and unconditional rows, kept apart.
@@ -409,7 +451,7 @@ class StepDiffPipeline(DiffusionPipeline):
         loop = denoise(
             state, steps, self.scheduler, self.predict,
             scheduler_step_kwargs(self.scheduler, generator, eta),
-            should_stop=lambda: self._interrupt,
+            should_stop=self._should_stop,
             guidance_scale=lambda: self._guidance_scale,
         )
         with self.progress_bar(total=len(steps)) as bar:
@@ -418,25 +460,62 @@ class StepDiffPipeline(DiffusionPipeline):
                     self._run_callback(callback, state, tensor_names)
                 bar.update()
         interrupted = state.steps_completed < len(steps)
+        stop_reason = (self._stop_reason or "interrupted") if interrupted else "completed"
+        self._cancel = None
         _run_hooks(callback, "on_run_end", self)
 
-        # 6. Decode.
+        # 6. Decode. An interrupted run shows its last x0 estimate, a clean picture, unless asked otherwise.
         if output_type == "latent":
             images: Any = state.latents
         else:
-            images = self.image_processor.postprocess(self.decode_latents(state.latents), output_type=output_type)
+            final = state.latents
+            if interrupted and interrupt_output == "denoised" and state.denoised is not None:
+                final = state.denoised
+            images = self.image_processor.postprocess(self.decode_latents(final), output_type=output_type)
         self.maybe_free_model_hooks()
 
         record = RunRecord(
             steps_total=len(steps), steps_completed=state.steps_completed, interrupted=interrupted,
+            stop_reason=stop_reason,
             model_calls=state.model_calls, model_rows=state.model_rows, rows_per_step=list(state.rows_per_step),
             wall_seconds=time.perf_counter() - started,
         )
         if not return_dict:
             return (images,)
         return StepDiffPipelineOutput(
-            images=images, interrupted=interrupted, steps_completed=state.steps_completed, record=record
+            images=images, interrupted=interrupted, steps_completed=state.steps_completed, stop_reason=stop_reason,
+            record=record,
         )
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Every component folder that model_index.json lists exists, and its weights are readable."""
+    from safetensors import safe_open
+
+    index = json.loads((folder / "model_index.json").read_text())
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise FileNotFoundError(f"{str(folder)!r} lists component {name!r} in model_index.json but has no {name}/ folder")
+        safetensors = sorted(sub.glob("*.safetensors"))
+        for path in safetensors:
+            try:
+                with safe_open(path, "pt"):
+                    pass
+            except Exception as e:
+                raise OSError(f"weights file {str(path)!r} is truncated or corrupt ({e})") from None
+        pickles = [p for p in sorted(sub.iterdir()) if p.suffix in _PICKLE_SUFFIXES]
+        if pickles and not safetensors and not allow_pickle:
+            raise OSError(
+                f"{str(pickles[0])!r} is a pickle checkpoint, which can run code when loaded; stepdiff loads only "
+                "safetensors by default. Pass allow_pickle=True to from_pretrained (CLI: --allow-pickle) if you "
+                "trust this file"
+            )
 
 
 def _run_hooks(callback: object, hook: str, pipeline: StepDiffPipeline) -> None:

@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..control import CancelToken
 from .base import Conditioning, StepDiffPipeline, _check_prompt_inputs, _prompt_list, repeat_rows, tokenize
 
 __all__ = ["StableDiffusionPipeline"]
@@ -105,12 +106,17 @@ class StableDiffusionPipeline(StepDiffPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        cancel: CancelToken | None = None,
+        interrupt_output: str = "denoised",
     ):
         """Generate images. Arguments and defaults follow the classic StableDiffusionPipeline.
 
         ``callback_on_step_end(pipeline, step_index, timestep, callback_kwargs) -> dict | None`` runs after
         every step with the tensors named in ``callback_on_step_end_tensor_inputs`` (default
-        ``["latents"]``; allowed: ``_callback_tensor_inputs``). Returns a ``StepDiffPipelineOutput``.
+        ``["latents"]``; allowed: ``_callback_tensor_inputs``). ``cancel``: a ``CancelToken`` another
+        thread may trigger. ``interrupt_output``: what an interrupted run decodes, ``"denoised"`` (the last
+        x0 estimate, a clean image; default) or ``"latents"`` (the classic behaviour). Returns a
+        ``StepDiffPipelineOutput``.
         """
         prompts = _prompt_list("prompt", prompt)
         negatives = _prompt_list("negative_prompt", negative_prompt)
@@ -129,5 +135,6 @@ class StableDiffusionPipeline(StepDiffPipeline):
             num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cancel=cancel, interrupt_output=interrupt_output,
         )
 

@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..control import CancelToken
 from .base import Conditioning, StepDiffPipeline, _check_prompt_inputs, _prompt_list, repeat_rows, tokenize
 
 __all__ = ["StableDiffusionXLPipeline"]
@@ -183,6 +184,8 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        cancel: CancelToken | None = None,
+        interrupt_output: str = "denoised",
     ):
         """Generate images. Arguments and defaults follow the classic StableDiffusionXLPipeline.
 
@@ -222,4 +225,5 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
             num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cancel=cancel, interrupt_output=interrupt_output,
         )
