@@ -18,6 +18,8 @@ from diffusers import callbacks as _classic
 
 __all__ = [
     "CFGCutoffCallback",
+    "GuidanceIntervalCallback",
+    "GuidanceScheduleCallback",
     "MultiPipelineCallbacks",
     "NaNGuard",
     "PipelineCallback",
@@ -28,6 +30,8 @@ __all__ = [
     "StopAtStep",
     "StopOnConvergence",
     "Timeout",
+    "cosine_ramp",
+    "linear_ramp",
 ]
 
 StepCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], "dict[str, torch.Tensor] | None"]
@@ -262,3 +266,134 @@ def adapt_classic(callback: Any) -> Any:
     if type(callback) is _classic.MultiPipelineCallbacks:
         return MultiPipelineCallbacks([adapt_classic(cb) for cb in callback.callbacks])
     return callback
+
+
+# ---------------------------------------------------------------- guidance schedules
+
+ScheduleFn = Callable[[int, int, torch.Tensor], float]
+
+
+def _scale(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+class _ScheduledGuidance:
+    """Sets the guidance scale of every step before its model call (step 0 at run start).
+
+    A scale <= 1 means no guidance: the loop computes only the conditional rows on that step. Where
+    guidance comes back on, the original negative conditioning is used.
+    """
+
+    tensor_inputs: list[str] = []  # noqa: RUF012
+
+    def scale_at(self, pipeline: Any, step_index: int) -> float:
+        raise NotImplementedError
+
+    def on_run_start(self, pipeline: Any) -> None:
+        self._base = pipeline.guidance_scale
+        pipeline.guidance_scale = self.scale_at(pipeline, 0)
+
+    def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
+        if step_index + 1 < pipeline.num_timesteps:
+            pipeline.guidance_scale = self.scale_at(pipeline, step_index + 1)
+        return None
+
+
+class GuidanceIntervalCallback(_ScheduledGuidance):
+    """Classifier-free guidance only on steps in [start, end); no unconditional pass elsewhere.
+
+    Guidance interval: Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves
+    sample and distribution quality". Give ratios of the step count (``start_ratio``, ``end_ratio``)
+    or step indices (``start_step``, ``end_step``). Inside the interval the scale is ``scale``, or the
+    call's ``guidance_scale`` when ``scale`` is None.
+    """
+
+    def __init__(
+        self, start_ratio: float | None = None, end_ratio: float | None = None, *,
+        start_step: int | None = None, end_step: int | None = None, scale: float | None = None,
+    ) -> None:
+        if start_ratio is not None and start_step is not None:
+            raise ValueError("give start_ratio or start_step, not both")
+        if end_ratio is not None and end_step is not None:
+            raise ValueError("give end_ratio or end_step, not both")
+        self.start_ratio = None if start_ratio is None else _check_unit("start_ratio", start_ratio)
+        self.end_ratio = None if end_ratio is None else _check_unit("end_ratio", end_ratio)
+        self.start_step = None if start_step is None else _check_step("start_step", start_step)
+        self.end_step = None if end_step is None else _check_step("end_step", end_step)
+        if self.start_ratio is not None and self.end_ratio is not None and self.start_ratio > self.end_ratio:
+            raise ValueError(f"start_ratio ({self.start_ratio}) must not be after end_ratio ({self.end_ratio})")
+        if self.start_step is not None and self.end_step is not None and self.start_step > self.end_step:
+            raise ValueError(f"start_step ({self.start_step}) must not be after end_step ({self.end_step})")
+        self.scale = None if scale is None else _scale("scale", scale)
+
+    def bounds(self, num_steps: int) -> tuple[int, int]:
+        start = self.start_step if self.start_step is not None else int(num_steps * (self.start_ratio or 0.0))
+        end = self.end_step if self.end_step is not None else (
+            num_steps if self.end_ratio is None else int(num_steps * self.end_ratio)
+        )
+        return start, end
+
+    def on_run_start(self, pipeline: Any) -> None:
+        start, end = self.bounds(pipeline.num_timesteps)
+        if start > end:
+            raise ValueError(f"guidance interval starts at step {start}, after its end at step {end}")
+        super().on_run_start(pipeline)
+
+    def scale_at(self, pipeline: Any, step_index: int) -> float:
+        start, end = self.bounds(pipeline.num_timesteps)
+        return (self.scale if self.scale is not None else self._base) if start <= step_index < end else 0.0
+
+
+class GuidanceScheduleCallback(_ScheduledGuidance):
+    """A guidance scale per step: a list with one scale per step, or ``fn(step_index, num_steps, timestep)``."""
+
+    def __init__(self, schedule: Sequence[float] | ScheduleFn) -> None:
+        if callable(schedule):
+            self.schedule: Sequence[float] | ScheduleFn = schedule
+        elif isinstance(schedule, (list, tuple)):
+            self.schedule = [_scale(f"schedule[{i}]", v) for i, v in enumerate(schedule)]
+        else:
+            raise ValueError(f"schedule must be a list of scales or a function, got {type(schedule).__name__}")
+
+    def on_run_start(self, pipeline: Any) -> None:
+        if not callable(self.schedule) and len(self.schedule) != pipeline.num_timesteps:
+            raise ValueError(
+                f"schedule has {len(self.schedule)} scales but this run has {pipeline.num_timesteps} steps; "
+                "give one scale per step"
+            )
+        super().on_run_start(pipeline)
+
+    def scale_at(self, pipeline: Any, step_index: int) -> float:
+        if not callable(self.schedule):
+            return self.schedule[step_index]
+        value = self.schedule(step_index, pipeline.num_timesteps, pipeline.timesteps[step_index])
+        return _scale(f"schedule function at step {step_index}", value)
+
+
+def linear_ramp(start_scale: float, end_scale: float) -> ScheduleFn:
+    """A schedule going linearly from ``start_scale`` at the first step to ``end_scale`` at the last."""
+    a, b = _scale("start_scale", start_scale), _scale("end_scale", end_scale)
+    return lambda i, n, t: a + (b - a) * (i / max(n - 1, 1))
+
+
+def cosine_ramp(start_scale: float, end_scale: float) -> ScheduleFn:
+    """A half-cosine schedule from ``start_scale`` to ``end_scale`` (flat at both ends)."""
+    a, b = _scale("start_scale", start_scale), _scale("end_scale", end_scale)
+    return lambda i, n, t: a + (b - a) * (1 - math.cos(math.pi * i / max(n - 1, 1))) / 2
+
+
+def _check_unit(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_step(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)

@@ -123,6 +123,7 @@ class StepDiffPipeline(DiffusionPipeline):
     _guidance_scale: float = 1.0
     _guidance_rescale: float = 0.0
     _num_timesteps: int = 0
+    _timesteps: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- loading
 
@@ -192,6 +193,11 @@ class StepDiffPipeline(DiffusionPipeline):
     @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
+
+    @property
+    def timesteps(self) -> torch.Tensor | None:
+        """The current call's timesteps (as the scheduler set them)."""
+        return self._timesteps
 
     @property
     def interrupt(self) -> bool:
@@ -420,7 +426,6 @@ class StepDiffPipeline(DiffusionPipeline):
         elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
         callback, tensor_names = self._resolve_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        _run_hooks(callback, "on_run_start", self)  # callbacks check their own settings against this model
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._interrupt = False
@@ -428,17 +433,20 @@ class StepDiffPipeline(DiffusionPipeline):
         self._cancel = cancel
         device = self._execution_device
 
-        # 2. Encode prompts: conditional and unconditional rows, kept apart.
-        conditioning = self.encode(
-            device=device, num_images_per_prompt=num_images_per_prompt, height=height, width=width, **encode_kwargs
-        )
-        dtype = next(iter(conditioning.cond.values())).dtype
-
-        # 3. Timesteps.
+        # 2. Timesteps; then callbacks check their settings against this run (schedule lengths, tables)
+        # and may set the first step's guidance, still before any model work.
         steps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
         )
         self._num_timesteps = len(steps)
+        self._timesteps = steps
+        _run_hooks(callback, "on_run_start", self)
+
+        # 3. Encode prompts: conditional and unconditional rows, kept apart.
+        conditioning = self.encode(
+            device=device, num_images_per_prompt=num_images_per_prompt, height=height, width=width, **encode_kwargs
+        )
+        dtype = next(iter(conditioning.cond.values())).dtype
 
         # 4. Initial latents.
         state = LoopState(
