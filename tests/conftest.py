@@ -63,7 +63,7 @@ class ModelCallCounter:
         self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.rows.append(sample.shape[0])
         hidden = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         self.hidden.append(hidden)
@@ -78,7 +78,7 @@ def count_calls():
     counters = []
 
     def make(pipe):
-        counter = ModelCallCounter(pipe.unet)
+        counter = ModelCallCounter(pipe.denoiser)
         counters.append(counter)
         return counter
 
@@ -89,3 +89,15 @@ def count_calls():
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory):
+    from stepdiff.testing import make_tiny_sd3
+
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture
+def sd3_pipe(sd3_folder):
+    return _load(stepdiff.StableDiffusion3Pipeline, sd3_folder)

@@ -107,7 +107,8 @@ def denoise(
         if should_stop():
             return
         state.guidance_scale = g = guidance_scale()
-        x_in = scheduler.scale_model_input(state.latents, t)
+        # Flow-matching schedulers have no input scaling.
+        x_in = scheduler.scale_model_input(state.latents, t) if hasattr(scheduler, "scale_model_input") else state.latents
         if g > 1.0:  # guidance decided before the model call: uncond rows only when they are used
             model_in = torch.cat([x_in, x_in])
             conditioning = {k: torch.cat([state.uncond[k], state.cond[k]]) for k in state.cond}

@@ -11,14 +11,21 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from diffusers import StableDiffusion3Pipeline as _DiffusersSD3
 from diffusers import StableDiffusionPipeline as _DiffusersSD
 from diffusers import StableDiffusionXLPipeline as _DiffusersSDXL
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
 from .tokenizer import build_clip_tokenizer
 
-__all__ = ["TINY_WORDS", "make_tiny_sd", "make_tiny_sdxl"]
+__all__ = ["TINY_WORDS", "make_tiny_sd", "make_tiny_sd3", "make_tiny_sdxl"]
 
 TINY_WORDS = "a photo of cat dog red blue car road croissant bear sports best quality high detail".split()
 
@@ -88,6 +95,44 @@ def make_tiny_sdxl(out: str | Path, seed: int = 0, width: int = 32, sample_size:
     pipe = _DiffusersSDXL(
         vae=_vae(32), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _t5_tokenizer() -> T5Tokenizer:
+    """A Unigram (SentencePiece-style) T5 tokenizer over the tiny words, characters as fallback."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(f"\u2581{w}", -1.0) for w in TINY_WORDS]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True) -> Path:
+    """A random SD3 pipeline folder (MMDiT transformer, CLIP-L, CLIP-G, optional T5, VAE with shift factor)."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    )
+    text_encoder = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))
+    t5_tokenizer = _t5_tokenizer() if with_t5 else None
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )) if with_t5 else None
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    pipe = _DiffusersSD3(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out

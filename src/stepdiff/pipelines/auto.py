@@ -7,11 +7,14 @@ from typing import Any
 
 from .base import StepDiffPipeline
 from .stable_diffusion import StableDiffusionPipeline
+from .stable_diffusion_3 import StableDiffusion3Pipeline
 from .stable_diffusion_xl import StableDiffusionXLPipeline
 
 __all__ = ["AutoPipelineForText2Image", "pipeline_class_for"]
 
-_FAMILIES: tuple[type[StepDiffPipeline], ...] = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+_FAMILIES: tuple[type[StepDiffPipeline], ...] = (
+    StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline,
+)
 
 
 def pipeline_class_for(class_name: str | None) -> type[StepDiffPipeline] | None:

@@ -284,11 +284,21 @@ class StepDiffPipeline(DiffusionPipeline):
             )
         return fn, names
 
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this."""
+        return max(8, self.vae_scale_factor)
+
+    def min_size(self) -> int:
+        """The smallest size whose latents survive every down-sampling of the denoiser."""
+        return max(8, self.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1))
+
+    def scheduler_kwargs(self, height: int, width: int) -> dict[str, Any]:
+        """Extra ``set_timesteps`` arguments a family needs (SD3: the resolution-dependent shift ``mu``)."""
+        return {}
+
     def _check_size(self, name: str, value: object) -> int:
-        # Smallest size whose latents survive every down-sampling of the denoiser.
-        minimum = max(8, self.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1))
-        value = _check_int(name, value, minimum)
-        multiple = max(8, self.vae_scale_factor)
+        value = _check_int(name, value, self.min_size())
+        multiple = self.size_multiple()
         if value % multiple:
             raise ValueError(f"{name} must be a multiple of {multiple}, got {value}")
         return value
@@ -368,7 +378,8 @@ class StepDiffPipeline(DiffusionPipeline):
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for this call, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma  # never in place: the caller keeps its tensor
+        # Never in place: the caller keeps its tensor. Flow-matching schedulers start from plain noise.
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
     # ------------------------------------------------------------------ call
 
@@ -436,7 +447,8 @@ class StepDiffPipeline(DiffusionPipeline):
         # 2. Timesteps; then callbacks check their settings against this run (schedule lengths, tables)
         # and may set the first step's guidance, still before any model work.
         steps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas,
+            **self.scheduler_kwargs(height, width),
         )
         self._num_timesteps = len(steps)
         self._timesteps = steps

@@ -1,0 +1,219 @@
+"""Stable Diffusion 3: a flow-matching transformer with CLIP-L, CLIP-G and (optional) T5 text encoders."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+from ..control import CancelToken
+from .base import Conditioning, StepDiffPipeline, _check_prompt_inputs, _prompt_list, repeat_rows, tokenize
+
+__all__ = ["StableDiffusion3Pipeline"]
+
+
+class StableDiffusion3Pipeline(StepDiffPipeline):
+    """Text-to-image with SD3 / SD3.5 (MMDiT) models, on stepdiff's shared denoising loop.
+
+    ``text_encoder_3=None`` (and ``tokenizer_3=None``) runs without T5: its rows are zeros, as in the
+    classic pipeline. ``denoised`` is the flow-matching x0 estimate, latents - sigma * velocity.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
+    _optional_components: ClassVar[list[str]] = ["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"]
+    _callback_tensor_inputs: ClassVar[list[str]] = [
+        "latents", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+        "negative_pooled_prompt_embeds", "denoised",
+    ]
+    _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
+        "prompt_embeds": ("cond", "encoder_hidden_states"),
+        "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
+        "pooled_prompt_embeds": ("cond", "pooled_projections"),
+        "negative_pooled_prompt_embeds": ("uncond", "pooled_projections"),
+    }
+    _family_class_names = ("StableDiffusion3Pipeline",)
+
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer_2: CLIPTokenizer,
+        text_encoder_3: Any = None,
+        tokenizer_3: Any = None,
+        image_encoder: Any = None,
+        feature_extractor: Any = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3, transformer=transformer,
+            scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor,
+        )
+        self._joint_attention_kwargs: dict | None = None
+
+    # ------------------------------------------------------------ family rules
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.transformer.config.patch_size
+
+    def min_size(self) -> int:
+        return self.size_multiple()
+
+    def scheduler_kwargs(self, height: int, width: int) -> dict[str, Any]:
+        cfg = self.scheduler.config
+        if not cfg.get("use_dynamic_shifting", None):
+            return {}
+        patch = self.transformer.config.patch_size
+        seq_len = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)
+        mu = calculate_shift(  # resolution-dependent timestep shift (SD3.5 / Flux schedulers)
+            seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16),
+        )
+        return {"mu": mu}
+
+    # ----------------------------------------------------------------- encode
+
+    def _clip(self, index: int, texts: list[str], device, clip_skip: int | None):
+        tokenizer, encoder = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))[index]
+        max_length = self.tokenizer.model_max_length if self.tokenizer is not None else 77
+        out = encoder(tokenize(tokenizer, texts, max_length).to(device), output_hidden_states=True)
+        hidden = out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)]
+        return hidden.to(dtype=self.text_encoder.dtype, device=device), out[0]
+
+    def _t5(self, texts: list[str], device, max_sequence_length: int) -> torch.Tensor:
+        if self.text_encoder_3 is None:
+            dim = self.transformer.config.joint_attention_dim
+            return torch.zeros((len(texts), max_sequence_length, dim), device=device, dtype=self.text_encoder.dtype)
+        ids = self.tokenizer_3(
+            texts, padding="max_length", max_length=max_sequence_length, truncation=True, add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder_3(ids.to(device))[0].to(dtype=self.text_encoder_3.dtype, device=device)
+
+    def _embed(self, texts, texts_2, texts_3, device, clip_skip, max_sequence_length):
+        """(CLIP-L | CLIP-G hidden states padded to the T5 width, then T5 tokens; pooled CLIP-L | CLIP-G)."""
+        hidden_1, pooled_1 = self._clip(0, texts, device, clip_skip)
+        hidden_2, pooled_2 = self._clip(1, texts_2, device, clip_skip)
+        clip = torch.cat([hidden_1, hidden_2], dim=-1)
+        t5 = self._t5(texts_3, device, max_sequence_length)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat([pooled_1, pooled_2], dim=-1)
+
+    def encode(
+        self, *, device, num_images_per_prompt, height, width, prompt, prompt_2, prompt_3, negative_prompt,
+        negative_prompt_2, negative_prompt_3, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+        negative_pooled_prompt_embeds, clip_skip, max_sequence_length,
+    ) -> Conditioning:
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = self._embed(
+                prompt, prompt_2 or prompt, prompt_3 or prompt, device, clip_skip, max_sequence_length
+            )
+        batch = prompt_embeds.shape[0]
+        if negative_prompt_embeds is None:
+            neg = negative_prompt if negative_prompt is not None else [""] * batch
+            negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed(
+                neg, negative_prompt_2 or neg, negative_prompt_3 or neg, device, None, max_sequence_length
+            )
+        n = num_images_per_prompt
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return repeat_rows(t.to(device), n)
+
+        return Conditioning(
+            cond={"encoder_hidden_states": rows(prompt_embeds), "pooled_projections": rows(pooled_prompt_embeds)},
+            uncond={
+                "encoder_hidden_states": rows(negative_prompt_embeds),
+                "pooled_projections": rows(negative_pooled_prompt_embeds),
+            },
+        )
+
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=latent_input, timestep=timestep.expand(latent_input.shape[0]),
+            encoder_hidden_states=conditioning["encoder_hidden_states"],
+            pooled_projections=conditioning["pooled_projections"],
+            joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
+        )[0]
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int = 256,
+        cancel: CancelToken | None = None,
+        interrupt_output: str = "denoised",
+    ):
+        """Generate images. Arguments and defaults follow the classic StableDiffusion3Pipeline.
+
+        See ``StableDiffusionPipeline.__call__`` for the callback protocol; returns a ``StepDiffPipelineOutput``.
+        """
+        prompts = _prompt_list("prompt", prompt)
+        negatives = _prompt_list("negative_prompt", negative_prompt)
+        others = {
+            name: _prompt_list(name, value) for name, value in (
+                ("prompt_2", prompt_2), ("prompt_3", prompt_3),
+                ("negative_prompt_2", negative_prompt_2), ("negative_prompt_3", negative_prompt_3),
+            )
+        }
+        batch_size = _check_prompt_inputs(prompts, negatives, prompt_embeds, negative_prompt_embeds)
+        for name, value in others.items():
+            base = negatives if name.startswith("negative") else prompts
+            if value is not None and (base is None or len(value) != len(base)):
+                raise ValueError(f"{name} must match the length of {name[:-2]}, got {value!r}")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+        msl = max_sequence_length
+        if isinstance(msl, bool) or not isinstance(msl, int) or not 1 <= msl <= 512:
+            raise ValueError(f"max_sequence_length must be an int in [1, 512], got {max_sequence_length!r}")
+        self._joint_attention_kwargs = joint_attention_kwargs
+        return self._generate(
+            batch_size=batch_size,
+            encode_kwargs=dict(
+                prompt=prompts, negative_prompt=negatives, **others, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, clip_skip=clip_skip,
+                max_sequence_length=max_sequence_length,
+            ),
+            height=height, width=width, num_inference_steps=num_inference_steps, timesteps=None, sigmas=sigmas,
+            guidance_scale=guidance_scale, guidance_rescale=0.0, num_images_per_prompt=num_images_per_prompt,
+            eta=0.0, generator=generator, latents=latents, output_type=output_type, return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cancel=cancel, interrupt_output=interrupt_output,
+        )
