@@ -66,7 +66,7 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
         return self.transformer
 
     def size_multiple(self) -> int:
-        return self.vae_scale_factor * self.transformer.config.patch_size
+        return max(8, self.vae_scale_factor * self.transformer.config.patch_size)
 
     def min_size(self) -> int:
         return self.size_multiple()
