@@ -108,13 +108,16 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True) -> Path:
-    """A random SD3 pipeline folder (MMDiT transformer, CLIP-L, CLIP-G, optional T5, VAE with shift factor)."""
+def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True, layers: int = 2, head_dim: int = 8,
+                  sample_size: int = 16) -> Path:
+    """A random SD3 pipeline folder (MMDiT transformer, CLIP-L, CLIP-G, optional T5, VAE with shift factor);
+    ``layers`` and ``head_dim`` scale the transformer (benchmarks use a larger one so it dominates a step)."""
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        sample_size=sample_size, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=4,
         caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
     )
     text_encoder = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))

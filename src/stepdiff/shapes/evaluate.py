@@ -23,7 +23,7 @@ def evaluate(
     pairs = eval_pairs(seeds_per_combo)
     hits = {"background": 0, "color": 0, "shape": 0, "all": 0}
     per_color = {c: [0, 0] for c in COLORS}  # colour -> [correct shape colour, total]
-    model_rows = 0
+    model_rows = steps_done = 0
     started = time.perf_counter()
     pipe.set_progress_bar_config(disable=True)
     for start in tqdm(range(0, len(pairs), batch), desc=desc, leave=False):
@@ -33,6 +33,7 @@ def evaluate(
         out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                    callback_on_step_end=callback)
         model_rows += out.record.model_rows
+        steps_done += out.steps_completed * len(chunk)
         for ((color, shape, background), _), image in zip(chunk, out.images):
             v = judge(image)
             ok = (v.background == background, v.color == color, v.shape == shape)
@@ -47,6 +48,7 @@ def evaluate(
         **{k: v / n for k, v in hits.items()},
         "per_color": {c: ok / total for c, (ok, total) in per_color.items() if total},
         "model_rows": model_rows,
+        "mean_steps": steps_done / n,
         "seconds": time.perf_counter() - started,
     }
 

@@ -1,0 +1,92 @@
+"""Issue 6 benchmarks: guidance schedules save what they promise, and SD3 against diffusers.
+
+    python benchmarks/bench_guidance.py [--repeats 5]
+
+(1) On a tiny SDXL whose UNet dominates a step: time of CFG cutoff 0.4, guidance interval [0.2, 0.8)
+    and a linear ramp 7.5 -> 0, each against full CFG, beside the ratio of model rows computed
+    (goal: the time ratio tracks the rows ratio within 10%).
+(2) SD3: stepdiff / diffusers time for 25 steps on identical tiny weights (goal <= 1.00).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, os.path.dirname(__file__))
+
+import diffusers
+import torch
+
+import stepdiff
+from _common import table, time_interleaved
+from stepdiff.callbacks import CFGCutoffCallback, GuidanceIntervalCallback, GuidanceScheduleCallback, linear_ramp
+from stepdiff.testing import make_tiny_sd3, make_tiny_sdxl
+
+
+def schedules(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = stepdiff.StableDiffusionXLPipeline.from_pretrained(make_tiny_sdxl(tmp, width=128, sample_size=32))
+    pipe.set_progress_bar_config(disable=True)
+    settings = {
+        "full CFG": None,
+        "CFG cutoff 0.4": CFGCutoffCallback(cutoff_step_ratio=0.4),
+        "interval [0.2, 0.8)": GuidanceIntervalCallback(start_ratio=0.2, end_ratio=0.8),
+        "linear ramp 7.5 -> 0": GuidanceScheduleCallback(linear_ramp(7.5, 0.0)),
+    }
+    rows = {}
+
+    def run(name, cb):
+        def go():
+            out = pipe("a red car on the road", num_inference_steps=args.steps, guidance_scale=7.5,
+                       generator=torch.Generator().manual_seed(0), callback_on_step_end=cb, output_type="latent")
+            rows[name] = out.record.model_rows
+
+        return go
+
+    t = time_interleaved({name: run(name, cb) for name, cb in settings.items()}, repeats=args.repeats)
+    out = []
+    for name in settings:
+        time_ratio, rows_ratio = t[name] / t["full CFG"], rows[name] / rows["full CFG"]
+        out.append((name, f"{t[name]:.3f}", f"{rows[name]}", f"{time_ratio:.3f}", f"{rows_ratio:.3f}",
+                    f"{time_ratio / rows_ratio - 1:+.1%}"))
+    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    print(f"tiny SDXL, UNet {params:.1f}M, {args.steps} steps, guidance 7.5, latent output, median of {args.repeats}\n")
+    print(table(out, ("schedule", "median s", "model rows", "time / full", "rows / full", "time vs rows")))
+
+
+def sd3(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_tiny_sd3(tmp, layers=4, head_dim=32, sample_size=32)
+        ours = stepdiff.StableDiffusion3Pipeline.from_pretrained(folder)
+        theirs = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)
+
+    def run(p):
+        return lambda: p("a red car", num_inference_steps=args.steps, guidance_scale=7.0,
+                         generator=torch.Generator().manual_seed(0), output_type="np")
+
+    t = time_interleaved({"diffusers": run(theirs), "stepdiff": run(ours)}, repeats=args.repeats)
+    params = sum(p.numel() for p in ours.transformer.parameters()) / 1e6
+    print(f"\ntiny SD3 (transformer {params:.1f}M, with T5), {args.steps} steps, guidance 7.0, median of {args.repeats}\n")
+    print(table([(k, f"{v:.3f}") for k, v in t.items()] + [("stepdiff / diffusers", f"{t['stepdiff'] / t['diffusers']:.3f}")],
+                ("run", "median s")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    diffusers.utils.logging.disable_progress_bar()
+    schedules(args)
+    sd3(args)
+
+
+if __name__ == "__main__":
+    main()

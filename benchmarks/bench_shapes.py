@@ -1,0 +1,120 @@
+"""Issue 3 / issue 5 benchmarks on the shipped shapes model.
+
+    python benchmarks/bench_shapes.py speed        # one 64x64 image, 25 steps: stepdiff vs diffusers; CLI start-up
+    python benchmarks/bench_shapes.py schedulers   # adherence at 25 steps per scheduler (picks the default)
+    python benchmarks/bench_shapes.py convergence  # StopOnConvergence: steps saved vs adherence lost
+
+Adherence is judged from pixels on the held-out (prompt, seed) pairs (`stepdiff eval-shapes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, os.path.dirname(__file__))
+
+import diffusers
+import torch
+
+import stepdiff
+from _common import table, time_interleaved
+from stepdiff.callbacks import StopOnConvergence
+from stepdiff.schedulers import make_scheduler
+from stepdiff.shapes.evaluate import evaluate
+
+PROMPT = "a red circle on a blue background"
+
+
+def _pipes(folder):
+    ours = stepdiff.AutoPipelineForText2Image.from_pretrained(folder)
+    theirs = diffusers.AutoPipelineForText2Image.from_pretrained(folder)
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+def speed(args) -> None:
+    folder = args.model or stepdiff.default_model()
+    ours, theirs = _pipes(folder)
+    guidance = 7.5
+
+    def run(p):
+        return lambda: p(PROMPT, num_inference_steps=25, guidance_scale=guidance, generator=torch.Generator().manual_seed(0))
+
+    t = time_interleaved({"diffusers": run(theirs), "stepdiff": run(ours)}, repeats=args.repeats)
+    startup = []
+    for _ in range(3):
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stepdiff.cli", "generate", PROMPT, "--steps", "25", "--output",
+             os.path.join(tempfile.gettempdir(), "stepdiff-bench.png"), "--model", str(folder)],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        )
+        buf = ""
+        while not re.search(r"\b1/25\b", buf):
+            ch = proc.stderr.read(1)
+            if not ch:
+                break
+            buf += ch
+        startup.append(time.perf_counter() - started)
+        proc.wait()
+    startup.sort()
+    print(f"model {folder}: one 64x64 image, 25 steps, guidance {guidance}, median of {args.repeats}, torch threads 2\n")
+    print(table([
+        ("stepdiff", f"{t['stepdiff']:.3f}", "<= 1.5 s"),
+        ("diffusers (same weights)", f"{t['diffusers']:.3f}", ""),
+        ("stepdiff / diffusers", f"{t['stepdiff'] / t['diffusers']:.3f}", "<= 1.00"),
+        ("CLI start-up to first step (median of 3)", f"{startup[1]:.2f}", "<= 5 s"),
+    ], ("measure", "seconds", "goal")))
+
+
+def schedulers(args) -> None:
+    pipe, _ = _pipes(args.model or stepdiff.default_model())
+    base = pipe.scheduler.config
+    rows = []
+    for name in ("euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "ddim", "heun"):
+        karras = name.endswith("-karras")
+        pipe.scheduler = make_scheduler(name.removesuffix("-karras"), base, karras=karras)
+        r = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, desc=name)
+        rows.append((name, f"{r['all']:.1%}", f"{r['background']:.1%}", f"{r['color']:.1%}", f"{r['shape']:.1%}",
+                     f"{r['seconds']:.0f}"))
+    print(f"guidance {args.guidance}, 25 steps, {args.seeds * 24} held-out pairs\n")
+    print(table(rows, ("scheduler", "all three", "background", "shape colour", "shape type", "seconds")))
+
+
+def convergence(args) -> None:
+    pipe, _ = _pipes(args.model or stepdiff.default_model())
+    full = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, batch=1, desc="full")
+    rows = [("full run", "25.0", "0%", f"{full['all']:.1%}", "")]
+    for tol in args.tolerances:
+        cb = StopOnConvergence(tolerance=tol, patience=2)
+        r = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, batch=1, callback=cb, desc=f"tol={tol:g}")
+        saved = 1 - r["mean_steps"] / 25
+        rows.append((f"StopOnConvergence(tolerance={tol:g}, patience=2)", f"{r['mean_steps']:.1f}", f"{saved:.0%}",
+                     f"{r['all']:.1%}", f"{(r['all'] - full['all']) * 100:+.1f} pts"))
+    print(f"guidance {args.guidance}, 25 steps, {args.seeds * 24} held-out pairs, one image per call\n")
+    print(table(rows, ("setting", "mean steps", "steps saved", "all three", "vs full")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("speed", "schedulers", "convergence"))
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seeds", type=int, default=9, help="seeds per held-out combination (24 combinations)")
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.02, 0.05])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    {"speed": speed, "schedulers": schedulers, "convergence": convergence}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
