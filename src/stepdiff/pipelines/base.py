@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,11 +166,17 @@ class StepDiffPipeline(DiffusionPipeline):
                 f"load: {hint} (or AutoPipelineForText2Image)"
             )
         _check_weights(Path(pretrained_model_name_or_path), allow_pickle)
+        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
+            # One dtype for every component: transformers would otherwise keep the stored dtype (fp16 for
+            # the shipped model) while diffusers upcasts, and the text encoder and UNet would disagree.
+            kwargs["torch_dtype"] = torch.float32
         if allow_pickle:
             kwargs.setdefault("use_safetensors", None)  # diffusers: safetensors where present, else .bin
         else:
             kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------ properties
 

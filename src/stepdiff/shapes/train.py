@@ -129,7 +129,8 @@ class _Checkpoints:
         return torch.load(path, weights_only=False) if path.exists() else None
 
 
-def train_vae(cfg: TrainConfig, ck: _Checkpoints) -> AutoencoderKL:
+def train_vae(cfg: TrainConfig, ck: _Checkpoints) -> tuple[AutoencoderKL, int]:
+    """The trained VAE, and the step it resumed from (vae_steps when a finished one was loaded)."""
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     state = ck.load("vae")
@@ -139,7 +140,7 @@ def train_vae(cfg: TrainConfig, ck: _Checkpoints) -> AutoencoderKL:
         opt.load_state_dict(state["opt"])
         start = state["step"]
         if state.get("done"):
-            return vae.eval()
+            return vae.eval(), start
     rng = np.random.default_rng(cfg.seed + 1 + start)
     bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
     for step in bar:
@@ -158,7 +159,7 @@ def train_vae(cfg: TrainConfig, ck: _Checkpoints) -> AutoencoderKL:
         if (step + 1) % cfg.checkpoint_every == 0:
             ck.save("vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
     ck.save("vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": cfg.vae_steps, "done": True})
-    return vae.eval()
+    return vae.eval(), start
 
 
 @torch.no_grad()
@@ -237,7 +238,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], tok
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
-    return unet.eval(), text_encoder.eval()
+    return unet.eval(), text_encoder.eval(), start
 
 
 def train(cfg: TrainConfig, out: Path) -> Path:
@@ -247,10 +248,10 @@ def train(cfg: TrainConfig, out: Path) -> Path:
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     started = time.time()
     tokenizer = build_clip_tokenizer(VOCABULARY, out / "tokenizer_build", model_max_length=16)
-    vae = train_vae(cfg, ck)
+    vae, vae_start = train_vae(cfg, ck)
     latents, captions, scaling = encode_dataset(cfg, vae, ck)
     vae.register_to_config(scaling_factor=scaling)
-    unet, text_encoder = train_unet(cfg, latents * scaling, captions, tokenizer, ck)
+    unet, text_encoder, unet_start = train_unet(cfg, latents * scaling, captions, tokenizer, ck)
     scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     pipe = _DiffusersSD(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -262,7 +263,9 @@ def train(cfg: TrainConfig, out: Path) -> Path:
     for name in ("vocab.json", "merges.txt"):  # keep the human-readable BPE files beside tokenizer.json
         shutil.copy(out / "tokenizer_build" / name, model_dir / "tokenizer" / name)
     elapsed = time.time() - started
-    (out / "train_time.json").write_text(json.dumps({"wall_seconds_this_invocation": elapsed}))
+    (out / "train_time.json").write_text(json.dumps({
+        "wall_seconds_this_invocation": elapsed, "vae_resumed_from_step": vae_start, "unet_resumed_from_step": unet_start,
+    }))
     print(f"saved {model_dir} after {elapsed / 60:.1f} min")
     return model_dir
 
