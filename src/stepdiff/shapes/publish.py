@@ -1,0 +1,65 @@
+"""Copy a trained run's model into the package as the shipped default model.
+
+    python -m stepdiff.shapes.publish runs/shapes --guidance 7.5 --scheduler unipc
+
+Writes the standard folder plus stepdiff.json (recommended guidance, training vocabulary, training
+settings and wall time), with the chosen default scheduler, and fits the preview table
+(latent_rgb.json) for the model's VAE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..models import DEFAULT_MODEL_NAME
+from ..preview import fit_latent_rgb, images_to_tensor
+from ..schedulers import make_scheduler
+from .dataset import VOCABULARY, all_combos, sample_batch
+
+__all__ = ["publish"]
+
+
+def publish(run: Path, dest: Path, guidance: float, scheduler: str, karras: bool = False) -> Path:
+    from ..pipelines import StableDiffusionPipeline
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(run / "model", dest)
+    pipe = StableDiffusionPipeline.from_pretrained(dest)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config, karras=karras)
+    pipe.scheduler.save_pretrained(dest / "scheduler")
+    index = json.loads((dest / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", type(pipe.scheduler).__name__]
+    (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    images = images_to_tensor(sample_batch(np.random.default_rng(7), 512, all_combos())[0])
+    fit_latent_rgb(pipe.vae, images, name=f"fitted:{DEFAULT_MODEL_NAME}").save(dest)
+    info = {
+        "name": DEFAULT_MODEL_NAME,
+        "guidance_scale": guidance,
+        "vocabulary": list(VOCABULARY),
+        "prompt_template": "a {color} {shape} on a {background} background",
+        "train_config": json.loads((run / "train_config.json").read_text()),
+        "train_time": json.loads((run / "train_time.json").read_text()),
+    }
+    (dest / "stepdiff.json").write_text(json.dumps(info, indent=1) + "\n")
+    return dest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="training run folder (holds model/)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--scheduler", default="unipc")
+    parser.add_argument("--karras", action="store_true")
+    parser.add_argument("--dest", type=Path, default=Path(__file__).parents[1] / "models" / DEFAULT_MODEL_NAME)
+    args = parser.parse_args()
+    print(publish(args.run, args.dest, args.guidance, args.scheduler, args.karras))
+
+
+if __name__ == "__main__":
+    main()
