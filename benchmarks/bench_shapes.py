@@ -79,7 +79,7 @@ def schedulers(args) -> None:
     pipe, _ = _pipes(args.model or stepdiff.default_model())
     base = pipe.scheduler.config
     rows = []
-    for name in ("euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "ddim", "heun"):
+    for name in args.schedulers:
         karras = name.endswith("-karras")
         pipe.scheduler = make_scheduler(name.removesuffix("-karras"), base, karras=karras)
         r = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, desc=name)
@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seeds", type=int, default=9, help="seeds per held-out combination (24 combinations)")
+    parser.add_argument("--schedulers", nargs="+",
+                        default=["euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "ddim", "heun"])
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.02, 0.05])
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -26,6 +26,7 @@ from diffusers import (
 
 from . import callbacks
 from .control import CancelToken
+from .models import default_model
 from .output import RunRecord, StepDiffPipelineOutput
 from .pipelines import (
     AutoPipelineForText2Image,

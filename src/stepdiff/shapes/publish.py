@@ -33,6 +33,12 @@ def publish(run: Path, dest: Path, guidance: float, scheduler: str, karras: bool
     pipe = StableDiffusionPipeline.from_pretrained(dest)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config, karras=karras)
     pipe.scheduler.save_pretrained(dest / "scheduler")
+    # Stable Diffusion's own scheduler keys, so that swapping in any scheduler (DDIM, PNDM, ...) with
+    # from_config gets SD's settings rather than each class's defaults (DDIM would clip x0 to [-1, 1]).
+    config_file = dest / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     index = json.loads((dest / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", type(pipe.scheduler).__name__]
     (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
