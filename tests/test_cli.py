@@ -91,11 +91,6 @@ def test_missing_and_non_pipeline_model(run_cli, tmp_path):
     assert code == 2 and "not a pipeline folder: it has no model_index.json" in err
 
 
-def test_size_too_small_for_model(run_cli, sdxl_folder, tmp_path):
-    code, _, err = run_cli("generate", "a cat", "--model", sdxl_folder, "--size", "8x8", "--output", tmp_path / "x.png")
-    assert code == 0 or "width must be an int >=" in err
-
-
 def test_unwritable_output_folder(run_cli, sd_folder, tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -1,0 +1,66 @@
+"""The model that ships in the package: loads offline, draws what it is asked, CLI defaults to it."""
+
+import json
+
+import pytest
+from PIL import Image
+
+import stepdiff
+from stepdiff.cli import main
+from stepdiff.preview import FITTED_TABLE_FILE, table_for
+from stepdiff.shapes.judge import judge
+
+from .conftest import gen
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    pipe = stepdiff.AutoPipelineForText2Image.from_pretrained(stepdiff.default_model())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_folder_layout_and_size():
+    folder = stepdiff.default_model()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"][1] == "DDIMScheduler"
+    weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert weights <= 25 * 1024 * 1024
+    assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "tokenizer" / "merges.txt").is_file()
+    info = json.loads((folder / "stepdiff.json").read_text())
+    assert "circle" in info["vocabulary"] and info["guidance_scale"] > 1
+
+
+def test_loads_in_float32_and_draws_the_prompt(shipped):
+    assert shipped.unet.dtype == shipped.text_encoder.dtype == shipped.vae.dtype
+    images = shipped(["a red circle on a blue background", "a yellow square on a black background"],
+                     num_inference_steps=25, generator=[gen(0), gen(1)]).images
+    verdicts = [judge(i) for i in images]
+    assert (verdicts[0].color, verdicts[0].background) == ("red", "blue")
+    assert (verdicts[1].color, verdicts[1].background) == ("yellow", "black")
+
+
+def test_fitted_preview_table_is_used(shipped):
+    assert (stepdiff.default_model() / FITTED_TABLE_FILE).is_file()
+    assert table_for(shipped).name == "fitted:shapes-v1"
+
+
+def test_cli_uses_shipped_model_by_default(tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert main(["generate", "a green triangle on a white background", "--steps", "10", "--output", str(out)]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert "Model: shapes-v1" in image.text["parameters"] and "Sampler: DDIM" in image.text["parameters"]
+    assert "CFG scale: 7.5" in image.text["parameters"]
+
+
+def test_cli_warns_with_known_words(tmp_path, capsys):
+    assert main(["generate", "a pink circle", "--steps", "2", "--output", str(tmp_path / "x.png")]) == 0
+    err = capsys.readouterr().err
+    assert "does not know pink; it knows: a, background, black, blue, circle" in err
+
+
+def test_cli_size_too_small_for_model(capsys):
+    assert main(["generate", "a red circle", "--size", "8x8"]) == 2
+    err = capsys.readouterr().err
+    assert "height must be an int >= 16, got 8" in err and len(err.strip().splitlines()) == 1
