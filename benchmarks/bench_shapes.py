@@ -34,7 +34,8 @@ PROMPT = "a red circle on a blue background"
 
 def _pipes(folder):
     ours = stepdiff.AutoPipelineForText2Image.from_pretrained(folder)
-    theirs = diffusers.AutoPipelineForText2Image.from_pretrained(folder)
+    # diffusers keeps the stored fp16 text encoder but upcasts the UNet unless told: ask for float32 explicitly.
+    theirs = diffusers.AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float32)
     for p in (ours, theirs):
         p.set_progress_bar_config(disable=True)
     return ours, theirs

@@ -1,46 +1,18 @@
-"""stepdiff: text-to-image diffusion whose denoising loop can be steered at every step."""
+"""stepdiff: text-to-image diffusion whose denoising loop can be steered at every step.
 
-from transformers.utils import logging as _tf_logging
+The top level is lazy (PEP 562): ``import stepdiff`` is cheap, and each name imports its module on
+first use, so the CLI starts quickly and ``stepdiff --help`` is instant.
+"""
 
-# diffusers' pipeline modules import transformers' image processors, which warn once that torchvision
-# is missing (stepdiff needs no image processor). Quiet that during our own import only.
-_verbosity = _tf_logging.get_verbosity()
-_tf_logging.set_verbosity_error()
+from __future__ import annotations
 
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DEISMultistepScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
-
-from . import callbacks
-from .control import CancelToken
-from .models import default_model
-from .output import RunRecord, StepDiffPipelineOutput
-from .pipelines import (
-    AutoPipelineForText2Image,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    StepDiffPipeline,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AutoPipelineForText2Image",
-    "CancelToken",
+# Scheduler classes re-exported from diffusers, so the classic import lines work unchanged.
+_SCHEDULERS = (
     "DDIMScheduler",
     "DDPMScheduler",
     "DEISMultistepScheduler",
@@ -54,14 +26,68 @@ __all__ = [
     "KDPM2DiscreteScheduler",
     "LMSDiscreteScheduler",
     "PNDMScheduler",
-    "RunRecord",
-    "StableDiffusion3Pipeline",
-    "StableDiffusionPipeline",
-    "StableDiffusionXLPipeline",
-    "StepDiffPipeline",
-    "StepDiffPipelineOutput",
     "UniPCMultistepScheduler",
-    "__version__",
-    "callbacks",
-    "default_model",
-]
+)
+_LAZY = {
+    "AutoPipelineForText2Image": ".pipelines.auto",
+    "StableDiffusionPipeline": ".pipelines.stable_diffusion",
+    "StableDiffusionXLPipeline": ".pipelines.stable_diffusion_xl",
+    "StableDiffusion3Pipeline": ".pipelines.stable_diffusion_3",
+    "StepDiffPipeline": ".pipelines.base",
+    "StepDiffPipelineOutput": ".output",
+    "RunRecord": ".output",
+    "CancelToken": ".control",
+    "default_model": ".models",
+}
+_SUBMODULES = ("callbacks", "preview", "pipelines", "schedulers", "testing", "loop", "shapes")
+
+__all__ = [*_SCHEDULERS, *_LAZY, "__version__", "callbacks", "preview"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _SCHEDULERS:
+        from ._quiet import quiet_transformers
+
+        with quiet_transformers():
+            value = getattr(importlib.import_module("diffusers"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'stepdiff' has no attribute {name!r}")
+    globals()[name] = value  # cache: the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DEISMultistepScheduler,
+        DPMSolverMultistepScheduler,
+        DPMSolverSinglestepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+        KDPM2AncestralDiscreteScheduler,
+        KDPM2DiscreteScheduler,
+        LMSDiscreteScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    from . import callbacks, preview
+    from .control import CancelToken
+    from .models import default_model
+    from .output import RunRecord, StepDiffPipelineOutput
+    from .pipelines.auto import AutoPipelineForText2Image
+    from .pipelines.base import StepDiffPipeline
+    from .pipelines.stable_diffusion import StableDiffusionPipeline
+    from .pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
+    from .pipelines.stable_diffusion_xl import StableDiffusionXLPipeline

@@ -14,7 +14,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from ._quiet import quiet_transformers
+
+with quiet_transformers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 __all__ = ["LoopState", "ModelFn", "denoise", "estimate_x0", "scheduler_step_kwargs"]
 

@@ -1,13 +1,23 @@
-from .auto import AutoPipelineForText2Image
-from .base import StepDiffPipeline
-from .stable_diffusion import StableDiffusionPipeline
-from .stable_diffusion_3 import StableDiffusion3Pipeline
-from .stable_diffusion_xl import StableDiffusionXLPipeline
+"""Pipelines on the shared loop; families load on first use."""
 
-__all__ = [
-    "AutoPipelineForText2Image",
-    "StableDiffusion3Pipeline",
-    "StableDiffusionPipeline",
-    "StableDiffusionXLPipeline",
-    "StepDiffPipeline",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "AutoPipelineForText2Image": ".auto",
+    "StableDiffusionPipeline": ".stable_diffusion",
+    "StableDiffusionXLPipeline": ".stable_diffusion_xl",
+    "StableDiffusion3Pipeline": ".stable_diffusion_3",
+    "StepDiffPipeline": ".base",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'stepdiff.pipelines' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

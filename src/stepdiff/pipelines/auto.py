@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
 from .base import StepDiffPipeline
-from .stable_diffusion import StableDiffusionPipeline
-from .stable_diffusion_3 import StableDiffusion3Pipeline
-from .stable_diffusion_xl import StableDiffusionXLPipeline
 
 __all__ = ["AutoPipelineForText2Image", "pipeline_class_for"]
 
-_FAMILIES: tuple[type[StepDiffPipeline], ...] = (
-    StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline,
-)
+# model_index.json "_class_name" -> (module, stepdiff class); a family's module loads only when used.
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "StableDiffusionPipeline": (".stable_diffusion", "StableDiffusionPipeline"),
+    "StableDiffusionXLPipeline": (".stable_diffusion_xl", "StableDiffusionXLPipeline"),
+    "StableDiffusion3Pipeline": (".stable_diffusion_3", "StableDiffusion3Pipeline"),
+}
 
 
 def pipeline_class_for(class_name: str | None) -> type[StepDiffPipeline] | None:
-    for family in _FAMILIES:
-        if class_name in family._family_class_names:
-            return family
-    return None
+    if class_name not in _FAMILIES:
+        return None
+    module, name = _FAMILIES[class_name]
+    return getattr(importlib.import_module(module, __package__), name)
 
 
 class AutoPipelineForText2Image:
@@ -35,7 +36,7 @@ class AutoPipelineForText2Image:
         class_name = StepDiffPipeline._check_folder(pretrained_model_name_or_path)
         family = pipeline_class_for(class_name)
         if family is None:
-            supported = [name for f in _FAMILIES for name in f._family_class_names]
+            supported = list(_FAMILIES)
             raise ValueError(
                 f"{str(pretrained_model_name_or_path)!r} holds a {class_name!r} model; stepdiff supports {supported}"
             )

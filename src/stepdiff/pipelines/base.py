@@ -23,7 +23,11 @@ from typing import Any, ClassVar
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+from .._quiet import quiet_transformers
+
+with quiet_transformers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..callbacks import MultiPipelineCallbacks, adapt_classic

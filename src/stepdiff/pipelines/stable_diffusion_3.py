@@ -7,7 +7,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+from .._quiet import quiet_transformers
+
+with quiet_transformers():
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..control import CancelToken
