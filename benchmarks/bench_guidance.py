@@ -81,11 +81,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--only", choices=("schedules", "sd3"), default=None, help="run one part only")
     args = parser.parse_args()
     torch.set_num_threads(2)
     diffusers.utils.logging.disable_progress_bar()
-    schedules(args)
-    sd3(args)
+    if args.only != "sd3":
+        schedules(args)
+    if args.only != "schedules":
+        sd3(args)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,10 @@ def test_help_lists_flags(run_cli):
 def test_tiny_model_command(run_cli, tmp_path):
     code, out, _ = run_cli("tiny-model", tmp_path / "t", "--family", "sdxl")
     assert code == 0 and (tmp_path / "t" / "model_index.json").is_file()
+
+
+def test_written_files_have_normal_permissions(run_cli, sd_folder, tmp_path):
+    code, _, _ = run_cli("generate", "a cat", "--model", sd_folder, "--steps", "2", "--output", tmp_path / "p.png")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert code == 0 and stat.S_IMODE((tmp_path / "p.png").stat().st_mode) == 0o666 & ~mask

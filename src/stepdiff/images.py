@@ -5,12 +5,35 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin
 
-__all__ = ["a1111_parameters", "check_writable_dir", "next_free_path", "save_png"]
+__all__ = ["a1111_parameters", "atomic_write", "check_writable_dir", "next_free_path", "save_png"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write whole or not at all: ``write(file)`` into a temporary file in the same folder, then an
+    atomic rename. The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def a1111_parameters(prompt: str, negative: str | None, fields: dict[str, Any]) -> str:
@@ -23,20 +46,11 @@ def a1111_parameters(prompt: str, negative: str | None, fields: dict[str, Any]) 
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str, record: dict[str, Any]) -> Path:
-    """Write whole or not at all: a temporary file in the same folder, then an atomic rename."""
-    path = Path(path)
+    """A PNG with a 'parameters' text chunk and a 'stepdiff' JSON chunk, written atomically."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     info.add_text("stepdiff", json.dumps(record, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
 def check_writable_dir(path: Path, what: str) -> None:

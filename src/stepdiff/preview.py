@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+from .images import atomic_write
 
 __all__ = [
     "FITTED_TABLE_FILE",
@@ -76,9 +77,8 @@ class LatentRGBTable:
                 "source": self.source, "scaling_factor": self.scaling_factor}
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / FITTED_TABLE_FILE
-        _write_atomic(path, json.dumps(self.to_json(), indent=1).encode())
-        return path
+        data = json.dumps(self.to_json(), indent=1).encode()
+        return atomic_write(Path(folder) / FITTED_TABLE_FILE, lambda f: f.write(data))
 
     @classmethod
     def load(cls, path: str | Path) -> LatentRGBTable:
@@ -173,27 +173,9 @@ def contact_sheet(frames: Sequence[tuple[int, Image.Image]], columns: int = 8, s
     return sheet
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_image_atomic(image: Image.Image, path: Path, **kwargs: Any) -> None:
     fmt = {".gif": "GIF", ".webp": "WEBP", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
 
 
 def _check_output_file(name: str, path: Path | None, suffixes: tuple[str, ...]) -> Path | None:

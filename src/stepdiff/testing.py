@@ -118,7 +118,7 @@ def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True, layers: 
     transformer = SD3Transformer2DModel(
         sample_size=sample_size, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=head_dim,
         num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        caption_projection_dim=4 * head_dim, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
     )
     text_encoder = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))
