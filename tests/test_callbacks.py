@@ -324,3 +324,19 @@ def test_dpm_sde_variant_runs(sd_pipe):
     )
     out = run(sd_pipe, output_type="np")
     assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_replaced_conditioning_reaches_the_next_model_call(pipe, count_calls):
+    """The loop reuses its [uncond; cond] batch between steps; a callback's replacement must still land."""
+    calls = count_calls(pipe)
+
+    def swap(p, i, t, kw):
+        if i == 1:
+            return {"negative_prompt_embeds": torch.zeros_like(kw["negative_prompt_embeds"])}
+        return kw
+
+    run(pipe, negative_prompt="a dog", guidance_scale=6.0, callback_on_step_end=swap,
+        callback_on_step_end_tensor_inputs=["negative_prompt_embeds"])
+    assert torch.equal(calls.hidden[1], calls.hidden[0])  # unchanged conditioning is reused as is
+    assert calls.hidden[1][:1].abs().sum() > 0 and torch.count_nonzero(calls.hidden[2][:1]) == 0
+    assert torch.equal(calls.hidden[2][1:], calls.hidden[0][1:])  # conditional rows untouched

@@ -107,6 +107,9 @@ def denoise(
     ``guidance_scale`` and ``should_stop`` are read before every model call, so a callback or another
     thread can change guidance or stop the run between any two steps.
     """
+    # [uncond; cond] conditioning, built once; kept with the tensors it was built from (references, so
+    # their identity stays meaningful) and rebuilt only when a callback has replaced one of them.
+    batched: tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]] | None = None
     for i, t in enumerate(timesteps):
         if should_stop():
             return
@@ -115,7 +118,10 @@ def denoise(
         x_in = scheduler.scale_model_input(state.latents, t) if hasattr(scheduler, "scale_model_input") else state.latents
         if g > 1.0:  # guidance decided before the model call: uncond rows only when they are used
             model_in = torch.cat([x_in, x_in])
-            conditioning = {k: torch.cat([state.uncond[k], state.cond[k]]) for k in state.cond}
+            sources = tuple(v for k in state.cond for v in (state.uncond[k], state.cond[k]))
+            if batched is None or len(batched[0]) != len(sources) or any(a is not b for a, b in zip(batched[0], sources)):
+                batched = (sources, {k: torch.cat([state.uncond[k], state.cond[k]]) for k in state.cond})
+            conditioning = batched[1]
         else:
             model_in, conditioning = x_in, state.cond
         output = model(model_in, t, conditioning)
