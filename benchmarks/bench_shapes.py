@@ -95,10 +95,10 @@ def convergence(args) -> None:
     full = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, batch=1, desc="full")
     rows = [("full run", "25.0", "0%", f"{full['all']:.1%}", "")]
     for tol in args.tolerances:
-        cb = StopOnConvergence(tolerance=tol, patience=2)
+        cb = StopOnConvergence(tolerance=tol, patience=args.patience)
         r = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, batch=1, callback=cb, desc=f"tol={tol:g}")
         saved = 1 - r["mean_steps"] / 25
-        rows.append((f"StopOnConvergence(tolerance={tol:g}, patience=2)", f"{r['mean_steps']:.1f}", f"{saved:.0%}",
+        rows.append((f"StopOnConvergence(tolerance={tol:g}, patience={args.patience})", f"{r['mean_steps']:.1f}", f"{saved:.0%}",
                      f"{r['all']:.1%}", f"{(r['all'] - full['all']) * 100:+.1f} pts"))
     print(f"guidance {args.guidance}, 25 steps, {args.seeds * 24} held-out pairs, one image per call\n")
     print(table(rows, ("setting", "mean steps", "steps saved", "all three", "vs full")))
@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=9, help="seeds per held-out combination (24 combinations)")
     parser.add_argument("--schedulers", nargs="+",
                         default=["euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "ddim", "heun"])
-    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.02, 0.05])
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.04, 0.05])
+    parser.add_argument("--patience", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)
     {"speed": speed, "schedulers": schedulers, "convergence": convergence}[args.what](args)
