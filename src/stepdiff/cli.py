@@ -220,11 +220,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         callbacks.append(preview)
 
     pipe, folder = _load(args)
-    unknown, known = unknown_words(pipe.tokenizer, args.prompt, _model_info(folder).get("vocabulary"))
+    info = _model_info(folder)
+    unknown, known = unknown_words(pipe.tokenizer, args.prompt, info.get("vocabulary"))
     if unknown:
         hint = f"; it knows: {', '.join(known)}" if known else ""
         print(f"stepdiff: warning: the model does not know {', '.join(unknown)}{hint}", file=sys.stderr)
-    guidance = args.guidance if args.guidance is not None else _default_guidance(folder)
+    guidance = args.guidance if args.guidance is not None else _default_guidance(info)
     kwargs = {}
     if args.size is not None:
         kwargs["width"], kwargs["height"] = args.size
@@ -270,13 +271,13 @@ def cmd_fit_preview(args: argparse.Namespace) -> int:
     from .preview import builtin_tables, fit_latent_rgb, images_to_tensor, preview_psnr
 
     StepDiffPipeline._check_folder(args.model)
+    pipe = _from_pretrained(args.model)
     if args.images is not None:
         from PIL import Image
 
         files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         if not files:
             raise FileNotFoundError(f"--images {str(args.images)!r} holds no .png/.jpg/.webp images")
-        pipe = _from_pretrained(args.model)
         size = pipe.default_size()
         images = images_to_tensor([Image.open(p).convert("RGB").resize((size, size)) for p in files])
     else:
@@ -284,7 +285,6 @@ def cmd_fit_preview(args: argparse.Namespace) -> int:
 
         from .shapes.dataset import all_combos, sample_batch
 
-        pipe = _from_pretrained(args.model)
         images = images_to_tensor(sample_batch(np.random.default_rng(0), args.count, all_combos())[0])
     fit_on, held_out = images[: len(images) * 3 // 4], images[len(images) * 3 // 4 :]
     table = fit_latent_rgb(pipe.vae, fit_on, name=f"fitted:{Path(args.model).name}")
@@ -329,9 +329,9 @@ def _model_info(folder: Path) -> dict:
     return json.loads(info.read_text()) if info.is_file() else {}
 
 
-def _default_guidance(folder: Path) -> float:
-    """The guidance the model folder recommends; otherwise 7.5, as the convention has it."""
-    return float(_model_info(folder).get("guidance_scale", 7.5))
+def _default_guidance(info: dict) -> float:
+    """The guidance the model folder recommends (its stepdiff.json); otherwise 7.5, as the convention has it."""
+    return float(info.get("guidance_scale", 7.5))
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
@@ -339,7 +339,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
     _check_common(args)
     pipe, folder = _load(args)
-    default = _default_guidance(folder)
+    default = _default_guidance(_model_info(folder))
     guidances = args.guidance if args.guidance is not None else sorted({1.0, default})
     rows = evaluate_table(pipe, guidances=guidances, default_guidance=default, cutoffs=args.cfg_cutoff,
                           steps=args.steps, seeds_per_combo=args.seeds_per_combo, batch=args.batch)

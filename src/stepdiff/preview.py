@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .images import atomic_write
+from .images import atomic_write, check_writable_dir
 
 __all__ = [
     "FITTED_TABLE_FILE",
@@ -184,11 +184,7 @@ def _check_output_file(name: str, path: Path | None, suffixes: tuple[str, ...]) 
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"{name} must end in one of {suffixes}, got {str(path)!r}")
-    parent = path.parent.resolve()
-    if not parent.is_dir():
-        raise FileNotFoundError(f"{name}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"{name}: folder {str(parent)!r} is not writable")
+    check_writable_dir(path.parent.resolve(), name)
     return path
 
 
