@@ -97,6 +97,8 @@ def schedulers(args) -> None:
 
 def convergence(args) -> None:
     pipe, _ = _pipes(args.model or stepdiff.default_model())
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     full = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, batch=1, desc="full")
     rows = [("full run", "25.0", "0%", f"{full['all']:.1%}", "")]
     for tol in args.tolerances:
@@ -105,7 +107,8 @@ def convergence(args) -> None:
         saved = 1 - r["mean_steps"] / 25
         rows.append((f"StopOnConvergence(tolerance={tol:g}, patience={args.patience})", f"{r['mean_steps']:.1f}", f"{saved:.0%}",
                      f"{r['all']:.1%}", f"{(r['all'] - full['all']) * 100:+.1f} pts"))
-    print(f"guidance {args.guidance}, 25 steps, {args.seeds * 24} held-out pairs, one image per call\n")
+    print(f"{type(pipe.scheduler).__name__}, guidance {args.guidance}, 25 steps, {args.seeds * 24} held-out pairs, "
+          "one image per call\n")
     print(table(rows, ("setting", "mean steps", "steps saved", "all three", "vs full")))
 
 
@@ -120,6 +123,7 @@ def main() -> None:
                         default=["euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "ddim", "heun"])
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.04, 0.05])
     parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--scheduler", default=None, help="convergence: scheduler name or alias (default: the model's)")
     parser.add_argument("--cli-python", default=sys.executable, help="interpreter that runs the CLI for start-up timing")
     args = parser.parse_args()
     torch.set_num_threads(2)
