@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call.
+def time_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call, one sample per contender per round.
 
     The contenders alternate so machine drift hits them alike, and the order rotates every round so
     that no contender always runs first (or always right after the same other one).
@@ -23,7 +23,54 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
             start = time.perf_counter()
             fns[name]()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call (see ``time_rounds``)."""
+    return {name: statistics.median(s) for name, s in time_rounds(fns, repeats, warmup).items()}
+
+
+def paired_ratio(rounds: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a's time / b's time in the same round.
+
+    On a machine whose speed drifts (this one's drifts by up to 20% within minutes), pairing the two
+    runs of one round cancels the drift that a ratio of two medians keeps.
+    """
+    return statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
+
+
+class ModelClock:
+    """Splits a pipeline call's time into the model's forward calls and everything else.
+
+    The rest (prompt encoding, scheduler, guidance, callbacks, decoding) is what the pipeline code
+    itself decides, so comparing it between two pipelines isolates their own overhead.
+    """
+
+    def __init__(self, module) -> None:
+        self.inside = 0.0
+        self.outside: list[float] = []
+        self._started = 0.0
+        module.register_forward_pre_hook(self._before)
+        module.register_forward_hook(self._after)
+
+    def _before(self, mod, args) -> None:
+        self._started = time.perf_counter()
+
+    def _after(self, mod, args, output) -> None:
+        self.inside += time.perf_counter() - self._started
+
+    def wrap(self, call: Callable[[], object]) -> Callable[[], None]:
+        """``call``, recording the seconds it spends outside the model."""
+        def run() -> None:
+            self.inside = 0.0
+            start = time.perf_counter()
+            call()
+            self.outside.append(time.perf_counter() - start - self.inside)
+        return run
+
+    def median_outside(self) -> float:
+        return statistics.median(self.outside)
 
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:

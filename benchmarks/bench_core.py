@@ -18,7 +18,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, os.path.dirname(__file__))
@@ -27,24 +26,8 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import table, time_interleaved
+from _common import ModelClock, paired_ratio, table, time_rounds
 from stepdiff.testing import make_tiny_sdxl
-
-
-def _clock(module: torch.nn.Module) -> list[float]:
-    """A one-item list that accumulates the seconds spent in ``module``'s forward calls."""
-    total = [0.0]
-    started = [0.0]
-
-    def before(mod, args):
-        started[0] = time.perf_counter()
-
-    def after(mod, args, output):
-        total[0] += time.perf_counter() - started[0]
-
-    module.register_forward_pre_hook(before)
-    module.register_forward_hook(after)
-    return total
 
 
 def main() -> None:
@@ -71,20 +54,12 @@ def main() -> None:
     def noop(pipe, i, t, kw):
         return kw
 
-    # Seconds spent inside the UNet, per pipeline: the rest of a call (encoding, scheduler, guidance,
-    # callbacks, decoding) is the part that the pipeline code itself decides.
-    in_unet = {id(p): _clock(p.unet) for p in (ours, theirs)}
-    outside: dict[int, list[float]] = {id(p): [] for p in (ours, theirs)}
+    clocks = {id(p): ModelClock(p.unet) for p in (ours, theirs)}
 
     def run(pipe, **extra):
         def call():
-            clock = in_unet[id(pipe)]
-            clock[0] = 0.0
-            start = time.perf_counter()
             pipe(**kwargs, generator=torch.Generator().manual_seed(0), **extra)
-            if not extra:
-                outside[id(pipe)].append(time.perf_counter() - start - clock[0])
-        return call
+        return call if extra else clocks[id(pipe)].wrap(call)
 
     every_ours = list(stepdiff.StableDiffusionXLPipeline._callback_tensor_inputs)
     every_theirs = list(diffusers.StableDiffusionXLPipeline._callback_tensor_inputs)
@@ -100,15 +75,17 @@ def main() -> None:
             cutoff_step_ratio=0.4))
         contenders["diffusers+cutoff0.4"] = run(
             theirs, callback_on_step_end=diffusers.callbacks.SDXLCFGCutoffCallback(cutoff_step_ratio=0.4))
-    t = time_interleaved(contenders, repeats=args.repeats)
+    rounds = time_rounds(contenders, repeats=args.repeats)
+    t = {name: statistics.median(s) for name, s in rounds.items()}
     rows_cut = 2 * (int(args.steps * 0.4) + 1) + (args.steps - int(args.steps * 0.4) - 1)
     print(f"tiny SDXL, UNet {params:.1f}M params, {size}x{size} output ({args.latent}x{args.latent} latents), "
           f"{args.steps} steps, median of {args.repeats}, torch threads 2\n")
     print(table([(name, f"{sec:.3f}") for name, sec in t.items()], ("run", "median s")))
     print()
-    out_ours, out_theirs = (statistics.median(outside[id(p)]) for p in (ours, theirs))
+    out_ours, out_theirs = (clocks[id(p)].median_outside() for p in (ours, theirs))
     rows = [
         ("(a) stepdiff / diffusers, no callback", f"{t['stepdiff'] / t['diffusers']:.3f}", "<= 1.00"),
+        ("    median of the per-round ratios", f"{paired_ratio(rounds, 'stepdiff', 'diffusers'):.3f}", ""),
         ("    seconds outside the UNet per call, stepdiff / diffusers",
          f"{out_ours:.3f} / {out_theirs:.3f} = {out_ours / out_theirs:.2f}", ""),
     ]
