@@ -76,6 +76,8 @@ def test_unknown_words_warning(run_cli, sd_folder, tmp_path):
     (["--output", "/nonexistent-dir/x.png"], "folder '/nonexistent-dir' does not exist"),
     (["--num-images", "0"], "--num-images must be >= 1"),
     (["--guidance", "nan"], "--guidance must be a number >= 0"),
+    (["--stop-on-convergence", "-0.1"], "--stop-on-convergence must be a number > 0, got -0.1"),
+    (["--stop-on-convergence", "--patience", "0"], "--patience must be >= 1, got 0"),
 ])
 def test_bad_flags(run_cli, sd_folder, args, message):
     code, out, err = run_cli("generate", "a cat", "--model", sd_folder, *args)

@@ -64,3 +64,16 @@ def test_cli_size_too_small_for_model(capsys):
     assert main(["generate", "a red circle", "--size", "8x8"]) == 2
     err = capsys.readouterr().err
     assert "height must be an int >= 16, got 8" in err and len(err.strip().splitlines()) == 1
+
+
+def test_convergence_stop_with_euler_keeps_the_picture(tmp_path, capsys):
+    """The README's recipe: Euler + StopOnConvergence() ends early, says why, and still draws the prompt."""
+    out = tmp_path / "c.png"
+    assert main(["generate", "a red circle on a blue background", "--scheduler", "euler", "--steps", "25",
+                 "--stop-on-convergence", "--output", str(out)]) == 0
+    image = Image.open(out)
+    meta = json.loads(image.text["stepdiff"])
+    assert meta["interrupted"] is True and meta["steps_completed"] < 25
+    assert meta["stop_reason"] == "converged: x0 changed < 0.05 for 3 steps"
+    verdict = judge(image)
+    assert (verdict.color, verdict.shape, verdict.background) == ("red", "circle", "blue")

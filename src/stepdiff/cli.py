@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="turn guidance off after this fraction of the steps (saves compute)")
     cut.add_argument("--cfg-cutoff-step", type=int, default=None, metavar="N", help="turn guidance off after step N")
     g.add_argument("--stop-at", type=int, default=None, metavar="N", help="stop after step N (early stop)")
+    g.add_argument("--stop-on-convergence", type=float, nargs="?", const=0.05, default=None, metavar="TOL",
+                   help="stop once the x0 estimate changes by less than TOL (default 0.05) for --patience steps; "
+                        "pair it with --scheduler euler (DDIM's estimate keeps drifting)")
+    g.add_argument("--patience", type=int, default=3, metavar="N", help="steps for --stop-on-convergence (default 3)")
     g.add_argument("--verbose", action="store_true", help="print the run record (steps, model calls, rows, time)")
     pv = g.add_argument_group("previews of intermediate steps")
     pv.add_argument("--preview-dir", type=Path, default=None, help="write a preview PNG per step here ({step}.png)")
@@ -164,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .callbacks import CFGCutoffCallback
+    from .callbacks import CFGCutoffCallback, StopOnConvergence
     from .control import CancelToken
     from .images import a1111_parameters, check_writable_dir, next_free_path, save_png
     from .schedulers import display_name
@@ -189,6 +193,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         callbacks.append(CFGCutoffCallback(cutoff_step_ratio=args.cfg_cutoff))
     if args.cfg_cutoff_step is not None:
         callbacks.append(CFGCutoffCallback(cutoff_step_index=args.cfg_cutoff_step))
+    if args.stop_on_convergence is not None:
+        if not 0.0 < args.stop_on_convergence < float("inf"):
+            raise ValueError(f"--stop-on-convergence must be a number > 0, got {args.stop_on_convergence}")
+        if args.patience < 1:
+            raise ValueError(f"--patience must be >= 1, got {args.patience}")
+        callbacks.append(StopOnConvergence(tolerance=args.stop_on_convergence, patience=args.patience))
     if args.output is not None:
         check_writable_dir(args.output.parent.resolve(), "--output")
         if args.output.is_dir():
