@@ -29,6 +29,8 @@ import stepdiff
 from _common import ModelClock, paired_ratio, table, time_rounds
 from stepdiff.testing import make_tiny_sdxl
 
+SHARED = "stepdiff on diffusers' modules"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,12 +61,16 @@ def main() -> None:
     def run(pipe, **extra):
         def call():
             pipe(**kwargs, generator=torch.Generator().manual_seed(0), **extra)
-        return call if extra else clocks[id(pipe)].wrap(call)
+        return clocks[id(pipe)].wrap(call) if id(pipe) in clocks and not extra else call
 
     every_ours = list(stepdiff.StableDiffusionXLPipeline._callback_tensor_inputs)
     every_theirs = list(diffusers.StableDiffusionXLPipeline._callback_tensor_inputs)
     only = set(args.only.split(","))
     contenders = {"diffusers": run(theirs), "stepdiff": run(ours)}
+    if "a" in only:  # control: stepdiff's pipeline code driving diffusers' own module objects
+        shared = stepdiff.StableDiffusionXLPipeline(**theirs.components)
+        shared.set_progress_bar_config(disable=True)
+        contenders[SHARED] = run(shared)
     if "b" in only:
         contenders["stepdiff+noop(all inputs)"] = run(
             ours, callback_on_step_end=noop, callback_on_step_end_tensor_inputs=every_ours)
@@ -89,6 +95,9 @@ def main() -> None:
         ("    seconds outside the UNet per call, stepdiff / diffusers",
          f"{out_ours:.3f} / {out_theirs:.3f} = {out_ours / out_theirs:.2f}", ""),
     ]
+    if "a" in only:
+        rows.append(("    control: stepdiff on diffusers' own modules / diffusers",
+                     f"{t[SHARED] / t['diffusers']:.3f} (per-round {paired_ratio(rounds, SHARED, 'diffusers'):.3f})", ""))
     if "b" in only:
         rows += [
             ("(b) no-op callback, every tensor input: stepdiff overhead",
