@@ -26,9 +26,14 @@ def time_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     return samples
 
 
+def medians(rounds: dict[str, list[float]]) -> dict[str, float]:
+    """Median seconds per contender."""
+    return {name: statistics.median(s) for name, s in rounds.items()}
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call (see ``time_rounds``)."""
-    return {name: statistics.median(s) for name, s in time_rounds(fns, repeats, warmup).items()}
+    return medians(time_rounds(fns, repeats, warmup))
 
 
 def paired_ratio(rounds: dict[str, list[float]], a: str, b: str) -> float:

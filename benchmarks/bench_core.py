@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 
@@ -26,7 +25,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import ModelClock, paired_ratio, table, time_rounds
+from _common import ModelClock, medians, paired_ratio, table, time_rounds
 from stepdiff.testing import make_tiny_sdxl
 
 SHARED = "stepdiff on diffusers' modules"
@@ -82,7 +81,7 @@ def main() -> None:
         contenders["diffusers+cutoff0.4"] = run(
             theirs, callback_on_step_end=diffusers.callbacks.SDXLCFGCutoffCallback(cutoff_step_ratio=0.4))
     rounds = time_rounds(contenders, repeats=args.repeats)
-    t = {name: statistics.median(s) for name, s in rounds.items()}
+    t = medians(rounds)
     rows_cut = 2 * (int(args.steps * 0.4) + 1) + (args.steps - int(args.steps * 0.4) - 1)
     print(f"tiny SDXL, UNet {params:.1f}M params, {size}x{size} output ({args.latent}x{args.latent} latents), "
           f"{args.steps} steps, median of {args.repeats}, torch threads 2\n")

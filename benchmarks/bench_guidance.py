@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 
@@ -23,7 +22,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import ModelClock, paired_ratio, table, time_interleaved, time_rounds
+from _common import ModelClock, medians, paired_ratio, table, time_interleaved, time_rounds
 from stepdiff.callbacks import CFGCutoffCallback, GuidanceIntervalCallback, GuidanceScheduleCallback, linear_ramp
 from stepdiff.testing import make_tiny_sd3, make_tiny_sdxl
 
@@ -74,7 +73,7 @@ def sd3(args) -> None:
                                             generator=torch.Generator().manual_seed(0), output_type="np"))
 
     rounds = time_rounds({"diffusers": run(theirs), "stepdiff": run(ours)}, repeats=args.repeats)
-    t = {name: statistics.median(s) for name, s in rounds.items()}
+    t = medians(rounds)
     out_ours, out_theirs = (clocks[id(p)].median_outside() for p in (ours, theirs))
     params = sum(p.numel() for p in ours.transformer.parameters()) / 1e6
     print(f"\ntiny SD3 (transformer {params:.1f}M, with T5), {args.steps} steps, guidance 7.0, median of {args.repeats}\n")

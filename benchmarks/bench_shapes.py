@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import ModelClock, paired_ratio, table, time_rounds
+from _common import ModelClock, medians, paired_ratio, table, time_rounds
 from stepdiff.callbacks import StopOnConvergence
 from stepdiff.schedulers import make_scheduler
 from stepdiff.shapes.evaluate import evaluate
@@ -58,7 +57,7 @@ def speed(args) -> None:
             lambda: p(PROMPT, num_inference_steps=25, guidance_scale=guidance, generator=torch.Generator().manual_seed(0)))
 
     rounds = time_rounds({"diffusers": run(theirs), "stepdiff": run(ours)}, repeats=args.repeats)
-    t = {name: statistics.median(s) for name, s in rounds.items()}
+    t = medians(rounds)
     out_ours, out_theirs = (clocks[id(p)].median_outside() for p in (ours, theirs))
     startup = []
     for _ in range(5):
