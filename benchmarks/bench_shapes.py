@@ -5,8 +5,8 @@
     python benchmarks/bench_shapes.py convergence  # StopOnConvergence: steps saved vs adherence lost
 
 CLI start-up is measured with `--cli-python` (default: this interpreter). Run it with the python of a
-fresh environment made by the README's quick start to see what a newcomer gets: optional packages
-that a dev machine may carry (scipy, for one) are imported by transformers when present.
+fresh environment made by the README's quick start to see what a newcomer gets: transformers imports
+whatever optional packages a dev machine happens to carry.
 
 Adherence is judged from pixels on the held-out (prompt, seed) pairs (`stepdiff eval-shapes`).
 """
