@@ -59,7 +59,7 @@ def test_latent_output_matches_diffusers(family, sd_folder, sdxl_folder):
         p.scheduler = diffusers.EulerDiscreteScheduler.from_config(p.scheduler.config)
     a = ours("a cat", num_inference_steps=5, output_type="latent", generator=gen(1)).images
     b = theirs("a cat", num_inference_steps=5, output_type="latent", generator=gen(1)).images
-    assert torch.allclose(a, b, atol=1e-5)
+    assert (a - b).abs().max() <= 1e-4  # the parity tolerance; latents here reach |20|
 
 
 def test_v_prediction_matches_diffusers(sd_v_folder):
