@@ -3,7 +3,6 @@
 import diffusers
 import numpy as np
 import pytest
-import torch
 
 import stepdiff
 from stepdiff.callbacks import SDXLCFGCutoffCallback

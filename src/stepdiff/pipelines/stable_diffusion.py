@@ -67,8 +67,10 @@ class StableDiffusionPipeline(StepDiffPipeline):
         prompt_embeds, negative_prompt_embeds, clip_skip,
     ) -> Conditioning:
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
-        if prompt_embeds is None:
-            prompt_embeds = self._embed(prompt, device, clip_skip)
+        if prompt_embeds is None and negative_prompt_embeds is None:
+            # Prompts and negatives in one encoder call (the same lengths and clip_skip for both).
+            negative = negative_prompt if negative_prompt is not None else [""] * len(prompt)
+            prompt_embeds, negative_prompt_embeds = self._embed(prompt + negative, device, clip_skip).split(len(prompt))
         batch = prompt_embeds.shape[0]
         if negative_prompt_embeds is None:
             negative = negative_prompt if negative_prompt is not None else [""] * batch

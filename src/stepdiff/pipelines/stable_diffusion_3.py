@@ -120,6 +120,15 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
         negative_prompt_2, negative_prompt_3, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
         negative_pooled_prompt_embeds, clip_skip, max_sequence_length,
     ) -> Conditioning:
+        if prompt_embeds is None and negative_prompt_embeds is None and clip_skip is None:
+            # Prompts and negatives through each encoder in one call (negatives never use clip_skip).
+            neg = negative_prompt if negative_prompt is not None else [""] * len(prompt)
+            both, pooled = self._embed(
+                prompt + neg, (prompt_2 or prompt) + (negative_prompt_2 or neg),
+                (prompt_3 or prompt) + (negative_prompt_3 or neg), device, None, max_sequence_length,
+            )
+            prompt_embeds, negative_prompt_embeds = both.split(len(prompt))
+            pooled_prompt_embeds, negative_pooled_prompt_embeds = pooled.split(len(prompt))
         if prompt_embeds is None:
             prompt_embeds, pooled_prompt_embeds = self._embed(
                 prompt, prompt_2 or prompt, prompt_3 or prompt, device, clip_skip, max_sequence_length

@@ -100,11 +100,18 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
         negative_pooled_prompt_embeds, original_size, crops_coords_top_left, target_size,
         negative_original_size, negative_crops_coords_top_left, negative_target_size, clip_skip,
     ) -> Conditioning:
+        zeros_for_negative = negative_prompt is None and self.config.force_zeros_for_empty_prompt
+        if prompt_embeds is None and negative_prompt_embeds is None and clip_skip is None and not zeros_for_negative:
+            # Prompts and negatives through each encoder in one call (negatives never use clip_skip).
+            neg = negative_prompt if negative_prompt is not None else [""] * len(prompt)
+            both, pooled = self._embed(prompt + neg, (prompt_2 or prompt) + (negative_prompt_2 or neg), device, None)
+            prompt_embeds, negative_prompt_embeds = both.split(len(prompt))
+            pooled_prompt_embeds, negative_pooled_prompt_embeds = pooled.split(len(prompt))
         if prompt_embeds is None:
             prompt_embeds, pooled_prompt_embeds = self._embed(prompt, prompt_2 or prompt, device, clip_skip)
         batch = prompt_embeds.shape[0]
         if negative_prompt_embeds is None:
-            if negative_prompt is None and self.config.force_zeros_for_empty_prompt:
+            if zeros_for_negative:
                 negative_prompt_embeds = torch.zeros_like(prompt_embeds)
                 negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
             else:
