@@ -22,10 +22,8 @@ with quiet_transformers():
 
 __all__ = ["LoopState", "ModelFn", "denoise", "estimate_x0", "scheduler_step_kwargs"]
 
-# model(latent_input, timestep, conditioning, guided) -> model output, same rows as latent_input.
-# guided: latent_input is [x; x] with the unconditional half first (a model may compute what the
-# halves share once, see stepdiff.sharing).
-ModelFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], bool], torch.Tensor]
+# model(latent_input, timestep, conditioning) -> model output, same rows as latent_input
+ModelFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -126,7 +124,7 @@ def denoise(
             conditioning = batched[1]
         else:
             model_in, conditioning = x_in, state.cond
-        output = model(model_in, t, conditioning, g > 1.0)
+        output = model(model_in, t, conditioning)
         state.model_calls += 1
         state.model_rows += model_in.shape[0]
         state.rows_per_step.append(model_in.shape[0])

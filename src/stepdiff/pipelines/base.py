@@ -2,7 +2,7 @@
 
 A family subclass supplies only what differs:
 - ``encode(...)``: prompts -> conditional and unconditional conditioning (dicts of tensors);
-- ``predict(latent_input, timestep, conditioning, guided)``: one model call;
+- ``predict(latent_input, timestep, conditioning)``: one model call;
 - ``_callback_names``: which callback tensor name is which conditioning tensor;
 - ``decode_latents(latents)``: latents -> image tensor in [-1, 1].
 """
@@ -16,7 +16,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,7 +34,6 @@ from ..callbacks import MultiPipelineCallbacks, adapt_classic
 from ..control import CancelToken
 from ..loop import LoopState, denoise, scheduler_step_kwargs
 from ..output import RunRecord, StepDiffPipelineOutput
-from ..sharing import shared_prefix
 
 __all__ = ["StepDiffPipeline"]
 
@@ -128,8 +126,6 @@ class StepDiffPipeline(DiffusionPipeline):
     _stop_reason: str | None = None
     _cancel: CancelToken | None = None
     _guidance_scale: float = 1.0
-    # On guided batches [x; x], run the UNet's text-independent prefix once (stepdiff.sharing).
-    share_guidance_prefix: bool = True
     _guidance_rescale: float = 0.0
     _num_timesteps: int = 0
     _timesteps: torch.Tensor | None = None
@@ -256,18 +252,8 @@ class StepDiffPipeline(DiffusionPipeline):
     def encode(self, **kwargs: Any) -> Conditioning:
         raise NotImplementedError
 
-    def predict(
-        self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, guided: bool = False
-    ) -> torch.Tensor:
-        """One model call. ``guided``: ``latent_input`` is ``[x; x]``, unconditional half first."""
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
         raise NotImplementedError
-
-    def shared_prefix(self, guided: bool):
-        """Context for a UNet call: on guided batches, compute the text-independent prefix once.
-
-        See ``stepdiff.sharing``; set ``share_guidance_prefix = False`` on a pipeline to turn it off.
-        """
-        return shared_prefix(self.unet) if guided and self.share_guidance_prefix else nullcontext()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_with_vae(self.vae, latents)

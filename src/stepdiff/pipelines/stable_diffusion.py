@@ -79,14 +79,11 @@ class StableDiffusionPipeline(StepDiffPipeline):
         uncond = repeat_rows(negative_prompt_embeds.to(device, dtype), num_images_per_prompt)
         return Conditioning(cond={"encoder_hidden_states": cond}, uncond={"encoder_hidden_states": uncond})
 
-    def predict(
-        self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, guided: bool = False
-    ) -> torch.Tensor:
-        with self.shared_prefix(guided):
-            return self.unet(
-                latent_input, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
-                cross_attention_kwargs=self._cross_attention_kwargs, return_dict=False,
-            )[0]
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        return self.unet(
+            latent_input, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
+            cross_attention_kwargs=self._cross_attention_kwargs, return_dict=False,
+        )[0]
 
     def __call__(
         self,

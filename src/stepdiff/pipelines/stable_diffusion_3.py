@@ -152,9 +152,7 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
             },
         )
 
-    def predict(
-        self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, guided: bool = False
-    ) -> torch.Tensor:
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
         return self.transformer(
             hidden_states=latent_input, timestep=timestep.expand(latent_input.shape[0]),
             encoder_hidden_states=conditioning["encoder_hidden_states"],

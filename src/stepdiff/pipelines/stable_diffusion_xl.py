@@ -151,9 +151,7 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
             },
         )
 
-    def predict(
-        self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, guided: bool = False
-    ) -> torch.Tensor:
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
         return self.unet(
             latent_input, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
             added_cond_kwargs={"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]},
