@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +44,27 @@ def paired_ratio(rounds: dict[str, list[float]], a: str, b: str) -> float:
     runs of one round cancels the drift that a ratio of two medians keeps.
     """
     return statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
+
+
+def ratio_interval(
+    rounds: dict[str, list[float]], a: str, b: str, level: float = 0.95, resamples: int = 2000
+) -> tuple[float, float]:
+    """Bootstrap interval of ``paired_ratio``: rounds resampled with replacement (fixed seed).
+
+    Two pipelines making identical model calls differ by less than this machine's noise; the
+    interval says how far apart a run's ratio could be from 1.00 by chance alone.
+    """
+    ratios = [x / y for x, y in zip(rounds[a], rounds[b])]
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1.0 - level) / 2
+    return meds[int(tail * resamples)], meds[min(resamples - 1, int((1.0 - tail) * resamples))]
+
+
+def describe_paired(rounds: dict[str, list[float]], a: str, b: str) -> str:
+    """The median per-round ratio with its 95% bootstrap interval, for a table cell."""
+    low, high = ratio_interval(rounds, a, b)
+    return f"{paired_ratio(rounds, a, b):.3f} (95% interval {low:.3f}-{high:.3f}, {len(rounds[a])} rounds)"
 
 
 class ModelClock:

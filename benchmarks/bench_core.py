@@ -25,7 +25,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import ModelClock, medians, paired_ratio, table, time_rounds
+from _common import ModelClock, describe_paired, medians, table, time_rounds
 from stepdiff.testing import make_tiny_sdxl
 
 SHARED = "stepdiff on diffusers' modules"
@@ -90,13 +90,13 @@ def main() -> None:
     out_ours, out_theirs = (clocks[id(p)].median_outside() for p in (ours, theirs))
     rows = [
         ("(a) stepdiff / diffusers, no callback", f"{t['stepdiff'] / t['diffusers']:.3f}", "<= 1.00"),
-        ("    median of the per-round ratios", f"{paired_ratio(rounds, 'stepdiff', 'diffusers'):.3f}", ""),
+        ("    median of the per-round ratios", describe_paired(rounds, 'stepdiff', 'diffusers'), ""),
         ("    seconds outside the UNet per call, stepdiff / diffusers",
          f"{out_ours:.3f} / {out_theirs:.3f} = {out_ours / out_theirs:.2f}", ""),
     ]
     if "a" in only:
         rows.append(("    control: stepdiff on diffusers' own modules / diffusers",
-                     f"{t[SHARED] / t['diffusers']:.3f} (per-round {paired_ratio(rounds, SHARED, 'diffusers'):.3f})", ""))
+                     f"{t[SHARED] / t['diffusers']:.3f} (per-round {describe_paired(rounds, SHARED, 'diffusers')})", ""))
     if "b" in only:
         rows += [
             ("(b) no-op callback, every tensor input: stepdiff overhead",

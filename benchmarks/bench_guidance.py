@@ -22,7 +22,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import ModelClock, medians, paired_ratio, table, time_interleaved, time_rounds
+from _common import ModelClock, describe_paired, medians, table, time_interleaved, time_rounds
 from stepdiff.callbacks import CFGCutoffCallback, GuidanceIntervalCallback, GuidanceScheduleCallback, linear_ramp
 from stepdiff.testing import make_tiny_sd3, make_tiny_sdxl
 
@@ -79,7 +79,7 @@ def sd3(args) -> None:
     print(f"\ntiny SD3 (transformer {params:.1f}M, with T5), {args.steps} steps, guidance 7.0, median of {args.repeats}\n")
     print(table([(k, f"{v:.3f}") for k, v in t.items()] + [
         ("stepdiff / diffusers", f"{t['stepdiff'] / t['diffusers']:.3f}"),
-        ("median of the per-round ratios", f"{paired_ratio(rounds, 'stepdiff', 'diffusers'):.3f}"),
+        ("median of the per-round ratios", describe_paired(rounds, 'stepdiff', 'diffusers')),
         ("seconds outside the transformer, stepdiff / diffusers",
          f"{out_ours:.3f} / {out_theirs:.3f} = {out_ours / out_theirs:.2f}"),
     ], ("run", "median s")))

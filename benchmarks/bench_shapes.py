@@ -28,7 +28,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import ModelClock, medians, paired_ratio, table, time_rounds
+from _common import ModelClock, describe_paired, medians, table, time_rounds
 from stepdiff.callbacks import StopOnConvergence
 from stepdiff.schedulers import make_scheduler
 from stepdiff.shapes.evaluate import evaluate
@@ -82,7 +82,7 @@ def speed(args) -> None:
         ("stepdiff", f"{t['stepdiff']:.3f}", "<= 1.5 s"),
         ("diffusers (same weights)", f"{t['diffusers']:.3f}", ""),
         ("stepdiff / diffusers", f"{t['stepdiff'] / t['diffusers']:.3f}", "<= 1.00"),
-        ("median of the per-round ratios", f"{paired_ratio(rounds, 'stepdiff', 'diffusers'):.3f}", ""),
+        ("median of the per-round ratios", describe_paired(rounds, 'stepdiff', 'diffusers'), ""),
         ("seconds outside the UNet, stepdiff / diffusers", f"{out_ours:.3f} / {out_theirs:.3f}", ""),
         ("CLI start-up to first step (median of 5)", f"{startup[2]:.2f}", "<= 5 s"),
     ], ("measure", "seconds", "goal")))
