@@ -126,6 +126,8 @@ class StepDiffPipeline(DiffusionPipeline):
     _stop_reason: str | None = None
     _cancel: CancelToken | None = None
     _guidance_scale: float = 1.0
+    # Run each model call under torch.inference_mode (see stepdiff.loop.denoise); False: plain no_grad.
+    inference_mode_model_calls: bool = True
     _guidance_rescale: float = 0.0
     _num_timesteps: int = 0
     _timesteps: torch.Tensor | None = None
@@ -222,6 +224,16 @@ class StepDiffPipeline(DiffusionPipeline):
         """
         self._stop_reason = reason
         self._interrupt = True
+
+    def _model_calls_in_inference_mode(self) -> bool:
+        """Model calls run under ``torch.inference_mode`` unless turned off or unsafe.
+
+        accelerate's offload hooks move weights inside the model call, and weights created in
+        inference mode could not be edited in place afterwards (LoRA fusing, training).
+        """
+        if not self.inference_mode_model_calls:
+            return False
+        return not any(hasattr(m, "_hf_hook") for m in self.denoiser.modules())
 
     def _should_stop(self) -> bool:
         if self._cancel is not None and self._cancel.cancelled:
@@ -484,6 +496,7 @@ class StepDiffPipeline(DiffusionPipeline):
             scheduler_step_kwargs(self.scheduler, generator, eta),
             should_stop=self._should_stop,
             guidance_scale=lambda: self._guidance_scale,
+            inference_mode=self._model_calls_in_inference_mode(),
         )
         with self.progress_bar(total=len(steps)) as bar:
             for state in loop:
