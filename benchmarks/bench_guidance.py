@@ -72,7 +72,9 @@ def sd3(args) -> None:
         return clocks[id(p)].wrap(lambda: p("a red car", num_inference_steps=args.steps, guidance_scale=7.0,
                                             generator=torch.Generator().manual_seed(0), output_type="np"))
 
-    rounds = time_rounds({"diffusers": run(theirs), "stepdiff": run(ours)}, repeats=args.repeats)
+    # The same diffusers pipeline again as a third contender: the noise floor of this run.
+    rounds = time_rounds({"diffusers": run(theirs), "stepdiff": run(ours), "diffusers again": run(theirs)},
+                         repeats=args.repeats)
     t = medians(rounds)
     out_ours, out_theirs = (clocks[id(p)].median_outside() for p in (ours, theirs))
     params = sum(p.numel() for p in ours.transformer.parameters()) / 1e6
@@ -80,6 +82,8 @@ def sd3(args) -> None:
     print(table([(k, f"{v:.3f}") for k, v in t.items()] + [
         ("stepdiff / diffusers", f"{t['stepdiff'] / t['diffusers']:.3f}"),
         ("median of the per-round ratios", describe_paired(rounds, 'stepdiff', 'diffusers')),
+        ("noise floor: diffusers again / diffusers", f"{t['diffusers again'] / t['diffusers']:.3f}"),
+        ("    median of the per-round ratios", describe_paired(rounds, 'diffusers again', 'diffusers')),
         ("seconds outside the transformer, stepdiff / diffusers",
          f"{out_ours:.3f} / {out_theirs:.3f} = {out_ours / out_theirs:.2f}"),
     ], ("run", "median s")))

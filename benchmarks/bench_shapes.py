@@ -56,7 +56,11 @@ def speed(args) -> None:
         return clocks[id(p)].wrap(
             lambda: p(PROMPT, num_inference_steps=25, guidance_scale=guidance, generator=torch.Generator().manual_seed(0)))
 
-    rounds = time_rounds({"diffusers": run(theirs), "stepdiff": run(ours)}, repeats=args.repeats)
+    # "diffusers again" runs the same diffusers pipeline as a third contender: its ratio to "diffusers"
+    # shows how far two runs of identical work land apart in this run (the noise floor).
+    again = run(theirs)
+    rounds = time_rounds({"diffusers": run(theirs), "stepdiff": run(ours), "diffusers again": again},
+                         repeats=args.repeats)
     t = medians(rounds)
     out_ours, out_theirs = (clocks[id(p)].median_outside() for p in (ours, theirs))
     startup = []
@@ -84,6 +88,8 @@ def speed(args) -> None:
         ("stepdiff / diffusers", f"{t['stepdiff'] / t['diffusers']:.3f}", "<= 1.00"),
         ("median of the per-round ratios", describe_paired(rounds, 'stepdiff', 'diffusers'), ""),
         ("seconds outside the UNet, stepdiff / diffusers", f"{out_ours:.3f} / {out_theirs:.3f}", ""),
+        ("noise floor: diffusers again / diffusers", f"{t['diffusers again'] / t['diffusers']:.3f}", ""),
+        ("    median of the per-round ratios", describe_paired(rounds, 'diffusers again', 'diffusers'), ""),
         ("CLI start-up to first step (median of 5)", f"{startup[2]:.2f}", "<= 5 s"),
     ], ("measure", "seconds", "goal")))
 
