@@ -7,6 +7,10 @@ import statistics
 import time
 from collections.abc import Callable
 
+# The tiny SD3 of the SD3 speed benchmarks (bench_guidance.py, bench_model_calls.py): big enough that the
+# transformer dominates a step. Arguments of stepdiff.testing.make_tiny_sd3.
+TINY_SD3 = {"layers": 4, "head_dim": 32, "sample_size": 32}
+
 
 def time_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call, one sample per contender per round.

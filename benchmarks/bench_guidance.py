@@ -22,7 +22,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import ModelClock, describe_paired, medians, table, time_interleaved, time_rounds
+from _common import TINY_SD3, ModelClock, describe_paired, medians, table, time_interleaved, time_rounds
 from stepdiff.callbacks import CFGCutoffCallback, GuidanceIntervalCallback, GuidanceScheduleCallback, linear_ramp
 from stepdiff.testing import make_tiny_sd3, make_tiny_sdxl
 
@@ -60,7 +60,7 @@ def schedules(args) -> None:
 
 def sd3(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_tiny_sd3(tmp, layers=4, head_dim=32, sample_size=32)
+        folder = make_tiny_sd3(tmp, **TINY_SD3)
         ours = stepdiff.StableDiffusion3Pipeline.from_pretrained(folder)
         theirs = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
     for p in (ours, theirs):

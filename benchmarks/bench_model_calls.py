@@ -23,7 +23,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import describe_paired, medians, table, time_rounds
+from _common import TINY_SD3, describe_paired, medians, table, time_rounds
 from stepdiff.testing import make_tiny_sd3
 
 
@@ -69,7 +69,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         sd3 = stepdiff.StableDiffusion3Pipeline.from_pretrained(
-            make_tiny_sd3(tmp, layers=4, head_dim=32, sample_size=32))
+            make_tiny_sd3(tmp, **TINY_SD3))
     sd3.set_progress_bar_config(disable=True)
     inputs = captured_call(sd3, sd3.transformer, prompt="a red car", guidance_scale=7.0)
     rows.append(ab("tiny SD3 transformer, guided batch of 2", sd3.transformer, inputs, args.repeats))
