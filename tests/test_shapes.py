@@ -57,7 +57,7 @@ def test_judge_reports_missing_shape():
 
 def test_smoke_training_and_resume(tmp_path):
     import stepdiff
-    from stepdiff.shapes.train import TrainConfig, train
+    from tools.train_shapes import TrainConfig, train
 
     cfg = TrainConfig().smoke_version()
     model = train(cfg, tmp_path)
@@ -82,3 +82,18 @@ def test_unknown_words(prompt, unknown):
 
     found, known = unknown_words(None, prompt, list(VOCABULARY))
     assert found == unknown and "circle" in known
+
+
+def test_publish_never_replaces_a_folder_unasked(tmp_path):
+    from tools.publish_shapes import publish
+
+    with pytest.raises(FileNotFoundError, match="run="):
+        publish(tmp_path / "no-run", tmp_path / "dest", 7.5, "ddim")
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "model_index.json").write_text("{}")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="dest=.*overwrite"):
+        publish(tmp_path / "run", dest, 7.5, "ddim")
+    assert (dest / "keep.txt").read_text() == "mine"

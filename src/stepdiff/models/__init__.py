@@ -15,6 +15,6 @@ def default_model() -> Path:
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the shipped model is missing from {folder}; reinstall stepdiff, or pass a model folder "
-            "(train one with: python -m stepdiff.shapes.train --out DIR)"
+            "(train one with: python -m tools.train_shapes --out DIR, in a source checkout)"
         )
     return folder

@@ -1,7 +1,7 @@
 """The README's pictures, from the shipped model: a grid of outputs with prompts, and contact sheets
 of one generation previewed from the x0 estimate and from the noisy latents.
 
-    python benchmarks/make_figures.py [--out docs/images]
+    python tools/make_figures.py [--out docs/images]
 """
 
 from __future__ import annotations

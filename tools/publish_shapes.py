@@ -1,6 +1,9 @@
 """Copy a trained run's model into the package as the shipped default model.
 
-    python -m stepdiff.shapes.publish runs/shapes --guidance 7.5 --scheduler unipc
+    python -m tools.publish_shapes runs/shapes --dest src/stepdiff/models/shapes-v1 --scheduler ddim [--overwrite]
+
+``--dest`` is required and an existing folder is replaced only with ``--overwrite``, so a slip never
+wipes the installed package's model.
 
 Writes the standard folder plus stepdiff.json (recommended guidance, training vocabulary, training
 settings and wall time), with the chosen default scheduler, and fits the preview table
@@ -16,18 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import DEFAULT_MODEL_NAME
-from ..preview import fit_latent_rgb, images_to_tensor
-from ..schedulers import make_scheduler
-from .dataset import VOCABULARY, all_combos, sample_batch
+from stepdiff.preview import fit_latent_rgb, images_to_tensor
+from stepdiff.schedulers import make_scheduler
+from stepdiff.shapes.dataset import VOCABULARY, all_combos, sample_batch
 
 __all__ = ["publish"]
 
 
-def publish(run: Path, dest: Path, guidance: float, scheduler: str, karras: bool = False) -> Path:
-    from ..pipelines import StableDiffusionPipeline
+def publish(run: Path, dest: Path, guidance: float, scheduler: str, karras: bool = False, overwrite: bool = False) -> Path:
+    from stepdiff.pipelines import StableDiffusionPipeline
 
+    if not (run / "model" / "model_index.json").is_file():
+        raise FileNotFoundError(f"run={str(run)!r} has no finished model/ folder; train it first")
     if dest.exists():
+        if not overwrite:
+            raise FileExistsError(f"dest={str(dest)!r} already exists; pass overwrite=True (--overwrite) to replace it")
         shutil.rmtree(dest)
     shutil.copytree(run / "model", dest)
     pipe = StableDiffusionPipeline.from_pretrained(dest)
@@ -43,9 +49,9 @@ def publish(run: Path, dest: Path, guidance: float, scheduler: str, karras: bool
     index["scheduler"] = ["diffusers", type(pipe.scheduler).__name__]
     (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     images = images_to_tensor(sample_batch(np.random.default_rng(7), 512, all_combos())[0])
-    fit_latent_rgb(pipe.vae, images, name=f"fitted:{DEFAULT_MODEL_NAME}").save(dest)
+    fit_latent_rgb(pipe.vae, images, name=f"fitted:{dest.name}").save(dest)
     info = {
-        "name": DEFAULT_MODEL_NAME,
+        "name": dest.name,
         "guidance_scale": guidance,
         "vocabulary": list(VOCABULARY),
         "prompt_template": "a {color} {shape} on a {background} background",
@@ -62,9 +68,13 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--scheduler", default="unipc")
     parser.add_argument("--karras", action="store_true")
-    parser.add_argument("--dest", type=Path, default=Path(__file__).parents[1] / "models" / DEFAULT_MODEL_NAME)
+    parser.add_argument("--dest", type=Path, required=True, help="model folder to write (package: src/stepdiff/models/NAME)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --dest if it exists")
     args = parser.parse_args()
-    print(publish(args.run, args.dest, args.guidance, args.scheduler, args.karras))
+    try:
+        print(publish(args.run, args.dest, args.guidance, args.scheduler, args.karras, args.overwrite))
+    except (FileNotFoundError, FileExistsError) as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train the shipped shapes model from scratch: VAE, then text encoder + UNet.
 
-    python -m stepdiff.shapes.train --out runs/shapes            # full run (settings below)
-    python -m stepdiff.shapes.train --out runs/smoke --smoke     # a few steps, for CI
+    python -m tools.train_shapes --out runs/shapes            # full run (settings below)
+    python -m tools.train_shapes --out runs/smoke --smoke     # a few steps, for CI
 
 Every setting is in `TrainConfig`; the seed is fixed. A run that is cut short resumes from its
 last checkpoint when started again with the same --out. The result is a standard Stable
@@ -30,8 +30,8 @@ from diffusers.schedulers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..tokenizer import build_clip_tokenizer
-from .dataset import IMAGE_SIZE, VOCABULARY, sample_batch
+from stepdiff.shapes.dataset import IMAGE_SIZE, VOCABULARY, sample_batch
+from stepdiff.tokenizer import build_clip_tokenizer
 
 __all__ = ["TrainConfig", "train"]
 
