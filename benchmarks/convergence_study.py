@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import stepdiff
 from _common import table
-from stepdiff.pipelines.base import decode_with_vae
+from stepdiff.vae import decode_latents
 from stepdiff.schedulers import make_scheduler
 from stepdiff.shapes.dataset import caption, eval_pairs, train_combos
 from stepdiff.shapes.judge import judge
@@ -63,7 +63,7 @@ def record(args) -> None:
         ok = np.zeros((len(chunk), STEPS), dtype=bool)
         with torch.no_grad():
             for k in range(STEPS):
-                images = pipe.image_processor.postprocess(decode_with_vae(pipe.vae, trace[:, k]), output_type="pil")
+                images = pipe.image_processor.postprocess(decode_latents(pipe.vae, trace[:, k]), output_type="pil")
                 for b, ((color, shape, background), _) in enumerate(chunk):
                     v = judge(images[b])
                     ok[b, k] = v.background == background and v.color == color and v.shape == shape

@@ -64,12 +64,13 @@ class LinearVAE:
         pooled = torch.nn.functional.avg_pool2d(x, 4)
         features = torch.cat([pooled, pooled**2], dim=1)  # 6 features: the 4 latent channels are full rank
         mean = torch.einsum("nchw,cl->nlhw", features, self.enc)
-        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean))
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, mode=lambda: mean))
 
-    def decode(self, z):
+    def decode(self, z, return_dict=True):
         # rgb = (z * scaling) @ factors + bias, then nearest upsampling by 4
         rgb = torch.einsum("nlhw,lr->nrhw", z * self.config.scaling_factor, self.factors) + self.bias[:, None, None]
-        return SimpleNamespace(sample=rgb.repeat_interleave(4, -1).repeat_interleave(4, -2))
+        sample = rgb.repeat_interleave(4, -1).repeat_interleave(4, -2)
+        return (sample,) if not return_dict else SimpleNamespace(sample=sample)
 
 
 def test_fit_recovers_an_exactly_linear_decoder():

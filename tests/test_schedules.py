@@ -83,7 +83,7 @@ def test_guidance_back_on_uses_original_negative(sd_pipe, count_calls):
 def test_schedule_rows_per_step(sd_pipe, count_calls, schedule):
     calls = count_calls(sd_pipe)
     out = run(sd_pipe, GuidanceScheduleCallback(schedule))
-    ts = sd_pipe.scheduler.timesteps
+    ts = sd_pipe.timesteps
     scales = schedule if isinstance(schedule, list) else [schedule(i, 10, ts[i]) for i in range(10)]
     assert calls.rows == rows_for(scales) and out.record.rows_per_step == rows_for(scales)
 

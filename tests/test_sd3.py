@@ -101,7 +101,7 @@ def test_flow_matching_x0_is_analytic():
         sigma = scheduler.sigmas[i]
         x_t = (1 - sigma) * x0 + sigma * noise  # rectified flow
         velocity = noise - x0
-        assert torch.allclose(estimate_x0(scheduler, i, scheduler.timesteps[i], x_t, velocity), x0, atol=1e-5)
+        assert torch.allclose(estimate_x0(scheduler, i, scheduler.timesteps[i], x_t, velocity, flow_matching=True), x0, atol=1e-5)
 
 
 def test_denoised_converges_to_final_latents(sd3_pipe):

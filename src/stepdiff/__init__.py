@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .pipelines import registry as _registry
+
 __version__ = "0.1.0"
 
 # Scheduler classes re-exported from diffusers, so the classic import lines work unchanged.
@@ -29,17 +31,18 @@ _SCHEDULERS = (
     "UniPCMultistepScheduler",
 )
 _LAZY = {
+    **{e.name: ".pipelines" + e.module for e in _registry.REGISTRY},
     "AutoPipelineForText2Image": ".pipelines.auto",
-    "StableDiffusionPipeline": ".pipelines.stable_diffusion",
-    "StableDiffusionXLPipeline": ".pipelines.stable_diffusion_xl",
-    "StableDiffusion3Pipeline": ".pipelines.stable_diffusion_3",
+    "AutoPipelineForImage2Image": ".pipelines.auto",
+    "AutoPipelineForInpainting": ".pipelines.auto",
     "StepDiffPipeline": ".pipelines.base",
+    "Run": ".pipelines.run",
     "StepDiffPipelineOutput": ".output",
     "RunRecord": ".output",
     "CancelToken": ".control",
     "default_model": ".models",
 }
-_SUBMODULES = ("callbacks", "preview", "pipelines", "schedulers", "testing", "loop", "shapes")
+_SUBMODULES = ("callbacks", "preview", "pipelines", "schedulers", "testing", "loop", "shapes", "guidance", "vae")
 
 __all__ = [*_SCHEDULERS, *_LAZY, "__version__", "callbacks", "preview"]
 
@@ -86,8 +89,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .control import CancelToken
     from .models import default_model
     from .output import RunRecord, StepDiffPipelineOutput
-    from .pipelines.auto import AutoPipelineForText2Image
+    from .pipelines.auto import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
     from .pipelines.base import StepDiffPipeline
+    from .pipelines.run import Run
     from .pipelines.stable_diffusion import StableDiffusionPipeline
     from .pipelines.stable_diffusion_3 import StableDiffusion3Pipeline
     from .pipelines.stable_diffusion_xl import StableDiffusionXLPipeline

@@ -15,10 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._quiet import quiet_transformers
-
-with quiet_transformers():
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from .guidance import Guidance
 
 __all__ = ["LoopState", "ModelFn", "denoise", "estimate_x0", "scheduler_step_kwargs"]
 
@@ -33,8 +30,7 @@ class LoopState:
     latents: torch.Tensor  # (B, C, h, w) B = prompts x images per prompt
     cond: dict[str, torch.Tensor]  # conditional rows, (B, ...) each
     uncond: dict[str, torch.Tensor]  # unconditional rows, kept even while guidance is off
-    guidance_scale: float
-    guidance_rescale: float = 0.0
+    guidance_scale: float  # the scale of the last step (the run's guidance object owns the current one)
     step_index: int = -1
     timestep: torch.Tensor | None = None
     denoised: torch.Tensor | None = None  # x0 estimate after the last step
@@ -59,21 +55,19 @@ def scheduler_step_kwargs(scheduler, generator, eta: float) -> dict:
     return kwargs
 
 
-def _is_flow_matching(scheduler) -> bool:
-    return "prediction_type" not in scheduler.config and hasattr(scheduler, "sigmas") and "shift" in scheduler.config
-
-
 def estimate_x0(
-    scheduler, step_index: int, timestep: torch.Tensor, model_input: torch.Tensor, model_output: torch.Tensor
+    scheduler, step_index: int, timestep: torch.Tensor, model_input: torch.Tensor, model_output: torch.Tensor,
+    flow_matching: bool = False,
 ) -> torch.Tensor:
     """x0 from the (guided) model output, in the space of the latents the scheduler holds.
 
     ``model_input`` is the scaled input the model saw (``scheduler.scale_model_input``), which is
     variance-preserving for every discrete scheduler: x_in = alpha * x0 + s * eps. Sigma-space
     schedulers keep latents = x_in / alpha = x0 + sigma * eps; the x0 is the same either way.
+    ``flow_matching`` is declared by the model family (SD3), not guessed from the scheduler.
     """
     sigmas = getattr(scheduler, "sigmas", None)
-    if _is_flow_matching(scheduler):  # rectified flow: x_t = (1 - sigma) x0 + sigma noise, v = noise - x0
+    if flow_matching:  # rectified flow: x_t = (1 - sigma) x0 + sigma noise, v = noise - x0
         sigma = sigmas[step_index].to(model_input.device, model_input.dtype)
         return model_input - sigma * model_output
     if sigmas is not None and len(sigmas) > step_index:
@@ -100,52 +94,61 @@ def denoise(
     model: ModelFn,
     step_kwargs: dict,
     should_stop: Callable[[], bool],
-    guidance_scale: Callable[[], float],
+    guidance: Guidance,
     inference_mode: bool = False,
+    flow_matching: bool = False,
+    after_step: Callable[[LoopState], None] | None = None,
 ) -> Iterator[LoopState]:
     """Run the steps; yield the state after each scheduler step.
 
-    ``guidance_scale`` and ``should_stop`` are read before every model call, so a callback or another
-    thread can change guidance or stop the run between any two steps.
+    ``guidance`` is asked before every model call which conditioning sides to run (its scale may have
+    been changed by a callback or another thread since the last step) and after it how to combine
+    the outputs. ``should_stop`` is read before every model call.
 
     ``inference_mode``: run each model call under ``torch.inference_mode`` (no version counters or
     view tracking inside the model, about 3% faster per UNet call on CPU). Its raw output never leaves
     this function: guidance, or a copy when unguided, turns it into an ordinary tensor before the
     scheduler, callbacks or the caller see it.
+
+    ``after_step(state)``: a kind of run's own work after each scheduler step (inpainting puts the
+    known region back), before the state is yielded.
     """
-    # [uncond; cond] conditioning, built once; kept with the tensors it was built from (references, so
-    # their identity stays meaningful) and rebuilt only when a callback has replaced one of them.
-    batched: tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]] | None = None
+    # Batched conditioning per set of sides, built once; kept with the tensors it was built from
+    # (references, so their identity stays meaningful) and rebuilt only when a callback replaced one.
+    batched: dict[tuple[str, ...], tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]] = {}
     for i, t in enumerate(timesteps):
         if should_stop():
             return
-        state.guidance_scale = g = guidance_scale()
+        sides = guidance.batches()  # decided before the model call: uncond rows only when they are used
+        state.guidance_scale = guidance.scale
         # Flow-matching schedulers have no input scaling.
         x_in = scheduler.scale_model_input(state.latents, t) if hasattr(scheduler, "scale_model_input") else state.latents
-        if g > 1.0:  # guidance decided before the model call: uncond rows only when they are used
-            model_in = torch.cat([x_in, x_in])
-            sources = tuple(v for k in state.cond for v in (state.uncond[k], state.cond[k]))
-            if batched is None or len(batched[0]) != len(sources) or any(a is not b for a, b in zip(batched[0], sources)):
-                batched = (sources, {k: torch.cat([state.uncond[k], state.cond[k]]) for k in state.cond})
-            conditioning = batched[1]
+        if len(sides) == 1:
+            model_in, conditioning = x_in, getattr(state, sides[0])
         else:
-            model_in, conditioning = x_in, state.cond
+            model_in = torch.cat([x_in] * len(sides))
+            parts = [getattr(state, side) for side in sides]
+            sources = tuple(part[k] for k in state.cond for part in parts)
+            cached = batched.get(sides)
+            if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
+                cached = batched[sides] = (sources, {k: torch.cat([part[k] for part in parts]) for k in state.cond})
+            conditioning = cached[1]
         with torch.inference_mode(inference_mode):
             output = model(model_in, t, conditioning)
         state.model_calls += 1
         state.model_rows += model_in.shape[0]
         state.rows_per_step.append(model_in.shape[0])
-        if g > 1.0:
-            out_uncond, out_cond = output.chunk(2)
-            output = out_uncond + g * (out_cond - out_uncond)
-            if state.guidance_rescale > 0.0:  # Lin et al. 2023, "Common Diffusion Noise Schedules..."
-                output = rescale_noise_cfg(output, out_cond, guidance_rescale=state.guidance_rescale)
-        elif output.is_inference():
+        output = guidance.combine(dict(zip(sides, output.chunk(len(sides)))))
+        if output.is_inference():
             output = output.clone()  # schedulers may return it as the x0 estimate, which callbacks may edit
         step = scheduler.step(output, t, state.latents, **step_kwargs, return_dict=True)
         reported = getattr(step, "pred_original_sample", None)
-        state.denoised = reported if reported is not None else estimate_x0(scheduler, i, t, x_in, output)
+        state.denoised = (
+            reported if reported is not None else estimate_x0(scheduler, i, t, x_in, output, flow_matching=flow_matching)
+        )
         state.latents = step.prev_sample
         state.step_index, state.timestep = i, t
         state.steps_completed = i + 1
+        if after_step is not None:
+            after_step(state)
         yield state

@@ -22,6 +22,7 @@ class RunRecord:
     model_rows: int
     rows_per_step: list[int] = field(default_factory=list)
     wall_seconds: float = 0.0
+    guidance: str = "cfg"  # "cfg", or "distilled" (guidance-distilled denoisers: no unconditional rows to cut)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -33,6 +34,7 @@ class RunRecord:
             "model_rows": self.model_rows,
             "rows_per_step": list(self.rows_per_step),
             "wall_seconds": round(self.wall_seconds, 4),
+            "guidance": self.guidance,
         }
 
 

@@ -123,14 +123,14 @@ def fit_latent_rgb(vae: Any, images: torch.Tensor, name: str = "fitted", batch: 
     """Least-squares fit of factors and bias: encode ``images`` (N, 3, H, W in [-1, 1]), decode the
     latents with the full VAE, and regress the decoded pixels (pooled to latent resolution) on the
     latents as the sampler sees them (scaled, and shifted where the VAE has a shift factor)."""
-    cfg = vae.config
-    shift = getattr(cfg, "shift_factor", None) or 0.0
+    from .vae import decode_latents, encode_images
+
     xs, ys = [], []
     for start in range(0, len(images), batch):
         x = images[start : start + batch].to(vae.device, vae.dtype)
-        raw = vae.encode(x).latent_dist.mean
-        decoded = vae.decode(raw).sample.float()
-        latents = ((raw - shift) * cfg.scaling_factor).float()
+        latents = encode_images(vae, x, sample=False)  # scaled as the sampler sees them (shift, statistics)
+        decoded = decode_latents(vae, latents).float()
+        latents = latents.float()
         pooled = F.adaptive_avg_pool2d(decoded, latents.shape[-2:])
         xs.append(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]))
         ys.append(pooled.permute(0, 2, 3, 1).reshape(-1, 3))
@@ -140,15 +140,15 @@ def fit_latent_rgb(vae: Any, images: torch.Tensor, name: str = "fitted", batch: 
     factors = tuple(tuple(float(v) for v in row) for row in solution[:-1])
     bias = tuple(float(v) for v in solution[-1])
     return LatentRGBTable(name=name, factors=factors, bias=bias, source=f"least-squares fit on {len(images)} images",
-                          scaling_factor=float(cfg.scaling_factor))
+                          scaling_factor=float(vae.config.scaling_factor))
 
 
 @torch.no_grad()
 def preview_psnr(vae: Any, table: LatentRGBTable, latents: torch.Tensor) -> float:
     """PSNR (dB) of the linear preview against the full VAE decode of the same latents, at latent resolution."""
-    cfg = vae.config
-    shift = getattr(cfg, "shift_factor", None) or 0.0
-    decoded = vae.decode((latents / cfg.scaling_factor + shift).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+    from .vae import decode_latents
+
+    decoded = decode_latents(vae, latents.to(vae.device, vae.dtype)).float().clamp(-1, 1)
     target = F.adaptive_avg_pool2d(decoded, latents.shape[-2:])
     pred = table.to_rgb(latents).clamp(-1, 1)
     mse = F.mse_loss(pred, target.to(pred.device)).item()
@@ -258,9 +258,9 @@ class PreviewCallback:
 
     def _render(self, pipeline: Any, latents: torch.Tensor) -> Image.Image:
         if self.method == "vae":
-            from .pipelines.base import decode_with_vae
+            from .vae import decode_latents
 
-            image = decode_with_vae(pipeline.vae, latents[None])[0].float()
+            image = decode_latents(pipeline.vae, latents[None])[0].float()
             image = rgb_to_image(image)
         else:
             image = self._table.to_image(latents)

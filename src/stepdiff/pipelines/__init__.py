@@ -1,16 +1,19 @@
-"""Pipelines on the shared loop; families load on first use."""
+"""Pipelines on the shared loop; each loads on first use (the list lives in ``registry``)."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
+from .registry import REGISTRY
+
 _LAZY = {
+    **{e.name: e.module for e in REGISTRY},
     "AutoPipelineForText2Image": ".auto",
-    "StableDiffusionPipeline": ".stable_diffusion",
-    "StableDiffusionXLPipeline": ".stable_diffusion_xl",
-    "StableDiffusion3Pipeline": ".stable_diffusion_3",
+    "AutoPipelineForImage2Image": ".auto",
+    "AutoPipelineForInpainting": ".auto",
     "StepDiffPipeline": ".base",
+    "Run": ".run",
 }
 __all__ = list(_LAZY)
 

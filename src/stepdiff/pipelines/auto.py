@@ -1,43 +1,69 @@
-"""Pick the pipeline class from a folder's model_index.json."""
+"""Pick the pipeline class from a folder's model_index.json and the kind of run asked for."""
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
-from .base import StepDiffPipeline
+from .base import StepDiffPipeline, check_folder
+from .registry import REGISTRY, entry_for_class_name, load, pipeline_for
 
-__all__ = ["AutoPipelineForText2Image", "pipeline_class_for"]
-
-# model_index.json "_class_name" -> (module, stepdiff class); a family's module loads only when used.
-_FAMILIES: dict[str, tuple[str, str]] = {
-    "StableDiffusionPipeline": (".stable_diffusion", "StableDiffusionPipeline"),
-    "StableDiffusionXLPipeline": (".stable_diffusion_xl", "StableDiffusionXLPipeline"),
-    "StableDiffusion3Pipeline": (".stable_diffusion_3", "StableDiffusion3Pipeline"),
-}
+__all__ = ["AutoPipelineForImage2Image", "AutoPipelineForInpainting", "AutoPipelineForText2Image", "pipeline_class_for"]
 
 
-def pipeline_class_for(class_name: str | None) -> type[StepDiffPipeline] | None:
-    if class_name not in _FAMILIES:
+def pipeline_class_for(class_name: str | None, kind: str = "text2image") -> type[StepDiffPipeline] | None:
+    """The stepdiff class that runs ``kind`` for a folder whose model_index.json names ``class_name``."""
+    entry = entry_for_class_name(class_name)
+    if entry is None:
         return None
-    module, name = _FAMILIES[class_name]
-    return getattr(importlib.import_module(module, __package__), name)
+    target = pipeline_for(entry.family, kind)
+    return None if target is None else load(target)
 
 
-class AutoPipelineForText2Image:
-    """``AutoPipelineForText2Image.from_pretrained(folder)`` returns the right stepdiff pipeline."""
+class _AutoPipeline:
+    kind = "text2image"
 
     def __init__(self) -> None:
-        raise TypeError("use AutoPipelineForText2Image.from_pretrained(folder)")
+        raise TypeError(f"use {type(self).__name__}.from_pretrained(folder)")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> StepDiffPipeline:
-        class_name = StepDiffPipeline._check_folder(pretrained_model_name_or_path)
-        family = pipeline_class_for(class_name)
-        if family is None:
-            supported = list(_FAMILIES)
+        class_name = check_folder(pretrained_model_name_or_path)
+        entry = entry_for_class_name(class_name)
+        if entry is None:
+            supported = sorted({e.name for e in REGISTRY})
             raise ValueError(
                 f"{str(pretrained_model_name_or_path)!r} holds a {class_name!r} model; stepdiff supports {supported}"
             )
-        return family.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        target = pipeline_for(entry.family, cls.kind)
+        if target is None:
+            kinds = sorted({e.kind for e in REGISTRY if e.family == entry.family})
+            raise ValueError(f"{class_name!r} models have no {cls.kind} pipeline in stepdiff; available: {kinds}")
+        return load(target).from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline: StepDiffPipeline, **kwargs: Any) -> StepDiffPipeline:
+        """The same components (no copy, no reload) in this kind's pipeline class."""
+        entry = entry_for_class_name(type(pipeline).__name__)
+        target = None if entry is None else pipeline_for(entry.family, cls.kind)
+        if target is None:
+            raise ValueError(f"{type(pipeline).__name__} has no {cls.kind} counterpart in stepdiff")
+        return load(target).from_pipe(pipeline, **kwargs)
+
+
+class AutoPipelineForText2Image(_AutoPipeline):
+    """``AutoPipelineForText2Image.from_pretrained(folder)`` returns the right stepdiff pipeline."""
+
+    kind = "text2image"
+
+
+class AutoPipelineForImage2Image(_AutoPipeline):
+    """``AutoPipelineForImage2Image.from_pretrained(folder)``: the family's image-to-image pipeline."""
+
+    kind = "image2image"
+
+
+class AutoPipelineForInpainting(_AutoPipeline):
+    """``AutoPipelineForInpainting.from_pretrained(folder)``: the family's inpainting pipeline."""
+
+    kind = "inpaint"

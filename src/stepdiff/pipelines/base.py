@@ -1,14 +1,25 @@
-"""The engine every family shares: argument checks, callbacks, the loop, decoding, output.
+"""The engine every pipeline shares: prepare -> steps -> finish.
 
-A family subclass supplies only what differs:
-- ``encode(...)``: prompts -> conditional and unconditional conditioning (dicts of tensors);
-- ``predict(latent_input, timestep, conditioning)``: one model call;
-- ``_callback_names``: which callback tensor name is which conditioning tensor;
-- ``decode_latents(latents)``: latents -> image tensor in [-1, 1].
+- ``prepare(...)`` checks every argument, sets the timesteps on the run's own scheduler copy,
+  encodes the prompts and makes the initial latents, and returns a ``Run`` holding all of the
+  call's state (``stepdiff.pipelines.run``);
+- iterating the run executes the shared denoising loop (``stepdiff.loop``), with the callbacks
+  between steps;
+- ``finish(run)`` decodes and builds the record and the output.
+
+``__call__`` is those three; ``steps(...)`` returns the run for callers who drive the loop.
+
+A family subclass (SD, SDXL, SD3) supplies only what differs: ``check_prompts`` (its prompt
+arguments), ``encode`` (prompts -> conditional and unconditional conditioning, kept apart),
+``predict`` (one model call), ``_callback_names`` (which callback tensor is which conditioning
+tensor) and ``flow_matching``. A kind of run (image-to-image, inpainting: ``stepdiff.pipelines.kinds``)
+supplies ``check_kind_inputs``, ``set_timesteps`` and ``initial_latents``.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import math
 import numbers
@@ -32,10 +43,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..callbacks import MultiPipelineCallbacks, adapt_classic
 from ..control import CancelToken
-from ..loop import LoopState, denoise, scheduler_step_kwargs
+from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
+from ..loop import LoopState, scheduler_step_kwargs
 from ..output import RunRecord, StepDiffPipelineOutput
+from ..vae import decode_latents as decode_with_vae
+from .registry import REGISTRY, entry_for_class_name, pipeline_for
+from .run import Run, current_run, remembered
 
-__all__ = ["StepDiffPipeline"]
+__all__ = ["StepDiffPipeline", "check_folder", "decode_with_vae"]
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _INTERRUPT_OUTPUTS = ("denoised", "latents")
@@ -106,67 +121,183 @@ def _check_prompt_inputs(prompts, negatives, prompt_embeds, negative_prompt_embe
     return batch
 
 
+def pop_prompts(
+    args: dict[str, Any], extra: Sequence[str] = (), pooled: bool = False, max_clip_skip: int | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Pop and check a family's prompt arguments: (batch size, keyword arguments for its ``encode``).
+
+    ``extra``: the family's other prompt names (``prompt_2``, ``negative_prompt_3``, ...), each as long
+    as its base list; ``pooled``: embeddings come with pooled embeddings (SDXL, SD3).
+    """
+    prompts = _prompt_list("prompt", args.pop("prompt", None))
+    negatives = _prompt_list("negative_prompt", args.pop("negative_prompt", None))
+    embeds, negative_embeds = args.pop("prompt_embeds", None), args.pop("negative_prompt_embeds", None)
+    batch = _check_prompt_inputs(prompts, negatives, embeds, negative_embeds)
+    out: dict[str, Any] = dict(prompt=prompts, negative_prompt=negatives, prompt_embeds=embeds,
+                               negative_prompt_embeds=negative_embeds)
+    for name in extra:
+        value = _prompt_list(name, args.pop(name, None))
+        base = negatives if name.startswith("negative") else prompts
+        if value is not None and (base is None or len(value) != len(base)):
+            raise ValueError(f"{name} must match the length of {name[:-2]}, got {value!r}")
+        out[name] = value
+    if pooled:
+        for side in ("", "negative_"):
+            value = args.pop(f"{side}pooled_prompt_embeds", None)
+            if out[f"{side}prompt_embeds"] is not None and value is None:
+                raise ValueError(f"{side}prompt_embeds needs {side}pooled_prompt_embeds too")
+            out[f"{side}pooled_prompt_embeds"] = value
+    clip_skip = args.pop("clip_skip", None)
+    if clip_skip is not None:
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0:
+            raise ValueError(f"clip_skip must be None or a non-negative int, got {clip_skip!r}")
+        if max_clip_skip is not None and clip_skip > max_clip_skip:
+            raise ValueError(
+                f"clip_skip={clip_skip} is larger than the text encoder allows: it has {max_clip_skip + 1} layers, "
+                f"so clip_skip must be in [0, {max_clip_skip}]"
+            )
+    out["clip_skip"] = clip_skip
+    return batch, out
+
+
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return f"{type(value).__name__}"
 
 
+
+def check_folder(path: str | os.PathLike) -> str | None:
+    """The ``_class_name`` of a local pipeline folder; a clear error for anything else."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"pretrained_model_name_or_path={str(path)!r} is not a folder; stepdiff loads local model folders "
+            "(model_index.json plus one folder per component), never from a model hub"
+        )
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a pipeline folder: it has no model_index.json")
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{str(index)!r} is not valid JSON: {e}") from e
+
+
+def _routed(
+    name: str, doc: str, setter: Callable[[Run, Any], None] | None = None, default: Any = None,
+    check: Callable[[Any], Any] | None = None,
+) -> property:
+    """A classic per-call attribute, routed to the run whose callback is executing in this thread.
+
+    Outside a callback it reads the last run this thread finished on this pipeline (as the classic
+    pipelines leave their attributes after a call); writes there change nothing a later run sees.
+    """
+
+    def get(self: StepDiffPipeline) -> Any:
+        run = current_run(self)
+        if run is not None:
+            return getattr(run, name)
+        return remembered(self).get(name, default)
+
+    def set_(self: StepDiffPipeline, value: Any) -> None:
+        run = current_run(self)
+        if run is None or setter is None:
+            if setter is None and run is not None:
+                raise AttributeError(f"{name} is read-only during a run")
+            remembered(self)[name] = value if check is None else check(value)
+            return
+        setter(run, value)
+
+    return property(get, set_, doc=doc)
+
+
+def _set_interrupt(run: Run, value: Any) -> None:
+    if value:
+        run.interrupt_now()
+    else:
+        run._interrupt = False
+
+
+def _set_guidance(run: Run, value: Any) -> None:
+    run.guidance_scale = value
+
+
 class StepDiffPipeline(DiffusionPipeline):
-    """Shared engine. Subclasses: StableDiffusionPipeline, StableDiffusionXLPipeline."""
+    """Shared engine of every stepdiff pipeline (see the module docstring)."""
 
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "denoised"]
     # callback tensor name -> ("cond" | "uncond", conditioning key)
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {}
-    # model_index.json "_class_name" values this family loads
-    _family_class_names: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""  # the registry's family of this class ("sd", "sdxl", "sd3")
+    flow_matching: ClassVar[bool] = False  # rectified-flow latents and x0 estimate (SD3), declared, not guessed
     _optional_components: ClassVar[list[str]] = []
-    # Call state (set at the start of every call).
-    _interrupt: bool = False
-    _stop_reason: str | None = None
-    _cancel: CancelToken | None = None
-    _guidance_scale: float = 1.0
     # Run each model call under torch.inference_mode (see stepdiff.loop.denoise); False: plain no_grad.
     inference_mode_model_calls: bool = True
-    _guidance_rescale: float = 0.0
-    _num_timesteps: int = 0
-    _timesteps: torch.Tensor | None = None
+
+    # Per-call state lives on the run; these classic names reach it from inside a callback.
+    _interrupt = _routed("interrupt", "Stop flag of the current run (classic: set True in a callback).", _set_interrupt,
+                         default=False)
+    _guidance_scale = _routed("guidance_scale", "Guidance scale of the current run; applies from the next step.",
+                              _set_guidance, default=1.0, check=check_guidance_scale)
+    guidance_scale = _routed("guidance_scale", "Guidance scale of the current run; applies from the next step.",
+                             _set_guidance, default=1.0, check=check_guidance_scale)
+    _guidance_rescale = _routed("guidance_rescale", "Guidance rescale of the current run.", default=0.0)
+    guidance_rescale = _routed("guidance_rescale", "Guidance rescale of the current run.", default=0.0)
+    _num_timesteps = _routed("num_timesteps", "Number of steps of the current run.", default=0)
+    num_timesteps = _routed("num_timesteps", "Number of steps of the current run.", default=0)
+    timesteps = _routed("timesteps", "The current run's timesteps (as its scheduler set them).")
+    interrupt = _routed("interrupt", "Whether the current run was asked to stop.", default=False)
+    do_classifier_free_guidance = _routed(
+        "do_classifier_free_guidance", "Whether the current run computes unconditional rows this step.", default=False
+    )
+
+    @property
+    def current_run(self) -> Run | None:
+        """The run whose callback is executing in this thread (None outside callbacks)."""
+        return current_run(self)
+
+    def stop(self, reason: str = "stopped by callback") -> None:
+        """Stop the current run before its next model call (from a callback); ``_interrupt = True`` also works.
+
+        The image is decoded from the last x0 estimate (see ``interrupt_output``); ``output.stop_reason``
+        says why the run ended. To stop a run from another thread, pass it a ``CancelToken``.
+        """
+        run = current_run(self)
+        if run is None:
+            raise RuntimeError(
+                "pipeline.stop() works inside a step callback; to stop a run from another thread pass "
+                "cancel=CancelToken() to the call and call token.cancel()"
+            )
+        run.stop(reason)
 
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def _check_folder(cls, path: str | os.PathLike) -> str:
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"pretrained_model_name_or_path={str(path)!r} is not a folder; stepdiff loads local model folders "
-                "(model_index.json plus one folder per component), never from a model hub"
-            )
-        index = folder / "model_index.json"
-        if not index.is_file():
-            raise FileNotFoundError(f"{str(folder)!r} is not a pipeline folder: it has no model_index.json")
-        try:
-            class_name = json.loads(index.read_text()).get("_class_name")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ValueError(f"{str(index)!r} is not valid JSON: {e}") from e
-        return class_name
+    def _family_class_names(cls) -> tuple[str, ...]:
+        return tuple(e.name for e in REGISTRY if e.family == cls.family)
+
+    @classmethod
+    def _check_folder(cls, path: str | os.PathLike) -> str | None:
+        return check_folder(path)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls, pretrained_model_name_or_path: str | os.PathLike, *, allow_pickle: bool = False, **kwargs: Any
     ):
-        """Load a local folder in the standard layout (the same path real SD/SDXL weights use).
+        """Load a local folder in the standard layout (the same path real SD/SDXL/SD3 weights use).
 
-        Only safetensors weights load by default: pickle checkpoints (``.bin``) can run code when
-        loaded, so a folder with only those is refused unless you pass ``allow_pickle=True`` for files
-        you trust. Truncated or corrupt weight files are reported before anything loads.
+        A folder of the same family loads into any of its kinds (an SD text-to-image folder into
+        ``StableDiffusionImg2ImgPipeline``, ...). Only safetensors weights load by default: pickle
+        checkpoints (``.bin``) can run code when loaded, so a folder with only those is refused unless you
+        pass ``allow_pickle=True`` for files you trust. Truncated or corrupt weight files are reported
+        before anything loads.
         """
-        class_name = cls._check_folder(pretrained_model_name_or_path)
-        if cls._family_class_names and class_name not in cls._family_class_names:
-            from .auto import pipeline_class_for
-
-            right = pipeline_class_for(class_name)
-            hint = f"use stepdiff.{right.__name__}" if right is not None else "this family is not supported"
+        class_name = check_folder(pretrained_model_name_or_path)
+        entry = entry_for_class_name(class_name)
+        if cls.family and (entry is None or entry.family != cls.family):
+            right = None if entry is None else pipeline_for(entry.family, _kind_of(cls))
+            hint = f"use stepdiff.{right.name}" if right is not None else "this family is not supported"
             raise ValueError(
                 f"{str(pretrained_model_name_or_path)!r} holds a {class_name!r} model, which {cls.__name__} cannot "
                 f"load: {hint} (or AutoPipelineForText2Image)"
@@ -186,45 +317,6 @@ class StepDiffPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------ properties
 
-    @property
-    def guidance_scale(self) -> float:
-        """The classifier-free guidance scale; setting it (e.g. from a callback) applies from the next step."""
-        return self._guidance_scale
-
-    @guidance_scale.setter
-    def guidance_scale(self, value: float) -> None:
-        self._guidance_scale = _check_scale("guidance_scale", value)
-
-    @property
-    def guidance_rescale(self) -> float:
-        return self._guidance_rescale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def timesteps(self) -> torch.Tensor | None:
-        """The current call's timesteps (as the scheduler set them)."""
-        return self._timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
-
-    def stop(self, reason: str = "stopped by callback") -> None:
-        """Stop the run before the next model call (from a callback); the classic ``_interrupt = True`` also works.
-
-        The image is decoded from the last x0 estimate (see ``interrupt_output``); ``output.stop_reason``
-        says why the run ended.
-        """
-        self._stop_reason = reason
-        self._interrupt = True
-
     def _model_calls_in_inference_mode(self) -> bool:
         """Model calls run under ``torch.inference_mode`` unless turned off or unsafe.
 
@@ -234,12 +326,6 @@ class StepDiffPipeline(DiffusionPipeline):
         if not self.inference_mode_model_calls:
             return False
         return not any(hasattr(m, "_hf_hook") for m in self.denoiser.modules())
-
-    def _should_stop(self) -> bool:
-        if self._cancel is not None and self._cancel.cancelled:
-            self._stop_reason = self._cancel.reason
-            self._interrupt = True
-        return self._interrupt
 
     @property
     def vae_scale_factor(self) -> int:
@@ -261,17 +347,59 @@ class StepDiffPipeline(DiffusionPipeline):
     def denoiser(self) -> torch.nn.Module:
         return self.unet
 
+    def check_prompts(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Pop and check the family's prompt arguments: (batch size, keyword arguments for ``encode``)."""
+        raise NotImplementedError
+
     def encode(self, **kwargs: Any) -> Conditioning:
         raise NotImplementedError
 
-    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> torch.Tensor:
         raise NotImplementedError
+
+    def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Pop per-call model arguments (``cross_attention_kwargs``, ...) into the run."""
+        return {}
+
+    def make_guidance(self, guidance_scale: float, guidance_rescale: float) -> Guidance:
+        return ClassifierFreeGuidance(guidance_scale, guidance_rescale)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_with_vae(self.vae, latents)
 
     def latent_channels(self) -> int:
         return self.denoiser.config.in_channels
+
+    # ------------------------------------------------- kind-of-run interface
+
+    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Pop and check what this kind of run adds (image, mask, strength); text-to-image adds nothing."""
+        return {}
+
+    def set_timesteps(self, run: Run, num_inference_steps: int | None, timesteps, sigmas, kind: dict) -> torch.Tensor:
+        """Set the run's scheduler and return the timesteps the loop will run."""
+        steps, _ = retrieve_timesteps(
+            run.scheduler, num_inference_steps, self._execution_device, timesteps=timesteps, sigmas=sigmas,
+            **self.scheduler_kwargs(kind["height"], kind["width"]),
+        )
+        return steps
+
+    def initial_latents(
+        self, run: Run, rows: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None, latents: torch.Tensor | None, kind: dict,
+    ) -> torch.Tensor:
+        """Text-to-image: scaled noise, or the caller's ``latents``."""
+        shape = (rows, self.latent_channels(), height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = _check_latents(latents, shape).to(device=device, dtype=dtype)
+        # Never in place: the caller keeps its tensor. Flow-matching schedulers start from plain noise.
+        return latents * getattr(run.scheduler, "init_noise_sigma", 1.0)
+
+    def denoised_for_output(self, run: Run, denoised: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate an interrupted run decodes (inpainting puts the known region back)."""
+        return denoised
 
     # ---------------------------------------------------------- validation
 
@@ -326,7 +454,7 @@ class StepDiffPipeline(DiffusionPipeline):
             raise ValueError(f"{name} must be a multiple of {multiple}, got {value}")
         return value
 
-    # --------------------------------------------------------------- helpers
+    # --------------------------------------------------------------- callbacks
 
     def _state_tensor(self, state: LoopState, name: str) -> torch.Tensor:
         if name == "latents":
@@ -336,7 +464,7 @@ class StepDiffPipeline(DiffusionPipeline):
         side, key = self._callback_names[name]
         return (state.cond if side == "cond" else state.uncond)[key]
 
-    def _apply_callback_result(self, state: LoopState, result: object, step: int, names: list[str]) -> None:
+    def _apply_callback_result(self, state: LoopState, result: object, step: int) -> None:
         if result is None:  # "no change"; the classic library crashes here
             return
         if not isinstance(result, dict):
@@ -349,8 +477,6 @@ class StepDiffPipeline(DiffusionPipeline):
                     f"callback_on_step_end returned unknown key {name!r} at step {step}; "
                     f"allowed: {self._callback_tensor_inputs}"
                 )
-            if name == "denoised":  # derived each step; nothing to write back
-                continue
             current = self._state_tensor(state, name)
             if value is current:
                 continue
@@ -368,13 +494,15 @@ class StepDiffPipeline(DiffusionPipeline):
                     f"callback_on_step_end returned {name!r} as {value.dtype} on {value.device} at step {step}; "
                     f"expected {current.dtype} on {current.device}"
                 )
+            if name == "denoised":  # derived each step: checked, but nothing to write back
+                continue
             if name == "latents":
                 state.latents = value
             else:
                 side, key = self._callback_names[name]
                 (state.cond if side == "cond" else state.uncond)[key] = value
 
-    def _run_callback(self, fn: Callable, state: LoopState, names: list[str]) -> None:
+    def _run_callback(self, run: Run, fn: Callable, state: LoopState, names: list[str]) -> None:
         step, t = state.step_index, state.timestep
         kwargs = {name: self._state_tensor(state, name) for name in names}
         try:
@@ -386,150 +514,178 @@ class StepDiffPipeline(DiffusionPipeline):
             elif hasattr(e, "add_note"):
                 e.add_note(where)
             raise
-        self._apply_callback_result(state, result, step, names)
+        self._apply_callback_result(state, result, step)
 
-    def _prepare_latents(
-        self, rows: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None, latents: torch.Tensor | None,
-    ) -> torch.Tensor:
-        shape = (rows, self.latent_channels(), height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if not isinstance(latents, torch.Tensor):
-                raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape} for this call, got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
-        # Never in place: the caller keeps its tensor. Flow-matching schedulers start from plain noise.
-        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+    # ------------------------------------------------------------ the call
 
-    # ------------------------------------------------------------------ call
+    def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """``steps(*args, **kwargs)`` bound to this class's ``__call__`` signature, defaults applied."""
+        bound = inspect.signature(type(self).__call__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        arguments.update(arguments.pop("kwargs", {}) or {})
+        return arguments
+
+    def steps(self, *args: Any, **kwargs: Any) -> Run:
+        """Prepare a run with ``__call__``'s arguments, for callers who drive the loop themselves.
+
+        ``for state in run`` executes one step per iteration (callbacks included) and yields the loop
+        state (``latents``, ``denoised``, ``step_index``, ``timestep``, counters); ``run.finish()``
+        decodes and returns exactly what ``__call__`` would have. Breaking out early and calling
+        ``finish()`` gives the clean image of the last step reached.
+        """
+        return self.prepare(self._arguments(args, kwargs))
+
+    def _call(self, arguments: dict[str, Any]) -> Any:
+        """What every ``__call__`` does with its arguments: prepare, run every step, finish."""
+        arguments = dict(arguments)
+        arguments.pop("self", None)
+        arguments.pop("__class__", None)
+        arguments.update(arguments.pop("kwargs", {}) or {})
+        return self.prepare(arguments).run()
 
     @torch.no_grad()
-    def _generate(
-        self,
-        *,
-        batch_size: int,
-        encode_kwargs: dict[str, Any],
-        height: int | None,
-        width: int | None,
-        num_inference_steps: int,
-        timesteps: list[int] | None,
-        sigmas: list[float] | None,
-        guidance_scale: float,
-        guidance_rescale: float,
-        num_images_per_prompt: int,
-        eta: float,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-        output_type: str,
-        return_dict: bool,
-        callback_on_step_end: Any,
-        callback_on_step_end_tensor_inputs: list[str] | None,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
+    def prepare(self, args: dict[str, Any]) -> Run:
+        """Check everything, set the timesteps, encode, make the initial latents: a ``Run`` ready to step."""
         started = time.perf_counter()
+        args = dict(args)
         # 1. Check every argument before any model work.
-        height = self._check_size("height", self.default_size() if height is None else height)
-        width = self._check_size("width", self.default_size() if width is None else width)
-        num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1)
-        num_images_per_prompt = _check_int("num_images_per_prompt", num_images_per_prompt, 1)
-        guidance_scale = _check_scale("guidance_scale", guidance_scale)
-        guidance_rescale = _check_scale("guidance_rescale", guidance_rescale, maximum=1.0)
+        kind = self.check_kind_inputs(args)
+        batch_size, encode_kwargs = self.check_prompts(args)
+        height = args.pop("height", None)
+        width = args.pop("width", None)
+        height = kind.get("height") if height is None else height
+        width = kind.get("width") if width is None else width
+        kind["height"] = self._check_size("height", self.default_size() if height is None else height)
+        kind["width"] = self._check_size("width", self.default_size() if width is None else width)
+        timesteps, sigmas = args.pop("timesteps", None), args.pop("sigmas", None)
+        num_inference_steps = args.pop("num_inference_steps", None)
+        if num_inference_steps is not None or (timesteps is None and sigmas is None):
+            num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1)
+        num_images_per_prompt = _check_int("num_images_per_prompt", args.pop("num_images_per_prompt", 1), 1)
+        guidance_scale = check_guidance_scale(args.pop("guidance_scale"))
+        guidance_rescale = _check_scale("guidance_rescale", args.pop("guidance_rescale", 0.0), maximum=1.0)
+        eta = args.pop("eta", 0.0)
         if not _is_real(eta) or not math.isfinite(eta):
             raise ValueError(f"eta must be a finite number, got {eta!r}")
+        output_type = args.pop("output_type", "pil")
         if output_type not in _OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
+        interrupt_output = args.pop("interrupt_output", "denoised")
         if interrupt_output not in _INTERRUPT_OUTPUTS:
             raise ValueError(f"interrupt_output must be one of {_INTERRUPT_OUTPUTS}, got {interrupt_output!r}")
+        cancel = args.pop("cancel", None)
         if cancel is not None:
             if not isinstance(cancel, CancelToken):
                 raise TypeError(f"cancel must be a stepdiff.CancelToken, got {type(cancel).__name__}")
             if cancel.cancelled:
                 raise ValueError("cancel token is already cancelled; call token.reset() to reuse it")
         rows = batch_size * num_images_per_prompt
-        if isinstance(generator, list):
-            if len(generator) != rows or not all(isinstance(g, torch.Generator) for g in generator):
-                raise ValueError(
-                    f"generator is a list of {len(generator)} but this call makes {rows} images "
-                    f"({batch_size} prompts x num_images_per_prompt={num_images_per_prompt}); "
-                    "pass one torch.Generator per image, or a single one"
-                )
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
-        callback, tensor_names = self._resolve_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._interrupt = False
-        self._stop_reason = None
-        self._cancel = cancel
+        generator = args.pop("generator", None)
+        _check_generator(generator, rows, batch_size, num_images_per_prompt)
+        callback, tensor_names = self._resolve_callback(
+            args.pop("callback_on_step_end", None), args.pop("callback_on_step_end_tensor_inputs", None)
+        )
         device = self._execution_device
 
-        # 2. Timesteps; then callbacks check their settings against this run (schedule lengths, tables)
-        # and may set the first step's guidance, still before any model work.
-        steps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas,
-            **self.scheduler_kwargs(height, width),
+        # 2. The run, with its own scheduler and guidance; timesteps; then callbacks check their settings
+        # against this run (schedule lengths, tables) and may set the first step's guidance.
+        scheduler = copy.deepcopy(self.scheduler)
+        run = Run(
+            self, scheduler=scheduler, timesteps=torch.empty(0), guidance=self.make_guidance(guidance_scale, guidance_rescale),
+            cancel=cancel, callback=callback, tensor_names=tensor_names, output_type=output_type,
+            return_dict=args.pop("return_dict", True), interrupt_output=interrupt_output,
+            step_kwargs=scheduler_step_kwargs(scheduler, generator, eta), model_kwargs=self.model_kwargs(args),
+            started=started,
         )
-        self._num_timesteps = len(steps)
-        self._timesteps = steps
-        _run_hooks(callback, "on_run_start", self)
+        run.timesteps = self.set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)
+        if len(run.timesteps) == 0:
+            raise ValueError("this call has no denoising step to run (check strength / denoising_start)")
+        with run.bound():
+            run_hooks(callback, "on_run_start", self)
 
         # 3. Encode prompts: conditional and unconditional rows, kept apart.
         conditioning = self.encode(
-            device=device, num_images_per_prompt=num_images_per_prompt, height=height, width=width, **encode_kwargs
+            device=device, num_images_per_prompt=num_images_per_prompt, height=kind["height"], width=kind["width"],
+            **encode_kwargs,
         )
         dtype = next(iter(conditioning.cond.values())).dtype
 
-        # 4. Initial latents.
-        state = LoopState(
-            latents=self._prepare_latents(rows, height, width, dtype, device, generator, latents),
-            cond=conditioning.cond, uncond=conditioning.uncond,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        # 4. Initial latents (noise, or the image's latents noised to the first timestep).
+        latents = self.initial_latents(
+            run, rows, kind["height"], kind["width"], dtype, device, generator, args.pop("latents", None), kind
         )
-
-        # 5. Denoise; callbacks run between steps and may steer the next one.
-        loop = denoise(
-            state, steps, self.scheduler, self.predict,
-            scheduler_step_kwargs(self.scheduler, generator, eta),
-            should_stop=self._should_stop,
-            guidance_scale=lambda: self._guidance_scale,
-            inference_mode=self._model_calls_in_inference_mode(),
+        run.state = LoopState(
+            latents=latents, cond=conditioning.cond, uncond=conditioning.uncond, guidance_scale=run.guidance.scale,
         )
-        with self.progress_bar(total=len(steps)) as bar:
-            for state in loop:
-                if callback is not None:
-                    self._run_callback(callback, state, tensor_names)
-                bar.update()
-        interrupted = state.steps_completed < len(steps)
-        stop_reason = (self._stop_reason or "interrupted") if interrupted else "completed"
-        self._cancel = None
-        _run_hooks(callback, "on_run_end", self)
+        self.add_kind_conditioning(run, kind, dtype, device, generator)
+        return run
 
-        # 6. Decode. An interrupted run shows its last x0 estimate, a clean picture, unless asked otherwise.
-        if output_type == "latent":
+    def add_kind_conditioning(self, run: Run, kind: dict, dtype, device, generator) -> None:
+        """Per-row conditioning a kind of run adds (inpainting's mask and masked-image latents)."""
+
+    @torch.no_grad()
+    def finish(self, run: Run) -> Any:
+        """Decode (the last x0 estimate when interrupted), build the record, return the output."""
+        state = run.state
+        interrupted = run.interrupted
+        stop_reason = run.stop_reason
+        if run.output_type == "latent":
             images: Any = state.latents
         else:
             final = state.latents
-            if interrupted and interrupt_output == "denoised" and state.denoised is not None:
-                final = state.denoised
-            images = self.image_processor.postprocess(self.decode_latents(final), output_type=output_type)
+            if interrupted and run.interrupt_output == "denoised" and state.denoised is not None:
+                final = self.denoised_for_output(run, state.denoised)
+            images = self.image_processor.postprocess(self.decode_latents(final), output_type=run.output_type)
         self.maybe_free_model_hooks()
-
         record = RunRecord(
-            steps_total=len(steps), steps_completed=state.steps_completed, interrupted=interrupted,
-            stop_reason=stop_reason,
-            model_calls=state.model_calls, model_rows=state.model_rows, rows_per_step=list(state.rows_per_step),
-            wall_seconds=time.perf_counter() - started,
+            steps_total=run.num_timesteps, steps_completed=state.steps_completed, interrupted=interrupted,
+            stop_reason=stop_reason, model_calls=state.model_calls, model_rows=state.model_rows,
+            rows_per_step=list(state.rows_per_step), wall_seconds=time.perf_counter() - run.started,
+            guidance=run.guidance.mode,
         )
-        if not return_dict:
+        remembered(self).update(
+            guidance_scale=run.guidance.scale, guidance_rescale=run.guidance_rescale, num_timesteps=run.num_timesteps,
+            timesteps=run.timesteps, interrupt=run.interrupt, do_classifier_free_guidance=run.do_classifier_free_guidance,
+        )
+        if not run.return_dict:
             return (images,)
         return StepDiffPipelineOutput(
             images=images, interrupted=interrupted, steps_completed=state.steps_completed, stop_reason=stop_reason,
             record=record,
         )
+
+
+def _kind_of(cls: type) -> str:
+    for e in REGISTRY:
+        if e.name == cls.__name__:
+            return e.kind
+    return "text2image"
+
+
+def _check_latents(latents: object, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} for this call, got {tuple(latents.shape)}")
+    return latents
+
+
+def _check_generator(generator: object, rows: int, batch_size: int, per_prompt: int) -> None:
+    if isinstance(generator, list):
+        wrong = sorted({type(g).__name__ for g in generator if not isinstance(g, torch.Generator)})
+        if wrong:
+            raise TypeError(
+                f"generator must be a torch.Generator or a list of them; got a list containing {', '.join(wrong)}"
+            )
+        if len(generator) != rows:
+            raise ValueError(
+                f"generator is a list of {len(generator)} torch.Generator but this call makes {rows} images "
+                f"({batch_size} prompts x num_images_per_prompt={per_prompt}); pass one per image, or a single one"
+            )
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -562,7 +718,7 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
             )
 
 
-def _run_hooks(callback: object, hook: str, pipeline: StepDiffPipeline) -> None:
+def run_hooks(callback: object, hook: str, pipeline: StepDiffPipeline) -> None:
     """Optional ``on_run_start(pipeline)`` / ``on_run_end(pipeline)`` methods of callbacks (and of a list's members)."""
     members = callback.callbacks if isinstance(callback, MultiPipelineCallbacks) else [callback]
     for member in members:
@@ -582,24 +738,3 @@ def tokenize(tokenizer, texts: list[str], max_length: int | None = None) -> torc
 def repeat_rows(tensor: torch.Tensor, n: int) -> torch.Tensor:
     """(B, ...) -> (B*n, ...), each prompt's rows next to each other."""
     return tensor.repeat_interleave(n, dim=0) if n > 1 else tensor
-
-
-def decode_with_vae(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Undo the latent scaling (and shift / per-channel statistics where the VAE has them), then decode."""
-    needs_upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    if needs_upcast:  # fp16 VAEs that overflow decode in float32, as the classic SDXL pipeline does
-        vae.to(dtype=torch.float32)
-    latents = latents.to(vae.dtype)
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        c = latents.shape[1]
-        mean_t = torch.tensor(mean).view(1, c, 1, 1).to(latents.device, latents.dtype)
-        std_t = torch.tensor(std).view(1, c, 1, 1).to(latents.device, latents.dtype)
-        latents = latents * std_t / cfg.scaling_factor + mean_t
-    else:
-        latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    image = vae.decode(latents, return_dict=False)[0]
-    if needs_upcast:
-        vae.to(dtype=torch.float16)
-    return image

@@ -10,7 +10,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..control import CancelToken
-from .base import Conditioning, StepDiffPipeline, _check_prompt_inputs, _prompt_list, repeat_rows, tokenize
+from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
+from .run import Run
 
 __all__ = ["StableDiffusionPipeline"]
 
@@ -28,7 +29,7 @@ class StableDiffusionPipeline(StepDiffPipeline):
         "prompt_embeds": ("cond", "encoder_hidden_states"),
         "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
     }
-    _family_class_names = ("StableDiffusionPipeline",)
+    family = "sd"
 
     def __init__(
         self,
@@ -48,7 +49,6 @@ class StableDiffusionPipeline(StepDiffPipeline):
             safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
         )
         self.register_to_config(requires_safety_checker=requires_safety_checker)
-        self._cross_attention_kwargs: dict | None = None
 
     def _embed(self, texts: list[str], device: torch.device, clip_skip: int | None, max_length: int | None = None):
         ids = tokenize(self.tokenizer, texts, max_length).to(device)
@@ -79,10 +79,17 @@ class StableDiffusionPipeline(StepDiffPipeline):
         uncond = repeat_rows(negative_prompt_embeds.to(device, dtype), num_images_per_prompt)
         return Conditioning(cond={"encoder_hidden_states": cond}, uncond={"encoder_hidden_states": uncond})
 
-    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+    def check_prompts(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        depth = self.text_encoder.config.num_hidden_layers if self.text_encoder is not None else None
+        return pop_prompts(args, max_clip_skip=depth)
+
+    def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"cross_attention_kwargs": args.pop("cross_attention_kwargs", None)}
+
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> torch.Tensor:
         return self.unet(
             latent_input, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
-            cross_attention_kwargs=self._cross_attention_kwargs, return_dict=False,
+            cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
         )[0]
 
     def __call__(
@@ -120,23 +127,4 @@ class StableDiffusionPipeline(StepDiffPipeline):
         x0 estimate, a clean image; default) or ``"latents"`` (the classic behaviour). Returns a
         ``StepDiffPipelineOutput``.
         """
-        prompts = _prompt_list("prompt", prompt)
-        negatives = _prompt_list("negative_prompt", negative_prompt)
-        batch_size = _check_prompt_inputs(prompts, negatives, prompt_embeds, negative_prompt_embeds)
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
-            raise ValueError(f"clip_skip must be None or a non-negative int, got {clip_skip!r}")
-        self._cross_attention_kwargs = cross_attention_kwargs
-        return self._generate(
-            batch_size=batch_size,
-            encode_kwargs=dict(
-                prompt=prompts, negative_prompt=negatives, prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
-            ),
-            height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps,
-            sigmas=sigmas, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
-            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            cancel=cancel, interrupt_output=interrupt_output,
-        )
-
+        return self._call(locals())

@@ -15,7 +15,8 @@ with quiet_transformers():
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..control import CancelToken
-from .base import Conditioning, StepDiffPipeline, _check_prompt_inputs, _prompt_list, repeat_rows, tokenize
+from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
+from .run import Run
 
 __all__ = ["StableDiffusion3Pipeline"]
 
@@ -39,7 +40,8 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
         "pooled_prompt_embeds": ("cond", "pooled_projections"),
         "negative_pooled_prompt_embeds": ("uncond", "pooled_projections"),
     }
-    _family_class_names = ("StableDiffusion3Pipeline",)
+    family = "sd3"
+    flow_matching = True
 
     def __init__(
         self,
@@ -61,7 +63,6 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
             tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3, transformer=transformer,
             scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor,
         )
-        self._joint_attention_kwargs: dict | None = None
 
     # ------------------------------------------------------------ family rules
 
@@ -152,12 +153,28 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
             },
         )
 
-    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+    def check_prompts(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        depth = min((e.config.num_hidden_layers for e in encoders), default=None)
+        batch, kwargs = pop_prompts(
+            args, extra=("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3"), pooled=True,
+            max_clip_skip=None if depth is None else depth - 1,
+        )
+        msl = args.pop("max_sequence_length", 256)
+        if isinstance(msl, bool) or not isinstance(msl, int) or not 1 <= msl <= 512:
+            raise ValueError(f"max_sequence_length must be an int in [1, 512], got {msl!r}")
+        kwargs["max_sequence_length"] = msl
+        return batch, kwargs
+
+    def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"joint_attention_kwargs": args.pop("joint_attention_kwargs", None)}
+
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> torch.Tensor:
         return self.transformer(
             hidden_states=latent_input, timestep=timestep.expand(latent_input.shape[0]),
             encoder_hidden_states=conditioning["encoder_hidden_states"],
             pooled_projections=conditioning["pooled_projections"],
-            joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
+            joint_attention_kwargs=run.model_kwargs["joint_attention_kwargs"], return_dict=False,
         )[0]
 
     def __call__(
@@ -194,39 +211,4 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
 
         See ``StableDiffusionPipeline.__call__`` for the callback protocol; returns a ``StepDiffPipelineOutput``.
         """
-        prompts = _prompt_list("prompt", prompt)
-        negatives = _prompt_list("negative_prompt", negative_prompt)
-        others = {
-            name: _prompt_list(name, value) for name, value in (
-                ("prompt_2", prompt_2), ("prompt_3", prompt_3),
-                ("negative_prompt_2", negative_prompt_2), ("negative_prompt_3", negative_prompt_3),
-            )
-        }
-        batch_size = _check_prompt_inputs(prompts, negatives, prompt_embeds, negative_prompt_embeds)
-        for name, value in others.items():
-            base = negatives if name.startswith("negative") else prompts
-            if value is not None and (base is None or len(value) != len(base)):
-                raise ValueError(f"{name} must match the length of {name[:-2]}, got {value!r}")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("prompt_embeds needs pooled_prompt_embeds too")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
-        msl = max_sequence_length
-        if isinstance(msl, bool) or not isinstance(msl, int) or not 1 <= msl <= 512:
-            raise ValueError(f"max_sequence_length must be an int in [1, 512], got {max_sequence_length!r}")
-        self._joint_attention_kwargs = joint_attention_kwargs
-        return self._generate(
-            batch_size=batch_size,
-            encode_kwargs=dict(
-                prompt=prompts, negative_prompt=negatives, **others, prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, clip_skip=clip_skip,
-                max_sequence_length=max_sequence_length,
-            ),
-            height=height, width=width, num_inference_steps=num_inference_steps, timesteps=None, sigmas=sigmas,
-            guidance_scale=guidance_scale, guidance_rescale=0.0, num_images_per_prompt=num_images_per_prompt,
-            eta=0.0, generator=generator, latents=latents, output_type=output_type, return_dict=return_dict,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            cancel=cancel, interrupt_output=interrupt_output,
-        )
+        return self._call(locals())

@@ -10,7 +10,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..control import CancelToken
-from .base import Conditioning, StepDiffPipeline, _check_prompt_inputs, _prompt_list, repeat_rows, tokenize
+from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
+from .run import Run
 
 __all__ = ["StableDiffusionXLPipeline"]
 
@@ -45,7 +46,7 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
         "add_time_ids": ("cond", "time_ids"),
         "negative_add_time_ids": ("uncond", "time_ids"),
     }
-    _family_class_names = ("StableDiffusionXLPipeline",)
+    family = "sdxl"
 
     def __init__(
         self,
@@ -68,7 +69,6 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
             feature_extractor=feature_extractor,
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-        self._cross_attention_kwargs: dict | None = None
 
     def _embed(self, texts: list[str], texts_2: list[str], device, clip_skip: int | None, max_length=None):
         """(hidden states of both encoders concatenated, pooled projection of the second)."""
@@ -151,11 +151,30 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
             },
         )
 
-    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+    _SIZE_ARGS = (
+        "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+        "negative_crops_coords_top_left", "negative_target_size",
+    )
+
+    def check_prompts(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        depth = min((e.config.num_hidden_layers for e in encoders), default=None)
+        batch, kwargs = pop_prompts(
+            args, extra=("prompt_2", "negative_prompt_2"), pooled=True,
+            max_clip_skip=None if depth is None else depth - 1,
+        )
+        for name in self._SIZE_ARGS:
+            kwargs[name] = _size_pair(name, args.pop(name, None))
+        return batch, kwargs
+
+    def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"cross_attention_kwargs": args.pop("cross_attention_kwargs", None)}
+
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> torch.Tensor:
         return self.unet(
             latent_input, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
             added_cond_kwargs={"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]},
-            cross_attention_kwargs=self._cross_attention_kwargs, return_dict=False,
+            cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
         )[0]
 
     def __call__(
@@ -198,39 +217,4 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
 
         See ``StableDiffusionPipeline.__call__`` for the callback protocol; returns a ``StepDiffPipelineOutput``.
         """
-        prompts = _prompt_list("prompt", prompt)
-        prompts_2 = _prompt_list("prompt_2", prompt_2)
-        negatives = _prompt_list("negative_prompt", negative_prompt)
-        negatives_2 = _prompt_list("negative_prompt_2", negative_prompt_2)
-        batch_size = _check_prompt_inputs(prompts, negatives, prompt_embeds, negative_prompt_embeds)
-        for name, value, other in (("prompt_2", prompts_2, prompts), ("negative_prompt_2", negatives_2, negatives)):
-            if value is not None and (other is None or len(value) != len(other)):
-                raise ValueError(f"{name} must match the length of {name[:-2]}, got {value!r}")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (from text_encoder_2)")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too (from text_encoder_2)")
-        sizes = {
-            name: _size_pair(name, value) for name, value in (
-                ("original_size", original_size), ("crops_coords_top_left", crops_coords_top_left),
-                ("target_size", target_size), ("negative_original_size", negative_original_size),
-                ("negative_crops_coords_top_left", negative_crops_coords_top_left),
-                ("negative_target_size", negative_target_size),
-            )
-        }
-        self._cross_attention_kwargs = cross_attention_kwargs
-        return self._generate(
-            batch_size=batch_size,
-            encode_kwargs=dict(
-                prompt=prompts, prompt_2=prompts_2, negative_prompt=negatives, negative_prompt_2=negatives_2,
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds,
-                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, clip_skip=clip_skip, **sizes,
-            ),
-            height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps,
-            sigmas=sigmas, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
-            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            cancel=cancel, interrupt_output=interrupt_output,
-        )
+        return self._call(locals())

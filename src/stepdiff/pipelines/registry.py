@@ -1,0 +1,53 @@
+"""One registry of pipelines: which family, which kind of run, which module.
+
+Read by ``stepdiff`` and ``stepdiff.pipelines`` for their lazy imports, by ``auto`` to pick a class,
+and by the loading errors for their hints. Adding a pipeline is one new file and one line here.
+This module imports nothing from the pipelines, so there is no import cycle.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+__all__ = ["KINDS", "REGISTRY", "PipelineEntry", "entry_for_class_name", "load", "pipeline_for"]
+
+KINDS = ("text2image", "image2image", "inpaint")
+
+
+@dataclass(frozen=True)
+class PipelineEntry:
+    name: str  # the class name, the same as the classic library's
+    module: str  # relative to stepdiff.pipelines
+    family: str  # "sd", "sdxl", "sd3": folders of one family load into any of its kinds
+    kind: str  # one of KINDS
+
+
+REGISTRY: tuple[PipelineEntry, ...] = (
+    PipelineEntry("StableDiffusionPipeline", ".stable_diffusion", "sd", "text2image"),
+    PipelineEntry("StableDiffusionImg2ImgPipeline", ".stable_diffusion_img2img", "sd", "image2image"),
+    PipelineEntry("StableDiffusionInpaintPipeline", ".stable_diffusion_inpaint", "sd", "inpaint"),
+    PipelineEntry("StableDiffusionXLPipeline", ".stable_diffusion_xl", "sdxl", "text2image"),
+    PipelineEntry("StableDiffusionXLImg2ImgPipeline", ".stable_diffusion_xl_img2img", "sdxl", "image2image"),
+    PipelineEntry("StableDiffusionXLInpaintPipeline", ".stable_diffusion_xl_inpaint", "sdxl", "inpaint"),
+    PipelineEntry("StableDiffusion3Pipeline", ".stable_diffusion_3", "sd3", "text2image"),
+    PipelineEntry("StableDiffusion3Img2ImgPipeline", ".stable_diffusion_3_img2img", "sd3", "image2image"),
+)
+
+_BY_NAME = {e.name: e for e in REGISTRY}
+
+
+def entry_for_class_name(class_name: str | None) -> PipelineEntry | None:
+    """The entry of a model_index.json ``_class_name`` (any kind of its family is fine to load)."""
+    return _BY_NAME.get(class_name)  # type: ignore[arg-type]
+
+
+def pipeline_for(family: str, kind: str) -> PipelineEntry | None:
+    for e in REGISTRY:
+        if e.family == family and e.kind == kind:
+            return e
+    return None
+
+
+def load(entry: PipelineEntry) -> type:
+    return getattr(importlib.import_module(entry.module, "stepdiff.pipelines"), entry.name)

@@ -1,0 +1,239 @@
+"""A run: everything one pipeline call owns, from prepare to finish.
+
+``pipeline.prepare(...)`` (or ``pipeline.steps(...)``) checks the arguments, sets the timesteps on
+the run's own scheduler copy, encodes the prompts and makes the initial latents, and returns a
+``Run``. Iterating the run executes the denoising loop one step at a time (callbacks between steps)
+and yields the loop state after each step; ``run.finish()`` decodes and returns the output.
+``pipeline(...)`` is exactly ``prepare`` + iterate + ``finish``.
+
+A run's state (guidance scale, stop flag, cancel token, timesteps, counters, scheduler) never lives
+on the pipeline, so one pipeline object can serve several threads at once. The classic spellings
+used inside callbacks (``pipeline._interrupt = True``, ``pipeline._guidance_scale``,
+``pipeline.num_timesteps``) reach the run that is calling the callback, through a per-thread
+binding set only while that run's callbacks execute.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ..control import CancelToken
+from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
+from ..loop import LoopState, denoise
+
+__all__ = ["Run", "StepState", "current_run", "remembered"]
+
+StepState = LoopState  # what a run yields after each step
+
+_local = threading.local()
+
+
+def _stack() -> list[Run]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def current_run(pipeline: Any) -> Run | None:
+    """The run of ``pipeline`` whose callback is executing in this thread, if any."""
+    for run in reversed(_stack()):
+        if run.pipeline is pipeline:
+            return run
+    return None
+
+
+def remembered(pipeline: Any) -> dict[str, Any]:
+    """What this thread's last finished run of ``pipeline`` left (guidance scale, num_timesteps, ...),
+    so that the classic attributes read after a call answer as they do in the classic pipelines."""
+    last = getattr(_local, "last", None)
+    if last is None:
+        last = _local.last = {}
+    key = id(pipeline)
+    entry = last.get(key)
+    if entry is None or entry[0]() is not pipeline:
+        import weakref
+
+        try:
+            ref = weakref.ref(pipeline)
+        except TypeError:
+            ref = (lambda p: (lambda: p))(pipeline)
+        entry = last[key] = (ref, {})
+    return entry[1]
+
+
+@contextmanager
+def _bound(run: Run) -> Iterator[None]:
+    stack = _stack()
+    stack.append(run)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+class Run:
+    """One call of a pipeline. Iterate it to run the steps; call ``finish()`` for the output.
+
+    Public controls, safe from any thread: ``guidance_scale`` (read before every step), ``stop()``,
+    ``cancel`` (the run's ``CancelToken``). Read-only: ``num_timesteps``, ``timesteps``,
+    ``state`` (latents, x0 estimate, counters), ``interrupted``, ``stop_reason``.
+    """
+
+    def __init__(
+        self, pipeline: Any, *, scheduler: Any, timesteps: torch.Tensor, guidance: Guidance, cancel: CancelToken | None,
+        callback: Callable | None, tensor_names: list[str], output_type: str, return_dict: bool,
+        interrupt_output: str, step_kwargs: dict, model_kwargs: dict, started: float,
+    ) -> None:
+        self.pipeline = pipeline
+        self.scheduler = scheduler  # this run's own copy: schedulers keep per-call state between steps
+        self.timesteps = timesteps
+        self.guidance = guidance
+        self.cancel = cancel if cancel is not None else CancelToken()
+        self.callback = callback
+        self.tensor_names = tensor_names
+        self.output_type = output_type
+        self.return_dict = return_dict
+        self.interrupt_output = interrupt_output
+        self.step_kwargs = step_kwargs
+        self.model_kwargs = model_kwargs  # per-call model arguments (cross_attention_kwargs, ...)
+        self.started = started
+        self.extras: dict[str, Any] = {}  # what a kind of run keeps for its own steps (inpainting's mask, ...)
+        self.state: LoopState | None = None
+        self.after_step: Callable[[LoopState], None] | None = None
+        self._interrupt = False
+        self._stop_reason: str | None = None
+        self._iterated = False
+        self._loop_finished = False
+        self._output: Any = None
+        self._scratch: dict[int, dict] = {}
+
+    # ---------------------------------------------------------------- controls
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.guidance.scale
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float) -> None:
+        self.guidance.scale = check_guidance_scale(value)
+
+    @property
+    def guidance_rescale(self) -> float:
+        return getattr(self.guidance, "rescale", 0.0)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return isinstance(self.guidance, ClassifierFreeGuidance) and self.guidance.scale > 1.0
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def stop(self, reason: str = "stopped by callback") -> None:
+        """Stop before the next model call; the image is the last x0 estimate (see ``interrupt_output``)."""
+        self._stop_reason = reason
+        self._interrupt = True
+
+    def interrupt_now(self) -> None:
+        """The classic ``pipeline._interrupt = True``: stop, keeping any reason already given."""
+        self._interrupt = True
+
+    @property
+    def stop_reason(self) -> str:
+        if self._loop_finished and not self.interrupted:
+            return "completed"
+        return self._stop_reason or "interrupted"
+
+    @property
+    def interrupted(self) -> bool:
+        return self.state is not None and self.state.steps_completed < self.num_timesteps
+
+    def scratch(self, owner: object) -> dict:
+        """A dict private to ``owner`` (a callback object) for this run: per-run state for shared callbacks."""
+        return self._scratch.setdefault(id(owner), {})
+
+    def _should_stop(self) -> bool:
+        if self.cancel.cancelled:
+            self._stop_reason = self.cancel.reason
+            self._interrupt = True
+        return self._interrupt
+
+    @contextmanager
+    def bound(self) -> Iterator[None]:
+        """Route the pipeline's classic per-call attributes to this run, in this thread."""
+        with _bound(self):
+            yield
+
+    # ----------------------------------------------------------------- stepping
+
+    def __iter__(self) -> Iterator[StepState]:
+        if self._iterated:
+            raise RuntimeError("a run's steps can be iterated once; prepare a new run")
+        self._iterated = True
+        return self._steps()
+
+    def _steps(self) -> Iterator[StepState]:
+        pipe = self.pipeline
+        loop = denoise(
+            self.state, self.timesteps, self.scheduler, self._predict, self.step_kwargs,
+            should_stop=self._should_stop, guidance=self.guidance,
+            inference_mode=pipe._model_calls_in_inference_mode(), flow_matching=pipe.flow_matching,
+            after_step=self.after_step,
+        )
+        bar = pipe.progress_bar(total=self.num_timesteps)
+        try:
+            for state in loop:
+                if self.callback is not None:
+                    with self.bound():
+                        pipe._run_callback(self, self.callback, state, self.tensor_names)
+                bar.update()
+                yield state
+            self._loop_finished = True
+        finally:
+            bar.close()
+
+    def _predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        return self.pipeline.predict(latent_input, timestep, conditioning, self)
+
+    def run(self) -> Any:
+        """Iterate every step, then ``finish()``: what ``pipeline(...)`` does."""
+        for _ in self:
+            pass
+        return self.finish()
+
+    def finish(self) -> Any:
+        """Decode and return the output (once; later calls return the same object).
+
+        A run abandoned before its last step (a ``break`` out of the iteration) counts as interrupted
+        and decodes its last x0 estimate.
+        """
+        if self._output is not None:
+            return self._output
+        if self._iterated and not self._loop_finished and not self._interrupt:
+            self._stop_reason = self._stop_reason or "stopped by caller"
+            self._interrupt = True
+        from .base import run_hooks
+
+        with self.bound():
+            run_hooks(self.callback, "on_run_end", self.pipeline)
+        self._output = self.pipeline.finish(self)
+        return self._output
+
+    @property
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def __repr__(self) -> str:
+        done = 0 if self.state is None else self.state.steps_completed
+        return f"Run({type(self.pipeline).__name__}, step {done}/{self.num_timesteps}, guidance {self.guidance.scale:g})"
