@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 import stepdiff
 from _common import table
-from stepdiff.vae import decode_latents
 from stepdiff.schedulers import make_scheduler
 from stepdiff.shapes.dataset import caption, eval_pairs, train_combos
 from stepdiff.shapes.judge import judge
+from stepdiff.vae import decode_latents
 
 STEPS = 25
 TUNE_SEED_BASE = 7_000_000

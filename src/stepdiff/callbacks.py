@@ -167,6 +167,13 @@ class StopAtStep(PipelineCallback):
         return callback_kwargs
 
 
+def _per_run(pipeline: Any, owner: object) -> dict:
+    """State a callback keeps for one run: private to the run when the pipeline has runs (stepdiff), so one
+    callback object can serve runs in several threads at once; the callback's own dict otherwise."""
+    run = getattr(pipeline, "current_run", None)
+    return run.scratch(owner) if run is not None else owner.__dict__.setdefault("_state", {})
+
+
 def _positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -193,25 +200,29 @@ class StopOnConvergence:
         if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 0:
             raise ValueError(f"min_steps must be an int >= 0, got {min_steps!r}")
         self.patience, self.min_steps = patience, min_steps
-        self.changes: list[float] = []
-        self._previous: torch.Tensor | None = None
-        self._calm = 0
+        self.changes: list[float] = []  # the changes of the latest run that started
 
     def on_run_start(self, pipeline: Any) -> None:
-        self.changes, self._previous, self._calm = [], None, 0
+        state = _per_run(pipeline, self)
+        state.update(changes=[], previous=None, calm=0)
+        self.changes = state["changes"]
 
     def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
+        state = _per_run(pipeline, self)
+        if "changes" not in state:
+            self.on_run_start(pipeline)
         x0 = callback_kwargs["denoised"].float()
-        if self._previous is not None:
+        previous = state["previous"]
+        if previous is not None:
             dims = tuple(range(1, x0.ndim))
-            diff = (x0 - self._previous).pow(2).mean(dims).sqrt()
-            scale = self._previous.pow(2).mean(dims).sqrt().clamp_min(1e-8)
+            diff = (x0 - previous).pow(2).mean(dims).sqrt()
+            scale = previous.pow(2).mean(dims).sqrt().clamp_min(1e-8)
             change = float((diff / scale).max())
-            self.changes.append(change)
-            self._calm = self._calm + 1 if change < self.tolerance else 0
-            if self._calm >= self.patience and step_index + 1 >= self.min_steps:
+            state["changes"].append(change)
+            state["calm"] = state["calm"] + 1 if change < self.tolerance else 0
+            if state["calm"] >= self.patience and step_index + 1 >= self.min_steps:
                 pipeline.stop(f"converged: x0 changed < {self.tolerance:g} for {self.patience} steps")
-        self._previous = x0
+        state["previous"] = x0
         return None
 
 
@@ -222,13 +233,13 @@ class Timeout:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = _positive("seconds", seconds)
-        self._started = time.monotonic()
 
     def on_run_start(self, pipeline: Any) -> None:
-        self._started = time.monotonic()
+        _per_run(pipeline, self)["started"] = time.monotonic()
 
     def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
-        if time.monotonic() - self._started >= self.seconds:
+        started = _per_run(pipeline, self).setdefault("started", time.monotonic())
+        if time.monotonic() - started >= self.seconds:
             pipeline.stop(f"timeout after {self.seconds:g} s")
         return None
 
@@ -299,7 +310,7 @@ class _ScheduledGuidance:
         raise NotImplementedError
 
     def on_run_start(self, pipeline: Any) -> None:
-        self._base = pipeline.guidance_scale
+        _per_run(pipeline, self)["base"] = pipeline.guidance_scale  # the call's own scale
         pipeline.guidance_scale = self.scale_at(pipeline, 0)
 
     def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
@@ -350,7 +361,8 @@ class GuidanceIntervalCallback(_ScheduledGuidance):
 
     def scale_at(self, pipeline: Any, step_index: int) -> float:
         start, end = self.bounds(pipeline.num_timesteps)
-        return (self.scale if self.scale is not None else self._base) if start <= step_index < end else 0.0
+        base = _per_run(pipeline, self)["base"]
+        return (self.scale if self.scale is not None else base) if start <= step_index < end else 0.0
 
 
 class GuidanceScheduleCallback(_ScheduledGuidance):
