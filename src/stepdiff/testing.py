@@ -58,13 +58,13 @@ def _text_config(vocab_size: int, tokenizer, hidden: int, projection_dim: int = 
     )
 
 
-def make_tiny_sd(out: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """A ~0.5M-parameter random SD 1.x-style pipeline folder."""
+def make_tiny_sd(out: str | Path, seed: int = 0, prediction_type: str = "epsilon", in_channels: int = 4) -> Path:
+    """A ~0.5M-parameter random SD 1.x-style pipeline folder (``in_channels=9``: an inpainting UNet)."""
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, norm_num_groups=32,
     )
@@ -78,13 +78,14 @@ def make_tiny_sd(out: str | Path, seed: int = 0, prediction_type: str = "epsilon
     return out
 
 
-def make_tiny_sdxl(out: str | Path, seed: int = 0, width: int = 32, sample_size: int = 16) -> Path:
-    """A random SDXL pipeline folder; ``width`` scales the UNet (32 is tiny, 96+ makes the UNet dominate)."""
+def make_tiny_sdxl(out: str | Path, seed: int = 0, width: int = 32, sample_size: int = 16, in_channels: int = 4) -> Path:
+    """A random SDXL pipeline folder; ``width`` scales the UNet (32 is tiny, 96+ makes the UNet dominate);
+    ``in_channels=9``: an inpainting UNet."""
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
     unet = UNet2DConditionModel(
-        block_out_channels=(width, width * 2), layers_per_block=2, sample_size=sample_size, in_channels=4,
+        block_out_channels=(width, width * 2), layers_per_block=2, sample_size=sample_size, in_channels=in_channels,
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),

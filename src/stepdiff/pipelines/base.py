@@ -354,7 +354,7 @@ class StepDiffPipeline(DiffusionPipeline):
     def encode(self, **kwargs: Any) -> Conditioning:
         raise NotImplementedError
 
-    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> torch.Tensor:
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
         raise NotImplementedError
 
     def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -378,11 +378,24 @@ class StepDiffPipeline(DiffusionPipeline):
 
     def set_timesteps(self, run: Run, num_inference_steps: int | None, timesteps, sigmas, kind: dict) -> torch.Tensor:
         """Set the run's scheduler and return the timesteps the loop will run."""
-        steps, _ = retrieve_timesteps(
+        steps, num_inference_steps = retrieve_timesteps(
             run.scheduler, num_inference_steps, self._execution_device, timesteps=timesteps, sigmas=sigmas,
             **self.scheduler_kwargs(kind["height"], kind["width"]),
         )
+        steps = self.truncate_start(run, steps, num_inference_steps, kind)
+        return self.truncate_end(run, steps, kind)
+
+    def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: dict) -> torch.Tensor:
+        """Where the run starts in the schedule (image-to-image: by ``strength`` or ``denoising_start``)."""
         return steps
+
+    def truncate_end(self, run: Run, steps: torch.Tensor, kind: dict) -> torch.Tensor:
+        """Where the run ends in the schedule (SDXL: ``denoising_end``)."""
+        return steps
+
+    def extend_model_input(self, latent_input: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """Extra input channels a kind adds (9-channel inpainting UNets: mask and masked-image latents)."""
+        return latent_input
 
     def initial_latents(
         self, run: Run, rows: int, height: int, width: int, dtype: torch.dtype, device: torch.device,

@@ -86,9 +86,10 @@ class StableDiffusionPipeline(StepDiffPipeline):
     def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"cross_attention_kwargs": args.pop("cross_attention_kwargs", None)}
 
-    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> torch.Tensor:
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
         return self.unet(
-            latent_input, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
+            self.extend_model_input(latent_input, conditioning), timestep,
+            encoder_hidden_states=conditioning["encoder_hidden_states"],
             cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
         )[0]
 

@@ -169,7 +169,7 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
     def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"joint_attention_kwargs": args.pop("joint_attention_kwargs", None)}
 
-    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> torch.Tensor:
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
         return self.transformer(
             hidden_states=latent_input, timestep=timestep.expand(latent_input.shape[0]),
             encoder_hidden_states=conditioning["encoder_hidden_states"],

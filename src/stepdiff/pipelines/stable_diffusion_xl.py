@@ -16,6 +16,14 @@ from .run import Run
 __all__ = ["StableDiffusionXLPipeline"]
 
 
+def _fraction(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be None or a number strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
 def _size_pair(name: str, value: object) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -83,8 +91,20 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
             hidden.append(out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
         return torch.cat(hidden, dim=-1), pooled
 
-    def _time_ids(self, original_size, crops, target_size, dtype, projection_dim: int) -> torch.Tensor:
-        ids = list(original_size + crops + target_size)
+    def time_id_lists(
+        self, height: int, width: int, original_size, crops_coords_top_left, target_size, negative_original_size,
+        negative_crops_coords_top_left, negative_target_size, **extra: Any,
+    ) -> tuple[tuple, tuple | None]:
+        """Micro-conditioning of the conditional rows and (None: the same) of the unconditional rows."""
+        original_size = original_size or (height, width)
+        target_size = target_size or (height, width)
+        ids = original_size + crops_coords_top_left + target_size
+        if negative_original_size is not None and negative_target_size is not None:
+            return ids, negative_original_size + negative_crops_coords_top_left + negative_target_size
+        return ids, None
+
+    def _time_ids(self, ids: tuple, dtype, projection_dim: int) -> torch.Tensor:
+        ids = list(ids)
         passed = self.unet.config.addition_time_embed_dim * len(ids) + projection_dim
         expected = self.unet.add_embedding.linear_1.in_features
         if passed != expected:
@@ -97,8 +117,7 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
     def encode(
         self, *, device, num_images_per_prompt, height, width, prompt, prompt_2, negative_prompt,
         negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-        negative_pooled_prompt_embeds, original_size, crops_coords_top_left, target_size,
-        negative_original_size, negative_crops_coords_top_left, negative_target_size, clip_skip,
+        negative_pooled_prompt_embeds, clip_skip, **time_args: Any,
     ) -> Conditioning:
         zeros_for_negative = negative_prompt is None and self.config.force_zeros_for_empty_prompt
         if prompt_embeds is None and negative_prompt_embeds is None and clip_skip is None and not zeros_for_negative:
@@ -125,15 +144,9 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
             self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None
             else pooled_prompt_embeds.shape[-1]
         )
-        original_size = original_size or (height, width)
-        target_size = target_size or (height, width)
-        time_ids = self._time_ids(original_size, crops_coords_top_left, target_size, dtype, projection_dim)
-        if negative_original_size is not None and negative_target_size is not None:
-            neg_time_ids = self._time_ids(
-                negative_original_size, negative_crops_coords_top_left, negative_target_size, dtype, projection_dim
-            )
-        else:
-            neg_time_ids = time_ids
+        ids, neg_ids = self.time_id_lists(height, width, **time_args)
+        time_ids = self._time_ids(ids, dtype, projection_dim)
+        neg_time_ids = time_ids if neg_ids is None else self._time_ids(neg_ids, dtype, projection_dim)
         n = num_images_per_prompt
 
         def rows(t: torch.Tensor) -> torch.Tensor:
@@ -170,9 +183,27 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
     def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"cross_attention_kwargs": args.pop("cross_attention_kwargs", None)}
 
-    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> torch.Tensor:
+    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+        kind = super().check_kind_inputs(args)
+        kind["denoising_end"] = _fraction("denoising_end", args.pop("denoising_end", None))
+        return kind
+
+    def truncate_end(self, run: Run, steps: torch.Tensor, kind: dict) -> torch.Tensor:
+        """``denoising_end``: stop where a refiner takes over ("mixture of denoisers"), as the classic pipeline."""
+        end = kind["denoising_end"]
+        if end is None:
+            return steps
+        start = kind.get("denoising_start")
+        if start is not None and start >= end:
+            raise ValueError(f"denoising_start ({start}) must be less than denoising_end ({end})")
+        train = run.scheduler.config.num_train_timesteps
+        cutoff = round(train - end * train)
+        return steps[: int((steps >= cutoff).sum())]
+
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
         return self.unet(
-            latent_input, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
+            self.extend_model_input(latent_input, conditioning), timestep,
+            encoder_hidden_states=conditioning["encoder_hidden_states"],
             added_cond_kwargs={"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]},
             cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
         )[0]
@@ -208,6 +239,7 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
         negative_crops_coords_top_left: tuple[int, int] = (0, 0),
         negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
+        denoising_end: float | None = None,
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         cancel: CancelToken | None = None,

@@ -1,0 +1,67 @@
+"""What SDXL's image-to-image and inpainting pipelines share: aesthetic-score micro-conditioning and
+``denoising_start``, the refiner side of the base -> refiner hand-off."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .run import Run
+from .stable_diffusion_xl import StableDiffusionXLPipeline, _fraction
+
+__all__ = ["SDXLImageMixin"]
+
+
+class SDXLImageMixin:
+    _callback_tensor_inputs: ClassVar[list[str]] = [
+        *StableDiffusionXLPipeline._callback_tensor_inputs, "add_neg_time_ids",
+    ]
+    _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
+        **StableDiffusionXLPipeline._callback_names, "add_neg_time_ids": ("uncond", "time_ids"),
+    }
+
+    def check_prompts(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        batch, kwargs = super().check_prompts(args)  # type: ignore[misc]
+        for name, default in (("aesthetic_score", 6.0), ("negative_aesthetic_score", 2.5)):
+            value = args.pop(name, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            kwargs[name] = float(value)
+        return batch, kwargs
+
+    def time_id_lists(
+        self, height, width, original_size, crops_coords_top_left, target_size, negative_original_size,
+        negative_crops_coords_top_left, negative_target_size, aesthetic_score, negative_aesthetic_score,
+    ) -> tuple[tuple, tuple | None]:
+        original_size = original_size or (height, width)
+        target_size = target_size or (height, width)
+        negative_original_size = negative_original_size or original_size
+        negative_target_size = negative_target_size or target_size
+        if self.config.get("requires_aesthetics_score", False):  # the refiner: an aesthetic score, no target size
+            return (original_size + crops_coords_top_left + (aesthetic_score,),
+                    negative_original_size + negative_crops_coords_top_left + (negative_aesthetic_score,))
+        # As the classic image pipelines: the negative rows use the positive crop coordinates.
+        return (original_size + crops_coords_top_left + target_size,
+                negative_original_size + crops_coords_top_left + negative_target_size)
+
+    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+        kind = super().check_kind_inputs(args)  # type: ignore[misc]
+        kind["denoising_start"] = _fraction("denoising_start", args.pop("denoising_start", None))
+        kind["add_noise"] = kind["denoising_start"] is None
+        return kind
+
+    def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: dict) -> torch.Tensor:
+        start = kind["denoising_start"]
+        if start is None:
+            return super().truncate_start(run, steps, num_inference_steps, kind)  # type: ignore[misc]
+        scheduler = run.scheduler
+        train = scheduler.config.num_train_timesteps
+        cutoff = round(train - start * train)
+        n = int((scheduler.timesteps < cutoff).sum())
+        if scheduler.order == 2 and n % 2 == 0:  # keep second-order schedulers on a whole step
+            n += 1
+        t_start = len(scheduler.timesteps) - n
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start)
+        return scheduler.timesteps[t_start:]

@@ -1,0 +1,243 @@
+"""Kinds of run beyond text-to-image: image-to-image and inpainting, as mixins over a family.
+
+A kind changes only the start of a run (where the timesteps begin, what the first latents are) and,
+for inpainting, what happens after each step (the known region is put back) and what an interrupted
+run shows. The loop, the guidance, the callbacks and the output are the family's, unchanged.
+``StableDiffusionImg2ImgPipeline`` is ``Image2ImageRun`` over ``StableDiffusionPipeline``, and so on.
+
+Where the classic pipelines' image handling has an order (VAE sampling, then noise, then the
+masked image), it is kept, so that the same generator gives the same images.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..vae import encode_images
+from .run import Run
+
+__all__ = ["Image2ImageRun", "InpaintRun", "check_strength"]
+
+_IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor, list)
+
+
+def check_strength(value: object, steps: int | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"strength must be a number in (0, 1], got {value!r} ({type(value).__name__})")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"strength must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_image(name: str, image: object) -> None:
+    if image is None:
+        raise ValueError(f"{name} is required for this pipeline (a PIL image, numpy array, tensor or a list of them)")
+    if not isinstance(image, _IMAGE_TYPES) or (isinstance(image, list) and not image):
+        raise TypeError(
+            f"{name} must be a PIL image, a numpy array, a torch tensor or a non-empty list of them, "
+            f"got {type(image).__name__}"
+        )
+
+
+def _image_size(image: object) -> tuple[int, int] | None:
+    """(height, width) of an image argument before preprocessing, where it can be told."""
+    first = image[0] if isinstance(image, list) else image
+    if isinstance(first, PIL.Image.Image):
+        return first.height, first.width
+    if isinstance(first, torch.Tensor) and first.ndim >= 2:
+        return tuple(first.shape[-2:])  # type: ignore[return-value]
+    if isinstance(first, np.ndarray) and first.ndim >= 2:
+        return (first.shape[-3], first.shape[-2]) if first.ndim >= 3 and first.shape[-1] in (1, 3, 4) else first.shape[:2]
+    return None
+
+
+def _preprocess(processor: VaeImageProcessor, name: str, image: object, **kwargs: Any) -> torch.Tensor:
+    try:
+        return processor.preprocess(image, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{name} could not be read as an image: {e}") from None
+
+
+def _repeat_to(latents: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """The classic duplication: the whole batch again, until it has ``rows`` rows."""
+    if rows > latents.shape[0]:
+        if rows % latents.shape[0]:
+            raise ValueError(f"{name} has {latents.shape[0]} images, which does not divide the {rows} images of this call")
+        return torch.cat([latents] * (rows // latents.shape[0]))
+    return latents
+
+
+class Image2ImageRun:
+    """Start from an image: its latents noised to the timestep that ``strength`` picks, then the usual steps."""
+
+    size_from_image: ClassVar[bool] = True  # the classic SD/SDXL img2img pipelines keep the image's size
+
+    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+        kind = super().check_kind_inputs(args)  # type: ignore[misc]
+        kind["strength"] = check_strength(args.pop("strength", 0.8))
+        image = args.pop("image", None)
+        _check_image("image", image)
+        kind["image_arg"] = image
+        if self.size_from_image:
+            if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self.latent_channels():
+                kind["image"] = image  # latents given directly
+                kind["height"], kind["width"] = (s * self.vae_scale_factor for s in image.shape[-2:])
+            else:
+                kind["image"] = _preprocess(self.image_processor, "image", image)
+                kind["height"], kind["width"] = kind["image"].shape[-2:]
+        return kind
+
+    def start_index(self, num_inference_steps: int, strength: float) -> int:
+        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        return max(num_inference_steps - init_timestep, 0)
+
+    def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: dict) -> torch.Tensor:
+        scheduler = run.scheduler
+        t_start = self.start_index(num_inference_steps, kind["strength"]) * scheduler.order
+        steps = scheduler.timesteps[t_start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start)
+        if len(steps) == 0:
+            raise ValueError(
+                f"strength={kind['strength']} leaves no denoising step at num_inference_steps={num_inference_steps}; "
+                "raise strength or num_inference_steps"
+            )
+        return steps
+
+    def _image_latents(self, kind: dict, rows: int, dtype, device, generator) -> torch.Tensor:
+        image = kind.get("image")
+        if image is None:
+            image = kind["image"] = _preprocess(
+                self.image_processor, "image", kind["image_arg"], height=kind["height"], width=kind["width"]
+            )
+        image = image.to(device=device, dtype=dtype)
+        if image.shape[1] == self.latent_channels():
+            latents = image
+        else:
+            if isinstance(generator, list) and image.shape[0] < rows:
+                image = _repeat_to(image, rows, "image")
+            latents = encode_images(self.vae, image, generator)
+        return _repeat_to(latents, rows, "image")
+
+    def noise_to(self, run: Run, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self.flow_matching:
+            return run.scheduler.scale_noise(latents, timestep, noise)
+        return run.scheduler.add_noise(latents, noise, timestep)
+
+    def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
+        init = self._image_latents(kind, rows, dtype, device, generator)
+        if not kind.get("add_noise", True):  # a refiner run taking over a base run's latents (denoising_start)
+            return init
+        noise = randn_tensor(init.shape, generator=generator, device=device, dtype=dtype)
+        return self.noise_to(run, init, noise, run.timesteps[:1].repeat(rows))
+
+
+class InpaintRun(Image2ImageRun):
+    """Repaint the white part of ``mask_image``; the black part keeps ``image``.
+
+    9-channel inpainting UNets see the mask and the masked image's latents as extra input channels
+    (per-row conditioning, so they follow every guidance decision); ordinary 4-channel UNets get the
+    known region put back, noised to the next timestep, after every step. Either way the x0 estimate
+    (``denoised``, and the image of an interrupted run) keeps the unmasked area of ``image``.
+    """
+
+    size_from_image: ClassVar[bool] = False  # the classic inpainting pipelines resize to height/width
+
+    @property
+    def mask_processor(self) -> VaeImageProcessor:
+        proc = self.__dict__.get("_mask_processor")
+        if proc is None:
+            proc = self.__dict__["_mask_processor"] = VaeImageProcessor(
+                vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+            )
+        return proc
+
+    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+        kind = super().check_kind_inputs(args)
+        mask = args.pop("mask_image", None)
+        if mask is None:
+            raise ValueError("mask_image is required for inpainting: white repaints, black keeps the image")
+        _check_image("mask_image", mask)
+        image_size, mask_size = _image_size(kind["image_arg"]), _image_size(mask)
+        if image_size is not None and mask_size is not None and image_size != mask_size:
+            raise ValueError(
+                f"mask_image is {mask_size[1]}x{mask_size[0]} but image is {image_size[1]}x{image_size[0]} (width x height); "
+                "they must be the same size"
+            )
+        kind["mask_arg"] = mask
+        kind["masked_image_latents"] = args.pop("masked_image_latents", None)
+        if args.pop("padding_mask_crop", None) is not None:
+            raise NotImplementedError("padding_mask_crop is not supported by stepdiff's inpainting pipelines yet")
+        channels = self.denoiser.config.in_channels
+        if channels not in (4, 9):
+            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {channels}")
+        return kind
+
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
+        # As the classic pipeline: image latents (4-channel UNets, or strength < 1), then noise, then the mask.
+        kind["image"] = _preprocess(
+            self.image_processor, "image", kind["image_arg"], height=height, width=width
+        ).to(dtype=torch.float32)
+        strength_max = kind["strength"] == 1.0
+        nine = self.denoiser.config.in_channels == 9
+        image_latents = None
+        if not nine or (latents is None and not strength_max):
+            image_latents = self._image_latents(kind, rows, dtype, device, generator)
+        shape = (rows, self.latent_channels(), height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            if strength_max:
+                start = noise * run.scheduler.init_noise_sigma
+            else:
+                start = self.noise_to(run, image_latents, noise, run.timesteps[:1].repeat(rows))
+        else:
+            noise = latents.to(device)
+            start = noise * run.scheduler.init_noise_sigma
+        if image_latents is None:  # for the clean x0 estimate only: the posterior mode, no randomness used
+            image = kind["image"].to(device=device, dtype=dtype)
+            image_latents = _repeat_to(encode_images(self.vae, image, sample=False), rows, "image")
+        kind.update(noise=noise, image_latents=image_latents)
+        return start
+
+    def add_kind_conditioning(self, run: Run, kind: dict, dtype, device, generator) -> None:
+        rows = run.state.latents.shape[0]
+        height, width = kind["height"], kind["width"]
+        mask = _preprocess(self.mask_processor, "mask_image", kind["mask_arg"], height=height, width=width)
+        masked = kind["masked_image_latents"]
+        if masked is None:
+            masked = kind["image"] * (mask < 0.5)
+        mask = torch.nn.functional.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor))
+        mask = _repeat_to(mask.to(device=device, dtype=dtype), rows, "mask_image")
+        masked = masked.to(device=device, dtype=dtype)
+        masked_latents = masked if masked.shape[1] == self.latent_channels() else encode_images(self.vae, masked, generator)
+        masked_latents = _repeat_to(masked_latents, rows, "image").to(device=device, dtype=dtype)
+        for side in (run.state.cond, run.state.uncond):
+            side["mask"], side["masked_image_latents"] = mask, masked_latents
+        run.extras.update(noise=kind["noise"], image_latents=kind["image_latents"].to(dtype))
+        run.after_step = lambda state: self._keep_known_region(run, state)
+
+    def _keep_known_region(self, run: Run, state) -> None:
+        mask, known = state.cond["mask"], run.extras["image_latents"]
+        if self.denoiser.config.in_channels == 4:
+            proper = known
+            i = state.step_index
+            if i < len(run.timesteps) - 1:
+                proper = self.noise_to(run, known, run.extras["noise"], torch.tensor([run.timesteps[i + 1]]))
+            state.latents = (1 - mask) * proper + mask * state.latents
+        state.denoised = (1 - mask) * known + mask * state.denoised
+
+    def extend_model_input(self, latent_input: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        if self.denoiser.config.in_channels == 9:
+            return torch.cat([latent_input, conditioning["mask"], conditioning["masked_image_latents"]], dim=1)
+        return latent_input
