@@ -101,3 +101,28 @@ def sd3_folder(tmp_path_factory):
 @pytest.fixture
 def sd3_pipe(sd3_folder):
     return _load(stepdiff.StableDiffusion3Pipeline, sd3_folder)
+
+
+@pytest.fixture(scope="session")
+def sd_inpaint_folder(tmp_path_factory):
+    """A 9-channel (inpainting) UNet."""
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd-inpaint"), in_channels=9)
+
+
+@pytest.fixture(scope="session")
+def sdxl_inpaint_folder(tmp_path_factory):
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl-inpaint"), in_channels=9)
+
+
+def test_image(size: int = 32, seed: int = 0):
+    """A random RGB picture and a mask whose right half is white (repaint)."""
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    image = PIL.Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    mask = PIL.Image.fromarray(((np.arange(size)[None, :].repeat(size, 0) >= size // 2) * 255).astype(np.uint8))
+    return image, mask
+
+
+test_image.__test__ = False  # a helper, not a test
