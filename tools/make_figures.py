@@ -12,11 +12,13 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 import stepdiff
 from stepdiff.preview import PreviewCallback, contact_sheet
+from stepdiff.shapes.dataset import Sample, render
 
 PROMPTS = [
     "a red circle on a blue background",
@@ -63,16 +65,68 @@ def sheets(pipe, out: Path) -> None:
     combined.save(out / "contact_sheet.png")
 
 
+def edit_masks(source: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """(background mask, shape mask) of a rendered shape: white repaints. The background mask stops one pixel
+    short of the shape; the shape mask is the shape's bounding box grown by 4 pixels."""
+    from PIL import ImageFilter
+
+    arr = np.asarray(source).astype(int)
+    background = arr[0, 0]
+    shape = Image.fromarray(((np.abs(arr - background).sum(-1) > 60) * 255).astype(np.uint8))
+    near_shape = shape.filter(ImageFilter.MaxFilter(3))
+    background_mask = Image.fromarray(255 - np.asarray(near_shape))
+    left, top, right, bottom = shape.getbbox()
+    box = Image.new("L", source.size, 0)
+    ImageDraw.Draw(box).rectangle((left - 4, top - 4, right + 3, bottom + 3), fill=255)
+    return background_mask, box
+
+
+def edits(out: Path) -> None:
+    """Image to image and inpainting on the shipped model: re-colour a shape, repaint the background or the shape."""
+    source = render(Sample("red", "circle", "blue", 32, 32, 30))
+    background_mask, shape_mask = edit_masks(source)
+    img2img = stepdiff.StableDiffusionImg2ImgPipeline.from_pretrained(stepdiff.default_model())
+    inpaint = stepdiff.StableDiffusionInpaintPipeline.from_pretrained(stepdiff.default_model())
+    for p in (img2img, inpaint):
+        p.set_progress_bar_config(disable=True)
+    g = torch.Generator
+    cells = [
+        (source, "source: a red circle", "on a blue background"),
+        (img2img("a green circle on a blue background", image=source, strength=0.5, generator=g().manual_seed(0)).images[0],
+         "img2img, strength 0.5:", '"a green circle ..."'),
+        (background_mask.convert("RGB"), "mask: the background", "(white repaints)"),
+        (inpaint("a red circle on a yellow background", image=source, mask_image=background_mask,
+                 generator=g().manual_seed(0)).images[0], "inpainted:", '"... yellow background"'),
+        (shape_mask.convert("RGB"), "mask: the shape's box", "(white repaints)"),
+        (inpaint("a white square on a blue background", image=source, mask_image=shape_mask,
+                 generator=g().manual_seed(0)).images[0], "inpainted:", '"a white square ..."'),
+    ]
+    cell, label = 128, 28
+    sheet = Image.new("RGB", (len(cells) * cell, cell + label), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (image, line1, line2) in enumerate(cells):
+        sheet.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (k * cell, 0))
+        draw.text((k * cell + 3, cell + 1), line1, fill="black")
+        draw.text((k * cell + 3, cell + 13), line2, fill="black")
+    sheet.save(out / "image_edits.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
+    parser.add_argument("--only", default="samples,sheets,edits", help="comma-separated: samples, sheets, edits")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = stepdiff.AutoPipelineForText2Image.from_pretrained(stepdiff.default_model())
     pipe.set_progress_bar_config(disable=True)
-    grid(pipe, args.out)
-    sheets(pipe, args.out)
-    print(f"wrote {args.out}/samples.png and {args.out}/contact_sheet.png")
+    which = set(args.only.split(","))
+    if "samples" in which:
+        grid(pipe, args.out)
+    if "sheets" in which:
+        sheets(pipe, args.out)
+    if "edits" in which:
+        edits(args.out)
+    print(f"wrote {', '.join(sorted(which))} figures to {args.out}")
 
 
 if __name__ == "__main__":
