@@ -18,6 +18,7 @@ supplies ``check_kind_inputs``, ``set_timesteps`` and ``initial_latents``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -26,7 +27,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,12 +39,15 @@ from diffusers.image_processor import VaeImageProcessor
 from .._quiet import quiet_transformers
 
 with quiet_transformers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline as _DiffusersSD
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.configuration_utils import FrozenDict
+from diffusers.utils import USE_PEFT_BACKEND, deprecate, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..callbacks import MultiPipelineCallbacks, adapt_classic
 from ..control import CancelToken
-from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
+from ..guidance import ClassifierFreeGuidance, DistilledGuidance, Guidance, check_guidance_scale
 from ..loop import LoopState, scheduler_step_kwargs
 from ..output import RunRecord, StepDiffPipelineOutput
 from ..vae import decode_latents as decode_with_vae
@@ -362,7 +366,38 @@ class StepDiffPipeline(DiffusionPipeline):
         return {}
 
     def make_guidance(self, guidance_scale: float, guidance_rescale: float) -> Guidance:
+        if getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None:
+            return DistilledGuidance(guidance_scale)  # LCM and other guidance-distilled UNets
         return ClassifierFreeGuidance(guidance_scale, guidance_rescale)
+
+    def add_model_conditioning(self, run: Run, dtype: torch.dtype, device: torch.device) -> None:
+        """Guidance-distilled UNets take the scale as an embedding (``timestep_cond``), made once per run
+        from the starting scale, as the classic pipelines do."""
+        dim = getattr(self.denoiser.config, "time_cond_proj_dim", None)
+        if dim is None:
+            return
+        rows = run.state.latents.shape[0]
+        w = torch.tensor(run.guidance.scale - 1).repeat(rows)
+        embedding = _DiffusersSD.get_guidance_scale_embedding(self, w, embedding_dim=dim).to(device=device, dtype=dtype)
+        run.state.cond["timestep_cond"] = run.state.uncond["timestep_cond"] = embedding
+
+    @contextlib.contextmanager
+    def _text_lora_scale(self, model_kwargs: dict[str, Any]) -> Iterator[None]:
+        """LoRA scale (``cross_attention_kwargs={"scale": s}``) on the text encoders while prompts are encoded."""
+        kwargs = model_kwargs.get("cross_attention_kwargs") or model_kwargs.get("joint_attention_kwargs") or {}
+        scale = kwargs.get("scale")
+        encoders = [getattr(self, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        encoders = [e for e in encoders if e is not None]
+        if scale is None or not USE_PEFT_BACKEND or not hasattr(self, "load_lora_weights"):
+            yield
+            return
+        for e in encoders:
+            scale_lora_layers(e, scale)
+        try:
+            yield
+        finally:
+            for e in encoders:
+                unscale_lora_layers(e, scale)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_with_vae(self.vae, latents)
@@ -380,7 +415,7 @@ class StepDiffPipeline(DiffusionPipeline):
         """Set the run's scheduler and return the timesteps the loop will run."""
         steps, num_inference_steps = retrieve_timesteps(
             run.scheduler, num_inference_steps, self._execution_device, timesteps=timesteps, sigmas=sigmas,
-            **self.scheduler_kwargs(kind["height"], kind["width"]),
+            **self.scheduler_kwargs(kind["height"], kind["width"], kind),
         )
         steps = self.truncate_start(run, steps, num_inference_steps, kind)
         return self.truncate_end(run, steps, kind)
@@ -456,7 +491,7 @@ class StepDiffPipeline(DiffusionPipeline):
         """The smallest size whose latents survive every down-sampling of the denoiser."""
         return max(8, self.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1))
 
-    def scheduler_kwargs(self, height: int, width: int) -> dict[str, Any]:
+    def scheduler_kwargs(self, height: int, width: int, kind: dict | None = None) -> dict[str, Any]:
         """Extra ``set_timesteps`` arguments a family needs (SD3: the resolution-dependent shift ``mu``)."""
         return {}
 
@@ -619,10 +654,11 @@ class StepDiffPipeline(DiffusionPipeline):
             run_hooks(callback, "on_run_start", self)
 
         # 3. Encode prompts: conditional and unconditional rows, kept apart.
-        conditioning = self.encode(
-            device=device, num_images_per_prompt=num_images_per_prompt, height=kind["height"], width=kind["width"],
-            **encode_kwargs,
-        )
+        with self._text_lora_scale(run.model_kwargs):
+            conditioning = self.encode(
+                device=device, num_images_per_prompt=num_images_per_prompt, height=kind["height"], width=kind["width"],
+                **encode_kwargs,
+            )
         dtype = next(iter(conditioning.cond.values())).dtype
 
         # 4. Initial latents (noise, or the image's latents noised to the first timestep).
@@ -632,6 +668,7 @@ class StepDiffPipeline(DiffusionPipeline):
         run.state = LoopState(
             latents=latents, cond=conditioning.cond, uncond=conditioning.uncond, guidance_scale=run.guidance.scale,
         )
+        self.add_model_conditioning(run, dtype, device)
         self.add_kind_conditioning(run, kind, dtype, device, generator)
         return run
 
@@ -668,6 +705,31 @@ class StepDiffPipeline(DiffusionPipeline):
             images=images, interrupted=interrupted, steps_completed=state.steps_completed, stop_reason=stop_reason,
             record=record,
         )
+
+
+def normalize_legacy_configs(scheduler: Any, unet: Any) -> None:
+    """What the classic SD constructor fixes in old configs, with the same deprecation warnings:
+    ``steps_offset`` 1, ``clip_sample`` False, and ``sample_size`` 64 for pre-0.9 UNet configs below 64."""
+    from packaging import version
+
+    cfg = getattr(scheduler, "config", None)
+    if cfg is not None and hasattr(cfg, "steps_offset") and cfg.steps_offset != 1:
+        deprecate("steps_offset!=1", "1.0.0", f"The scheduler config of {type(scheduler).__name__} has steps_offset="
+                  f"{cfg.steps_offset}; it should be 1. stepdiff (like the classic pipeline) uses 1.", standard_warn=False)
+        scheduler._internal_dict = FrozenDict({**dict(cfg), "steps_offset": 1})
+    cfg = getattr(scheduler, "config", None)
+    if cfg is not None and getattr(cfg, "clip_sample", False) is True:
+        deprecate("clip_sample not set", "1.0.0", f"The scheduler config of {type(scheduler).__name__} sets clip_sample"
+                  "=True; it should be False for Stable Diffusion. stepdiff (like the classic pipeline) uses False.",
+                  standard_warn=False)
+        scheduler._internal_dict = FrozenDict({**dict(cfg), "clip_sample": False})
+    ucfg = getattr(unet, "config", None)
+    old = ucfg is not None and hasattr(ucfg, "_diffusers_version") and (
+        version.parse(version.parse(ucfg._diffusers_version).base_version) < version.parse("0.9.0.dev0"))
+    if old and isinstance(getattr(ucfg, "sample_size", None), int) and ucfg.sample_size < 64:
+        deprecate("sample_size<64", "1.0.0", "The UNet config sets sample_size below 64, which fits none of the SD 1.x "
+                  "checkpoints; stepdiff (like the classic pipeline) uses 64.", standard_warn=False)
+        unet._internal_dict = FrozenDict({**dict(ucfg), "sample_size": 64})
 
 
 def _kind_of(cls: type) -> str:

@@ -6,17 +6,25 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .._quiet import quiet_transformers
 from ..control import CancelToken
-from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
+
+with quiet_transformers():
+    from diffusers.loaders import FromSingleFileMixin, IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from .base import Conditioning, StepDiffPipeline, normalize_legacy_configs, pop_prompts, repeat_rows, tokenize
 from .run import Run
 
 __all__ = ["StableDiffusionPipeline"]
 
 
-class StableDiffusionPipeline(StepDiffPipeline):
+class StableDiffusionPipeline(
+    StepDiffPipeline, StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin, IPAdapterMixin,
+    FromSingleFileMixin,
+):
     """Text-to-image with Stable Diffusion 1.x/2.x, on stepdiff's shared denoising loop.
 
     The safety checker and feature extractor of real SD folders are loaded if present but not run.
@@ -44,6 +52,7 @@ class StableDiffusionPipeline(StepDiffPipeline):
         requires_safety_checker: bool = False,
     ) -> None:
         super().__init__()
+        normalize_legacy_configs(scheduler, unet)
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
             safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
@@ -51,6 +60,7 @@ class StableDiffusionPipeline(StepDiffPipeline):
         self.register_to_config(requires_safety_checker=requires_safety_checker)
 
     def _embed(self, texts: list[str], device: torch.device, clip_skip: int | None, max_length: int | None = None):
+        texts = self.maybe_convert_prompt(texts, self.tokenizer)  # textual-inversion multi-vector tokens
         ids = tokenize(self.tokenizer, texts, max_length).to(device)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
@@ -90,8 +100,27 @@ class StableDiffusionPipeline(StepDiffPipeline):
         return self.unet(
             self.extend_model_input(latent_input, conditioning), timestep,
             encoder_hidden_states=conditioning["encoder_hidden_states"],
+            timestep_cond=conditioning.get("timestep_cond"),
             cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
         )[0]
+
+    def encode_prompt(
+        self, prompt, device=None, num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
+        negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None, lora_scale: float | None = None, clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classic signature and return value: (prompt_embeds, negative_prompt_embeds or None without CFG),
+        through the same encoding the pipeline itself uses."""
+        _, kwargs = self.check_prompts(dict(
+            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+        ))
+        scale = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
+        with self._text_lora_scale(scale):
+            c = self.encode(device=device or self._execution_device, num_images_per_prompt=num_images_per_prompt,
+                            height=None, width=None, **kwargs)
+        negative = c.uncond["encoder_hidden_states"] if do_classifier_free_guidance else None
+        return c.cond["encoder_hidden_states"], negative
 
     def __call__(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -11,6 +12,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from .._quiet import quiet_transformers
 
 with quiet_transformers():
+    from diffusers.loaders import FromSingleFileMixin, SD3IPAdapterMixin, SD3LoraLoaderMixin
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -21,7 +23,7 @@ from .run import Run
 __all__ = ["StableDiffusion3Pipeline"]
 
 
-class StableDiffusion3Pipeline(StepDiffPipeline):
+class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleFileMixin, SD3IPAdapterMixin):
     """Text-to-image with SD3 / SD3.5 (MMDiT) models, on stepdiff's shared denoising loop.
 
     ``text_encoder_3=None`` (and ``tokenizer_3=None``) runs without T5: its rows are zeros, as in the
@@ -76,7 +78,18 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
     def min_size(self) -> int:
         return self.size_multiple()
 
-    def scheduler_kwargs(self, height: int, width: int) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+        kind = super().check_kind_inputs(args)
+        mu = args.pop("mu", None)
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)):
+            raise ValueError(f"mu must be None or a finite number, got {mu!r}")
+        kind["mu"] = mu
+        return kind
+
+    def scheduler_kwargs(self, height: int, width: int, kind: dict | None = None) -> dict[str, Any]:
+        mu = (kind or {}).get("mu")
+        if mu is not None:  # given by the caller: passed on as is
+            return {"mu": mu}
         cfg = self.scheduler.config
         if not cfg.get("use_dynamic_shifting", None):
             return {}
@@ -177,6 +190,31 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
             joint_attention_kwargs=run.model_kwargs["joint_attention_kwargs"], return_dict=False,
         )[0]
 
+    def encode_prompt(
+        self, prompt, prompt_2=None, prompt_3=None, device=None, num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
+        negative_prompt_3=None, prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None,
+        max_sequence_length: int = 256, lora_scale: float | None = None,
+    ):
+        """The classic signature and 4-tuple (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+        negative_pooled_prompt_embeds; the negatives None without CFG), through the pipeline's own encoding."""
+        _, kwargs = self.check_prompts(dict(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, clip_skip=clip_skip,
+            max_sequence_length=max_sequence_length,
+        ))
+        scale = {} if lora_scale is None else {"joint_attention_kwargs": {"scale": lora_scale}}
+        with self._text_lora_scale(scale):
+            c = self.encode(device=device or self._execution_device, num_images_per_prompt=num_images_per_prompt,
+                            height=None, width=None, **kwargs)
+        cfg = do_classifier_free_guidance
+        return (c.cond["encoder_hidden_states"], c.uncond["encoder_hidden_states"] if cfg else None,
+                c.cond["pooled_projections"], c.uncond["pooled_projections"] if cfg else None)
+
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -204,6 +242,7 @@ class StableDiffusion3Pipeline(StepDiffPipeline):
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int = 256,
+        mu: float | None = None,
         cancel: CancelToken | None = None,
         interrupt_output: str = "denoised",
     ):

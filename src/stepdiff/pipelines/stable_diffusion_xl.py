@@ -6,10 +6,20 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .._quiet import quiet_transformers
 from ..control import CancelToken
+
+with quiet_transformers():
+    from diffusers.loaders import (
+        FromSingleFileMixin,
+        IPAdapterMixin,
+        StableDiffusionXLLoraLoaderMixin,
+        TextualInversionLoaderMixin,
+    )
 from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
 from .run import Run
 
@@ -35,7 +45,10 @@ def _size_pair(name: str, value: object) -> tuple[int, int] | None:
     raise ValueError(f"{name} must be a (height, width) pair of non-negative ints, got {value!r}")
 
 
-class StableDiffusionXLPipeline(StepDiffPipeline):
+class StableDiffusionXLPipeline(
+    StepDiffPipeline, StableDiffusionMixin, FromSingleFileMixin, StableDiffusionXLLoraLoaderMixin,
+    TextualInversionLoaderMixin, IPAdapterMixin,
+):
     """Text-to-image with SDXL base models, on stepdiff's shared denoising loop (no watermarker)."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
@@ -85,6 +98,7 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
         for tokenizer, encoder, batch in pairs:
             if encoder is None:
                 continue
+            batch = self.maybe_convert_prompt(batch, tokenizer)  # textual-inversion multi-vector tokens
             out = encoder(tokenize(tokenizer, batch, max_length).to(device), output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds come first
                 pooled = out[0]
@@ -177,7 +191,7 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
             max_clip_skip=None if depth is None else depth - 1,
         )
         for name in self._SIZE_ARGS:
-            kwargs[name] = _size_pair(name, args.pop(name, None))
+            kwargs[name] = _size_pair(name, args.pop(name, (0, 0) if "crops" in name else None))
         return batch, kwargs
 
     def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -205,8 +219,33 @@ class StableDiffusionXLPipeline(StepDiffPipeline):
             self.extend_model_input(latent_input, conditioning), timestep,
             encoder_hidden_states=conditioning["encoder_hidden_states"],
             added_cond_kwargs={"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]},
+            timestep_cond=conditioning.get("timestep_cond"),
             cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
         )[0]
+
+    def encode_prompt(
+        self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None, negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None, clip_skip: int | None = None,
+    ):
+        """The classic signature and 4-tuple (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+        negative_pooled_prompt_embeds; the negatives None without CFG), through the pipeline's own encoding."""
+        _, kwargs = self.check_prompts(dict(
+            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            clip_skip=clip_skip,
+        ))
+        scale = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
+        size = self.default_size()
+        with self._text_lora_scale(scale):
+            c = self.encode(device=device or self._execution_device, num_images_per_prompt=num_images_per_prompt,
+                            height=size, width=size, **kwargs)
+        cfg = do_classifier_free_guidance
+        return (c.cond["encoder_hidden_states"], c.uncond["encoder_hidden_states"] if cfg else None,
+                c.cond["text_embeds"], c.uncond["text_embeds"] if cfg else None)
 
     def __call__(
         self,
