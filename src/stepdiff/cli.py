@@ -44,6 +44,16 @@ class _Parser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         raise SystemExit(2)
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but a stray value names the flag it follows (``--karras yes``, ``--stop-on-convergence -1e5``)."""
+        args = sys.argv[1:] if args is None else list(args)
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            i = args.index(extras[0]) if extras[0] in args else 0
+            after = f" (after {args[i - 1]})" if i > 0 and args[i - 1].startswith("-") else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{after}")
+        return parsed
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
