@@ -299,6 +299,19 @@ def test_claims_are_atomic_across_processes(tmp_path):
     assert len(outs[0]) == len(outs[1]) == 30 and not set(outs[0]) & set(outs[1])
 
 
+def test_two_cli_processes_at_once_in_one_folder_get_different_names(sd_folder, tmp_path):
+    # The names used to be chosen at the start and written at the end, so two runs both took stepdiff-00001.png.
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "stepdiff.cli", "generate", "a cat", "--model", str(sd_folder),
+                               "--steps", "1", "--seed", str(seed)], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for seed in (1, 2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert sorted(Path(out.strip()).name for out, _ in results) == ["stepdiff-00001.png", "stepdiff-00002.png"]
+    seeds = {json.loads(Image.open(tmp_path / n).text["stepdiff"])["seed"] for n in ("stepdiff-00001.png", "stepdiff-00002.png")}
+    assert seeds == {1, 2}  # both images kept
+
+
 def test_claim_paths_refuses_and_release_removes_only_placeholders(tmp_path):
     (tmp_path / "b.png").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="b.png' already exists; pass --overwrite"):
