@@ -220,12 +220,16 @@ def test_output_format_follows_the_extension(run_cli, sd_folder, tmp_path, name,
     assert record["prompt"] == "a cat 猫" and record["seed"] == 5
 
 
-def test_jpeg_metadata_too_long_for_exif_is_dropped_with_a_warning(run_cli, sd_folder, tmp_path):
-    prompt = "cat " * 9000  # 72 KB of UTF-16 in UserComment
+@pytest.mark.parametrize("words,lost", [(6500, "the stepdiff record"), (9000, "any metadata")])
+def test_jpeg_metadata_too_long_for_exif_is_dropped_with_a_warning(run_cli, sd_folder, tmp_path, words, lost):
+    prompt = "cat " * words  # 52 KB (72 KB) of UTF-16 in UserComment, plus the JSON record
     code, _, err = run_cli("generate", prompt, "--model", sd_folder, "--steps", "1", "--output", tmp_path / "l.jpg")
     assert code == 0, err
-    assert "metadata is too long for JPEG's 64 KiB EXIF" in err
-    assert Image.open(tmp_path / "l.jpg").format == "JPEG"
+    assert err.count("metadata is too long") == 1
+    assert f"warning: the metadata is too long for JPEG's 64 KiB EXIF; {tmp_path / 'l.jpg'} is written without {lost}" in err
+    exif = Image.open(tmp_path / "l.jpg").getexif()
+    assert 0x010E not in exif
+    assert (0x9286 in exif.get_ifd(0x8769)) == (lost == "the stepdiff record")
 
 
 @pytest.mark.parametrize("name", ["x.gif", "x.tiff", "x", "x.png.bak"])

@@ -192,7 +192,7 @@ def _check_text(flag: str, text: str | None) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError(f"{flag} is not valid UTF-8 text: {text!r}") from None
+            raise ValueError(f"{flag} is not valid UTF-8 text: {text[:40]!r}") from None
 
 
 def _check_device(device: str) -> None:

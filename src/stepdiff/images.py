@@ -86,14 +86,12 @@ def save_image(image: Image.Image, path: str | Path, parameters: str, record: di
     if fmt == "PNG":
         return save_png(image, path, parameters, record)
     exif = _exif(parameters, record)
-    if fmt == "JPEG":
-        for params, rec, lost in ((parameters, None, "the stepdiff record"), (None, None, "all metadata")):
-            if len(exif.tobytes()) <= _JPEG_EXIF_MAX:
-                break
-            warnings.warn(f"the metadata is too long for JPEG's 64 KiB EXIF; {path} is written without {lost}",
-                          stacklevel=2)
-            exif = _exif(params, rec)
-    kwargs = {"quality": 95} if fmt == "JPEG" else {"quality": 95, "method": 4}
+    if fmt == "JPEG" and len(exif.tobytes()) > _JPEG_EXIF_MAX:
+        exif, lost = _exif(parameters, None), "the stepdiff record"
+        if len(exif.tobytes()) > _JPEG_EXIF_MAX:
+            exif, lost = Image.Exif(), "any metadata"
+        warnings.warn(f"the metadata is too long for JPEG's 64 KiB EXIF; {path} is written without {lost}", stacklevel=2)
+    kwargs = {"quality": 95}
     return atomic_write(path, lambda f: image.convert("RGB").save(f, format=fmt, exif=exif, **kwargs))
 
 
