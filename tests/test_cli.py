@@ -71,7 +71,7 @@ def test_unknown_words_warning(run_cli, sd_folder, tmp_path):
     (["--scheduler", "nope"], "unknown scheduler 'nope'; choose one of: ddim"),
     (["--size", "30x32"], "--size width must be a positive multiple of 8, at least 8 for this model, got 30"),
     (["--size", "big"], "--size must look like WIDTHxHEIGHT"),
-    (["--steps", "0"], "--steps must be in [1, 1000] (the model was trained with 1000 steps), got 0"),
+    (["--steps", "0"], "--steps must be in [1, 10000], got 0"),
     (["--cfg-cutoff", "1.5"], "--cfg-cutoff: must be a number in [0, 1], got '1.5'"),
     (["--output", "/nonexistent-dir/x.png"], "folder '/nonexistent-dir' does not exist"),
     (["--num-images", "0"], "--num-images must be >= 1"),

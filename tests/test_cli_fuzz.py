@@ -38,6 +38,7 @@ CASES = [
     (g("--steps", "1.5"), "--steps"),
     (g("--steps", ""), "--steps"),
     (g("--steps", "9" * 30), "--steps"),
+    (g("--steps", "1001", "--scheduler", "ddpm"), "--steps"),
     (g("--steps"), "--steps"),
     # --guidance
     (g("--guidance", "abc"), "--guidance"),

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["MAX_GUIDANCE", "MAX_SEED", "SIZE_LIMIT_RATIO", "SIZE_WARN_RATIO", "Terminated", "main"]
+__all__ = ["MAX_GUIDANCE", "MAX_SEED", "MAX_STEPS", "SIZE_LIMIT_RATIO", "SIZE_WARN_RATIO", "Terminated", "main"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
@@ -30,6 +30,7 @@ MAX_GUIDANCE = 100.0  # beyond this the guided prediction saturates: black or wh
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 SIZE_WARN_RATIO = 2  # --size above this many times the native size (per side): a warning
 SIZE_LIMIT_RATIO = 8  # ... above this: refused unless --force
+MAX_STEPS = 10_000
 MAX_SEEDS_PER_COMBO = 10_000
 MAX_FIT_COUNT = 16_384
 _FRAME = re.compile(r"^\d+\.png$")  # a preview frame, {step}.png
@@ -85,7 +86,8 @@ def _gib(text: str) -> float:
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped shapes model)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25; at most the model's training steps)")
+    p.add_argument("--steps", type=int, default=25,
+                   help=f"denoising steps, 1 to {MAX_STEPS} (DDIM, DDPM: to the model's training steps; default 25)")
     p.add_argument("--scheduler", default=None, help="scheduler: an alias (euler, euler-a, dpm++2m, unipc, ...) "
                    "or a diffusers class name (default: the model's own)")
     p.add_argument("--karras", action="store_true",
@@ -230,37 +232,51 @@ def _folder(args: argparse.Namespace) -> Path:
     return args.model if args.model is not None else default_model()
 
 
-def _train_steps(folder: Path) -> int:
+def _scheduler_config(folder: Path) -> dict:
     import json
 
-    path = folder / "scheduler" / "scheduler_config.json"
     try:
-        return int(json.loads(path.read_text()).get("num_train_timesteps", 1000))
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError):
-        return 1000
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _check_steps(args: argparse.Namespace, config: dict) -> None:
+    """--steps in [1, MAX_STEPS]; above the training steps only for schedulers that can (DDIM and DDPM can't)."""
+    from .schedulers import make_scheduler
+
+    _at_least("--steps", args.steps, 1, MAX_STEPS)
+    train = int(config.get("num_train_timesteps", 1000))
+    if args.steps <= train:
+        return
+    name = args.scheduler or config.get("_class_name", "")
+    try:  # the scheduler alone, from its config: no weights
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_scheduler(name, config).set_timesteps(args.steps)
+    except ValueError as e:
+        if "num_inference_steps" in str(e):
+            raise ValueError(f"--steps must be in [1, {train}] with scheduler {name!r} (the model was trained with {train} "
+                             f"steps), got {args.steps}") from None
 
 
 def _check_common(args: argparse.Namespace) -> Path:
     """The model flags, checked before anything loads; returns the model folder."""
-    import json
-
     from .schedulers import karras_schedulers, scheduler_class, supports_karras
 
     if args.model is not None:
         _check_model_folder("--model", args.model)
     folder = _folder(args)
-    train_steps = _train_steps(folder)
-    _at_least("--steps", args.steps, 1, train_steps, f" (the model was trained with {train_steps} steps)")
+    config = _scheduler_config(folder)
     if args.scheduler is not None:
         try:
             scheduler_class(args.scheduler)
         except ValueError as e:
             raise ValueError(f"--scheduler: {e}") from None
+    _check_steps(args, config)
     if args.karras:
-        name = args.scheduler
-        if name is None:  # the model's own scheduler
-            with contextlib.suppress(OSError, ValueError):
-                name = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
+        name = args.scheduler or config.get("_class_name")  # default: the model's own scheduler
         has_karras = True
         with contextlib.suppress(ValueError):  # a scheduler class we don't list: diffusers decides
             has_karras = name is None or supports_karras(name)
