@@ -121,6 +121,7 @@ def test_size_far_above_native_warns(run_cli, sd_folder, tmp_path):
                            "--output", tmp_path / "w.png")
     assert code == 0, err
     assert "warning: --size 96x96 is 3 times the model's native 32x32 per side" in err
+    assert "stepdiff: denoising done; decoding 1 image(s) at 96x96" in err  # the slow decode is not silent
 
 
 def test_memory_estimate_grows_with_pixels_and_images(sd_folder):

@@ -511,6 +511,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .callbacks import CFGCutoffCallback, StopOnConvergence
     from .control import CancelToken
     from .images import a1111_parameters, claim_free_paths, claim_paths, save_image
+    from .limits import ModelShape
     from .schedulers import display_name
 
     # 1. Everything a user can get wrong is checked before the model loads.
@@ -534,6 +535,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return kw
 
         callbacks.append(stop)
+
+    if max(width, height) > SIZE_WARN_RATIO * ModelShape.from_folder(folder).native_size:
+        callbacks.append(_DecodeNotice(f"stepdiff: denoising done; decoding {args.num_images} image(s) at {width}x{height}"))
 
     # 2. Reserve the image names (atomically: concurrent runs never share one), then run. From here on a
     # failure or an abort takes back what the run wrote.
@@ -605,6 +609,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.verbose:
         print(f"record: {record}", file=sys.stderr)
     return 0
+
+
+class _DecodeNotice:
+    """For sizes far above the model's: a line when the denoising ends, so the (silent) VAE decode is not a mystery."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __call__(self, pipeline, step_index, timestep, callback_kwargs) -> None:
+        return None
+
+    def on_run_end(self, pipeline) -> None:
+        print(self.text, file=sys.stderr, flush=True)
 
 
 def _warn_about_prompt(pipe, prompt: str, negative: str | None, info: dict) -> None:
