@@ -69,13 +69,13 @@ def test_unknown_words_warning(run_cli, sd_folder, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--scheduler", "nope"], "unknown scheduler 'nope'; choose one of: ddim"),
-    (["--size", "30x32"], "width must be a positive multiple of 8, got 30"),
+    (["--size", "30x32"], "--size width must be a positive multiple of 8, at least 8 for this model, got 30"),
     (["--size", "big"], "--size must look like WIDTHxHEIGHT"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be in [1, 10000], got 0"),
     (["--cfg-cutoff", "1.5"], "--cfg-cutoff: must be a number in [0, 1], got '1.5'"),
     (["--output", "/nonexistent-dir/x.png"], "folder '/nonexistent-dir' does not exist"),
     (["--num-images", "0"], "--num-images must be >= 1"),
-    (["--guidance", "nan"], "--guidance must be a number >= 0"),
+    (["--guidance", "nan"], "--guidance must be a number in [0, 100], got nan"),
     (["--stop-on-convergence", "-0.1"], "--stop-on-convergence must be a number > 0, got -0.1"),
     (["--stop-on-convergence", "--patience", "0"], "--patience must be >= 1, got 0"),
 ])

@@ -63,7 +63,8 @@ def test_cli_warns_with_known_words(tmp_path, capsys):
 def test_cli_size_too_small_for_model(capsys):
     assert main(["generate", "a red circle", "--size", "8x8"]) == 2
     err = capsys.readouterr().err
-    assert "height must be an int >= 16, got 8" in err and len(err.strip().splitlines()) == 1
+    assert "--size width must be a positive multiple of 8, at least 16 for this model, got 8" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_convergence_stop_with_euler_keeps_the_picture(tmp_path, capsys):

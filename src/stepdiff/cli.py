@@ -1,30 +1,59 @@
-"""stepdiff command line: flags map onto library calls; no logic of its own beyond wiring.
+"""stepdiff command line: flags map onto library calls; no logic of its own beyond wiring and checks.
 
     stepdiff generate "a red circle on a blue background"
     stepdiff eval-shapes
     stepdiff tiny-model DIR --family sdxl
+
+Every flag a user can get wrong is checked before any model loads: a bad value exits with status 2 and
+one line on stderr naming the flag, the value and what is allowed. A run that fails or is aborted
+leaves nothing behind (its reserved image names and its preview frames are removed) and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import re
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["MAX_GUIDANCE", "MAX_SEED", "MAX_STEPS", "SIZE_LIMIT_RATIO", "SIZE_WARN_RATIO", "Terminated", "main"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+MAX_GUIDANCE = 100.0  # beyond this the guided prediction saturates: black or white images, or NaN
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+SIZE_WARN_RATIO = 2  # --size above this many times the native size (per side): a warning
+SIZE_LIMIT_RATIO = 8  # ... above this: refused unless --force
+MAX_STEPS = 10_000
+MAX_SEEDS_PER_COMBO = 10_000
+MAX_FIT_COUNT = 16_384
+_FRAME = re.compile(r"^\d+\.png$")  # a preview frame, {step}.png
+
+
+class Terminated(BaseException):
+    """SIGTERM during a command: abort like a second Ctrl-C (a BaseException, so no library swallows it)."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one clear line, no usage dump
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         raise SystemExit(2)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but a stray value names the flag it follows (``--karras yes``, ``--stop-on-convergence -1e5``)."""
+        args = sys.argv[1:] if args is None else list(args)
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            i = args.index(extras[0]) if extras[0] in args else 0
+            after = f" (after {args[i - 1]})" if i > 0 and args[i - 1].startswith("-") else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{after}")
+        return parsed
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -45,16 +74,30 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of GiB > 0, got {text!r}") from None
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of GiB > 0, got {text!r}")
+    return value
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped shapes model)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--steps", type=int, default=25,
+                   help=f"denoising steps, 1 to {MAX_STEPS} (DDIM, DDPM: to the model's training steps; default 25)")
     p.add_argument("--scheduler", default=None, help="scheduler: an alias (euler, euler-a, dpm++2m, unipc, ...) "
                    "or a diffusers class name (default: the model's own)")
-    p.add_argument("--karras", action="store_true", help="use Karras sigmas with the scheduler")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--karras", action="store_true",
+                   help="use Karras sigmas (only schedulers that have them: euler, dpm++2m, heun, lms, unipc, ...)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps or xpu (default cpu)")
     p.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights dtype (default float32)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle .bin checkpoints (they can run code: only for files you trust)")
+    p.add_argument("--max-memory", type=_gib, default=None, metavar="GIB",
+                   help="refuse runs estimated to need more memory than this (default: the device's memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,14 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images from a prompt; prints the path of every image written.")
     g.add_argument("prompt", help='what to draw, e.g. "a red circle on a blue background"')
     _add_model_flags(g)
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: model's)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (default: model's)")
     g.add_argument("--negative", default=None, help="negative prompt")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0); image i uses seed+i")
+    g.add_argument("--seed", type=int, default=0, help="random seed, 0 to 2**64-1 (default 0); image i uses seed+i")
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    g.add_argument("--force", action="store_true",
+                   help=f"allow a --size more than {SIZE_LIMIT_RATIO} times the model's native size per side")
     g.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
     g.add_argument("--output", type=Path, default=None,
-                   help="output PNG (several images get -1, -2, ... suffixes); default: a new "
-                        "stepdiff-NNNNN.png in the current folder, never overwriting")
+                   help="output image, .png, .jpg/.jpeg or .webp (several images get -1, -2, ... suffixes); default: "
+                        "a new stepdiff-NNNNN.png in the current folder")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing --output, --animation and --contact-sheet files and --preview-dir frames")
     cut = g.add_mutually_exclusive_group()
     cut.add_argument("--cfg-cutoff", type=_ratio, default=None, metavar="RATIO",
                      help="turn guidance off after this fraction of the steps (saves compute)")
@@ -95,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="linear: latent-to-RGB table (cheap, default); vae: exact decode (slower)")
     pv.add_argument("--animation", type=Path, default=None, metavar="PATH", help="write the trajectory as .gif or .webp")
     pv.add_argument("--contact-sheet", type=Path, default=None, metavar="PATH",
-                    help="write a grid of the previews, step number under each (.png)")
+                    help="write a grid of the previews, step number under each (.png, .jpg or .webp)")
 
     e = sub.add_parser("eval-shapes", help="judge prompt adherence of a shapes model on held-out prompts",
                        description="Generate the held-out prompts at fixed seeds and judge each image from its pixels.")
@@ -104,22 +152,172 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance scales to evaluate (default: 1.0 and the model's default)")
     e.add_argument("--cfg-cutoff", type=_ratio, nargs="*", default=[0.4], metavar="RATIO",
                    help="also evaluate CFGCutoffCallback at these ratios, at the default guidance (default 0.4)")
-    e.add_argument("--seeds-per-combo", type=int, default=9, help="seeds per held-out combination (default 9: 216 pairs)")
+    e.add_argument("--seeds-per-combo", type=int, default=9,
+                   help=f"seeds per held-out combination, 1 to {MAX_SEEDS_PER_COMBO} (default 9: 216 pairs)")
     e.add_argument("--batch", type=int, default=24, help="images per pipeline call (default 24)")
     e.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
     f = sub.add_parser("fit-preview", help="fit a latent-to-RGB preview table for a model and store it in its folder",
                        description="Encode sample images, decode them with the full VAE, and fit rgb = latents @ "
-                                   "factors + bias by least squares. Writes MODEL_DIR/latent_rgb.json.")
+                                   "factors + bias by least squares. Writes (replaces) MODEL_DIR/latent_rgb.json.")
     f.add_argument("model", type=Path, help="model folder")
     f.add_argument("--images", type=Path, default=None,
-                   help="folder of sample images (default: procedural coloured shapes)")
-    f.add_argument("--count", type=int, default=512, help="procedural images to fit on (default 512)")
+                   help="folder of at least 4 sample images (default: procedural coloured shapes)")
+    f.add_argument("--count", type=int, default=512, help=f"procedural images to fit on, 4 to {MAX_FIT_COUNT} (default 512)")
 
     t = sub.add_parser("tiny-model", help="write a tiny random SD or SDXL model folder (for trying the API)")
-    t.add_argument("out", type=Path, help="folder to create")
+    t.add_argument("out", type=Path, help="folder to create (an existing non-empty folder only with --overwrite)")
     t.add_argument("--family", choices=("sd", "sdxl"), default="sd")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     return parser
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _at_least(flag: str, value: int, low: int, high: int | None = None, why: str = "") -> int:
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{flag} must be {allowed}{why}, got {value}")
+    return value
+
+
+def _check_guidance(flag: str, value: float) -> None:
+    if not 0.0 <= value <= MAX_GUIDANCE:  # also refuses nan
+        raise ValueError(f"{flag} must be a number in [0, {MAX_GUIDANCE:g}], got {value:g} "
+                         "(far above 10 the images saturate to black or white)")
+
+
+def _check_text(flag: str, text: str | None) -> None:
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{flag} is not valid UTF-8 text: {text[:40]!r}") from None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N, mps or xpu") from None
+    if dev.type not in _DEVICE_TYPES:
+        raise ValueError(f"--device {device!r}: stepdiff runs on cpu, cuda, mps or xpu")
+    if dev.type == "cpu":
+        return
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    if backend is None or not backend.is_available():
+        raise ValueError(f"--device {device!r}: this torch ({torch.__version__}) cannot use a {dev.type} device here; "
+                         "use --device cpu")
+    if dev.index is not None and hasattr(backend, "device_count") and dev.index >= backend.device_count():
+        raise ValueError(f"--device {device!r}: this machine has {backend.device_count()} {dev.type} device(s), "
+                         f"numbered from 0")
+
+
+def _check_model_folder(flag: str, folder: Path) -> None:
+    from .pipelines.base import StepDiffPipeline
+
+    try:
+        StepDiffPipeline._check_folder(folder)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"{flag}: {e}") from None
+
+
+def _folder(args: argparse.Namespace) -> Path:
+    from .models import default_model
+
+    return args.model if args.model is not None else default_model()
+
+
+def _scheduler_config(folder: Path) -> dict:
+    import json
+
+    try:
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _check_steps(args: argparse.Namespace, config: dict) -> None:
+    """--steps in [1, MAX_STEPS]; above the training steps only for schedulers that can (DDIM and DDPM can't)."""
+    from .schedulers import make_scheduler
+
+    _at_least("--steps", args.steps, 1, MAX_STEPS)
+    train = int(config.get("num_train_timesteps", 1000))
+    if args.steps <= train:
+        return
+    name = args.scheduler or config.get("_class_name", "")
+    try:  # the scheduler alone, from its config: no weights
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_scheduler(name, config).set_timesteps(args.steps)
+    except ValueError as e:
+        if "num_inference_steps" in str(e):
+            raise ValueError(f"--steps must be in [1, {train}] with scheduler {name!r} (the model was trained with {train} "
+                             f"steps), got {args.steps}") from None
+
+
+def _check_common(args: argparse.Namespace) -> Path:
+    """The model flags, checked before anything loads; returns the model folder."""
+    from .schedulers import karras_schedulers, scheduler_class, supports_karras
+
+    if args.model is not None:
+        _check_model_folder("--model", args.model)
+    folder = _folder(args)
+    config = _scheduler_config(folder)
+    if args.scheduler is not None:
+        try:
+            scheduler_class(args.scheduler)
+        except ValueError as e:
+            raise ValueError(f"--scheduler: {e}") from None
+    _check_steps(args, config)
+    if args.karras:
+        name = args.scheduler or config.get("_class_name")  # default: the model's own scheduler
+        has_karras = True
+        with contextlib.suppress(ValueError):  # a scheduler class we don't list: diffusers decides
+            has_karras = name is None or supports_karras(name)
+        if not has_karras:
+            raise ValueError(f"--karras: scheduler {name!r} has no Karras sigmas; add --scheduler with one of: "
+                                 f"{', '.join(karras_schedulers())}")
+    _check_device(args.device)
+    return folder
+
+
+def _check_memory(args: argparse.Namespace, shape, width: int, height: int, images: int, what: str) -> None:
+    from .limits import device_memory, estimate_memory, format_bytes
+
+    need = estimate_memory(shape, width, height, images, args.dtype)
+    if args.max_memory is not None:
+        limit, source = int(args.max_memory * 2**30), "--max-memory"
+    else:
+        limit, source = device_memory(args.device), f"the {args.device} device's memory"
+    if limit is not None and need > limit:
+        raise ValueError(f"{what} need about {format_bytes(need)} of memory (an estimate); the limit is "
+                         f"{format_bytes(limit)}, {source}; make them smaller or raise the limit with --max-memory GIB")
+
+
+def _check_writable_dir(flag: str, folder: Path) -> None:
+    from .images import check_writable_dir
+
+    check_writable_dir(folder.resolve(), flag)
+
+
+def _check_new_file(flag: str, path: Path, overwrite: bool, suffixes: Sequence[str] | None = None) -> None:
+    """An output file: its folder exists and is writable, it is not a folder, and it is new unless --overwrite."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {str(path)!r} is a folder; give a file name")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} must end in {', '.join(suffixes)}, got {str(path)!r}")
+    _check_writable_dir(flag, path.parent)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {str(path)!r} already exists; pass --overwrite to replace it")
+
+
+# --------------------------------------------------------------------------------------- loading
 
 
 def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = False):
@@ -138,30 +336,172 @@ def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = 
         return AutoPipelineForText2Image.from_pretrained(folder, allow_pickle=allow_pickle, **kwargs)
 
 
-def _load(args: argparse.Namespace):
-    from .models import default_model
+def _load(args: argparse.Namespace, folder: Path):
     from .schedulers import make_scheduler
 
-    folder = args.model if args.model is not None else default_model()
     pipe = _from_pretrained(folder, args.dtype, args.allow_pickle)
     pipe.to(args.device)
     if args.scheduler is not None or args.karras:
         name = args.scheduler or type(pipe.scheduler).__name__
         pipe.scheduler = make_scheduler(name, pipe.scheduler.config, karras=args.karras)
-    return pipe, folder
+    return pipe
 
 
-def _check_common(args: argparse.Namespace) -> None:
-    from .schedulers import make_scheduler, scheduler_names
+def _warn(message: str) -> None:
+    print(f"stepdiff: warning: {message}", file=sys.stderr)
 
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.scheduler is not None and args.scheduler not in scheduler_names():
-        make_scheduler(args.scheduler, {})  # raises with the list of valid names
-    if args.model is not None:
-        from .pipelines.base import StepDiffPipeline
 
-        StepDiffPipeline._check_folder(args.model)
+# --------------------------------------------------------------------------------------- files of a run
+
+
+class _RunFiles:
+    """What a run puts on disk, so that a failed or aborted run can take it back and say exactly what it kept."""
+
+    def __init__(self) -> None:
+        self.claimed: list[Path] = []  # image names reserved (empty placeholders until written)
+        self.written: list[Path] = []
+        self.preview = None  # the PreviewCallback
+        self.preview_dir_created = False
+        self.extras: dict[Path, int | None] = {}  # animation / contact sheet -> mtime before the run (None: new)
+
+    def watch(self, path: Path | None) -> None:
+        if path is not None:
+            self.extras[path] = path.stat().st_mtime_ns if path.exists() else None
+
+    def undo(self) -> str:
+        """Remove what the run wrote, except finished images; describe what is left."""
+        from .images import release_claims
+
+        release_claims([p for p in self.claimed if p not in self.written])
+        removed = []
+        folder = getattr(self.preview, "folder", None)
+        if folder is not None:
+            frames = [folder / f"{step}.png" for step, _ in self.preview.frames]
+            count = sum(1 for p in frames if p.exists())
+            for p in frames:
+                p.unlink(missing_ok=True)
+            if self.preview_dir_created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
+            if count:
+                removed.append(f"the {count} preview frame{'s' * (count != 1)} it wrote in {str(folder)!r}")
+        for path, before in self.extras.items():
+            if path.exists() and (before is None or path.stat().st_mtime_ns != before):
+                path.unlink()
+                removed.append(repr(str(path)))
+        if self.written:
+            kept = f"kept the {len(self.written)} image(s) printed above, nothing else"
+        else:
+            kept = "nothing written"
+        return kept + (f" (removed {' and '.join(removed)})" if removed else "")
+
+
+@contextlib.contextmanager
+def _undo_on_failure(files: _RunFiles):
+    try:
+        yield
+    except BaseException as e:
+        e.stepdiff_kept = files.undo()  # type: ignore[attr-defined]
+        raise
+
+
+# --------------------------------------------------------------------------------------- commands
+
+
+def _generate_outputs(args: argparse.Namespace) -> list[Path] | None:
+    """The --output paths (checked, not yet reserved); None for automatic stepdiff-NNNNN.png names."""
+    from .images import image_format
+
+    if args.output is None:
+        _check_writable_dir("the current folder", Path.cwd())
+        return None
+    if args.output.is_dir():
+        raise IsADirectoryError(f"--output {str(args.output)!r} is a folder; give a file name ending in .png")
+    image_format(args.output)
+    _check_writable_dir("--output", args.output.parent)
+    stem, ext = args.output.with_suffix(""), args.output.suffix
+    paths = [args.output] if args.num_images == 1 else [stem.with_name(f"{stem.name}-{i + 1}{ext}")
+                                                       for i in range(args.num_images)]
+    for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(f"--output: {str(path)!r} is a folder")
+        if path.exists() and not args.overwrite:
+            raise FileExistsError(f"--output {str(path)!r} already exists; pass --overwrite to replace it")
+    return paths
+
+
+def _check_previews(args: argparse.Namespace, outputs: list[Path] | None) -> None:
+    if args.preview_dir is not None:
+        folder = args.preview_dir
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"--preview-dir {str(folder)!r} exists and is not a folder")
+            _check_writable_dir("--preview-dir", folder)
+            frames = sorted(p.name for p in folder.iterdir() if _FRAME.match(p.name))
+            if frames and not args.overwrite:
+                raise FileExistsError(f"--preview-dir {str(folder)!r} already holds {len(frames)} preview frame(s) "
+                                      f"({frames[0]}, ...); choose another folder or pass --overwrite")
+        else:
+            _check_writable_dir("--preview-dir", folder.parent)
+    if args.animation is not None:
+        _check_new_file("--animation", args.animation, args.overwrite, (".gif", ".webp"))
+    if args.contact_sheet is not None:
+        _check_new_file("--contact-sheet", args.contact_sheet, args.overwrite, (".png", ".jpg", ".jpeg", ".webp"))
+    seen: dict[Path, str] = {p.resolve(): "--output" for p in outputs or []}
+    for flag, path in (("--animation", args.animation), ("--contact-sheet", args.contact_sheet)):
+        if path is not None:
+            if path.resolve() in seen:
+                raise ValueError(f"{flag} {str(path)!r} is also the {seen[path.resolve()]} file")
+            seen[path.resolve()] = flag
+
+
+def _check_generate(args: argparse.Namespace):
+    """Every generate flag, before the model loads. Returns (model folder, (width, height))."""
+    from .limits import ModelShape
+
+    _check_text("PROMPT", args.prompt)
+    _check_text("--negative", args.negative)
+    folder = _check_common(args)
+    _at_least("--num-images", args.num_images, 1)
+    _at_least("--seed", args.seed, 0, MAX_SEED)
+    if args.seed + args.num_images - 1 > MAX_SEED:
+        raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} runs past the largest seed, 2**64-1")
+    if args.guidance is not None:
+        _check_guidance("--guidance", args.guidance)
+    _at_least("--preview-every", args.preview_every, 1)
+    _at_least("--patience", args.patience, 1)
+    if args.stop_at is not None:
+        _at_least("--stop-at", args.stop_at, 0)
+    if args.cfg_cutoff_step is not None:
+        _at_least("--cfg-cutoff-step", args.cfg_cutoff_step, 0)
+    if args.stop_on_convergence is not None and not 0.0 < args.stop_on_convergence < math.inf:
+        raise ValueError(f"--stop-on-convergence must be a number > 0, got {args.stop_on_convergence}")
+    try:
+        shape = ModelShape.from_folder(folder)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from None
+    width, height = args.size if args.size is not None else (shape.native_size, shape.native_size)
+    if args.size is not None:
+        for name, v in zip(("width", "height"), args.size):
+            if v < shape.min_size or v % shape.size_multiple:
+                raise ValueError(f"--size {name} must be a positive multiple of {shape.size_multiple}, at least "
+                                 f"{shape.min_size} for this model, got {v}")
+        ratio = max(width, height) / shape.native_size
+        native = f"{shape.native_size}x{shape.native_size}"
+        if ratio > SIZE_LIMIT_RATIO and not args.force:
+            from .limits import estimate_memory, format_bytes
+
+            need = format_bytes(estimate_memory(shape, width, height, args.num_images, args.dtype))
+            raise ValueError(f"--size {width}x{height} is {ratio:g} times the model's native {native} per side; the limit "
+                             f"is {SIZE_LIMIT_RATIO} times: the run would need about {need} and each step slows down with "
+                             "the square of the pixel count (self-attention); pass --force to run anyway")
+    _check_memory(args, shape, width, height, args.num_images,
+                  f"--size {width}x{height} and --num-images {args.num_images}")
+    ratio = max(width, height) / shape.native_size
+    if ratio > SIZE_WARN_RATIO:  # only for a run that goes ahead
+        _warn(f"--size {width}x{height} is {ratio:g} times the model's native {shape.native_size}x{shape.native_size} "
+              "per side: expect repeated or broken shapes, and slow steps")
+    return folder, (width, height)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -170,45 +510,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from . import __version__
     from .callbacks import CFGCutoffCallback, StopOnConvergence
     from .control import CancelToken
-    from .images import a1111_parameters, check_writable_dir, next_free_path, save_png
+    from .images import a1111_parameters, claim_free_paths, claim_paths, save_image
+    from .limits import ModelShape
     from .schedulers import display_name
-    from .vocabulary import unknown_words
 
-    # Everything a user can get wrong is checked before the model loads.
-    _check_common(args)
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.guidance is not None and not (args.guidance >= 0):
-        raise ValueError(f"--guidance must be a number >= 0, got {args.guidance}")
-    if args.preview_every < 1:
-        raise ValueError(f"--preview-every must be >= 1, got {args.preview_every}")
-    if args.stop_at is not None and args.stop_at < 0:
-        raise ValueError(f"--stop-at must be >= 0, got {args.stop_at}")
-    if args.size is not None:
-        for name, v in zip(("width", "height"), args.size):
-            if v < 8 or v % 8:
-                raise ValueError(f"--size {name} must be a positive multiple of 8, got {v}")
+    # 1. Everything a user can get wrong is checked before the model loads.
+    folder, (width, height) = _check_generate(args)
+    outputs = _generate_outputs(args)
+    _check_previews(args, outputs)
+
     callbacks = []
     if args.cfg_cutoff is not None:
         callbacks.append(CFGCutoffCallback(cutoff_step_ratio=args.cfg_cutoff))
     if args.cfg_cutoff_step is not None:
         callbacks.append(CFGCutoffCallback(cutoff_step_index=args.cfg_cutoff_step))
     if args.stop_on_convergence is not None:
-        if not 0.0 < args.stop_on_convergence < float("inf"):
-            raise ValueError(f"--stop-on-convergence must be a number > 0, got {args.stop_on_convergence}")
-        if args.patience < 1:
-            raise ValueError(f"--patience must be >= 1, got {args.patience}")
         callbacks.append(StopOnConvergence(tolerance=args.stop_on_convergence, patience=args.patience))
-    if args.output is not None:
-        check_writable_dir(args.output.parent.resolve(), "--output")
-        if args.output.is_dir():
-            raise IsADirectoryError(f"--output {str(args.output)!r} is a folder; give a file name ending in .png")
-        stem = args.output.with_suffix("")
-        paths = [args.output] if args.num_images == 1 else [
-            stem.with_name(f"{stem.name}-{i + 1}.png") for i in range(args.num_images)
-        ]
-    else:
-        paths = next_free_path(Path.cwd(), "stepdiff", args.num_images)
     if args.stop_at is not None:
         stop_at = args.stop_at
 
@@ -219,53 +536,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         callbacks.append(stop)
 
-    preview = None
-    if args.preview_dir is not None or args.animation is not None or args.contact_sheet is not None:
-        from .preview import PreviewCallback
+    if max(width, height) > SIZE_WARN_RATIO * ModelShape.from_folder(folder).native_size:
+        callbacks.append(_DecodeNotice(f"stepdiff: denoising done; decoding {args.num_images} image(s) at {width}x{height}"))
 
-        preview = PreviewCallback(
-            folder=args.preview_dir, every=args.preview_every, source=args.preview_source,
-            method=args.preview_method, animation=args.animation, contact_sheet=args.contact_sheet, frame_size=128,
-        )
-        callbacks.append(preview)
+    # 2. Reserve the image names (atomically: concurrent runs never share one), then run. From here on a
+    # failure or an abort takes back what the run wrote.
+    files = _RunFiles()
+    with _undo_on_failure(files):
+        if outputs is None:
+            files.claimed = claim_free_paths(Path.cwd(), "stepdiff", args.num_images)
+            paths = files.claimed
+        elif args.overwrite:
+            paths = outputs
+        else:
+            files.claimed = paths = claim_paths(outputs)
+        if args.preview_dir is not None or args.animation is not None or args.contact_sheet is not None:
+            from .preview import PreviewCallback
 
-    pipe, folder = _load(args)
-    info = _model_info(folder)
-    unknown, known = unknown_words(pipe.tokenizer, args.prompt, info.get("vocabulary"))
-    if unknown:
-        hint = f"; it knows: {', '.join(known)}" if known else ""
-        print(f"stepdiff: warning: the model does not know {', '.join(unknown)}{hint}", file=sys.stderr)
-    guidance = args.guidance if args.guidance is not None else _default_guidance(info)
-    kwargs = {}
-    if args.size is not None:
-        kwargs["width"], kwargs["height"] = args.size
-    generators = [torch.Generator(args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
-    token = CancelToken()
-    with _graceful_interrupt(token):
-        out = pipe(
-            prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=guidance,
-            num_images_per_prompt=args.num_images, generator=generators, callback_on_step_end=callbacks or None,
-            cancel=token, **kwargs,
-        )
-    record = out.record.to_dict()
-    cutoff = args.cfg_cutoff if args.cfg_cutoff is not None else args.cfg_cutoff_step
-    for i, (image, path) in enumerate(zip(out.images, paths)):
-        fields = {
-            "Steps": args.steps, "Sampler": display_name(pipe.scheduler, args.karras), "CFG scale": guidance,
-            "Seed": args.seed + i, "Size": f"{image.width}x{image.height}", "Model": Path(folder).name,
-            "CFG cutoff": cutoff, "Interrupted at step": out.steps_completed if out.interrupted else None,
-            "Stop reason": out.stop_reason if out.interrupted else None,
-            "Version": f"stepdiff {__version__}",
-        }
-        meta = {
-            "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed + i, "steps": args.steps,
-            "scheduler": type(pipe.scheduler).__name__, "karras": args.karras, "guidance_scale": guidance,
-            "cfg_cutoff_ratio": args.cfg_cutoff, "cfg_cutoff_step": args.cfg_cutoff_step, "model": str(folder),
-            "stepdiff_version": __version__, "record": record, "interrupted": out.interrupted,
-            "steps_completed": out.steps_completed, "stop_reason": out.stop_reason,
-        }
-        print(save_png(image, path, a1111_parameters(args.prompt, args.negative, fields), meta))
-    if preview is not None:
+            files.preview_dir_created = args.preview_dir is not None and not args.preview_dir.exists()
+            files.watch(args.animation)
+            files.watch(args.contact_sheet)
+            files.preview = PreviewCallback(
+                folder=args.preview_dir, every=args.preview_every, source=args.preview_source,
+                method=args.preview_method, animation=args.animation, contact_sheet=args.contact_sheet, frame_size=128,
+            )
+            callbacks.append(files.preview)
+
+        pipe = _load(args, folder)
+        info = _model_info(folder)
+        _warn_about_prompt(pipe, args.prompt, args.negative, info)
+        guidance = args.guidance if args.guidance is not None else _default_guidance(info)
+        generators = [torch.Generator(args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
+        token = CancelToken()
+        with _graceful_interrupt(token):
+            out = pipe(
+                prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+                guidance_scale=guidance, num_images_per_prompt=args.num_images, generator=generators,
+                callback_on_step_end=callbacks or None, cancel=token, width=width, height=height,
+            )
+
+        # 3. Write the images, each with its metadata.
+        record = out.record.to_dict()
+        cutoff = args.cfg_cutoff if args.cfg_cutoff is not None else args.cfg_cutoff_step
+        sampler = display_name(pipe.scheduler)
+        karras = bool(pipe.scheduler.config.get("use_karras_sigmas", False))
+        for i, (image, path) in enumerate(zip(out.images, paths)):
+            fields = {
+                "Steps": args.steps, "Sampler": sampler, "CFG scale": guidance,
+                "Seed": args.seed + i, "Size": f"{image.width}x{image.height}", "Model": Path(folder).name,
+                "CFG cutoff": cutoff, "Interrupted at step": out.steps_completed if out.interrupted else None,
+                "Stop reason": out.stop_reason if out.interrupted else None,
+                "Version": f"stepdiff {__version__}",
+            }
+            meta = {
+                "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed + i, "steps": args.steps,
+                "scheduler": type(pipe.scheduler).__name__, "karras": karras, "guidance_scale": guidance,
+                "cfg_cutoff_ratio": args.cfg_cutoff, "cfg_cutoff_step": args.cfg_cutoff_step, "model": str(folder),
+                "stepdiff_version": __version__, "record": record, "interrupted": out.interrupted,
+                "steps_completed": out.steps_completed, "stop_reason": out.stop_reason,
+            }
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                save_image(image, path, a1111_parameters(args.prompt, args.negative, fields), meta)
+            for w in caught:
+                _warn(str(w.message))
+            files.written.append(path)
+            print(path, flush=True)
+    if files.preview is not None:
         for extra in (args.animation, args.contact_sheet):
             if extra is not None:
                 print(extra)
@@ -274,22 +611,67 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DecodeNotice:
+    """For sizes far above the model's: a line when the denoising ends, so the (silent) VAE decode is not a mystery."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __call__(self, pipeline, step_index, timestep, callback_kwargs) -> None:
+        return None
+
+    def on_run_end(self, pipeline) -> None:
+        print(self.text, file=sys.stderr, flush=True)
+
+
+def _warn_about_prompt(pipe, prompt: str, negative: str | None, info: dict) -> None:
+    """Words the model does not know, and prompts longer than its text encoder reads."""
+    from .vocabulary import prompt_tokens, unknown_words
+
+    unknown, known = unknown_words(pipe.tokenizer, prompt, info.get("vocabulary"))
+    if unknown:
+        hint = f"; it knows: {', '.join(known)}" if known else ""
+        _warn(f"the model does not know {', '.join(unknown)}{hint}")
+    t5 = getattr(pipe, "tokenizer_3", None)
+    for flag, text in (("the prompt", prompt), ("--negative", negative)):
+        if text is None:
+            continue
+        tokens, limit = prompt_tokens(t5 if t5 is not None else pipe.tokenizer, text)
+        if tokens > limit:
+            _warn(f"{flag} is {tokens} tokens but the text encoder reads only the first {limit} "
+                  f"(start and end included); the rest is ignored")
+
+
 def cmd_fit_preview(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipelines.base import StepDiffPipeline
-    from .preview import builtin_tables, fit_latent_rgb, images_to_tensor, preview_psnr
+    from .preview import FITTED_TABLE_FILE, builtin_tables, fit_latent_rgb, images_to_tensor, preview_psnr
 
-    StepDiffPipeline._check_folder(args.model)
-    pipe = _from_pretrained(args.model)
+    _check_model_folder("fit-preview MODEL", args.model)
+    _check_writable_dir(f"fit-preview MODEL (writes {FITTED_TABLE_FILE})", args.model)
+    files = None
     if args.images is not None:
-        from PIL import Image
+        if not args.images.is_dir():
+            raise NotADirectoryError(f"--images {str(args.images)!r} is not a folder of images")
+        files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if len(files) < 4:
+            raise FileNotFoundError(f"--images {str(args.images)!r} holds {len(files)} .png/.jpg/.webp images; "
+                                    "at least 4 are needed (3 to fit, 1 to check)")
+    else:
+        _at_least("--count", args.count, 4, MAX_FIT_COUNT, " (3/4 fit the table, 1/4 check it)")
+    pipe = _from_pretrained(args.model)
+    if files is not None:
+        from PIL import Image, UnidentifiedImageError
 
-        files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        if not files:
-            raise FileNotFoundError(f"--images {str(args.images)!r} holds no .png/.jpg/.webp images")
         size = pipe.default_size()
-        images = images_to_tensor([Image.open(p).convert("RGB").resize((size, size)) for p in files])
+        loaded = []
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    loaded.append(im.convert("RGB").resize((size, size)))
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"--images: {str(p)!r} is not a readable image ({e})") from None
+        images = images_to_tensor(loaded)
     else:
         import numpy as np
 
@@ -331,6 +713,24 @@ def _graceful_interrupt(token):
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _terminate_aborts():
+    """SIGTERM raises Terminated, so a run is taken back and reported like a second Ctrl-C (exit 143)."""
+
+    def handler(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _model_info(folder: Path) -> dict:
     """stepdiff.json in a model folder: recommended settings and training vocabulary, where recorded."""
     import json
@@ -345,10 +745,20 @@ def _default_guidance(info: dict) -> float:
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
+    from .images import atomic_write
+    from .limits import ModelShape
     from .shapes.evaluate import evaluate_table, format_table
 
-    _check_common(args)
-    pipe, folder = _load(args)
+    folder = _check_common(args)
+    for g in args.guidance or []:
+        _check_guidance("--guidance", g)
+    _at_least("--seeds-per-combo", args.seeds_per_combo, 1, MAX_SEEDS_PER_COMBO)
+    _at_least("--batch", args.batch, 1)
+    shape = ModelShape.from_folder(folder)
+    _check_memory(args, shape, shape.native_size, shape.native_size, args.batch, f"--batch {args.batch} images")
+    if args.json is not None:
+        _check_new_file("--json", args.json, args.overwrite)
+    pipe = _load(args, folder)
     default = _default_guidance(_model_info(folder))
     guidances = args.guidance if args.guidance is not None else sorted({1.0, default})
     rows = evaluate_table(pipe, guidances=guidances, default_guidance=default, cutoffs=args.cfg_cutoff,
@@ -357,16 +767,46 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     if args.json is not None:
         import json
 
-        args.json.write_text(json.dumps(rows, indent=1))
+        data = json.dumps(rows, indent=1).encode()
+        print(atomic_write(args.json, lambda f: f.write(data)))
     return 0
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     from .testing import make_tiny_sd, make_tiny_sdxl
 
-    folder = (make_tiny_sd if args.family == "sd" else make_tiny_sdxl)(args.out)
-    print(folder)
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"tiny-model OUT {str(out)!r} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"tiny-model OUT {str(out)!r} is a folder that is not empty; pass --overwrite to replace it")
+    _check_writable_dir("tiny-model OUT", out.parent)
+    # Built beside its destination, then renamed into place: never half a model folder under its name.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (make_tiny_sd if args.family == "sd" else make_tiny_sdxl)(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
+        old = None
+        if out.is_dir():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(out)
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,13 +822,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tiny-model": cmd_tiny_model,
     }
     try:
-        return commands[args.command](args)
+        with _terminate_aborts():
+            return commands[args.command](args)
     except (ValueError, TypeError, OSError) as e:
-        print(f"stepdiff: error: {e}", file=sys.stderr)
+        print(f"stepdiff: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("stepdiff: aborted; nothing written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"stepdiff: aborted; {getattr(e, 'stepdiff_kept', 'nothing written')}", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"stepdiff: terminated; {getattr(e, 'stepdiff_kept', 'nothing written')}", file=sys.stderr)
+        return 143
+    except Exception as e:  # a bug or the machine (out of memory): still one line; STEPDIFF_TRACEBACK=1 shows it
+        if os.environ.get("STEPDIFF_TRACEBACK"):
+            raise
+        print(f"stepdiff: error: {type(e).__name__}: {_one_line(e)} (STEPDIFF_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

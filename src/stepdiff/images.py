@@ -1,17 +1,31 @@
-"""Writing images: atomically, with metadata other tools read (A1111 'parameters' text + JSON)."""
+"""Writing images: atomically, never over an existing file unless asked, with metadata other tools read.
+
+PNG carries the popular web UIs' 'parameters' text chunk and a 'stepdiff' JSON chunk; JPEG and WebP carry
+the same two in EXIF (UserComment, as the web UIs write it, and ImageDescription).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin
 
-__all__ = ["a1111_parameters", "atomic_write", "check_writable_dir", "next_free_path", "save_png"]
+__all__ = [
+    "IMAGE_FORMATS", "a1111_parameters", "atomic_write", "check_writable_dir", "claim_free_paths", "claim_paths",
+    "image_format", "next_free_path", "release_claims", "save_image", "save_png",
+]
+
+# Extensions --output accepts, and the Pillow format each one is written in.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_JPEG_EXIF_MAX = 65533  # one APP1 segment
+_USER_COMMENT, _IMAGE_DESCRIPTION, _EXIF_IFD = 0x9286, 0x010E, 0x8769
 
 
 def _umask() -> int:
@@ -45,6 +59,42 @@ def a1111_parameters(prompt: str, negative: str | None, fields: dict[str, Any]) 
     return "\n".join(lines)
 
 
+def image_format(path: str | Path, what: str = "--output") -> str:
+    """The Pillow format for ``path``'s extension; an extension we can't write with metadata is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"{what} must end in {', '.join(IMAGE_FORMATS)}, got {str(path)!r}")
+    return IMAGE_FORMATS[suffix]
+
+
+def _exif(parameters: str | None, record: dict[str, Any] | None) -> Image.Exif:
+    exif = Image.Exif()
+    if record is not None:
+        exif[_IMAGE_DESCRIPTION] = json.dumps(record, sort_keys=True)  # ASCII: non-ASCII is escaped
+    if parameters is not None:
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    return exif
+
+
+def save_image(image: Image.Image, path: str | Path, parameters: str, record: dict[str, Any]) -> Path:
+    """Write ``image`` atomically in the format its extension names (PNG, JPEG, WebP), with both metadata parts.
+
+    JPEG holds at most 64 KiB of EXIF: when both parts don't fit, the JSON record is left out, then the
+    parameters too, with a warning (a prompt of tens of thousands of characters).
+    """
+    fmt = image_format(path)
+    if fmt == "PNG":
+        return save_png(image, path, parameters, record)
+    exif = _exif(parameters, record)
+    if fmt == "JPEG" and len(exif.tobytes()) > _JPEG_EXIF_MAX:
+        exif, lost = _exif(parameters, None), "the stepdiff record"
+        if len(exif.tobytes()) > _JPEG_EXIF_MAX:
+            exif, lost = Image.Exif(), "any metadata"
+        warnings.warn(f"the metadata is too long for JPEG's 64 KiB EXIF; {path} is written without {lost}", stacklevel=2)
+    kwargs = {"quality": 95}
+    return atomic_write(path, lambda f: image.convert("RGB").save(f, format=fmt, exif=exif, **kwargs))
+
+
 def save_png(image: Image.Image, path: str | Path, parameters: str, record: dict[str, Any]) -> Path:
     """A PNG with a 'parameters' text chunk and a 'stepdiff' JSON chunk, written atomically."""
     info = PngImagePlugin.PngInfo()
@@ -63,7 +113,7 @@ def check_writable_dir(path: Path, what: str) -> None:
 
 
 def next_free_path(folder: Path, stem: str, count: int) -> list[Path]:
-    """``count`` paths stem-00001.png, ... that don't exist yet: nothing already produced is overwritten."""
+    """``count`` paths stem-00001.png, ... that don't exist yet (a snapshot: see ``claim_free_paths`` to reserve them)."""
     n, out = 1, []
     while len(out) < count:
         candidate = folder / f"{stem}-{n:05d}.png"
@@ -71,3 +121,48 @@ def next_free_path(folder: Path, stem: str, count: int) -> list[Path]:
             out.append(candidate)
         n += 1
     return out
+
+
+def _claim(path: Path) -> bool:
+    """Create ``path`` empty if no file has that name; atomic, so two processes never both get it."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        return False
+    return True
+
+
+def claim_free_paths(folder: Path, stem: str, count: int, suffix: str = ".png") -> list[Path]:
+    """Reserve ``count`` free names stem-00001.png, ... (gaps are filled) by creating each one empty with
+    ``O_CREAT | O_EXCL``: concurrent runs in one folder never get the same name. The image later replaces
+    its placeholder atomically (``atomic_write``); ``release_claims`` removes the ones never written."""
+    n, out = 1, []
+    try:
+        while len(out) < count:
+            candidate = folder / f"{stem}-{n:05d}{suffix}"
+            if _claim(candidate):
+                out.append(candidate)
+            n += 1
+    except BaseException:
+        release_claims(out)
+        raise
+    return out
+
+
+def claim_paths(paths: list[Path], what: str = "--output") -> list[Path]:
+    """Reserve exactly these names (see ``claim_free_paths``); an existing file is refused, and nothing is kept."""
+    out: list[Path] = []
+    for path in paths:
+        if not _claim(path):
+            release_claims(out)
+            raise FileExistsError(f"{what} {str(path)!r} already exists; pass --overwrite to replace it")
+        out.append(path)
+    return out
+
+
+def release_claims(paths: list[Path]) -> None:
+    """Remove placeholders that were never written (still empty), e.g. after an error or an abort."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                path.unlink()

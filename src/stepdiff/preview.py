@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .images import atomic_write, check_writable_dir
+from .images import IMAGE_FORMATS, atomic_write, check_writable_dir
 
 __all__ = [
     "FITTED_TABLE_FILE",
@@ -174,7 +174,7 @@ def contact_sheet(frames: Sequence[tuple[int, Image.Image]], columns: int = 8, s
 
 
 def _save_image_atomic(image: Image.Image, path: Path, **kwargs: Any) -> None:
-    fmt = {".gif": "GIF", ".webp": "WEBP", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
+    fmt = {".gif": "GIF", **IMAGE_FORMATS}.get(path.suffix.lower(), "PNG")  # a .jpg contact sheet is a JPEG
     atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
 
 
@@ -231,7 +231,7 @@ class PreviewCallback:
         self.folder = folder
         self.every, self.source, self.method = every, source, method
         self.animation = _check_output_file("animation", animation, (".gif", ".webp"))
-        self.contact_sheet = _check_output_file("contact_sheet", contact_sheet, (".png", ".jpg", ".webp"))
+        self.contact_sheet = _check_output_file("contact_sheet", contact_sheet, (".png", ".jpg", ".jpeg", ".webp"))
         self.on_image, self.table, self.batch_index = on_image, table, batch_index
         self.min_interval, self.frame_size = float(min_interval), frame_size
         self.frames: list[tuple[int, Image.Image]] = []

@@ -1,24 +1,41 @@
-"""Which prompt words a model's tokenizer knows as whole words."""
+"""Which prompt words a model's tokenizer knows as whole words, and how much of a prompt it reads."""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["unknown_words"]
+__all__ = ["prompt_tokens", "unknown_words"]
 
 _SMALL_VOCABULARY = 200  # list the known words only for small closed-vocabulary models
+# Words in any script (CJK included), and runs of non-ASCII symbols (emoji) as words of their own;
+# ASCII punctuation is not a word.
+_WORD = re.compile(r"[^\W_]+|[^\w\s\x00-\x7f]+")
+
+
+def _words(prompt: str) -> list[str]:
+    return list(dict.fromkeys(_WORD.findall(prompt.lower())))
 
 
 def unknown_words(tokenizer, prompt: str, vocabulary: list[str] | None = None) -> tuple[list[str], list[str]]:
     """(words of ``prompt`` the model does not know, the words it knows when that list is short).
 
     ``vocabulary`` is the model's training vocabulary where its folder records one (stepdiff.json);
-    otherwise a word is known when the tokenizer has it as one whole token.
+    otherwise a word is known when the tokenizer makes it one token that is not the unknown token.
     """
-    words = re.findall(r"[a-z0-9]+", prompt.lower())
+    words = _words(prompt)
     if vocabulary is not None:
         known = sorted(set(vocabulary))
-        unknown = [w for w in dict.fromkeys(words) if w not in known]
+        unknown = [w for w in words if w not in known]
         return unknown, known if len(known) <= _SMALL_VOCABULARY else []
-    vocab = tokenizer.get_vocab()
-    return [w for w in dict.fromkeys(words) if f"{w}</w>" not in vocab], []
+    unk = getattr(tokenizer, "unk_token", None)
+    unknown = []
+    for word in words:
+        tokens = tokenizer.tokenize(word)
+        if len(tokens) != 1 or tokens[0] == unk:
+            unknown.append(word)
+    return unknown, []
+
+
+def prompt_tokens(tokenizer, prompt: str) -> tuple[int, int]:
+    """(tokens ``prompt`` makes with start and end, tokens the text encoder reads): a longer prompt is cut."""
+    return len(tokenizer(prompt, truncation=False).input_ids), int(tokenizer.model_max_length)
