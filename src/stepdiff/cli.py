@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "pair it with --scheduler euler (DDIM's estimate keeps drifting)")
     g.add_argument("--patience", type=int, default=3, metavar="N", help="steps for --stop-on-convergence (default 3)")
     g.add_argument("--verbose", action="store_true", help="print the run record (steps, model calls, rows, time)")
+    im = g.add_argument_group("image to image and inpainting")
+    im.add_argument("--init-image", type=Path, default=None, metavar="PATH",
+                    help="start from this picture (image to image); its size is the output size")
+    im.add_argument("--mask", type=Path, default=None, metavar="PATH",
+                    help="with --init-image: repaint only where this mask is white (inpainting); same size as the image")
+    im.add_argument("--strength", type=float, default=None, metavar="S",
+                    help="how much of --init-image to re-draw, in (0, 1] (default 0.6; 1.0 with --mask)")
     pv = g.add_argument_group("previews of intermediate steps")
     pv.add_argument("--preview-dir", type=Path, default=None, help="write a preview PNG per step here ({step}.png)")
     pv.add_argument("--preview-every", type=int, default=1, metavar="N", help="preview every N steps (and the last)")
@@ -320,26 +327,35 @@ def _check_new_file(flag: str, path: Path, overwrite: bool, suffixes: Sequence[s
 # --------------------------------------------------------------------------------------- loading
 
 
-def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = False):
+def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = False, kind: str = "text2image"):
     """Load quietly: no loading bars (the denoising bar stays), no rename warnings."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from .pipelines import AutoPipelineForText2Image
+    from . import pipelines
+
+    auto = {"text2image": pipelines.AutoPipelineForText2Image, "image2image": pipelines.AutoPipelineForImage2Image,
+            "inpaint": pipelines.AutoPipelineForInpainting}[kind]
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype; both spellings work
-        return AutoPipelineForText2Image.from_pretrained(folder, allow_pickle=allow_pickle, **kwargs)
+        return auto.from_pretrained(folder, allow_pickle=allow_pickle, **kwargs)
+
+
+def _kind(args: argparse.Namespace) -> str:
+    if getattr(args, "init_image", None) is None:
+        return "text2image"
+    return "inpaint" if args.mask is not None else "image2image"
 
 
 def _load(args: argparse.Namespace, folder: Path):
     from .schedulers import make_scheduler
 
-    pipe = _from_pretrained(folder, args.dtype, args.allow_pickle)
+    pipe = _from_pretrained(folder, args.dtype, args.allow_pickle, _kind(args))
     pipe.to(args.device)
     if args.scheduler is not None or args.karras:
         name = args.scheduler or type(pipe.scheduler).__name__
@@ -480,6 +496,11 @@ def _check_generate(args: argparse.Namespace):
         shape = ModelShape.from_folder(folder)
     except ValueError as e:
         raise ValueError(f"--model: {e}") from None
+    if args.init_image is not None:
+        args.size = _check_init_images(args, shape)
+    elif args.mask is not None or args.strength is not None:
+        flag = "--mask" if args.mask is not None else "--strength"
+        raise ValueError(f"{flag} needs --init-image (the picture to start from)")
     width, height = args.size if args.size is not None else (shape.native_size, shape.native_size)
     if args.size is not None:
         for name, v in zip(("width", "height"), args.size):
@@ -502,6 +523,47 @@ def _check_generate(args: argparse.Namespace):
         _warn(f"--size {width}x{height} is {ratio:g} times the model's native {shape.native_size}x{shape.native_size} "
               "per side: expect repeated or broken shapes, and slow steps")
     return folder, (width, height)
+
+
+def _read_picture(flag: str, path: Path, mode: str):
+    """A picture file, fully decoded now, so that a bad file fails before the model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise ValueError(f"{flag} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give a picture file (PNG, JPEG, WebP)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{flag} {str(path)!r} is not a readable picture ({type(e).__name__}: {e})") from None
+
+
+def _check_init_images(args: argparse.Namespace, shape) -> tuple[int, int]:
+    """--init-image, --mask and --strength; the size of the run is the picture's."""
+    args.init_picture = _read_picture("--init-image", args.init_image, "RGB")
+    args.mask_picture = None if args.mask is None else _read_picture("--mask", args.mask, "L")
+    width, height = args.init_picture.size
+    if args.mask_picture is not None and args.mask_picture.size != (width, height):
+        mw, mh = args.mask_picture.size
+        raise ValueError(f"--mask is {mw}x{mh} but --init-image is {width}x{height}; they must be the same size")
+    if args.size is not None and tuple(args.size) != (width, height):
+        raise ValueError(f"--size {args.size[0]}x{args.size[1]} differs from --init-image's {width}x{height}; "
+                         "leave --size out (the picture's size is used) or resize the picture")
+    for name, v in (("width", width), ("height", height)):
+        if v < shape.min_size or v % shape.size_multiple:
+            raise ValueError(f"--init-image {name} must be a multiple of {shape.size_multiple}, at least {shape.min_size} "
+                             f"for this model, got {v}")
+    if args.strength is None:
+        args.strength = 1.0 if args.mask is not None else 0.6
+    if not 0.0 < args.strength <= 1.0:
+        raise ValueError(f"--strength must be a number in (0, 1], got {args.strength}")
+    if int(args.steps * args.strength) < 1:
+        raise ValueError(f"--strength {args.strength} with --steps {args.steps} leaves no denoising step "
+                         f"(int({args.steps} x {args.strength}) = 0); raise --strength or --steps")
+    return width, height
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -568,11 +630,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance = args.guidance if args.guidance is not None else _default_guidance(info)
         generators = [torch.Generator(args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
         token = CancelToken()
+        kind = _kind(args)
+        extra: dict = {}
+        if kind != "text2image":
+            extra = {"image": args.init_picture, "strength": args.strength}
+        if kind == "inpaint":
+            extra["mask_image"] = args.mask_picture
+        if kind != "image2image":  # image to image takes the picture's size
+            extra.update(width=width, height=height)
         with _graceful_interrupt(token):
             out = pipe(
                 prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                 guidance_scale=guidance, num_images_per_prompt=args.num_images, generator=generators,
-                callback_on_step_end=callbacks or None, cancel=token, width=width, height=height,
+                callback_on_step_end=callbacks or None, cancel=token, **extra,
             )
 
         # 3. Write the images, each with its metadata.
@@ -586,6 +656,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "Seed": args.seed + i, "Size": f"{image.width}x{image.height}", "Model": Path(folder).name,
                 "CFG cutoff": cutoff, "Interrupted at step": out.steps_completed if out.interrupted else None,
                 "Stop reason": out.stop_reason if out.interrupted else None,
+                "Denoising strength": args.strength,
                 "Version": f"stepdiff {__version__}",
             }
             meta = {
@@ -594,6 +665,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "cfg_cutoff_ratio": args.cfg_cutoff, "cfg_cutoff_step": args.cfg_cutoff_step, "model": str(folder),
                 "stepdiff_version": __version__, "record": record, "interrupted": out.interrupted,
                 "steps_completed": out.steps_completed, "stop_reason": out.stop_reason,
+                "init_image": None if args.init_image is None else str(args.init_image),
+                "mask": None if args.mask is None else str(args.mask), "strength": args.strength,
             }
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
