@@ -87,6 +87,20 @@ def estimate_x0(
     raise ValueError(f"unsupported prediction_type {prediction_type!r} in scheduler config")
 
 
+def _non_finite(step: int, what: str, tensor: torch.Tensor, guidance: Guidance) -> str:
+    bad = int((~torch.isfinite(tensor)).sum())
+    causes = []
+    if guidance.scale > 30:
+        causes.append(f"guidance_scale {guidance.scale:g} is far above the usual 1-20")
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        causes.append(f"{tensor.dtype} overflow (try torch_dtype=torch.float32)")
+    if what == "the model output" and not causes:
+        causes.append("broken model weights (NaN or inf in the checkpoint)")
+    causes = causes or ["the scheduler or a callback produced them"]
+    return (f"{what} became NaN or inf at step {step} ({bad} of {tensor.numel()} values); likely cause: "
+            f"{'; '.join(causes)}. Nothing was decoded. (pipe.check_finite = False turns this check off)")
+
+
 def denoise(
     state: LoopState,
     timesteps: torch.Tensor,
@@ -98,6 +112,7 @@ def denoise(
     inference_mode: bool = False,
     flow_matching: bool = False,
     after_step: Callable[[LoopState], None] | None = None,
+    check_finite: bool = True,
 ) -> Iterator[LoopState]:
     """Run the steps; yield the state after each scheduler step.
 
@@ -112,6 +127,10 @@ def denoise(
 
     ``after_step(state)``: a kind of run's own work after each scheduler step (inpainting puts the
     known region back), before the state is yielded.
+
+    ``check_finite``: stop with ``FloatingPointError`` naming the step and the likely cause as soon as
+    the model output or the latents hold NaN or inf, instead of decoding a black image. One reduction
+    over the latents per step (see benchmarks/bench_runs.py --only finite for its cost).
     """
     # Batched conditioning per set of sides, built once; kept with the tensors it was built from
     # (references, so their identity stays meaningful) and rebuilt only when a callback replaced one.
@@ -141,7 +160,11 @@ def denoise(
         output = guidance.combine(dict(zip(sides, output.chunk(len(sides)))))
         if output.is_inference():
             output = output.clone()  # schedulers may return it as the x0 estimate, which callbacks may edit
+        if check_finite and not bool(torch.isfinite(output).all()):
+            raise FloatingPointError(_non_finite(i, "the model output", output, guidance))
         step = scheduler.step(output, t, state.latents, **step_kwargs, return_dict=True)
+        if check_finite and not bool(torch.isfinite(step.prev_sample).all()):
+            raise FloatingPointError(_non_finite(i, "the latents", step.prev_sample, guidance))
         reported = getattr(step, "pred_original_sample", None)
         state.denoised = (
             reported if reported is not None else estimate_x0(scheduler, i, t, x_in, output, flow_matching=flow_matching)

@@ -238,6 +238,8 @@ class StepDiffPipeline(DiffusionPipeline):
     _optional_components: ClassVar[list[str]] = []
     # Run each model call under torch.inference_mode (see stepdiff.loop.denoise); False: plain no_grad.
     inference_mode_model_calls: bool = True
+    # Stop with a clear error when the model output or the latents turn NaN/inf (instead of a black image).
+    check_finite: bool = True
 
     # Per-call state lives on the run; these classic names reach it from inside a callback.
     _interrupt = _routed("interrupt", "Stop flag of the current run (classic: set True in a callback).", _set_interrupt,
@@ -317,7 +319,10 @@ class StepDiffPipeline(DiffusionPipeline):
             kwargs.setdefault("use_safetensors", True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            try:
+                return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            except (ValueError, RuntimeError) as e:
+                raise _explain_mismatch(Path(pretrained_model_name_or_path), e) from e
 
     # ------------------------------------------------------------ properties
 
@@ -601,6 +606,7 @@ class StepDiffPipeline(DiffusionPipeline):
         # 1. Check every argument before any model work.
         kind = self.check_kind_inputs(args)
         batch_size, encode_kwargs = self.check_prompts(args)
+        self._check_embedding_widths(encode_kwargs)
         height = args.pop("height", None)
         width = args.pop("width", None)
         height = kind.get("height") if height is None else height
@@ -672,6 +678,22 @@ class StepDiffPipeline(DiffusionPipeline):
         self.add_kind_conditioning(run, kind, dtype, device, generator)
         return run
 
+    def embedding_width(self) -> int | None:
+        """The width the denoiser's cross-attention takes (what ``prompt_embeds`` must have)."""
+        cfg = self.denoiser.config
+        width = getattr(cfg, "joint_attention_dim", None) or getattr(cfg, "cross_attention_dim", None)
+        return width if isinstance(width, int) else None
+
+    def _check_embedding_widths(self, encode_kwargs: dict[str, Any]) -> None:
+        width = self.embedding_width()
+        for name in ("prompt_embeds", "negative_prompt_embeds"):
+            value = encode_kwargs.get(name)
+            if width is not None and isinstance(value, torch.Tensor) and value.shape[-1] != width:
+                raise ValueError(
+                    f"{name} has width {value.shape[-1]} (shape {tuple(value.shape)}) but this model's "
+                    f"{type(self.denoiser).__name__} takes {width}; encode with this pipeline's encode_prompt"
+                )
+
     def add_kind_conditioning(self, run: Run, kind: dict, dtype, device, generator) -> None:
         """Per-row conditioning a kind of run adds (inpainting's mask and masked-image latents)."""
 
@@ -730,6 +752,27 @@ def normalize_legacy_configs(scheduler: Any, unet: Any) -> None:
         deprecate("sample_size<64", "1.0.0", "The UNet config sets sample_size below 64, which fits none of the SD 1.x "
                   "checkpoints; stepdiff (like the classic pipeline) uses 64.", standard_warn=False)
         unet._internal_dict = FrozenDict({**dict(ucfg), "sample_size": 64})
+
+
+def _explain_mismatch(folder: Path, error: Exception) -> Exception:
+    """A weight whose shape does not fit its component's config: name the config.json to check."""
+    import re
+
+    from safetensors import safe_open
+
+    match = re.search(r"(?:because|for) (\S+?):? (?:expected shape|size mismatch)", str(error))
+    if match is None:
+        return error
+    key = match.group(1)
+    for weights in sorted(folder.glob("*/*.safetensors")):
+        with safe_open(weights, "pt") as f:
+            if key in f.keys():
+                component = weights.parent.name
+                return ValueError(
+                    f"{str(folder / component / 'config.json')!r} does not match the weights in {component}/: "
+                    f"{key} has another shape than that config describes ({str(error).split('. ')[0]})"
+                )
+    return error
 
 
 def _kind_of(cls: type) -> str:

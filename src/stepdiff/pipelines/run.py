@@ -189,7 +189,7 @@ class Run:
             self.state, self.timesteps, self.scheduler, self._predict, self.step_kwargs,
             should_stop=self._should_stop, guidance=self.guidance,
             inference_mode=pipe._model_calls_in_inference_mode(), flow_matching=pipe.flow_matching,
-            after_step=self.after_step,
+            after_step=self.after_step, check_finite=pipe.check_finite,
         )
         bar = pipe.progress_bar(total=self.num_timesteps)
         try:
