@@ -22,6 +22,12 @@ from stepdiff.vocabulary import prompt_tokens, unknown_words
 SRC = str(Path(stepdiff.__file__).resolve().parents[1])
 
 
+@pytest.fixture(autouse=True)
+def _in_a_fresh_folder(tmp_path, monkeypatch):
+    """A run that succeeds by mistake writes its stepdiff-NNNNN.png here, never into the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def run_cli(capsys):
     def run(*argv):
