@@ -10,6 +10,12 @@ from PIL import Image
 from stepdiff.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _in_a_fresh_folder(tmp_path, monkeypatch):
+    """A run that succeeds by mistake writes its stepdiff-NNNNN.png here, never into the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def run_cli(capsys):
     def run(*argv):

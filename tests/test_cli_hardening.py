@@ -22,6 +22,12 @@ from stepdiff.vocabulary import prompt_tokens, unknown_words
 SRC = str(Path(stepdiff.__file__).resolve().parents[1])
 
 
+@pytest.fixture(autouse=True)
+def _in_a_fresh_folder(tmp_path, monkeypatch):
+    """A run that succeeds by mistake writes its stepdiff-NNNNN.png here, never into the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def run_cli(capsys):
     def run(*argv):
@@ -347,6 +353,22 @@ def test_failed_run_leaves_no_placeholder(run_cli, sd_folder, tmp_path, monkeypa
     code, _, err = run_cli("generate", "a cat", "--model", sd_folder, "--num-images", "3")
     one_error(code, err, "broken model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_whose_numbers_blow_up_is_one_line_exit_1_and_leaves_nothing(run_cli, sd_folder, tmp_path, monkeypatch):
+    from stepdiff.callbacks import NaNGuard
+    from stepdiff.preview import PreviewCallback
+
+    def nan_at_step_2(self, pipeline, i, t, kw):
+        if i == 2:
+            NaNGuard()(pipeline, i, t, {"latents": kw[self.source] * float("nan")})
+
+    monkeypatch.setattr(PreviewCallback, "__call__", nan_at_step_2)
+    code, out, err = run_cli("generate", "a cat", "--model", sd_folder, "--steps", "4", "--preview-dir", "p")
+    assert code == 1 and out == ""
+    assert err.strip().splitlines()[-1].startswith("stepdiff: error: latents became NaN or inf at step 2")
+    assert "Traceback" not in err and "FloatingPointError" not in err
+    assert list(tmp_path.iterdir()) == []  # no reserved name, no preview folder
 
 
 def test_tiny_model_refuses_a_non_empty_folder(run_cli, tmp_path):

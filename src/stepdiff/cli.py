@@ -906,6 +906,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as e:
         print(f"stepdiff: terminated; {getattr(e, 'stepdiff_kept', 'nothing written')}", file=sys.stderr)
         return 143
+    except FloatingPointError as e:  # the run's numbers blew up (NaN/inf): the message names the step and the likely cause
+        print(f"stepdiff: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except Exception as e:  # a bug or the machine (out of memory): still one line; STEPDIFF_TRACEBACK=1 shows it
         if os.environ.get("STEPDIFF_TRACEBACK"):
             raise
