@@ -4,6 +4,7 @@
     python benchmarks/bench_runs.py --only image    # (a) img2img and inpainting: stepdiff vs diffusers (+ noise floor)
     python benchmarks/bench_runs.py --only steps    # (b) the step iterator (pipe.steps) vs __call__
     python benchmarks/bench_runs.py --only threads  # (c) two threads on one pipeline vs two pipeline objects
+    python benchmarks/bench_runs.py --only finite   # (d) the default NaN/inf check: on vs off
 
 (a) and (b) interleave their contenders and report the ratio of medians and the per-round ratio with
 its 95% bootstrap interval (see benchmarks/README). (c) runs 2 x N images with two threads, once
@@ -97,6 +98,23 @@ def step_iterator(args, folder) -> None:
                 ("contender", "s", "__call__ s", "ratio of medians", "per-round ratio")))
 
 
+def finite(args, folder) -> None:
+    pipe = stepdiff.StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(check):
+        def run():
+            pipe.check_finite = check
+            return pipe(PROMPT, num_inference_steps=25, generator=torch.Generator().manual_seed(0), output_type="latent")
+        return run
+
+    rounds = time_rounds({"checked": call(True), "unchecked": call(False)}, args.repeats)
+    m = medians(rounds)
+    print(table([("check_finite on / off (25 steps, latent output)", f"{m['checked']:.4f}", f"{m['unchecked']:.4f}",
+                  f"{m['checked'] / m['unchecked']:.4f}", describe_paired(rounds, "checked", "unchecked"))],
+                ("measure", "on s", "off s", "ratio of medians", "per-round ratio")))
+
+
 def threads(args, folder) -> None:
     shared = stepdiff.StableDiffusionPipeline.from_pretrained(folder)
     other = stepdiff.StableDiffusionPipeline.from_pretrained(folder)
@@ -134,7 +152,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--images", type=int, default=6, help="images per thread in the threads benchmark")
-    parser.add_argument("--only", default="image,steps,threads")
+    parser.add_argument("--only", default="image,steps,threads,finite")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,6 +164,8 @@ def main() -> None:
         step_iterator(args, folder)
     if "threads" in only:
         threads(args, folder)
+    if "finite" in only:
+        finite(args, folder)
 
 
 if __name__ == "__main__":
