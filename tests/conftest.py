@@ -126,3 +126,16 @@ def test_image(size: int = 32, seed: int = 0):
 
 
 test_image.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``stepdiff.cli.main`` in-process: (exit code, stdout, stderr)."""
+    from stepdiff.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
