@@ -91,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--preview-every", type=int, default=1, metavar="N", help="preview every N steps (and the last)")
     pv.add_argument("--preview-source", choices=("denoised", "latents"), default="denoised",
                     help="denoised: the x0 estimate (clean early on, default); latents: the noisy latents")
-    pv.add_argument("--preview-method", choices=("linear", "vae"), default="linear",
-                    help="linear: latent-to-RGB table (cheap, default); vae: exact decode (slower)")
+    pv.add_argument("--preview-method", choices=("auto", "tiny", "linear", "vae"), default="auto",
+                    help="tiny: the model's tiny preview decoder (close to the final image, cheap); linear: latent-to-RGB "
+                         "table (cheapest, blotchy); vae: exact decode (slower); auto: tiny when the model folder has "
+                         "one or --preview-decoder is given, else linear (default)")
+    pv.add_argument("--preview-decoder", type=Path, default=None, metavar="DIR",
+                    help="a local AutoencoderTiny folder (TAESD, TAESDXL, TAESD3, TAEF1) for --preview-method tiny/auto")
     pv.add_argument("--animation", type=Path, default=None, metavar="PATH", help="write the trajectory as .gif or .webp")
     pv.add_argument("--contact-sheet", type=Path, default=None, metavar="PATH",
                     help="write a grid of the previews, step number under each (.png)")
@@ -226,6 +230,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         preview = PreviewCallback(
             folder=args.preview_dir, every=args.preview_every, source=args.preview_source,
             method=args.preview_method, animation=args.animation, contact_sheet=args.contact_sheet, frame_size=128,
+            tiny_decoder=args.preview_decoder,
         )
         callbacks.append(preview)
 
