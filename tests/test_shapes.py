@@ -47,6 +47,54 @@ def test_judge_is_exact_on_ground_truth():
         assert (v.color, v.shape, v.background) == (color, shape, background), (cap, v)
 
 
+def _varied_ground_truth(rng, kind):
+    """A Sample that is rotated, scaled beyond the training sizes, or touching an edge."""
+    from stepdiff.shapes.dataset import Sample
+
+    combos = all_combos()
+    color, shape, background = combos[int(rng.integers(len(combos)))]
+    angle = float(rng.uniform(0, 360)) if kind == "rotated" else 0.0
+    size = float(rng.uniform(12, 22)) if kind == "small" else float(rng.uniform(44, 58)) if kind == "large" else \
+        float(rng.uniform(22, 36))
+    margin = size / 2 * (1.42 if angle else 1.0) + (0.5 if kind == "edge" else 1.0)
+    cx, cy = (float(rng.uniform(margin, 64 - margin)) for _ in range(2))
+    if kind == "edge":  # flush against one of the four sides
+        cx = margin if rng.random() < 0.5 else 64 - margin
+        if rng.random() < 0.5:
+            cx, cy = cy, cx
+    return Sample(color, shape, background, cx, cy, size, angle)
+
+
+@pytest.mark.parametrize("kind", ["rotated", "small", "large", "edge"])
+def test_judge_is_exact_on_rotated_scaled_and_edge_ground_truth(kind):
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        sample = _varied_ground_truth(rng, kind)
+        v = judge(render(sample))
+        assert (v.color, v.shape, v.background) == (sample.color, sample.shape, sample.background), (sample, v)
+
+
+def _rounded_square(radius_fraction, size=34.0):
+    from PIL import Image, ImageDraw
+
+    big = Image.new("RGB", (256, 256), COLORS["white"])
+    half, r = size / 2 * 4, radius_fraction * size * 4
+    ImageDraw.Draw(big).rounded_rectangle((128 - half, 128 - half, 128 + half, 128 + half), radius=r, fill=COLORS["red"])
+    return big.resize((64, 64), Image.Resampling.BOX)
+
+
+def test_judge_does_not_flatter_soft_squares():
+    """A square whose corners are rounded off by nearly half its side reads as a circle, not a square; stray
+    pixels of the shape colour elsewhere do not stretch its box."""
+    assert judge(_rounded_square(0.1)).shape == "square"
+    assert judge(_rounded_square(0.45)).shape == "circle"
+    from stepdiff.shapes.dataset import Sample
+
+    image = np.array(render(Sample("red", "circle", "blue", 30, 30, 30)))
+    image[60:62, 60:62] = COLORS["red"]  # a 2x2 glitch far from the shape
+    assert judge(image).shape == "circle"
+
+
 def test_judge_reports_missing_shape():
     from stepdiff.shapes.dataset import Sample
 
