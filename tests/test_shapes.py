@@ -145,3 +145,40 @@ def test_publish_never_replaces_a_folder_unasked(tmp_path):
     with pytest.raises(FileExistsError, match="dest=.*overwrite"):
         publish(tmp_path / "run", dest, 7.5, "ddim")
     assert (dest / "keep.txt").read_text() == "mine"
+
+
+class _DrawsSquaresAsCircles:
+    """A stand-in pipeline that draws the prompt exactly, except that every square comes out a circle."""
+
+    device = "cpu"
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, callback_on_step_end=None):
+        from types import SimpleNamespace
+
+        from stepdiff.shapes.dataset import Sample
+
+        images = []
+        for text in prompt:
+            color, shape, background = parse_caption(text)
+            images.append(render(Sample(color, "circle" if shape == "square" else shape, background, 32, 32, 30)))
+        return SimpleNamespace(images=images, record=SimpleNamespace(model_rows=len(prompt)), steps_completed=1)
+
+
+def test_evaluate_breaks_misses_down_by_shape_colour_and_confusion():
+    from stepdiff.shapes.dataset import held_out_combos
+    from stepdiff.shapes.evaluate import evaluate, format_breakdown
+
+    row = {"setting": "fake", **evaluate(_DrawsSquaresAsCircles(), guidance=1.0, seeds_per_combo=2, batch=7)}
+    squares = sum(s == "square" for _, s, _ in held_out_combos()) * 2
+    assert row["per_shape"] == {"circle": 1.0, "square": 0.0, "triangle": 1.0}
+    assert row["confusion"]["square"] == {"circle": squares, "square": 0, "triangle": 0, "none": 0}
+    assert row["confusion"]["circle"]["circle"] == sum(row["confusion"]["circle"].values()) > 0
+    assert row["color"] == 1.0 and row["per_color"] == {c: 1.0 for c in row["per_color"]}
+    assert row["all"] == pytest.approx(1 - squares / row["n"])
+    assert min(row["per_combo"].values()) == 0.0 and all("square" in k for k, v in row["per_combo"].items() if v == 0)
+    text = format_breakdown(row)
+    assert "| square | 0.0% | 0.0% |" in text and f"| square | {squares} | 0 | 0 | 0 |" in text
+    assert "weakest combinations: a " in text

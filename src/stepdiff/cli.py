@@ -350,7 +350,7 @@ def _default_guidance(info: dict) -> float:
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
-    from .shapes.evaluate import evaluate_table, format_table
+    from .shapes.evaluate import evaluate_table, format_breakdown, format_table
 
     _check_common(args)
     pipe, folder = _load(args)
@@ -359,6 +359,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     rows = evaluate_table(pipe, guidances=guidances, default_guidance=default, cutoffs=args.cfg_cutoff,
                           steps=args.steps, seeds_per_combo=args.seeds_per_combo, batch=args.batch)
     print(format_table(rows))
+    for row in rows:  # where the misses are: per shape, per colour, and which shape was drawn instead
+        print()
+        print(format_breakdown(row))
     if args.json is not None:
         import json
 
