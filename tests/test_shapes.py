@@ -182,3 +182,22 @@ def test_evaluate_breaks_misses_down_by_shape_colour_and_confusion():
     text = format_breakdown(row)
     assert "| square | 0.0% | 0.0% |" in text and f"| square | {squares} | 0 | 0 | 0 |" in text
     assert "weakest combinations: a " in text
+
+
+def test_smoke_preview_decoder_distillation_and_resume(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from stepdiff import default_model
+    from stepdiff.preview import load_tiny_decoder, tiny_decode
+    from tools.distill_preview import DistillConfig, distill
+
+    vae = AutoencoderKL.from_pretrained(default_model() / "vae", torch_dtype=torch.float32)
+    cfg = DistillConfig().smoke_version()
+    folder = distill(cfg, vae, tmp_path)
+    tiny = load_tiny_decoder(folder, latent_channels=4, scale_factor=4)  # shapes VAEs are 4x: 4x16x16 -> 64x64
+    assert tiny_decode(tiny, torch.zeros(1, 4, 16, 16)).shape == (1, 3, 64, 64)
+    report = json.loads((tmp_path / "preview_decoder.json").read_text())
+    assert report["resumed_from_step"] == 0 and "decoder_vs_vae_db" in report
+    distill(cfg, vae, tmp_path)
+    assert json.loads((tmp_path / "preview_decoder.json").read_text())["resumed_from_step"] == cfg.checkpoint_every

@@ -50,6 +50,13 @@ class TrainConfig:
     # VAE: f=4 (3 blocks), 4 latent channels -> 4x16x16 latents for 64x64 images.
     vae_channels: tuple[int, ...] = (16, 32, 64)
     vae_attention: bool = False  # self-attention in the VAE's mid block (v1 had it)
+    # GroupNorm groups. v1's 16 groups on 16 full-resolution channels is instance norm there: it removes each
+    # channel's mean over the image, so flat colours cannot pass through it and the VAE learned to carry them
+    # in a marker blob at the shape's edge (the coloured glitch).
+    vae_norm_groups: int = 1
+    # Start with a near-deterministic posterior (log-variance -6). v1 set the bias on the encoder's output, but
+    # the random 1x1 quant_conv after it mixed it into the means and left the posterior std near 2 at the start.
+    vae_identity_quant_conv: bool = True
     vae_steps: int = 4000
     vae_batch: int = 16
     vae_lr: float = 2e-3
@@ -78,7 +85,7 @@ class TrainConfig:
     @classmethod
     def v1(cls) -> TrainConfig:
         """The settings shapes-v1 was trained with."""
-        return cls(vae_attention=True, vae_steps=1400, vae_batch=32, vae_lr=1e-3, vae_edge_weight=0.0)
+        return cls(vae_attention=True, vae_norm_groups=16, vae_identity_quant_conv=False, vae_steps=1400, vae_batch=32, vae_lr=1e-3, vae_edge_weight=0.0)
 
     def smoke_version(self) -> TrainConfig:
         return dataclasses.replace(
@@ -103,11 +110,14 @@ def build_vae(cfg: TrainConfig) -> AutoencoderKL:
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=16,
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=cfg.vae_norm_groups,
         sample_size=IMAGE_SIZE, mid_block_add_attention=cfg.vae_attention,
     )
     with torch.no_grad():  # start with a near-deterministic posterior: trains far faster
         vae.encoder.conv_out.bias[4:].fill_(-6.0)
+        if cfg.vae_identity_quant_conv:
+            vae.quant_conv.weight.copy_(torch.eye(8)[:, :, None, None])
+            vae.quant_conv.bias.zero_()
     return vae
 
 
