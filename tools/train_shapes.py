@@ -58,8 +58,8 @@ class TrainConfig:
     # the random 1x1 quant_conv after it mixed it into the means and left the posterior std near 2 at the start.
     vae_identity_quant_conv: bool = True
     vae_steps: int = 4000
-    vae_batch: int = 16
-    vae_lr: float = 2e-3
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
     vae_warmup: int = 100
     vae_kl_weight: float = 1e-6
     # Extra weight on pixels within 1 px of an outline, where v1's VAE left its coloured glitch.
@@ -85,7 +85,8 @@ class TrainConfig:
     @classmethod
     def v1(cls) -> TrainConfig:
         """The settings shapes-v1 was trained with."""
-        return cls(vae_attention=True, vae_norm_groups=16, vae_identity_quant_conv=False, vae_steps=1400, vae_batch=32, vae_lr=1e-3, vae_edge_weight=0.0)
+        return cls(vae_attention=True, vae_norm_groups=16, vae_identity_quant_conv=False, vae_steps=1400, vae_batch=32,
+                   vae_lr=1e-3, vae_edge_weight=0.0)
 
     def smoke_version(self) -> TrainConfig:
         return dataclasses.replace(
