@@ -38,7 +38,7 @@ from stepdiff.tokenizer import build_clip_tokenizer
 __all__ = ["TrainConfig", "train"]
 
 
-STAGES = ("vae", "all")
+STAGES = ("vae", "all")  # vae: the VAE and the encoded training latents, then stop
 
 
 @dataclass
@@ -312,12 +312,14 @@ def train(cfg: TrainConfig, out: Path, stage: str = "all") -> Path:
     started = time.time()
     tokenizer = build_clip_tokenizer(VOCABULARY, out / "tokenizer_build", model_max_length=16)
     vae, vae_start = train_vae(cfg, ck, out / "vae_log.jsonl")
-    if stage == "vae":
-        vae.save_pretrained(out / "vae", safe_serialization=True)
-        print(f"saved {out / 'vae'} after {(time.time() - started) / 60:.1f} min")
-        return out / "vae"
     latents, captions, scaling = encode_dataset(cfg, vae, ck)
     vae.register_to_config(scaling_factor=scaling)
+    # The finished VAE on its own (float32), so that it can be measured and a preview decoder distilled from it
+    # while the UNet trains.
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    if stage == "vae":
+        print(f"saved {out / 'vae'} after {(time.time() - started) / 60:.1f} min")
+        return out / "vae"
     unet, text_encoder, unet_start = train_unet(cfg, latents * scaling, captions, tokenizer, ck)
     scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     pipe = _DiffusersSD(
