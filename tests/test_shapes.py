@@ -111,7 +111,8 @@ def test_smoke_training_and_resume(tmp_path):
     model = train(cfg, tmp_path)
     first = json.loads((tmp_path / "train_time.json").read_text())
     assert first["vae_resumed_from_step"] == 0 and first["unet_resumed_from_step"] == 0
-    for name in ("model_index.json", "unet/config.json", "vae/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+    for name in ("model_index.json", "unet/config.json", "vae/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                 "preview_decoder/config.json"):
         assert (model / name).is_file(), name
     pipe = stepdiff.AutoPipelineForText2Image.from_pretrained(model)
     out = pipe("a red circle on a blue background", num_inference_steps=2, output_type="np")

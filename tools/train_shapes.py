@@ -7,8 +7,8 @@
 
 Every setting is in `TrainConfig`; the seed is fixed. A run that is cut short resumes from its
 last checkpoint when started again with the same --out. The result is a standard Stable
-Diffusion folder (model_index.json + one folder per component, fp16 safetensors) that both
-stepdiff and diffusers load.
+Diffusion folder (model_index.json + one folder per component, fp16 safetensors) that both stepdiff
+and diffusers load, plus a tiny preview decoder distilled from the VAE in preview_decoder/.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ from diffusers.schedulers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from stepdiff.preview import PREVIEW_DECODER_DIR
 from stepdiff.shapes.dataset import EVAL_SEED_BASE, IMAGE_SIZE, VOCABULARY, all_combos, sample_batch
 from stepdiff.tokenizer import build_clip_tokenizer
+from tools.distill_preview import DistillConfig, distill
 
 __all__ = ["TrainConfig", "train"]
 
@@ -331,6 +333,12 @@ def train(cfg: TrainConfig, out: Path, stage: str = "all") -> Path:
     pipe.save_pretrained(model_dir, safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # keep the human-readable BPE files beside tokenizer.json
         shutil.copy(out / "tokenizer_build" / name, model_dir / "tokenizer" / name)
+    # The tiny preview decoder, distilled from the float32 VAE (tools/distill_preview.py; resumable too).
+    distill_cfg = DistillConfig(seed=cfg.seed, threads=cfg.threads)
+    distilled = distill(distill_cfg.smoke_version() if cfg.smoke else distill_cfg,
+                        AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32), out)
+    shutil.copytree(distilled, model_dir / PREVIEW_DECODER_DIR, dirs_exist_ok=True)
+    shutil.copy(out / "preview_decoder.json", model_dir / PREVIEW_DECODER_DIR / "distill_report.json")
     elapsed = time.time() - started
     (out / "train_time.json").write_text(json.dumps({
         "wall_seconds_this_invocation": elapsed, "vae_resumed_from_step": vae_start, "unet_resumed_from_step": unet_start,
