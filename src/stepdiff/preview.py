@@ -168,7 +168,16 @@ def load_tiny_decoder(folder: str | Path, latent_channels: int | None = None, sc
         raise ValueError(
             f"tiny_decoder: {str(folder)!r} upsamples latents {factor}x but this model's VAE is {scale_factor}x"
         )
-    return AutoencoderTiny.from_pretrained(folder).eval()
+    # AutoencoderTiny stores a `block_out_channels` key that its own __init__ does not take, so every load of a
+    # TAESD folder warns about it; that warning says nothing about the user's folder.
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return AutoencoderTiny.from_pretrained(folder).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 @torch.no_grad()
