@@ -1,6 +1,6 @@
 """Distil a tiny preview decoder (diffusers ``AutoencoderTiny``, the TAESD architecture) from a model's VAE.
 
-    python -m tools.distill_preview MODEL_DIR --out RUN_DIR [--steps 2000] [--threads 1]
+    python -m tools.distill_preview MODEL_DIR --out RUN_DIR [--steps 5000] [--threads 1]
     python -m tools.distill_preview MODEL_DIR --out RUN_DIR --install   # also copy into MODEL_DIR/preview_decoder
 
 The student learns the VAE decoder: latents as the sampler sees them (scaled) -> the VAE's decoded image,
@@ -43,7 +43,7 @@ class DistillConfig:
     encoder_blocks: tuple[int, ...] = (0, 1, 1)  # none at full resolution (cost)
     num_images: int = 4000  # latents whose VAE decodes are precomputed as targets
     perturbed_fraction: float = 0.5  # of those, shrunk + noised copies, like early x0 estimates
-    steps: int = 2000
+    steps: int = 5000
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Distil a tiny preview decoder from a model's VAE.")
     parser.add_argument("model", type=Path, help="model folder with a vae/ (e.g. src/stepdiff/models/shapes-v1)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, preview_decoder/)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 5000)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     parser.add_argument("--smoke", action="store_true", help="a few steps only, to check the script runs")
     parser.add_argument("--install", action="store_true", help=f"copy the result into MODEL/{PREVIEW_DECODER_DIR}")
