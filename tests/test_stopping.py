@@ -172,6 +172,9 @@ def test_nan_guard_names_the_step(sd_folder):
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         pipe.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"model output became NaN or inf at step 0"):
+        pipe("a cat", num_inference_steps=4)  # the default check, before the scheduler step
+    pipe.check_finite = False  # NaNGuard still works on its own, from the callback
     with pytest.raises(FloatingPointError, match=r"latents became NaN or inf at step 0"):
         pipe("a cat", num_inference_steps=4, callback_on_step_end=NaNGuard())
 
