@@ -26,6 +26,7 @@ __all__ = [
     "SD3CFGCutoffCallback",
     "SDCFGCutoffCallback",
     "SDXLCFGCutoffCallback",
+    "SDXLControlnetCFGCutoffCallback",
     "StepCallback",
     "StopAtStep",
     "StopOnConvergence",
@@ -150,6 +151,16 @@ class SDXLCFGCutoffCallback(CFGCutoffCallback):
     tensor_inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids"]  # noqa: RUF012
 
 
+class SDXLControlnetCFGCutoffCallback(CFGCutoffCallback):
+    """CFG cutoff for the SDXL ControlNet pipelines (the classic name; same behaviour as CFGCutoffCallback).
+
+    The classic one slices ``image[-1:]``, which keeps one row of a larger batch and, with several ControlNets,
+    only the last ControlNet's image. Here the control images ride with the rows: nothing is sliced.
+    """
+
+    tensor_inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids", "image"]  # noqa: RUF012
+
+
 class SD3CFGCutoffCallback(CFGCutoffCallback):
     """CFG cutoff for Stable Diffusion 3 (the classic name; same behaviour as CFGCutoffCallback)."""
 
@@ -263,6 +274,7 @@ class NaNGuard:
 _CLASSIC_EQUIVALENTS: dict[type, type[CFGCutoffCallback]] = {
     _classic.SDCFGCutoffCallback: SDCFGCutoffCallback,
     _classic.SDXLCFGCutoffCallback: SDXLCFGCutoffCallback,
+    _classic.SDXLControlnetCFGCutoffCallback: SDXLControlnetCFGCutoffCallback,
     _classic.SD3CFGCutoffCallback: SD3CFGCutoffCallback,
 }
 

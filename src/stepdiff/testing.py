@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
@@ -25,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .tokenizer import build_clip_tokenizer
 
-__all__ = ["TINY_WORDS", "make_tiny_sd", "make_tiny_sd3", "make_tiny_sdxl"]
+__all__ = ["TINY_WORDS", "make_tiny_controlnet", "make_tiny_sd", "make_tiny_sd3", "make_tiny_sdxl"]
 
 TINY_WORDS = "a photo of cat dog red blue car road croissant bear sports best quality high detail".split()
 
@@ -139,4 +140,32 @@ def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True, layers: 
         text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_tiny_controlnet(out: str | Path, base: str | Path, seed: int = 0, conditioning_channels: int = 3) -> Path:
+    """A random ControlNet for the pipeline folder ``base`` (``ControlNetModel.from_unet`` on its UNet), saved as a
+    standard ``ControlNetModel`` folder (config.json + safetensors) that ``ControlNetModel.from_pretrained`` loads.
+
+    The conditioning embedding downsamples by the VAE's factor, so a control image of the output size fits the
+    latents. The "zero convolutions" of a fresh ControlNet are filled with small random weights: a ControlNet
+    whose residuals are all zero would make every parity test pass trivially.
+    """
+    out = Path(out)
+    base = Path(base)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    vae_blocks = len(AutoencoderKL.load_config(base / "vae")["block_out_channels"])
+    embedding = tuple(8 * 2**i for i in range(vae_blocks))  # one stride-2 stage per VAE downsampling
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=embedding, conditioning_channels=conditioning_channels,
+    )
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    with torch.no_grad():
+        for conv in zero_convs:
+            for p in conv.parameters():
+                p.normal_(0.0, 0.1)
+        for p in controlnet.controlnet_cond_embedding.conv_out.parameters():  # so that the control image matters
+            p.normal_(0.0, 1.0)
+    controlnet.save_pretrained(out, safe_serialization=True)
     return out

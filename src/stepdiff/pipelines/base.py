@@ -366,6 +366,10 @@ class StepDiffPipeline(DiffusionPipeline):
     def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
         raise NotImplementedError
 
+    def unet_extras(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> dict:
+        """Extra denoiser keyword arguments for this model call, computed from its rows (ControlNet residuals)."""
+        return {}
+
     def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
         """Pop per-call model arguments (``cross_attention_kwargs``, ...) into the run."""
         return {}

@@ -102,6 +102,7 @@ class StableDiffusionPipeline(
             encoder_hidden_states=conditioning["encoder_hidden_states"],
             timestep_cond=conditioning.get("timestep_cond"),
             cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
+            **self.unet_extras(latent_input, timestep, conditioning, run),
         )[0]
 
     def encode_prompt(

@@ -221,6 +221,7 @@ class StableDiffusionXLPipeline(
             added_cond_kwargs={"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]},
             timestep_cond=conditioning.get("timestep_cond"),
             cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
+            **self.unet_extras(latent_input, timestep, conditioning, run),
         )[0]
 
     def encode_prompt(
