@@ -32,7 +32,7 @@ def case(request):
 
         folder = request.getfixturevalue(CONTROLNETS[entry.family])
         load_kwargs["controlnet"] = ControlNetModel.from_pretrained(folder)
-        extra["image"] = control_image()
+        extra[load(entry)._control_image_name] = control_image()
     pipe = load(entry).from_pretrained(request.getfixturevalue(FOLDERS[entry.family]), **load_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe, extra

@@ -101,10 +101,13 @@ class ControlState:
     end: list[float]
     guess_mode: bool
     keys: list[str]  # the conditioning key of each ControlNet's image
+    # Steps the windows are fractions of: the schedule before SDXL's denoising_end cuts it, as the classic pipelines.
+    num_steps: int = 0
 
-    def scales_at(self, step: int, num_steps: int) -> list[float]:
+    def scales_at(self, step: int) -> list[float]:
         """Each ControlNet's scale on ``step``: 0 outside its [start, end] window (the classic ``controlnet_keep``)."""
-        keep = [1.0 - float(step / num_steps < s or (step + 1) / num_steps > e) for s, e in zip(self.start, self.end)]
+        n = self.num_steps
+        keep = [1.0 - float(step / n < s or (step + 1) / n > e) for s, e in zip(self.start, self.end)]
         return [scale * k for scale, k in zip(self.scales, keep)]
 
 
@@ -136,6 +139,9 @@ class ControlNetRun:
     """ControlNet(s) steer the family's UNet through residuals computed, per model call, from per-row conditioning."""
 
     _control_image_name: ClassVar[str] = "image"  # the classic argument (and callback tensor) name
+    # Callback names of the control images: the classic name and, for the img2img pipelines (``control_image``),
+    # also ``image``, so that the official ControlNet callbacks, which ask for ``image``, work there too.
+    _control_tensor_names: ClassVar[tuple[str, ...]] = ("image",)
 
     controlnet_conditioning_scale = _scale_property()
 
@@ -237,6 +243,23 @@ class ControlNetRun:
         args["_control_batches"] = [t.shape[0] for t in tensors]
         return kind
 
+    def match_init_image(self, kind: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """Image-to-image with ControlNets: the init ``image`` and the control images get one size, as the classic
+        pipelines (both resized to ``height`` / ``width`` when given; otherwise they must already agree)."""
+        from .kinds import _preprocess
+
+        height, width = args.get("height"), args.get("width")
+        if height is not None or width is not None:
+            kind["image"] = _preprocess(self.image_processor, "image", kind["image_arg"], height=height, width=width)
+            return kind
+        h, w = kind["control_images"][0].shape[-2:]
+        if (kind["height"], kind["width"]) != (h, w):
+            raise ValueError(
+                f"{self._control_image_name} is {w}x{h} but image is {kind['width']}x{kind['height']} (width x height); "
+                "give them one size, or pass height and width to resize both"
+            )
+        return kind
+
     def check_prompts(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         batches = args.pop("_control_batches", [])
         batch, kwargs = super().check_prompts(args)  # type: ignore[misc]
@@ -250,6 +273,10 @@ class ControlNetRun:
         return batch, kwargs
 
     # ---------------------------------------------------------- the run
+
+    def truncate_end(self, run: Run, steps: torch.Tensor, kind: dict) -> torch.Tensor:
+        kind["control"].num_steps = len(steps)
+        return super().truncate_end(run, steps, kind)  # type: ignore[misc]
 
     def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: dict) -> torch.Tensor:
         steps = super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)  # type: ignore[misc]
@@ -274,7 +301,7 @@ class ControlNetRun:
     def unet_extras(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> dict:
         """The ControlNet residuals for the rows of this model call, as UNet keyword arguments."""
         control: ControlState = run.extras["control"]
-        scales = control.scales_at(run.state.steps_completed, run.num_timesteps)
+        scales = control.scales_at(run.state.steps_completed)
         rows = None
         if control.guess_mode:  # the ControlNets see the conditional rows only; the others get zero residuals
             on = conditioning["control_rows"] > 0
@@ -302,33 +329,35 @@ class ControlNetRun:
     # ---------------------------------------------------------- callbacks
 
     def _state_tensor(self, state, name: str):
-        if name == self._control_image_name:
+        if name in self._control_tensor_names:
             images = [state.cond[k] for k in state.cond if k.startswith("controlnet_cond_")]
             return images[0] if len(images) == 1 else images
         return super()._state_tensor(state, name)  # type: ignore[misc]
 
     def _apply_callback_result(self, state, result: object, step: int) -> None:
-        name = self._control_image_name
-        if isinstance(result, dict) and name in result:
-            result = dict(result)
-            value = result.pop(name)
-            keys = [k for k in state.cond if k.startswith("controlnet_cond_")]
-            values = [value] if len(keys) == 1 and isinstance(value, torch.Tensor) else value
-            if not isinstance(values, (list, tuple)) or len(values) != len(keys):
-                raise ValueError(
-                    f"callback_on_step_end returned {name!r} as {type(value).__name__} at step {step}; expected "
-                    + ("a tensor" if len(keys) == 1 else f"a list of {len(keys)} tensors")
-                )
-            for key, v in zip(keys, values):
-                current = state.cond[key]
-                if not isinstance(v, torch.Tensor) or v.shape != current.shape:
-                    got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                    raise ValueError(
-                        f"callback_on_step_end returned {name!r} with shape {got} at step {step}; expected "
-                        f"{tuple(current.shape)} (one control image per image of the batch; nothing to slice)"
-                    )
-                state.cond[key] = state.uncond[key] = v.to(current.dtype)
+        for name in self._control_tensor_names:
+            if isinstance(result, dict) and name in result:
+                result = dict(result)
+                self._set_control_images(state, name, result.pop(name), step)
         super()._apply_callback_result(state, result, step)  # type: ignore[misc]
+
+    def _set_control_images(self, state, name: str, value: object, step: int) -> None:
+        keys = [k for k in state.cond if k.startswith("controlnet_cond_")]
+        values = [value] if len(keys) == 1 and isinstance(value, torch.Tensor) else value
+        if not isinstance(values, (list, tuple)) or len(values) != len(keys):
+            raise ValueError(
+                f"callback_on_step_end returned {name!r} as {type(value).__name__} at step {step}; expected "
+                + ("a tensor" if len(keys) == 1 else f"a list of {len(keys)} tensors")
+            )
+        for key, v in zip(keys, values):
+            current = state.cond[key]
+            if not isinstance(v, torch.Tensor) or v.shape != current.shape:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(
+                    f"callback_on_step_end returned {name!r} with shape {got} at step {step}; expected "
+                    f"{tuple(current.shape)} (one control image per image of the batch; nothing to slice)"
+                )
+            state.cond[key] = state.uncond[key] = v.to(current.dtype)
 
     def finish(self, run: Run) -> Any:
         out = super().finish(run)  # type: ignore[misc]

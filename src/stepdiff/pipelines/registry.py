@@ -29,11 +29,19 @@ REGISTRY: tuple[PipelineEntry, ...] = (
     PipelineEntry("StableDiffusionImg2ImgPipeline", ".stable_diffusion_img2img", "sd", "image2image"),
     PipelineEntry("StableDiffusionInpaintPipeline", ".stable_diffusion_inpaint", "sd", "inpaint"),
     PipelineEntry("StableDiffusionControlNetPipeline", ".stable_diffusion_controlnet", "sd", "text2image", controlnet=True),
+    PipelineEntry(
+        "StableDiffusionControlNetImg2ImgPipeline", ".stable_diffusion_controlnet_img2img", "sd", "image2image",
+        controlnet=True,
+    ),
     PipelineEntry("StableDiffusionXLPipeline", ".stable_diffusion_xl", "sdxl", "text2image"),
     PipelineEntry("StableDiffusionXLImg2ImgPipeline", ".stable_diffusion_xl_img2img", "sdxl", "image2image"),
     PipelineEntry("StableDiffusionXLInpaintPipeline", ".stable_diffusion_xl_inpaint", "sdxl", "inpaint"),
     PipelineEntry(
         "StableDiffusionXLControlNetPipeline", ".stable_diffusion_xl_controlnet", "sdxl", "text2image", controlnet=True,
+    ),
+    PipelineEntry(
+        "StableDiffusionXLControlNetImg2ImgPipeline", ".stable_diffusion_xl_controlnet_img2img", "sdxl", "image2image",
+        controlnet=True,
     ),
     PipelineEntry("StableDiffusion3Pipeline", ".stable_diffusion_3", "sd3", "text2image"),
     PipelineEntry("StableDiffusion3Img2ImgPipeline", ".stable_diffusion_3_img2img", "sd3", "image2image"),
