@@ -348,3 +348,55 @@ def test_img2img_control_image_of_another_size_is_refused(request, count_calls):
     with pytest.raises(ValueError, match="control_image is 48x48 but image is 32x32"):
         ours(**_i2i_kw(1, ["a cat"], image=torch.rand(1, 3, 48, 48)))
     assert calls.calls == 0
+
+
+# ------------------------------------------------------------------ scale schedules and threads
+
+def test_scale_schedule_is_per_step_and_per_run(request):
+    from stepdiff.callbacks import ControlNetScaleScheduleCallback, linear_ramp
+
+    ours, _ = _pipes("sd", 2, request)
+    seen = []
+
+    def spy(pipe, i, t, kw):
+        seen.append(pipe.controlnet_conditioning_scale)
+
+    cb = ControlNetScaleScheduleCallback([1.0, [0.5, 1.0], 0.0, 0.0])
+    scheduled = ours(**_kw(2, ["a cat"], callback_on_step_end=[spy, cb])).images
+    assert seen == [[1.0, 1.0], [0.5, 1.0], [0.0, 0.0], [0.0, 0.0]]  # what the model call of each step used
+    windowed = ours(**_kw(2, ["a cat"], controlnet_conditioning_scale=[0.0, 0.0])).images
+    assert np.abs(scheduled - windowed).max() > 1e-3
+    assert ours.controlnet_conditioning_scale == [0.0, 0.0]  # this thread's last run ended there...
+    plain = ours(**_kw(2, ["a cat"])).images  # ...and the next call starts from its own scale
+    again = ours(**_kw(2, ["a cat"])).images
+    assert np.array_equal(plain, again)
+    ramp = ours(**_kw(2, ["a cat"], callback_on_step_end=ControlNetScaleScheduleCallback(linear_ramp(1.0, 0.0))))
+    assert ramp.record.steps_completed == STEPS
+    with pytest.raises(ValueError, match="schedule has 2 scales but this run has 4 steps"):
+        ours(**_kw(2, ["a cat"], callback_on_step_end=ControlNetScaleScheduleCallback([1.0, 0.5])))
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale has 3 values but there are 2 ControlNets"):
+        ours(**_kw(2, ["a cat"], callback_on_step_end=ControlNetScaleScheduleCallback([[1, 1, 1]] * 4)))
+
+
+def test_threads_sharing_a_controlnet_pipeline_keep_their_own_scales(request):
+    import threading
+
+    ours, _ = _pipes("sdxl", 1, request)
+    solo = {s: ours(**_kw(1, ["a cat"], controlnet_conditioning_scale=s, guess_mode=s > 0.5)).images for s in (0.3, 1.0)}
+    results, errors = {}, []
+
+    def work(s):
+        try:
+            for _ in range(2):
+                results[s] = ours(**_kw(1, ["a cat"], controlnet_conditioning_scale=s, guess_mode=s > 0.5)).images
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (0.3, 1.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for s in (0.3, 1.0):
+        assert np.abs(results[s] - solo[s]).max() <= 1e-6

@@ -18,6 +18,7 @@ from diffusers import callbacks as _classic
 
 __all__ = [
     "CFGCutoffCallback",
+    "ControlNetScaleScheduleCallback",
     "GuidanceIntervalCallback",
     "GuidanceScheduleCallback",
     "MultiPipelineCallbacks",
@@ -401,6 +402,52 @@ class GuidanceScheduleCallback(_ScheduledGuidance):
             return self.schedule[step_index]
         value = self.schedule(step_index, pipeline.num_timesteps, pipeline.timesteps[step_index])
         return _scale(f"schedule function at step {step_index}", value)
+
+
+class ControlNetScaleScheduleCallback:
+    """A ControlNet conditioning scale per step, like ``GuidanceScheduleCallback`` for guidance: a list with one
+    entry per step, or ``fn(step_index, num_steps, timestep)`` (``linear_ramp`` and ``cosine_ramp`` fit). An entry is
+    a number (every ControlNet) or a list with one scale per ControlNet. It multiplies nothing: it *is* the scale,
+    set on the current run only (the next call starts from its own ``controlnet_conditioning_scale``), and a
+    ControlNet still acts only inside its ``control_guidance_start`` / ``control_guidance_end`` window.
+    """
+
+    tensor_inputs: list[str] = []  # noqa: RUF012
+
+    def __init__(self, schedule: Sequence[float | Sequence[float]] | ScheduleFn) -> None:
+        if callable(schedule):
+            self.schedule: Any = schedule
+        elif isinstance(schedule, (list, tuple)):
+            self.schedule = [self._entry(f"schedule[{i}]", v) for i, v in enumerate(schedule)]
+        else:
+            raise ValueError(f"schedule must be a list of scales or a function, got {type(schedule).__name__}")
+
+    @staticmethod
+    def _entry(name: str, value: object) -> float | list[float]:
+        if isinstance(value, (list, tuple)):
+            return [_scale(f"{name}[{k}]", v) for k, v in enumerate(value)]
+        return _scale(name, value)
+
+    def scale_at(self, pipeline: Any, step_index: int) -> float | list[float]:
+        if not callable(self.schedule):
+            return self.schedule[step_index]
+        value = self.schedule(step_index, pipeline.num_timesteps, pipeline.timesteps[step_index])
+        return self._entry(f"schedule function at step {step_index}", value)
+
+    def on_run_start(self, pipeline: Any) -> None:
+        if not hasattr(type(pipeline), "controlnet_conditioning_scale"):
+            raise ValueError(f"ControlNetScaleScheduleCallback needs a ControlNet pipeline, got {type(pipeline).__name__}")
+        if not callable(self.schedule) and len(self.schedule) != pipeline.num_timesteps:
+            raise ValueError(
+                f"schedule has {len(self.schedule)} scales but this run has {pipeline.num_timesteps} steps; "
+                "give one scale per step"
+            )
+        pipeline.controlnet_conditioning_scale = self.scale_at(pipeline, 0)
+
+    def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
+        if step_index + 1 < pipeline.num_timesteps:
+            pipeline.controlnet_conditioning_scale = self.scale_at(pipeline, step_index + 1)
+        return None
 
 
 def linear_ramp(start_scale: float, end_scale: float) -> ScheduleFn:
