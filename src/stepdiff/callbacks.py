@@ -21,6 +21,7 @@ __all__ = [
     "ControlNetScaleScheduleCallback",
     "GuidanceIntervalCallback",
     "GuidanceScheduleCallback",
+    "IPAdapterScaleCutoffCallback",
     "MultiPipelineCallbacks",
     "NaNGuard",
     "PipelineCallback",
@@ -162,6 +163,22 @@ class SDXLControlnetCFGCutoffCallback(CFGCutoffCallback):
     tensor_inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids", "image"]  # noqa: RUF012
 
 
+class IPAdapterScaleCutoffCallback(PipelineCallback):
+    """Set the IP-Adapter scale to 0 after the cutoff step (the classic name and constructor contract).
+
+    On stepdiff pipelines ``set_ip_adapter_scale`` inside a callback changes the current run only: the next call
+    starts from the scale its caller set (the classic callback leaves 0 set, so the next run silently has no
+    IP-Adapter). The image embeddings ride with the rows, so it combines with any CFG cutoff at any batch size.
+    """
+
+    tensor_inputs: list[str] = []  # noqa: RUF012
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
+        if step_index == self.cutoff_step(pipeline):
+            pipeline.set_ip_adapter_scale(0.0)
+        return callback_kwargs
+
+
 class SD3CFGCutoffCallback(CFGCutoffCallback):
     """CFG cutoff for Stable Diffusion 3 (the classic name; same behaviour as CFGCutoffCallback)."""
 
@@ -272,7 +289,8 @@ class NaNGuard:
         return None
 
 
-_CLASSIC_EQUIVALENTS: dict[type, type[CFGCutoffCallback]] = {
+_CLASSIC_EQUIVALENTS: dict[type, type[PipelineCallback]] = {
+    _classic.IPAdapterScaleCutoffCallback: IPAdapterScaleCutoffCallback,
     _classic.SDCFGCutoffCallback: SDCFGCutoffCallback,
     _classic.SDXLCFGCutoffCallback: SDXLCFGCutoffCallback,
     _classic.SDXLControlnetCFGCutoffCallback: SDXLControlnetCFGCutoffCallback,
@@ -281,7 +299,8 @@ _CLASSIC_EQUIVALENTS: dict[type, type[CFGCutoffCallback]] = {
 
 
 def adapt_classic(callback: Any) -> Any:
-    """Swap the classic library's CFG-cutoff objects for their batch-safe stepdiff twins.
+    """Swap the classic library's CFG-cutoff objects for their batch-safe stepdiff twins (and its IP-Adapter
+    scale cutoff for the run-scoped one).
 
     The classic ones slice ``prompt_embeds[-1:]``, which drops prompts when the batch is larger than
     one; here the loop stops computing the unconditional rows itself, so no slicing is needed.
