@@ -210,3 +210,38 @@ def test_ip_adapter_without_image_encoder_is_refused(request, count_calls):
     assert calls.calls == 0
     embeds = [torch.zeros(2, 1, 32)]  # embeddings computed elsewhere still work
     assert pipe(**_kw(0, ["a cat"], ip_adapter_image=None, ip_adapter_image_embeds=embeds)).record.steps_completed == STEPS
+
+
+def test_pipelines_without_ip_arguments_say_so(request, count_calls):
+    pipe = _load(stepdiff.StableDiffusionImg2ImgPipeline, "sd", 0, request)
+    calls = count_calls(pipe)
+    with pytest.raises(ValueError, match="StableDiffusionImg2ImgPipeline does not take yet; call pipe.unload_ip_adapter"):
+        pipe("a cat", image=REF, num_inference_steps=2)
+    assert calls.calls == 0
+    pipe.unload_ip_adapter()
+    assert pipe("a cat", image=REF, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_threads_with_different_ip_scale_cutoffs_do_not_mix(request):
+    import threading
+
+    ours, _ = _pipes("sdxl", 1, request)
+    cut = {i: IPAdapterScaleCutoffCallback(cutoff_step_index=i) for i in (0, 3)}
+    solo = {i: ours(**_kw(1, ["a cat"], callback_on_step_end=cut[i])).images for i in cut}
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(2):
+                results[i] = ours(**_kw(1, ["a cat"], callback_on_step_end=cut[i])).images
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in cut]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and np.abs(solo[0] - solo[3]).max() > 1e-3
+    for i in cut:
+        assert np.array_equal(results[i], solo[i])
