@@ -250,6 +250,10 @@ def test_auto_pipeline_with_controlnet(request, sd_folder, sd_controlnet_folder)
     plain = stepdiff.AutoPipelineForText2Image.from_pretrained(sd_folder)
     assert type(plain) is stepdiff.StableDiffusionPipeline
     assert type(stepdiff.AutoPipelineForText2Image.from_pipe(plain, controlnet=net)) is stepdiff.StableDiffusionControlNetPipeline
+    assert type(stepdiff.AutoPipelineForImage2Image.from_pipe(pipe)) is stepdiff.StableDiffusionControlNetImg2ImgPipeline
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a cat", image=torch.rand(1, 3, 48, 40), num_inference_steps=2, output_type="np")
+    assert out.images.shape == (1, 48, 40, 3)  # the output size defaults to the control image's
 
 
 # ------------------------------------------------------------------ bad input, before any model work
