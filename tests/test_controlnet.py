@@ -404,3 +404,25 @@ def test_threads_sharing_a_controlnet_pipeline_keep_their_own_scales(request):
     assert not errors
     for s in (0.3, 1.0):
         assert np.abs(results[s] - solo[s]).max() <= 1e-6
+
+
+def test_per_prompt_control_images_match_diffusers(request):
+    """Several ControlNets with one control image per prompt (the classic nested list: per prompt, one per ControlNet)."""
+    ours, theirs = _pipes("sd", 2, request)
+    nested = [[control_image(seed=5), control_image(seed=6)], [control_image(seed=7), control_image(seed=8)]]
+    a = ours(**_kw(2, ["a cat", "a dog"], image=nested)).images
+    b = theirs(**_kw(2, ["a cat", "a dog"], image=nested)).images
+    swapped = ours(**_kw(2, ["a cat", "a dog"], image=nested[::-1])).images
+    assert np.abs(a - b).max() <= 1e-4 and np.abs(a - swapped).max() > 1e-3
+
+
+def test_guidance_interval_on_controlnet_runs_is_batch_safe(request):
+    from stepdiff.callbacks import GuidanceIntervalCallback
+
+    ours, _ = _pipes("sdxl", 2, request)
+    cb = GuidanceIntervalCallback(start_step=1, end_step=3)
+    both = ours(**_kw(2, ["a cat", "a dog"], guess_mode=True, callback_on_step_end=cb))
+    assert both.record.rows_per_step == [2, 4, 4, 2]
+    for i, prompt in enumerate(["a cat", "a dog"]):
+        alone = ours(**_kw(2, [prompt], generator=[gen(i)], guess_mode=True, callback_on_step_end=cb)).images
+        assert np.abs(both.images[i] - alone[0]).max() <= 1e-4
