@@ -245,3 +245,19 @@ def test_threads_with_different_ip_scale_cutoffs_do_not_mix(request):
     assert not errors and np.abs(solo[0] - solo[3]).max() > 1e-3
     for i in cut:
         assert np.array_equal(results[i], solo[i])
+
+
+def test_ip_scale_schedule_is_per_step_and_per_run(request):
+    from stepdiff.callbacks import IPAdapterScaleScheduleCallback, linear_ramp
+
+    ours, _ = _pipes("sd", 0, request)
+    stepped = ours(**_kw(0, ["a cat"], callback_on_step_end=IPAdapterScaleScheduleCallback([1.0, 1.0, 0.0, 0.0]))).images
+    cut = ours(**_kw(0, ["a cat"], callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_index=1))).images
+    assert np.abs(stepped - cut).max() <= 1e-6  # scale 0 from step 2 == the cutoff after step 1
+    fresh = ours(**_kw(0, ["a cat"])).images
+    assert np.abs(fresh - stepped).max() > 1e-3
+    ramp = ours(**_kw(0, ["a cat"], callback_on_step_end=IPAdapterScaleScheduleCallback(linear_ramp(1.0, 0.0)))).images
+    assert np.abs(ramp - fresh).max() > 1e-4 and np.array_equal(ours(**_kw(0, ["a cat"])).images, fresh)
+    with pytest.raises(ValueError, match="needs a stepdiff run with an IP-Adapter image"):
+        plain = stepdiff.StableDiffusionPipeline.from_pretrained(request.getfixturevalue("sd_folder"))
+        plain("a cat", num_inference_steps=2, callback_on_step_end=IPAdapterScaleScheduleCallback([1.0, 1.0]))

@@ -22,6 +22,7 @@ __all__ = [
     "GuidanceIntervalCallback",
     "GuidanceScheduleCallback",
     "IPAdapterScaleCutoffCallback",
+    "IPAdapterScaleScheduleCallback",
     "MultiPipelineCallbacks",
     "NaNGuard",
     "PipelineCallback",
@@ -423,13 +424,10 @@ class GuidanceScheduleCallback(_ScheduledGuidance):
         return _scale(f"schedule function at step {step_index}", value)
 
 
-class ControlNetScaleScheduleCallback:
-    """A ControlNet conditioning scale per step, like ``GuidanceScheduleCallback`` for guidance: a list with one
-    entry per step, or ``fn(step_index, num_steps, timestep)`` (``linear_ramp`` and ``cosine_ramp`` fit). An entry is
-    a number (every ControlNet) or a list with one scale per ControlNet. It multiplies nothing: it *is* the scale,
-    set on the current run only (the next call starts from its own ``controlnet_conditioning_scale``), and a
-    ControlNet still acts only inside its ``control_guidance_start`` / ``control_guidance_end`` window.
-    """
+class _ScaleSchedule:
+    """A scale per step, set on the current run before each step's model call (step 0 at run start): a list with
+    one entry per step, or ``fn(step_index, num_steps, timestep)`` (``linear_ramp`` and ``cosine_ramp`` fit).
+    An entry is a number, or a list (one scale per ControlNet, or diffusers' per-adapter IP-Adapter scales)."""
 
     tensor_inputs: list[str] = []  # noqa: RUF012
 
@@ -453,20 +451,56 @@ class ControlNetScaleScheduleCallback:
         value = self.schedule(step_index, pipeline.num_timesteps, pipeline.timesteps[step_index])
         return self._entry(f"schedule function at step {step_index}", value)
 
+    def check(self, pipeline: Any) -> None:
+        raise NotImplementedError
+
+    def apply(self, pipeline: Any, value: float | list[float]) -> None:
+        raise NotImplementedError
+
     def on_run_start(self, pipeline: Any) -> None:
-        if not hasattr(type(pipeline), "controlnet_conditioning_scale"):
-            raise ValueError(f"ControlNetScaleScheduleCallback needs a ControlNet pipeline, got {type(pipeline).__name__}")
+        self.check(pipeline)
         if not callable(self.schedule) and len(self.schedule) != pipeline.num_timesteps:
             raise ValueError(
                 f"schedule has {len(self.schedule)} scales but this run has {pipeline.num_timesteps} steps; "
                 "give one scale per step"
             )
-        pipeline.controlnet_conditioning_scale = self.scale_at(pipeline, 0)
+        self.apply(pipeline, self.scale_at(pipeline, 0))
 
     def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
         if step_index + 1 < pipeline.num_timesteps:
-            pipeline.controlnet_conditioning_scale = self.scale_at(pipeline, step_index + 1)
+            self.apply(pipeline, self.scale_at(pipeline, step_index + 1))
         return None
+
+
+class ControlNetScaleScheduleCallback(_ScaleSchedule):
+    """A ControlNet conditioning scale per step, like ``GuidanceScheduleCallback`` for guidance. An entry is a
+    number (every ControlNet) or a list with one scale per ControlNet. It *is* the scale (it multiplies nothing),
+    set on the current run only (the next call starts from its own ``controlnet_conditioning_scale``), and a
+    ControlNet still acts only inside its ``control_guidance_start`` / ``control_guidance_end`` window.
+    """
+
+    def check(self, pipeline: Any) -> None:
+        if not hasattr(type(pipeline), "controlnet_conditioning_scale"):
+            raise ValueError(f"ControlNetScaleScheduleCallback needs a ControlNet pipeline, got {type(pipeline).__name__}")
+
+    def apply(self, pipeline: Any, value: float | list[float]) -> None:
+        pipeline.controlnet_conditioning_scale = value
+
+
+class IPAdapterScaleScheduleCallback(_ScaleSchedule):
+    """An IP-Adapter scale per step (what ``set_ip_adapter_scale`` takes: a number, or one per loaded adapter),
+    set on the current run only: the next call starts from the scale its caller set."""
+
+    def check(self, pipeline: Any) -> None:
+        run = getattr(pipeline, "current_run", None)
+        if run is None or "ip_adapter_scales" not in run.extras:
+            raise ValueError(
+                "IPAdapterScaleScheduleCallback needs a stepdiff run with an IP-Adapter image (load_ip_adapter, then "
+                "pass ip_adapter_image or ip_adapter_image_embeds)"
+            )
+
+    def apply(self, pipeline: Any, value: float | list[float]) -> None:
+        pipeline.set_ip_adapter_scale(value)
 
 
 def linear_ramp(start_scale: float, end_scale: float) -> ScheduleFn:
