@@ -99,7 +99,8 @@ class IPAdapterRun:
         steps = super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)  # type: ignore[misc]
         if kind.get("ip_adapter") is not None:
             run.extras["ip_adapter"] = kind["ip_adapter"]
-            run.extras["ip_adapter_scales"] = {n: list(p.scale) for n, p in self._ip_processors().items()}
+            with _LOCK:  # never while another run's model call has its own scales in the processors
+                run.extras["ip_adapter_scales"] = {n: list(p.scale) for n, p in self._ip_processors().items()}
         return steps
 
     def add_model_conditioning(self, run: Run, dtype: torch.dtype, device: torch.device) -> None:
@@ -147,7 +148,8 @@ class IPAdapterRun:
         outside a run it sets the scale new calls start from."""
         run = current_run(self)
         if run is None or "ip_adapter_scales" not in run.extras:
-            super().set_ip_adapter_scale(scale)  # type: ignore[misc]
+            with _LOCK:
+                super().set_ip_adapter_scale(scale)  # type: ignore[misc]
             return
         with _LOCK:  # let diffusers work out the per-layer scales, read them, put the caller's back
             processors = self._ip_processors()
