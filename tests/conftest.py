@@ -149,3 +149,16 @@ def control_image(size: int = 32, seed: int = 5):
 
 
 control_image.__test__ = False
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``stepdiff.cli.main`` in-process: (exit code, stdout, stderr)."""
+    from stepdiff.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

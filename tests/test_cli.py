@@ -7,23 +7,11 @@ import stat
 import pytest
 from PIL import Image
 
-from stepdiff.cli import main
-
 
 @pytest.fixture(autouse=True)
 def _in_a_fresh_folder(tmp_path, monkeypatch):
     """A run that succeeds by mistake writes its stepdiff-NNNNN.png here, never into the repository."""
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def run_cli(capsys):
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def test_generate_writes_png_with_metadata(run_cli, sd_folder, tmp_path):

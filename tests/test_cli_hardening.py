@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 import stepdiff
-from stepdiff.cli import main
 from stepdiff.images import claim_free_paths, claim_paths, release_claims
 from stepdiff.limits import ModelShape, estimate_memory
 from stepdiff.vocabulary import prompt_tokens, unknown_words
@@ -26,16 +25,6 @@ SRC = str(Path(stepdiff.__file__).resolve().parents[1])
 def _in_a_fresh_folder(tmp_path, monkeypatch):
     """A run that succeeds by mistake writes its stepdiff-NNNNN.png here, never into the repository."""
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def run_cli(capsys):
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def one_error(code, err, *needles):

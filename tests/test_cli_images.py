@@ -7,19 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stepdiff.cli import main
 from stepdiff.shapes.dataset import Sample, render
 from stepdiff.shapes.judge import judge
 
-
-@pytest.fixture
-def run_cli(capsys):
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+from .test_cli_hardening import one_error
 
 
 @pytest.fixture
@@ -58,13 +49,6 @@ def test_inpainting_repaints_the_background_only(run_cli, pictures):
     assert code == 0, err
     verdict = judge(np.asarray(Image.open(out).convert("RGB")))
     assert (verdict.color, verdict.shape, verdict.background) == ("red", "circle", "yellow")
-
-
-def one_error(code, err, *needles):
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
 
 
 @pytest.mark.parametrize("extra,needles", [

@@ -45,6 +45,46 @@ def test_fitted_preview_table_is_used(shipped):
     assert table_for(shipped).name == "fitted:shapes-v1"
 
 
+def test_shipped_tiny_preview_decoder_is_faithful(shipped):
+    """The shipped preview_decoder/ decodes held-out latents within 28 dB of the VAE (issue 15's goal)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from stepdiff.pipelines.base import decode_with_vae
+    from stepdiff.preview import images_to_tensor, load_tiny_decoder, tiny_decode, tiny_decoder_folder
+    from stepdiff.shapes.dataset import EVAL_SEED_BASE, all_combos, sample_batch
+
+    folder = tiny_decoder_folder(shipped)
+    assert folder is not None and folder.name == "preview_decoder"
+    tiny = load_tiny_decoder(folder, shipped.latent_channels(), shipped.vae_scale_factor)
+    images = images_to_tensor(sample_batch(np.random.default_rng(EVAL_SEED_BASE + 11), 48, all_combos())[0])
+    with torch.no_grad():
+        latents = shipped.vae.encode(images).latent_dist.mean * shipped.vae.config.scaling_factor
+        target = decode_with_vae(shipped.vae, latents).float().clamp(-1, 1)
+    mse = torch.nn.functional.mse_loss(tiny_decode(tiny, latents), target).item()
+    assert 10 * math.log10(4 / mse) >= 28.0
+
+
+def test_cli_previews_shipped_model_with_tiny_decoder_by_default(tmp_path, capsys):
+    """The default --preview-method auto picks the model's tiny decoder: the last frame (source latents) is the
+    final picture within a few levels, much closer than the linear table's."""
+    import numpy as np
+    from PIL import Image
+
+    def last_frame_error(extra, name):
+        out = tmp_path / f"{name}.png"
+        args = ["generate", "a red square on a blue background", "--steps", "25", "--output", str(out),
+                "--preview-dir", str(tmp_path / name), "--preview-source", "latents", *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        frame = Image.open(tmp_path / name / "24.png").convert("RGB").resize((64, 64), Image.Resampling.BOX)
+        return np.abs(np.asarray(frame, dtype=float) - np.asarray(Image.open(out).convert("RGB"), dtype=float)).mean()
+
+    tiny, linear = last_frame_error([], "auto"), last_frame_error(["--preview-method", "linear"], "linear")
+    assert tiny < 12 and tiny < linear / 2
+
+
 def test_cli_uses_shipped_model_by_default(tmp_path, capsys):
     out = tmp_path / "a.png"
     assert main(["generate", "a green triangle on a white background", "--steps", "10", "--output", str(out)]) == 0

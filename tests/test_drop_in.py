@@ -134,3 +134,29 @@ def test_sd3_mu_is_passed_to_the_scheduler(sd3_folder):
     assert np.abs(out.images - expected).max() <= TOL
     with pytest.raises(ValueError, match="mu must be None or a finite number"):
         ours("a photo of a cat", mu=float("nan"))
+
+
+def test_textual_inversion_matches(sd_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    ours, theirs = _pair(stepdiff.StableDiffusionPipeline, diffusers.StableDiffusionPipeline, sd_folder)
+    torch.manual_seed(0)
+    save_file({"emb_params": torch.randn(2, 32)}, tmp_path / "toy.safetensors")  # a two-vector embedding
+    for p in (ours, theirs):
+        p.load_textual_inversion(tmp_path / "toy.safetensors", token="<toy>")
+    out, expected = _both(ours, theirs, prompt="a photo of a <toy>")
+    assert np.abs(out.images - expected).max() <= TOL
+    plain = ours("a photo of a cat", num_inference_steps=4, output_type="np", generator=gen(0)).images
+    assert np.abs(out.images - plain).max() > 1e-3
+
+
+def test_sd3_skip_layer_guidance_matches(sd3_folder):
+    ours, theirs = _pair(stepdiff.StableDiffusion3Pipeline, diffusers.StableDiffusion3Pipeline, sd3_folder)
+    kw = dict(num_inference_steps=10, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+              skip_layer_guidance_stop=0.5)
+    out, expected = _both(ours, theirs, **kw)
+    assert np.abs(out.images - expected).max() <= TOL
+    # steps 1-4 run the conditional rows once more with layer 1 skipped
+    assert out.record.rows_per_step == [2, 3, 3, 3, 3, 2, 2, 2, 2, 2] and out.record.guidance == "cfg+slg"
+    with pytest.raises(ValueError, match=r"skip_guidance_layers must be a non-empty list of layer indices in \[0, 2\)"):
+        ours("a cat", skip_guidance_layers=[5])

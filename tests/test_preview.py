@@ -202,3 +202,128 @@ def test_cli_fit_preview_writes_table(sd_folder, tmp_path, capsys):
     table = LatentRGBTable.load(folder / FITTED_TABLE_FILE)
     assert table.channels == 4 and table.name == "fitted:m"
     assert main(["fit-preview", str(tmp_path / "missing")]) == 2
+
+
+# --- tiny preview decoder (AutoencoderTiny) ---
+
+
+@pytest.fixture
+def sd_with_tiny(sd_folder, tmp_path):
+    """The tiny SD model folder with a preview_decoder/ beside its components."""
+    import shutil
+
+    from stepdiff.preview import PREVIEW_DECODER_DIR
+    from stepdiff.testing import make_tiny_preview_decoder
+
+    folder = shutil.copytree(sd_folder, tmp_path / "with-tiny")
+    make_tiny_preview_decoder(folder / PREVIEW_DECODER_DIR, latent_channels=4, scale_factor=2)
+    return folder
+
+
+def _sd(folder):
+    import stepdiff
+
+    p = stepdiff.StableDiffusionPipeline.from_pretrained(folder)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_tiny_preview_uses_model_folder_decoder_at_full_size(sd_with_tiny):
+    pipe = _sd(sd_with_tiny)
+    cb = PreviewCallback(method="tiny")
+    out = pipe("a cat", num_inference_steps=3, generator=gen(), callback_on_step_end=cb)
+    assert cb.resolved_method == "tiny" and len(cb.frames) == 3
+    assert cb.frames[0][1].size == out.images[0].size  # tiny decoders upsample to image size, unlike the table
+
+
+@pytest.mark.parametrize("with_decoder,expected", [(True, "tiny"), (False, "linear")])
+def test_auto_picks_tiny_when_present_else_linear(sd_with_tiny, sd_folder, with_decoder, expected):
+    pipe = _sd(sd_with_tiny if with_decoder else sd_folder)
+    cb = PreviewCallback(method="auto")
+    pipe("a cat", num_inference_steps=2, generator=gen(), callback_on_step_end=cb)
+    assert cb.resolved_method == expected
+
+
+def test_tiny_preview_matches_the_decoder_and_only_observes(sd_with_tiny):
+    from diffusers import AutoencoderTiny
+
+    from stepdiff.preview import PREVIEW_DECODER_DIR
+
+    pipe = _sd(sd_with_tiny)
+    plain = pipe("a cat", num_inference_steps=3, generator=gen(), output_type="np").images
+    seen = []
+    cb = PreviewCallback(method="tiny", source="latents")
+
+    def grab(p, i, t, kw):
+        seen.append(kw["latents"].clone())
+        return kw
+
+    out = pipe("a cat", num_inference_steps=3, generator=gen(), output_type="np", callback_on_step_end=[grab, cb],
+               callback_on_step_end_tensor_inputs=["latents"]).images
+    assert np.array_equal(plain, out)
+    decoder = AutoencoderTiny.from_pretrained(sd_with_tiny / PREVIEW_DECODER_DIR)
+    expected = decoder.decode(seen[-1][:1]).sample.clamp(-1, 1)[0]
+    expected = ((expected + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.abs(np.asarray(cb.frames[-1][1], dtype=int) - expected.astype(int)).max() <= 1
+
+
+def test_tiny_decode_undoes_the_decoders_scaling_and_shift(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from stepdiff.preview import tiny_decode
+    from stepdiff.testing import make_tiny_preview_decoder
+
+    decoder = AutoencoderTiny.from_pretrained(make_tiny_preview_decoder(tmp_path / "d", scaling_factor=1.5, shift_factor=0.1))
+    latents = torch.randn(2, 4, 8, 8, generator=gen(3))
+    expected = decoder.decode(latents / 1.5 + 0.1).sample.clamp(-1, 1)
+    assert torch.allclose(tiny_decode(decoder, latents), expected)
+
+
+def test_tiny_without_decoder_fails_before_generation(sd_pipe, count_calls):
+    calls = count_calls(sd_pipe)
+    with pytest.raises(FileNotFoundError, match="has no preview_decoder/ and no tiny_decoder was given"):
+        sd_pipe("a cat", num_inference_steps=2, callback_on_step_end=PreviewCallback(method="tiny"))
+    assert calls.calls == 0
+
+
+@pytest.mark.parametrize("make,message", [
+    (dict(latent_channels=16, scale_factor=2), "decodes 16-channel latents but this model's latents have 4 channels"),
+    (dict(latent_channels=4, scale_factor=8), "upsamples latents 8x but this model's VAE is 2x"),
+])
+def test_mismatched_tiny_decoder_fails_before_generation(sd_pipe, count_calls, tmp_path, make, message):
+    from stepdiff.testing import make_tiny_preview_decoder
+
+    folder = make_tiny_preview_decoder(tmp_path / "taesd", **make)
+    calls = count_calls(sd_pipe)
+    with pytest.raises(ValueError, match=message):
+        sd_pipe("a cat", num_inference_steps=2, callback_on_step_end=PreviewCallback(method="tiny", tiny_decoder=folder))
+    assert calls.calls == 0
+
+
+def test_tiny_decoder_folder_errors(sd_folder, sd_pipe, tmp_path):
+    from stepdiff.preview import load_tiny_decoder
+
+    with pytest.raises(FileNotFoundError, match="tiny_decoder: .* is not an AutoencoderTiny folder"):
+        PreviewCallback(method="tiny", tiny_decoder=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="holds a 'AutoencoderKL', not an AutoencoderTiny"):
+        load_tiny_decoder(sd_folder / "vae")
+    with pytest.raises(ValueError, match="tiny_decoder is only used with method='tiny' or 'auto'"):
+        PreviewCallback(method="linear", tiny_decoder=sd_folder / "vae")
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny"}))
+    with pytest.raises(FileNotFoundError, match="has no .safetensors weights"):
+        load_tiny_decoder(empty)
+
+
+def test_cli_tiny_preview(sd_with_tiny, sd_folder, tmp_path, capsys):
+    from stepdiff.cli import main
+    from stepdiff.preview import PREVIEW_DECODER_DIR
+
+    base = ["generate", "a cat", "--steps", "2", "--overwrite", "--output", str(tmp_path / "x.png"), "--preview-dir"]
+    assert main([*base, str(tmp_path / "a"), "--model", str(sd_with_tiny)]) == 0, capsys.readouterr().err
+    assert main([*base, str(tmp_path / "b"), "--model", str(sd_folder), "--preview-method", "tiny",
+                 "--preview-decoder", str(sd_with_tiny / PREVIEW_DECODER_DIR)]) == 0, capsys.readouterr().err
+    assert (tmp_path / "a" / "1.png").is_file() and (tmp_path / "b" / "1.png").is_file()
+    assert main([*base, str(tmp_path / "c"), "--model", str(sd_folder), "--preview-method", "tiny"]) == 2
+    assert "no preview_decoder/" in capsys.readouterr().err

@@ -47,6 +47,54 @@ def test_judge_is_exact_on_ground_truth():
         assert (v.color, v.shape, v.background) == (color, shape, background), (cap, v)
 
 
+def _varied_ground_truth(rng, kind):
+    """A Sample that is rotated, scaled beyond the training sizes, or touching an edge."""
+    from stepdiff.shapes.dataset import Sample
+
+    combos = all_combos()
+    color, shape, background = combos[int(rng.integers(len(combos)))]
+    angle = float(rng.uniform(0, 360)) if kind == "rotated" else 0.0
+    size = float(rng.uniform(12, 22)) if kind == "small" else float(rng.uniform(44, 58)) if kind == "large" else \
+        float(rng.uniform(22, 36))
+    margin = size / 2 * (1.42 if angle else 1.0) + (0.5 if kind == "edge" else 1.0)
+    cx, cy = (float(rng.uniform(margin, 64 - margin)) for _ in range(2))
+    if kind == "edge":  # flush against one of the four sides
+        cx = margin if rng.random() < 0.5 else 64 - margin
+        if rng.random() < 0.5:
+            cx, cy = cy, cx
+    return Sample(color, shape, background, cx, cy, size, angle)
+
+
+@pytest.mark.parametrize("kind", ["rotated", "small", "large", "edge"])
+def test_judge_is_exact_on_rotated_scaled_and_edge_ground_truth(kind):
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        sample = _varied_ground_truth(rng, kind)
+        v = judge(render(sample))
+        assert (v.color, v.shape, v.background) == (sample.color, sample.shape, sample.background), (sample, v)
+
+
+def _rounded_square(radius_fraction, size=34.0):
+    from PIL import Image, ImageDraw
+
+    big = Image.new("RGB", (256, 256), COLORS["white"])
+    half, r = size / 2 * 4, radius_fraction * size * 4
+    ImageDraw.Draw(big).rounded_rectangle((128 - half, 128 - half, 128 + half, 128 + half), radius=r, fill=COLORS["red"])
+    return big.resize((64, 64), Image.Resampling.BOX)
+
+
+def test_judge_does_not_flatter_soft_squares():
+    """A square whose corners are rounded off by nearly half its side reads as a circle, not a square; stray
+    pixels of the shape colour elsewhere do not stretch its box."""
+    assert judge(_rounded_square(0.1)).shape == "square"
+    assert judge(_rounded_square(0.45)).shape == "circle"
+    from stepdiff.shapes.dataset import Sample
+
+    image = np.array(render(Sample("red", "circle", "blue", 30, 30, 30)))
+    image[60:62, 60:62] = COLORS["red"]  # a 2x2 glitch far from the shape
+    assert judge(image).shape == "circle"
+
+
 def test_judge_reports_missing_shape():
     from stepdiff.shapes.dataset import Sample
 
@@ -63,7 +111,8 @@ def test_smoke_training_and_resume(tmp_path):
     model = train(cfg, tmp_path)
     first = json.loads((tmp_path / "train_time.json").read_text())
     assert first["vae_resumed_from_step"] == 0 and first["unet_resumed_from_step"] == 0
-    for name in ("model_index.json", "unet/config.json", "vae/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+    for name in ("model_index.json", "unet/config.json", "vae/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                 "preview_decoder/config.json"):
         assert (model / name).is_file(), name
     pipe = stepdiff.AutoPipelineForText2Image.from_pretrained(model)
     out = pipe("a red circle on a blue background", num_inference_steps=2, output_type="np")
@@ -97,3 +146,59 @@ def test_publish_never_replaces_a_folder_unasked(tmp_path):
     with pytest.raises(FileExistsError, match="dest=.*overwrite"):
         publish(tmp_path / "run", dest, 7.5, "ddim")
     assert (dest / "keep.txt").read_text() == "mine"
+
+
+class _DrawsSquaresAsCircles:
+    """A stand-in pipeline that draws the prompt exactly, except that every square comes out a circle."""
+
+    device = "cpu"
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, callback_on_step_end=None):
+        from types import SimpleNamespace
+
+        from stepdiff.shapes.dataset import Sample
+
+        images = []
+        for text in prompt:
+            color, shape, background = parse_caption(text)
+            images.append(render(Sample(color, "circle" if shape == "square" else shape, background, 32, 32, 30)))
+        return SimpleNamespace(images=images, record=SimpleNamespace(model_rows=len(prompt)), steps_completed=1)
+
+
+def test_evaluate_breaks_misses_down_by_shape_colour_and_confusion():
+    from stepdiff.shapes.dataset import held_out_combos
+    from stepdiff.shapes.evaluate import evaluate, format_breakdown
+
+    row = {"setting": "fake", **evaluate(_DrawsSquaresAsCircles(), guidance=1.0, seeds_per_combo=2, batch=7)}
+    squares = sum(s == "square" for _, s, _ in held_out_combos()) * 2
+    assert row["per_shape"] == {"circle": 1.0, "square": 0.0, "triangle": 1.0}
+    assert row["confusion"]["square"] == {"circle": squares, "square": 0, "triangle": 0, "none": 0}
+    assert row["confusion"]["circle"]["circle"] == sum(row["confusion"]["circle"].values()) > 0
+    assert row["color"] == 1.0 and row["per_color"] == {c: 1.0 for c in row["per_color"]}
+    assert row["all"] == pytest.approx(1 - squares / row["n"])
+    assert min(row["per_combo"].values()) == 0.0 and all("square" in k for k, v in row["per_combo"].items() if v == 0)
+    text = format_breakdown(row)
+    assert "| square | 0.0% | 0.0% |" in text and f"| square | {squares} | 0 | 0 | 0 |" in text
+    assert "weakest combinations: a " in text
+
+
+def test_smoke_preview_decoder_distillation_and_resume(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from stepdiff import default_model
+    from stepdiff.preview import load_tiny_decoder, tiny_decode
+    from tools.distill_preview import DistillConfig, distill
+
+    vae = AutoencoderKL.from_pretrained(default_model() / "vae", torch_dtype=torch.float32)
+    cfg = DistillConfig().smoke_version()
+    folder = distill(cfg, vae, tmp_path)
+    tiny = load_tiny_decoder(folder, latent_channels=4, scale_factor=4)  # shapes VAEs are 4x: 4x16x16 -> 64x64
+    assert tiny_decode(tiny, torch.zeros(1, 4, 16, 16)).shape == (1, 3, 64, 64)
+    report = json.loads((tmp_path / "preview_decoder.json").read_text())
+    assert report["resumed_from_step"] == 0 and "decoder_vs_vae_db" in report
+    distill(cfg, vae, tmp_path)
+    assert json.loads((tmp_path / "preview_decoder.json").read_text())["resumed_from_step"] == cfg.checkpoint_every

@@ -1,7 +1,9 @@
-"""The README's pictures, from the shipped model: a grid of outputs with prompts, and contact sheets
-of one generation previewed from the x0 estimate and from the noisy latents.
+"""The README's pictures, from the shipped model: a grid of outputs with prompts, contact sheets of one
+generation previewed from the x0 estimate and from the noisy latents, linear and tiny-decoder previews
+side by side (when the model has a preview_decoder/), and VAE round-trip crops of held-out renders
+for each VAE given with --vae (e.g. shapes-v1's and shapes-v2's).
 
-    python tools/make_figures.py [--out docs/images]
+    python tools/make_figures.py [--out docs/images] [--vae NAME=DIR ...]
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import stepdiff
-from stepdiff.preview import PreviewCallback, contact_sheet
+from stepdiff.preview import PreviewCallback, contact_sheet, tiny_decoder_folder
 from stepdiff.shapes.dataset import Sample, render
 
 PROMPTS = [
@@ -111,22 +113,86 @@ def edits(out: Path) -> None:
     sheet.save(out / "image_edits.png")
 
 
+def preview_methods(pipe, out: Path) -> None:
+    """One generation previewed from the x0 estimate with the linear table (top) and the tiny decoder (bottom)."""
+    prompt = "a yellow triangle on a purple background"
+    rows = []
+    for method in ("linear", "tiny"):
+        cb = PreviewCallback(method=method, every=3, frame_size=64)
+        pipe(prompt, num_inference_steps=25, generator=torch.Generator().manual_seed(3), callback_on_step_end=cb)
+        rows.append((method, contact_sheet(cb.frames, columns=9)))
+    w, h = rows[0][1].size
+    combined = Image.new("RGB", (w, 2 * h + 30), "white")
+    draw = ImageDraw.Draw(combined)
+    labels = {"linear": "linear latent-to-RGB table (method='linear')",
+              "tiny": "tiny distilled decoder (method='tiny', AutoencoderTiny)"}
+    for k, (method, sheet) in enumerate(rows):
+        draw.text((3, 2 + k * (h + 14)), labels[method], fill="black")
+        combined.paste(sheet, (0, 14 + k * (h + 14)))
+    combined.save(out / "preview_methods.png")
+
+
+def vae_crops(vaes: dict[str, Path], out: Path, count: int = 6) -> None:
+    """Held-out renders and their round trips (encode mean, decode) through each VAE, 3x nearest-neighbour."""
+    from diffusers import AutoencoderKL
+
+    from stepdiff.shapes.dataset import EVAL_SEED_BASE, all_combos, random_sample, render
+
+    rng = np.random.default_rng(EVAL_SEED_BASE + 99)
+    combos = all_combos()
+    picks = [combos[i] for i in rng.choice(len(combos), count, replace=False)]
+    truth = np.stack([np.asarray(render(random_sample(rng, c))) for c in picks])
+    columns = {"ground truth": truth}
+    x = torch.from_numpy(truth).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    for name, folder in vaes.items():
+        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        columns[name] = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    cell, label = 3 * 64, 14
+    sheet = Image.new("RGB", (len(columns) * cell, label + count * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, (name, images) in enumerate(columns.items()):
+        draw.text((c * cell + 3, 1), name, fill="black")
+        for r, image in enumerate(images):
+            sheet.paste(Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST), (c * cell, label + r * cell))
+    sheet.save(out / "vae_round_trip.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
-    parser.add_argument("--only", default="samples,sheets,edits", help="comma-separated: samples, sheets, edits")
+    parser.add_argument("--only", default="samples,sheets,edits,previews", help="comma-separated figures to draw")
+    parser.add_argument("--vae", nargs="*", default=[], metavar="NAME=DIR",
+                        help="VAE folders for the round-trip crops, e.g. shapes-v1=src/stepdiff/models/shapes-v1/vae")
     args = parser.parse_args()
+    vaes = {}
+    for item in args.vae:
+        name, sep, folder = item.partition("=")
+        if not sep or not (Path(folder) / "config.json").is_file():
+            parser.error(f"--vae takes NAME=DIR with a VAE folder, got {item!r}")
+        vaes[name] = Path(folder)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = stepdiff.AutoPipelineForText2Image.from_pretrained(stepdiff.default_model())
     pipe.set_progress_bar_config(disable=True)
     which = set(args.only.split(","))
+    written = []
     if "samples" in which:
         grid(pipe, args.out)
+        written.append("samples.png")
     if "sheets" in which:
         sheets(pipe, args.out)
+        written.append("contact_sheet.png")
     if "edits" in which:
         edits(args.out)
-    print(f"wrote {', '.join(sorted(which))} figures to {args.out}")
+        written.append("image_edits.png")
+    if "previews" in which and tiny_decoder_folder(pipe) is not None:
+        preview_methods(pipe, args.out)
+        written.append("preview_methods.png")
+    if vaes:
+        vae_crops(vaes, args.out)
+        written.append("vae_round_trip.png")
+    print(f"wrote {', '.join(str(args.out / w) for w in written)}")
 
 
 if __name__ == "__main__":

@@ -146,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--preview-every", type=int, default=1, metavar="N", help="preview every N steps (and the last)")
     pv.add_argument("--preview-source", choices=("denoised", "latents"), default="denoised",
                     help="denoised: the x0 estimate (clean early on, default); latents: the noisy latents")
-    pv.add_argument("--preview-method", choices=("linear", "vae"), default="linear",
-                    help="linear: latent-to-RGB table (cheap, default); vae: exact decode (slower)")
+    pv.add_argument("--preview-method", choices=("auto", "tiny", "linear", "vae"), default="auto",
+                    help="tiny: the model's tiny preview decoder (close to the final image, cheap); linear: latent-to-RGB "
+                         "table (cheapest, blotchy); vae: exact decode (slower); auto: tiny when the model folder has "
+                         "one or --preview-decoder is given, else linear (default)")
+    pv.add_argument("--preview-decoder", type=Path, default=None, metavar="DIR",
+                    help="a local AutoencoderTiny folder (TAESD, TAESDXL, TAESD3, TAEF1) for --preview-method tiny/auto")
     pv.add_argument("--animation", type=Path, default=None, metavar="PATH", help="write the trajectory as .gif or .webp")
     pv.add_argument("--contact-sheet", type=Path, default=None, metavar="PATH",
                     help="write a grid of the previews, step number under each (.png, .jpg or .webp)")
@@ -621,6 +625,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             files.preview = PreviewCallback(
                 folder=args.preview_dir, every=args.preview_every, source=args.preview_source,
                 method=args.preview_method, animation=args.animation, contact_sheet=args.contact_sheet, frame_size=128,
+                tiny_decoder=args.preview_decoder,
             )
             callbacks.append(files.preview)
 
@@ -820,7 +825,7 @@ def _default_guidance(info: dict) -> float:
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from .images import atomic_write
     from .limits import ModelShape
-    from .shapes.evaluate import evaluate_table, format_table
+    from .shapes.evaluate import evaluate_table, format_breakdown, format_table
 
     folder = _check_common(args)
     for g in args.guidance or []:
@@ -837,6 +842,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     rows = evaluate_table(pipe, guidances=guidances, default_guidance=default, cutoffs=args.cfg_cutoff,
                           steps=args.steps, seeds_per_combo=args.seeds_per_combo, batch=args.batch)
     print(format_table(rows))
+    for row in rows:  # where the misses are: per shape, per colour, and which shape was drawn instead
+        print()
+        print(format_breakdown(row))
     if args.json is not None:
         import json
 

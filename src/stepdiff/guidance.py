@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 
@@ -18,7 +19,7 @@ from ._quiet import quiet_transformers
 with quiet_transformers():
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-__all__ = ["ClassifierFreeGuidance", "DistilledGuidance", "Guidance", "check_guidance_scale"]
+__all__ = ["ClassifierFreeGuidance", "DistilledGuidance", "Guidance", "SkipLayerGuidance", "check_guidance_scale"]
 
 # Far above any useful setting (SD is used at 1-20); higher scales only overflow into black images.
 MAX_GUIDANCE_SCALE = 1000.0
@@ -47,6 +48,16 @@ class Guidance:
     def combine(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """One model output per image from the outputs of the sides that ran."""
         raise NotImplementedError
+
+    def start(self, num_steps: int) -> None:
+        """Called once the run knows its number of steps, before the first one."""
+
+    def refine(
+        self, step_index: int, guided: torch.Tensor, outputs: dict[str, torch.Tensor],
+        extra_call: Callable[..., torch.Tensor],
+    ) -> torch.Tensor:
+        """A further correction that needs another model call (``extra_call(side, **model_kwargs)``); none here."""
+        return guided
 
 
 class ClassifierFreeGuidance(Guidance):
@@ -94,3 +105,26 @@ class DistilledGuidance(Guidance):
 
     def combine(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return outputs["cond"]
+
+
+class SkipLayerGuidance(ClassifierFreeGuidance):
+    """CFG plus skip-layer guidance (SD3.5's "SLG", as in the classic SD3 pipeline): inside a window of
+    the steps, the conditional rows run once more with ``layers`` of the transformer skipped, and the
+    guided output moves away from that weakened prediction by ``layer_scale``. Only while CFG is on."""
+
+    mode = "cfg+slg"
+
+    def __init__(self, scale: float, layers: list[int], layer_scale: float, start: float, stop: float) -> None:
+        super().__init__(scale)
+        self.layers, self.layer_scale, self.start_ratio, self.stop_ratio = list(layers), layer_scale, start, stop
+        self.num_steps = 0
+
+    def start(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+
+    def refine(self, step_index, guided, outputs, extra_call):
+        n = self.num_steps
+        if "uncond" not in outputs or not (n * self.start_ratio < step_index < n * self.stop_ratio):
+            return guided
+        skipped = extra_call("cond", skip_layers=self.layers)
+        return guided + (outputs["cond"] - skipped) * self.layer_scale

@@ -154,10 +154,21 @@ def denoise(
             conditioning = cached[1]
         with torch.inference_mode(inference_mode):
             output = model(model_in, t, conditioning)
+        rows = model_in.shape[0]
+
+        def extra_call(side: str, x_in=x_in, t=t, **model_kwargs) -> torch.Tensor:  # a guidance's further pass
+            nonlocal rows
+            with torch.inference_mode(inference_mode):
+                out = model(x_in, t, {**getattr(state, side), **model_kwargs})
+            state.model_calls += 1
+            rows += x_in.shape[0]
+            return out
+
         state.model_calls += 1
-        state.model_rows += model_in.shape[0]
-        state.rows_per_step.append(model_in.shape[0])
-        output = guidance.combine(dict(zip(sides, output.chunk(len(sides)))))
+        outputs = dict(zip(sides, output.chunk(len(sides))))
+        output = guidance.refine(i, guidance.combine(outputs), outputs, extra_call)
+        state.model_rows += rows
+        state.rows_per_step.append(rows)
         if output.is_inference():
             output = output.clone()  # schedulers may return it as the x0 estimate, which callbacks may edit
         if check_finite and not bool(torch.isfinite(output).all()):

@@ -5,6 +5,11 @@ for the SD 1.x, SDXL, SD3 and Flux latent spaces; numbers from the sources named
 ``data/latent_rgb_factors.json`` (InvokeAI, Apache-2.0; ComfyUI, numbers only). For any other VAE,
 ``fit_latent_rgb`` fits a table by least squares and ``LatentRGBTable.save`` stores it in the model
 folder (``latent_rgb.json``), where ``table_for`` finds it before any built-in table.
+
+A tiny decoder (``method="tiny"``) is a small convolutional decoder distilled from a VAE's decoder,
+loaded with diffusers' ``AutoencoderTiny``: the model folder's ``preview_decoder/`` subfolder, or any
+local TAESD / TAESDXL / TAESD3 / TAEF1 folder passed as ``tiny_decoder``. It takes the latents as the
+sampler sees them and undoes its own ``scaling_factor`` / ``shift_factor`` (1 and 0 for TAESD).
 """
 
 from __future__ import annotations
@@ -28,18 +33,23 @@ from .images import IMAGE_FORMATS, atomic_write, check_writable_dir
 
 __all__ = [
     "FITTED_TABLE_FILE",
+    "PREVIEW_DECODER_DIR",
     "LatentRGBTable",
     "PreviewCallback",
     "builtin_tables",
     "contact_sheet",
     "fit_latent_rgb",
+    "load_tiny_decoder",
     "preview_psnr",
     "table_for",
+    "tiny_decode",
+    "tiny_decoder_folder",
 ]
 
 FITTED_TABLE_FILE = "latent_rgb.json"
+PREVIEW_DECODER_DIR = "preview_decoder"
 _SOURCES = ("denoised", "latents")
-_METHODS = ("linear", "vae")
+_METHODS = ("linear", "vae", "tiny", "auto")
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,67 @@ def table_for(pipeline: Any) -> LatentRGBTable:
     return min(candidates, key=lambda t: abs(math.log(t.scaling_factor / vae_cfg.scaling_factor)))
 
 
+def tiny_decoder_folder(pipeline: Any) -> Path | None:
+    """The model folder's ``preview_decoder/`` subfolder when it has one, else None."""
+    folder = getattr(getattr(pipeline, "config", None), "_name_or_path", None)
+    if folder and (Path(folder) / PREVIEW_DECODER_DIR / "config.json").is_file():
+        return Path(folder) / PREVIEW_DECODER_DIR
+    return None
+
+
+def load_tiny_decoder(folder: str | Path, latent_channels: int | None = None, scale_factor: int | None = None) -> Any:
+    """An ``AutoencoderTiny`` from a local folder, checked against the model it will preview.
+
+    ``latent_channels`` and ``scale_factor`` (the VAE's image-to-latent size ratio), when given, must match
+    the decoder's: a TAESD (4 channels, 8x) cannot preview an SD3 model (16 channels).
+    """
+    from diffusers import AutoencoderTiny
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"tiny_decoder: {str(folder)!r} is not an AutoencoderTiny folder (no config.json); pass a local "
+            f"TAESD-style folder, or train one into the model folder's {PREVIEW_DECODER_DIR}/"
+        )
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name") != "AutoencoderTiny":
+        raise ValueError(
+            f"tiny_decoder: {str(folder)!r} holds a {config.get('_class_name')!r}, not an AutoencoderTiny"
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"tiny_decoder: {str(folder)!r} has no .safetensors weights")
+    channels = config.get("latent_channels", 4)
+    factor = config.get("upsampling_scaling_factor", 2) ** (len(config.get("decoder_block_out_channels", (0,) * 4)) - 1)
+    if latent_channels is not None and channels != latent_channels:
+        raise ValueError(
+            f"tiny_decoder: {str(folder)!r} decodes {channels}-channel latents but this model's latents have "
+            f"{latent_channels} channels"
+        )
+    if scale_factor is not None and factor != scale_factor:
+        raise ValueError(
+            f"tiny_decoder: {str(folder)!r} upsamples latents {factor}x but this model's VAE is {scale_factor}x"
+        )
+    # AutoencoderTiny stores a `block_out_channels` key that its own __init__ does not take, so every load of a
+    # TAESD folder warns about it; that warning says nothing about the user's folder.
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return AutoencoderTiny.from_pretrained(folder).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+@torch.no_grad()
+def tiny_decode(decoder: Any, latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents as the sampler sees them -> (B, 3, H, W) RGB in [-1, 1], with a tiny decoder."""
+    cfg = decoder.config
+    param = next(decoder.parameters())
+    x = latents.to(param.device, param.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    return decoder.decode(x, return_dict=False)[0].float().clamp(-1, 1)
+
+
 @torch.no_grad()
 def fit_latent_rgb(vae: Any, images: torch.Tensor, name: str = "fitted", batch: int = 64) -> LatentRGBTable:
     """Least-squares fit of factors and bias: encode ``images`` (N, 3, H, W in [-1, 1]), decode the
@@ -193,7 +264,10 @@ class PreviewCallback:
 
     ``source="denoised"`` (default) previews the x0 estimate, which is a clean picture early on;
     ``"latents"`` previews the noisy latents, as the seed document does. ``method="linear"`` uses a
-    latent-to-RGB table (cheap); ``"vae"`` decodes with the pipeline's VAE (exact, slower). Previews
+    latent-to-RGB table (cheapest, blotchy); ``"tiny"`` a tiny distilled decoder (``tiny_decoder``: a
+    local AutoencoderTiny folder or model; default: the model folder's ``preview_decoder/``), close to
+    the final picture at a small cost; ``"vae"`` decodes with the pipeline's VAE (exact, slower);
+    ``"auto"`` is tiny when a decoder is given or the model folder has one, else linear. Previews
     only observe: the callback never changes the run.
     """
 
@@ -210,6 +284,7 @@ class PreviewCallback:
         batch_index: int = 0,
         min_interval: float = 0.0,
         frame_size: int | None = None,
+        tiny_decoder: str | Path | Any | None = None,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
@@ -221,6 +296,10 @@ class PreviewCallback:
             raise ValueError(f"min_interval must be a number of seconds >= 0, got {min_interval!r}")
         if isinstance(batch_index, bool) or not isinstance(batch_index, int) or batch_index < 0:
             raise ValueError(f"batch_index must be an int >= 0, got {batch_index!r}")
+        if tiny_decoder is not None and method not in ("tiny", "auto"):
+            raise ValueError(f"tiny_decoder is only used with method='tiny' or 'auto', got method={method!r}")
+        if isinstance(tiny_decoder, (str, Path)) and not (Path(tiny_decoder) / "config.json").is_file():
+            raise FileNotFoundError(f"tiny_decoder: {str(tiny_decoder)!r} is not an AutoencoderTiny folder (no config.json)")
         if folder is not None:
             folder = Path(folder)
             if folder.exists() and not folder.is_dir():
@@ -238,6 +317,10 @@ class PreviewCallback:
         self.seconds = 0.0  # time spent making previews, for benchmarks
         self._last = -math.inf
         self._table: LatentRGBTable | None = None
+        self.tiny_decoder = tiny_decoder
+        self._tiny: Any = None
+        self._tiny_source: Any = None  # what _tiny was loaded from, so a second run reuses it
+        self.resolved_method: str | None = None  # "auto" resolved for the current run
 
     @property
     def tensor_inputs(self) -> list[str]:
@@ -246,7 +329,20 @@ class PreviewCallback:
     def on_run_start(self, pipeline: Any) -> None:
         """Check the table against this model before generation starts."""
         self.frames, self.seconds, self._last = [], 0.0, -math.inf
-        if self.method == "linear":
+        method = self.method
+        if method in ("tiny", "auto"):
+            source = self.tiny_decoder if self.tiny_decoder is not None else tiny_decoder_folder(pipeline)
+            if source is None and method == "tiny":
+                folder = getattr(getattr(pipeline, "config", None), "_name_or_path", None)
+                raise FileNotFoundError(
+                    f"method='tiny': the model folder {folder!r} has no {PREVIEW_DECODER_DIR}/ and no tiny_decoder was "
+                    "given; pass tiny_decoder=FOLDER (an AutoencoderTiny / TAESD folder) or use method='auto'"
+                )
+            method = "linear" if source is None else "tiny"
+            if source is not None:
+                self._load_tiny(pipeline, source)
+        self.resolved_method = method
+        if method == "linear":
             table = self.table if self.table is not None else table_for(pipeline)
             channels = pipeline.latent_channels()
             if table.channels != channels:
@@ -256,8 +352,25 @@ class PreviewCallback:
                 )
             self._table = table
 
+    def _load_tiny(self, pipeline: Any, source: Any) -> None:
+        channels, factor = pipeline.latent_channels(), pipeline.vae_scale_factor
+        if self._tiny is not None and self._tiny_source is source:
+            return
+        if isinstance(source, (str, Path)):
+            self._tiny = load_tiny_decoder(source, channels, factor)
+        else:  # an AutoencoderTiny already loaded
+            cfg = source.config
+            if cfg.latent_channels != channels:
+                raise ValueError(
+                    f"tiny_decoder decodes {cfg.latent_channels}-channel latents but this model's latents have {channels}"
+                )
+            self._tiny = source.eval()
+        self._tiny_source = source
+
     def _render(self, pipeline: Any, latents: torch.Tensor) -> Image.Image:
-        if self.method == "vae":
+        if self.resolved_method == "tiny":
+            image = rgb_to_image(tiny_decode(self._tiny, latents[None])[0])
+        elif self.method == "vae":
             from .vae import decode_latents
 
             image = decode_latents(pipeline.vae, latents[None])[0].float()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     ControlNetModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -26,7 +27,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .tokenizer import build_clip_tokenizer
 
-__all__ = ["TINY_WORDS", "make_tiny_controlnet", "make_tiny_ip_adapter", "make_tiny_sd", "make_tiny_sd3", "make_tiny_sdxl"]
+__all__ = [
+    "TINY_WORDS", "make_tiny_controlnet", "make_tiny_ip_adapter", "make_tiny_preview_decoder", "make_tiny_sd",
+    "make_tiny_sd3", "make_tiny_sdxl",
+]
 
 TINY_WORDS = "a photo of cat dog red blue car road croissant bear sports best quality high detail".split()
 
@@ -213,3 +217,22 @@ def make_tiny_ip_adapter(out: str | Path, base: str | Path, seed: int = 0, token
     })
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "ip-adapter.safetensors"))
     return out
+
+
+def make_tiny_preview_decoder(
+    out: str | Path, latent_channels: int = 4, scale_factor: int = 2, width: int = 8, seed: int = 0,
+    scaling_factor: float = 1.0, shift_factor: float = 0.0,
+) -> Path:
+    """A random ``AutoencoderTiny`` folder (TAESD layout) that turns ``latent_channels`` latents into images
+    ``scale_factor`` times larger (a power of two)."""
+    levels = int(scale_factor).bit_length()  # 2 -> 2 levels (one upsampling), 8 -> 4 levels
+    if scale_factor < 1 or 2 ** (levels - 1) != scale_factor:
+        raise ValueError(f"scale_factor must be a power of two >= 1, got {scale_factor}")
+    torch.manual_seed(seed)
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=(width,) * levels, decoder_block_out_channels=(width,) * levels,
+        num_encoder_blocks=(1,) * levels, num_decoder_blocks=(1,) * levels, latent_channels=latent_channels,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    )
+    decoder.save_pretrained(out, safe_serialization=True)
+    return Path(out)

@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .run import Run
 from .stable_diffusion_xl import StableDiffusionXLPipeline, _fraction
@@ -20,6 +23,27 @@ class SDXLImageMixin:
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
         **StableDiffusionXLPipeline._callback_names, "add_neg_time_ids": ("uncond", "time_ids"),
     }
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: Any = None,
+        feature_extractor: Any = None,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ) -> None:
+        super().__init__(  # type: ignore[call-arg]
+            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder=image_encoder,
+            feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        )
+        self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
 
     def check_prompts(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         batch, kwargs = super().check_prompts(args)  # type: ignore[misc]

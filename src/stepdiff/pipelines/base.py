@@ -383,7 +383,7 @@ class StepDiffPipeline(DiffusionPipeline):
         """Pop per-call model arguments (``cross_attention_kwargs``, ...) into the run."""
         return {}
 
-    def make_guidance(self, guidance_scale: float, guidance_rescale: float) -> Guidance:
+    def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: dict | None = None) -> Guidance:
         if getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None:
             return DistilledGuidance(guidance_scale)  # LCM and other guidance-distilled UNets
         return ClassifierFreeGuidance(guidance_scale, guidance_rescale)
@@ -660,7 +660,8 @@ class StepDiffPipeline(DiffusionPipeline):
         # against this run (schedule lengths, tables) and may set the first step's guidance.
         scheduler = copy.deepcopy(self.scheduler)
         run = Run(
-            self, scheduler=scheduler, timesteps=torch.empty(0), guidance=self.make_guidance(guidance_scale, guidance_rescale),
+            self, scheduler=scheduler, timesteps=torch.empty(0),
+            guidance=self.make_guidance(guidance_scale, guidance_rescale, kind),
             cancel=cancel, callback=callback, tensor_names=tensor_names, output_type=output_type,
             return_dict=args.pop("return_dict", True), interrupt_output=interrupt_output,
             step_kwargs=scheduler_step_kwargs(scheduler, generator, eta), model_kwargs=self.model_kwargs(args),
@@ -669,6 +670,7 @@ class StepDiffPipeline(DiffusionPipeline):
         run.timesteps = self.set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)
         if len(run.timesteps) == 0:
             raise ValueError("this call has no denoising step to run (check strength / denoising_start)")
+        run.guidance.start(len(run.timesteps))
         with run.bound():
             run_hooks(callback, "on_run_start", self)
 

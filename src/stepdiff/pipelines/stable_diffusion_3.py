@@ -17,6 +17,7 @@ with quiet_transformers():
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..control import CancelToken
+from ..guidance import Guidance, SkipLayerGuidance, check_guidance_scale
 from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
 from .run import Run
 
@@ -84,7 +85,31 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
         if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)):
             raise ValueError(f"mu must be None or a finite number, got {mu!r}")
         kind["mu"] = mu
+        layers = args.pop("skip_guidance_layers", None)
+        slg = {}
+        if layers is not None:
+            depth = self.transformer.config.num_layers
+            if not isinstance(layers, (list, tuple)) or not layers or not all(
+                isinstance(k, int) and not isinstance(k, bool) and 0 <= k < depth for k in layers
+            ):
+                raise ValueError(
+                    f"skip_guidance_layers must be a non-empty list of layer indices in [0, {depth}), got {layers!r}"
+                )
+            scale = args.pop("skip_layer_guidance_scale", 2.8)
+            start, stop = args.pop("skip_layer_guidance_start", 0.01), args.pop("skip_layer_guidance_stop", 0.2)
+            for name, value in (("skip_layer_guidance_start", start), ("skip_layer_guidance_stop", stop)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+            slg = {"layers": list(layers), "layer_scale": check_guidance_scale(scale, "skip_layer_guidance_scale"),
+                   "start": float(start), "stop": float(stop)}
+        kind["skip_layer_guidance"] = slg
         return kind
+
+    def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: dict | None = None) -> Guidance:
+        slg = (kind or {}).get("skip_layer_guidance")
+        if slg:
+            return SkipLayerGuidance(guidance_scale, **slg)
+        return super().make_guidance(guidance_scale, guidance_rescale, kind)
 
     def scheduler_kwargs(self, height: int, width: int, kind: dict | None = None) -> dict[str, Any]:
         mu = (kind or {}).get("mu")
@@ -188,6 +213,7 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
             encoder_hidden_states=conditioning["encoder_hidden_states"],
             pooled_projections=conditioning["pooled_projections"],
             joint_attention_kwargs=run.model_kwargs["joint_attention_kwargs"], return_dict=False,
+            skip_layers=conditioning.get("skip_layers"),
         )[0]
 
     def encode_prompt(
@@ -242,6 +268,10 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int = 256,
+        skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_stop: float = 0.2,
+        skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
         cancel: CancelToken | None = None,
         interrupt_output: str = "denoised",

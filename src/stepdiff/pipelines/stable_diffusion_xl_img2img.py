@@ -5,9 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..control import CancelToken
 from ._sdxl_kinds import SDXLImageMixin
@@ -19,27 +16,6 @@ __all__ = ["StableDiffusionXLImg2ImgPipeline"]
 
 class StableDiffusionXLImg2ImgPipeline(SDXLImageMixin, Image2ImageRun, StableDiffusionXLPipeline):
     """Re-draw ``image`` at ``strength``, or continue a base run's latents from ``denoising_start`` (refiner)."""
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        tokenizer_2: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        image_encoder: Any = None,
-        feature_extractor: Any = None,
-        requires_aesthetics_score: bool = False,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-    ) -> None:
-        super().__init__(
-            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder=image_encoder,
-            feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-        )
-        self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
 
     def __call__(
         self,

@@ -5,9 +5,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..control import CancelToken
 from ._sdxl_kinds import SDXLImageMixin
@@ -25,27 +22,6 @@ class StableDiffusionXLInpaintPipeline(SDXLImageMixin, InpaintRun, StableDiffusi
         **SDXLImageMixin._callback_names,
         "mask": ("cond", "mask"), "masked_image_latents": ("cond", "masked_image_latents"),
     }
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        tokenizer_2: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        image_encoder: Any = None,
-        feature_extractor: Any = None,
-        requires_aesthetics_score: bool = False,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-    ) -> None:
-        super().__init__(
-            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder=image_encoder,
-            feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-        )
-        self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
 
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
         kind = super().check_kind_inputs(args)

@@ -55,6 +55,7 @@ class Sample:
     cx: float  # centre, pixels
     cy: float
     size: float  # side of the bounding box, pixels
+    angle: float = 0.0  # rotation about the centre, degrees counter-clockwise (training data: always 0)
 
     @property
     def caption(self) -> str:
@@ -111,6 +112,11 @@ def render(sample: Sample) -> Image.Image:
     fill = COLORS[sample.color]
     if sample.shape == "circle":
         draw.ellipse(box, fill=fill)
+    elif sample.shape in ("square", "triangle") and sample.angle:
+        corners = ([(-1, -1), (1, -1), (1, 1), (-1, 1)] if sample.shape == "square" else [(0, -1), (1, 1), (-1, 1)])
+        a = np.deg2rad(sample.angle)
+        c, s_ = np.cos(a), np.sin(a)
+        draw.polygon([(cx + half * (x * c + y * s_), cy + half * (-x * s_ + y * c)) for x, y in corners], fill=fill)
     elif sample.shape == "square":
         draw.rectangle(box, fill=fill)
     elif sample.shape == "triangle":

@@ -13,6 +13,7 @@ __all__ = ["Verdict", "judge", "parse_caption"]
 
 _NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _NAMES], dtype=np.float32)  # (8, 3)
+_ANGLES = np.deg2rad(np.arange(0, 90, 1.0))  # a rectangle's extent repeats every 90 degrees
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,34 @@ def judge(image: Image.Image | np.ndarray) -> Verdict:
     cols = np.flatnonzero(mask.sum(0) >= 2)
     if len(rows) == 0 or len(cols) == 0:
         return Verdict(_NAMES[bg], _NAMES[fg], "none", 0.0)
-    box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    ratio = float(box.mean())
-    # Ideal fill ratios of the bounding box: square 1.0, circle pi/4 = 0.785, triangle 0.5.
+    mask = _largest_component(mask)
+    ratio = _min_box_fill(mask)
+    # Ideal fill ratios of the smallest enclosing rectangle, at any rotation: square 1.0, circle pi/4 = 0.785,
+    # triangle 0.5 (the smallest rectangle around any triangle has twice its area).
     shape = "square" if ratio > 0.89 else "circle" if ratio > 0.64 else "triangle"
     return Verdict(_NAMES[bg], _NAMES[fg], shape, ratio)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of mask: stray pixels of the shape's colour elsewhere do not widen its box."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(sizes.argmax()) + 1)
+
+
+def _min_box_fill(mask: np.ndarray) -> float:
+    """Pixel count over the area of the smallest enclosing rectangle, searched over rotations in 1 degree steps."""
+    ys, xs = np.nonzero(mask)
+    xs, ys = xs.astype(np.float64), ys.astype(np.float64)
+    c, s = np.cos(_ANGLES)[:, None], np.sin(_ANGLES)[:, None]
+    u, v = xs * c + ys * s, ys * c - xs * s  # (angles, pixels)
+    # +1: each pixel is a unit square, so a box around pixel centres is one pixel short on each axis
+    areas = (u.max(1) - u.min(1) + 1) * (v.max(1) - v.min(1) + 1)
+    return float(min(1.0, len(xs) / areas.min()))
 
 
 def parse_caption(text: str) -> tuple[str, str, str]:
