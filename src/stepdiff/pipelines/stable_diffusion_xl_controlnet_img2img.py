@@ -48,8 +48,9 @@ class StableDiffusionXLControlNetImg2ImgPipeline(SDXLImageMixin, Image2ImageRun,
         feature_extractor: Any = None,
         image_encoder: Any = None,
     ) -> None:
-        super().__init__(
-            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
+        # The ControlNet pipeline's constructor (SDXLImageMixin's takes no controlnet).
+        StableDiffusionXLControlNetPipeline.__init__(
+            self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, feature_extractor=feature_extractor,
             image_encoder=image_encoder,
         )
