@@ -128,6 +128,29 @@ def test_image(size: int = 32, seed: int = 0):
 test_image.__test__ = False  # a helper, not a test
 
 
+@pytest.fixture(scope="session")
+def sd_controlnet_folder(tmp_path_factory, sd_folder):
+    """A tiny random ControlNet for the tiny SD model (``ControlNetModel.from_pretrained`` loads it)."""
+    from stepdiff.testing import make_tiny_controlnet
+
+    return make_tiny_controlnet(tmp_path_factory.mktemp("tiny-sd-controlnet"), sd_folder)
+
+
+@pytest.fixture(scope="session")
+def sdxl_controlnet_folder(tmp_path_factory, sdxl_folder):
+    from stepdiff.testing import make_tiny_controlnet
+
+    return make_tiny_controlnet(tmp_path_factory.mktemp("tiny-sdxl-controlnet"), sdxl_folder)
+
+
+def control_image(size: int = 32, seed: int = 5):
+    """A random control picture (the tiny ControlNets take RGB at the output size)."""
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+control_image.__test__ = False
+
+
 @pytest.fixture
 def run_cli(capsys):
     """``stepdiff.cli.main`` in-process: (exit code, stdout, stderr)."""

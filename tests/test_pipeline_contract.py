@@ -12,7 +12,7 @@ from stepdiff import CancelToken
 from stepdiff.callbacks import CFGCutoffCallback
 from stepdiff.pipelines.registry import REGISTRY, load
 
-from .conftest import gen, test_image
+from .conftest import control_image, gen, test_image
 
 IMAGE, MASK = test_image()
 FOLDERS = {"sd": "sd_folder", "sdxl": "sdxl_folder", "sd3": "sd3_folder"}
@@ -20,12 +20,22 @@ EXTRA = {"text2image": {}, "image2image": {"image": IMAGE, "strength": 1.0}, "in
 STEPS = 4
 
 
+CONTROLNETS = {"sd": "sd_controlnet_folder", "sdxl": "sdxl_controlnet_folder"}
+
+
 @pytest.fixture(params=REGISTRY, ids=[e.name for e in REGISTRY])
 def case(request):
     entry = request.param
-    pipe = load(entry).from_pretrained(request.getfixturevalue(FOLDERS[entry.family]))
+    extra, load_kwargs = dict(EXTRA[entry.kind]), {}
+    if entry.controlnet:
+        from diffusers import ControlNetModel
+
+        folder = request.getfixturevalue(CONTROLNETS[entry.family])
+        load_kwargs["controlnet"] = ControlNetModel.from_pretrained(folder)
+        extra[load(entry)._control_image_name] = control_image()
+    pipe = load(entry).from_pretrained(request.getfixturevalue(FOLDERS[entry.family]), **load_kwargs)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, EXTRA[entry.kind]
+    return pipe, extra
 
 
 def _call(pipe, extra, prompt="a photo of a cat", **kw):

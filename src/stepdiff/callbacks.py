@@ -18,14 +18,18 @@ from diffusers import callbacks as _classic
 
 __all__ = [
     "CFGCutoffCallback",
+    "ControlNetScaleScheduleCallback",
     "GuidanceIntervalCallback",
     "GuidanceScheduleCallback",
+    "IPAdapterScaleCutoffCallback",
+    "IPAdapterScaleScheduleCallback",
     "MultiPipelineCallbacks",
     "NaNGuard",
     "PipelineCallback",
     "SD3CFGCutoffCallback",
     "SDCFGCutoffCallback",
     "SDXLCFGCutoffCallback",
+    "SDXLControlnetCFGCutoffCallback",
     "StepCallback",
     "StopAtStep",
     "StopOnConvergence",
@@ -150,6 +154,32 @@ class SDXLCFGCutoffCallback(CFGCutoffCallback):
     tensor_inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids"]  # noqa: RUF012
 
 
+class SDXLControlnetCFGCutoffCallback(CFGCutoffCallback):
+    """CFG cutoff for the SDXL ControlNet pipelines (the classic name; same behaviour as CFGCutoffCallback).
+
+    The classic one slices ``image[-1:]``, which keeps one row of a larger batch and, with several ControlNets,
+    only the last ControlNet's image. Here the control images ride with the rows: nothing is sliced.
+    """
+
+    tensor_inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids", "image"]  # noqa: RUF012
+
+
+class IPAdapterScaleCutoffCallback(PipelineCallback):
+    """Set the IP-Adapter scale to 0 after the cutoff step (the classic name and constructor contract).
+
+    On stepdiff pipelines ``set_ip_adapter_scale`` inside a callback changes the current run only: the next call
+    starts from the scale its caller set (the classic callback leaves 0 set, so the next run silently has no
+    IP-Adapter). The image embeddings ride with the rows, so it combines with any CFG cutoff at any batch size.
+    """
+
+    tensor_inputs: list[str] = []  # noqa: RUF012
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
+        if step_index == self.cutoff_step(pipeline):
+            pipeline.set_ip_adapter_scale(0.0)
+        return callback_kwargs
+
+
 class SD3CFGCutoffCallback(CFGCutoffCallback):
     """CFG cutoff for Stable Diffusion 3 (the classic name; same behaviour as CFGCutoffCallback)."""
 
@@ -260,15 +290,18 @@ class NaNGuard:
         return None
 
 
-_CLASSIC_EQUIVALENTS: dict[type, type[CFGCutoffCallback]] = {
+_CLASSIC_EQUIVALENTS: dict[type, type[PipelineCallback]] = {
+    _classic.IPAdapterScaleCutoffCallback: IPAdapterScaleCutoffCallback,
     _classic.SDCFGCutoffCallback: SDCFGCutoffCallback,
     _classic.SDXLCFGCutoffCallback: SDXLCFGCutoffCallback,
+    _classic.SDXLControlnetCFGCutoffCallback: SDXLControlnetCFGCutoffCallback,
     _classic.SD3CFGCutoffCallback: SD3CFGCutoffCallback,
 }
 
 
 def adapt_classic(callback: Any) -> Any:
-    """Swap the classic library's CFG-cutoff objects for their batch-safe stepdiff twins.
+    """Swap the classic library's CFG-cutoff objects for their batch-safe stepdiff twins (and its IP-Adapter
+    scale cutoff for the run-scoped one).
 
     The classic ones slice ``prompt_embeds[-1:]``, which drops prompts when the batch is larger than
     one; here the loop stops computing the unconditional rows itself, so no slicing is needed.
@@ -389,6 +422,85 @@ class GuidanceScheduleCallback(_ScheduledGuidance):
             return self.schedule[step_index]
         value = self.schedule(step_index, pipeline.num_timesteps, pipeline.timesteps[step_index])
         return _scale(f"schedule function at step {step_index}", value)
+
+
+class _ScaleSchedule:
+    """A scale per step, set on the current run before each step's model call (step 0 at run start): a list with
+    one entry per step, or ``fn(step_index, num_steps, timestep)`` (``linear_ramp`` and ``cosine_ramp`` fit).
+    An entry is a number, or a list (one scale per ControlNet, or diffusers' per-adapter IP-Adapter scales)."""
+
+    tensor_inputs: list[str] = []  # noqa: RUF012
+
+    def __init__(self, schedule: Sequence[float | Sequence[float]] | ScheduleFn) -> None:
+        if callable(schedule):
+            self.schedule: Any = schedule
+        elif isinstance(schedule, (list, tuple)):
+            self.schedule = [self._entry(f"schedule[{i}]", v) for i, v in enumerate(schedule)]
+        else:
+            raise ValueError(f"schedule must be a list of scales or a function, got {type(schedule).__name__}")
+
+    @staticmethod
+    def _entry(name: str, value: object) -> float | list[float]:
+        if isinstance(value, (list, tuple)):
+            return [_scale(f"{name}[{k}]", v) for k, v in enumerate(value)]
+        return _scale(name, value)
+
+    def scale_at(self, pipeline: Any, step_index: int) -> float | list[float]:
+        if not callable(self.schedule):
+            return self.schedule[step_index]
+        value = self.schedule(step_index, pipeline.num_timesteps, pipeline.timesteps[step_index])
+        return self._entry(f"schedule function at step {step_index}", value)
+
+    def check(self, pipeline: Any) -> None:
+        raise NotImplementedError
+
+    def apply(self, pipeline: Any, value: float | list[float]) -> None:
+        raise NotImplementedError
+
+    def on_run_start(self, pipeline: Any) -> None:
+        self.check(pipeline)
+        if not callable(self.schedule) and len(self.schedule) != pipeline.num_timesteps:
+            raise ValueError(
+                f"schedule has {len(self.schedule)} scales but this run has {pipeline.num_timesteps} steps; "
+                "give one scale per step"
+            )
+        self.apply(pipeline, self.scale_at(pipeline, 0))
+
+    def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
+        if step_index + 1 < pipeline.num_timesteps:
+            self.apply(pipeline, self.scale_at(pipeline, step_index + 1))
+        return None
+
+
+class ControlNetScaleScheduleCallback(_ScaleSchedule):
+    """A ControlNet conditioning scale per step, like ``GuidanceScheduleCallback`` for guidance. An entry is a
+    number (every ControlNet) or a list with one scale per ControlNet. It *is* the scale (it multiplies nothing),
+    set on the current run only (the next call starts from its own ``controlnet_conditioning_scale``), and a
+    ControlNet still acts only inside its ``control_guidance_start`` / ``control_guidance_end`` window.
+    """
+
+    def check(self, pipeline: Any) -> None:
+        if not hasattr(type(pipeline), "controlnet_conditioning_scale"):
+            raise ValueError(f"ControlNetScaleScheduleCallback needs a ControlNet pipeline, got {type(pipeline).__name__}")
+
+    def apply(self, pipeline: Any, value: float | list[float]) -> None:
+        pipeline.controlnet_conditioning_scale = value
+
+
+class IPAdapterScaleScheduleCallback(_ScaleSchedule):
+    """An IP-Adapter scale per step (what ``set_ip_adapter_scale`` takes: a number, or one per loaded adapter),
+    set on the current run only: the next call starts from the scale its caller set."""
+
+    def check(self, pipeline: Any) -> None:
+        run = getattr(pipeline, "current_run", None)
+        if run is None or "ip_adapter_scales" not in run.extras:
+            raise ValueError(
+                "IPAdapterScaleScheduleCallback needs a stepdiff run with an IP-Adapter image (load_ip_adapter, then "
+                "pass ip_adapter_image or ip_adapter_image_embeds)"
+            )
+
+    def apply(self, pipeline: Any, value: float | list[float]) -> None:
+        pipeline.set_ip_adapter_scale(value)
 
 
 def linear_ramp(start_scale: float, end_scale: float) -> ScheduleFn:

@@ -14,6 +14,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderTiny,
+    ControlNetModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
@@ -26,7 +27,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .tokenizer import build_clip_tokenizer
 
-__all__ = ["TINY_WORDS", "make_tiny_preview_decoder", "make_tiny_sd", "make_tiny_sd3", "make_tiny_sdxl"]
+__all__ = [
+    "TINY_WORDS", "make_tiny_controlnet", "make_tiny_ip_adapter", "make_tiny_preview_decoder", "make_tiny_sd",
+    "make_tiny_sd3", "make_tiny_sdxl",
+]
 
 TINY_WORDS = "a photo of cat dog red blue car road croissant bear sports best quality high detail".split()
 
@@ -140,6 +144,78 @@ def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True, layers: 
         text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_tiny_controlnet(out: str | Path, base: str | Path, seed: int = 0, conditioning_channels: int = 3) -> Path:
+    """A random ControlNet for the pipeline folder ``base`` (``ControlNetModel.from_unet`` on its UNet), saved as a
+    standard ``ControlNetModel`` folder (config.json + safetensors) that ``ControlNetModel.from_pretrained`` loads.
+
+    The conditioning embedding downsamples by the VAE's factor, so a control image of the output size fits the
+    latents. The "zero convolutions" of a fresh ControlNet are filled with small random weights: a ControlNet
+    whose residuals are all zero would make every parity test pass trivially.
+    """
+    out = Path(out)
+    base = Path(base)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    vae_blocks = len(AutoencoderKL.load_config(base / "vae")["block_out_channels"])
+    embedding = tuple(8 * 2**i for i in range(vae_blocks))  # one stride-2 stage per VAE downsampling
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=embedding, conditioning_channels=conditioning_channels,
+    )
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    with torch.no_grad():
+        for conv in zero_convs:
+            for p in conv.parameters():
+                p.normal_(0.0, 0.1)
+        for p in controlnet.controlnet_cond_embedding.conv_out.parameters():  # so that the control image matters
+            p.normal_(0.0, 1.0)
+    controlnet.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_tiny_ip_adapter(out: str | Path, base: str | Path, seed: int = 0, tokens: int = 4) -> Path:
+    """A random IP-Adapter for the pipeline folder ``base``, in the layout ``pipe.load_ip_adapter`` reads:
+    ``out/ip-adapter.safetensors`` (``image_proj.*`` and ``ip_adapter.*`` weights) and ``out/image_encoder/``
+    (a tiny ``CLIPVisionModelWithProjection``). Load it with
+    ``pipe.load_ip_adapter(out, subfolder="", weight_name="ip-adapter.safetensors")``.
+    """
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor
+    from diffusers.models.embeddings import ImageProjection
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    cfg = UNet2DConditionModel.load_config(Path(base) / "unet")
+    unet = UNet2DConditionModel.from_config(cfg)
+    cross, blocks = cfg["cross_attention_dim"], list(cfg["block_out_channels"])
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        projection_dim=32,
+    ))
+    encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
+    weights: dict[str, torch.Tensor] = {}
+    key_id = 1
+    for name in unet.attn_processors:  # the numbering of the published IP-Adapter checkpoints
+        if not name.endswith("attn1.processor"):
+            if name.startswith("mid_block"):
+                hidden = blocks[-1]
+            elif name.startswith("up_blocks"):
+                hidden = list(reversed(blocks))[int(name[len("up_blocks.")])]
+            else:
+                hidden = blocks[int(name[len("down_blocks.")])]
+            proc = IPAdapterAttnProcessor(hidden_size=hidden, cross_attention_dim=cross, scale=1.0).state_dict()
+            weights[f"ip_adapter.{key_id}.to_k_ip.weight"] = proc["to_k_ip.0.weight"]
+            weights[f"ip_adapter.{key_id}.to_v_ip.weight"] = proc["to_v_ip.0.weight"]
+            key_id += 2
+    proj = ImageProjection(cross_attention_dim=cross, image_embed_dim=32, num_image_text_embeds=tokens).state_dict()
+    weights.update({
+        "image_proj.proj.weight": proj["image_embeds.weight"], "image_proj.proj.bias": proj["image_embeds.bias"],
+        "image_proj.norm.weight": proj["norm.weight"], "image_proj.norm.bias": proj["norm.bias"],
+    })
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "ip-adapter.safetensors"))
     return out
 
 

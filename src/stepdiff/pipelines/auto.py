@@ -35,19 +35,22 @@ class _AutoPipeline:
             raise ValueError(
                 f"{str(pretrained_model_name_or_path)!r} holds a {class_name!r} model; stepdiff supports {supported}"
             )
-        target = pipeline_for(entry.family, cls.kind)
+        target = pipeline_for(entry.family, cls.kind, controlnet=kwargs.get("controlnet") is not None)
         if target is None:
             kinds = sorted({e.kind for e in REGISTRY if e.family == entry.family})
-            raise ValueError(f"{class_name!r} models have no {cls.kind} pipeline in stepdiff; available: {kinds}")
+            what = f"{cls.kind} pipeline with a ControlNet" if kwargs.get("controlnet") is not None else f"{cls.kind} pipeline"
+            raise ValueError(f"{class_name!r} models have no {what} in stepdiff; available: {kinds}")
         return load(target).from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline: StepDiffPipeline, **kwargs: Any) -> StepDiffPipeline:
         """The same components (no copy, no reload) in this kind's pipeline class."""
         entry = entry_for_class_name(type(pipeline).__name__)
-        target = None if entry is None else pipeline_for(entry.family, cls.kind)
+        controlnet = kwargs.get("controlnet", getattr(pipeline, "controlnet", None)) is not None
+        target = None if entry is None else pipeline_for(entry.family, cls.kind, controlnet=controlnet)
         if target is None:
-            raise ValueError(f"{type(pipeline).__name__} has no {cls.kind} counterpart in stepdiff")
+            what = f"{cls.kind} with a ControlNet" if controlnet else cls.kind
+            raise ValueError(f"{type(pipeline).__name__} has no {what} counterpart in stepdiff")
         return load(target).from_pipe(pipeline, **kwargs)
 
 

@@ -366,6 +366,19 @@ class StepDiffPipeline(DiffusionPipeline):
     def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
         raise NotImplementedError
 
+    def added_cond_extras(self, conditioning: dict) -> dict[str, Any]:
+        """Extra ``added_cond_kwargs`` of the denoiser from the rows of this call (IP-Adapter image embeddings)."""
+        return {}
+
+    @contextlib.contextmanager
+    def model_call_context(self, run: Run) -> Iterator[None]:
+        """Held around every model call of ``run`` (IP-Adapter: the run's scales in the attention processors)."""
+        yield
+
+    def unet_extras(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> dict:
+        """Extra denoiser keyword arguments for this model call, computed from its rows (ControlNet residuals)."""
+        return {}
+
     def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
         """Pop per-call model arguments (``cross_attention_kwargs``, ...) into the run."""
         return {}

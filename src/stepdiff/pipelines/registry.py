@@ -21,15 +21,28 @@ class PipelineEntry:
     module: str  # relative to stepdiff.pipelines
     family: str  # "sd", "sdxl", "sd3": folders of one family load into any of its kinds
     kind: str  # one of KINDS
+    controlnet: bool = False  # takes a ``controlnet`` component and control images
 
 
 REGISTRY: tuple[PipelineEntry, ...] = (
     PipelineEntry("StableDiffusionPipeline", ".stable_diffusion", "sd", "text2image"),
     PipelineEntry("StableDiffusionImg2ImgPipeline", ".stable_diffusion_img2img", "sd", "image2image"),
     PipelineEntry("StableDiffusionInpaintPipeline", ".stable_diffusion_inpaint", "sd", "inpaint"),
+    PipelineEntry("StableDiffusionControlNetPipeline", ".stable_diffusion_controlnet", "sd", "text2image", controlnet=True),
+    PipelineEntry(
+        "StableDiffusionControlNetImg2ImgPipeline", ".stable_diffusion_controlnet_img2img", "sd", "image2image",
+        controlnet=True,
+    ),
     PipelineEntry("StableDiffusionXLPipeline", ".stable_diffusion_xl", "sdxl", "text2image"),
     PipelineEntry("StableDiffusionXLImg2ImgPipeline", ".stable_diffusion_xl_img2img", "sdxl", "image2image"),
     PipelineEntry("StableDiffusionXLInpaintPipeline", ".stable_diffusion_xl_inpaint", "sdxl", "inpaint"),
+    PipelineEntry(
+        "StableDiffusionXLControlNetPipeline", ".stable_diffusion_xl_controlnet", "sdxl", "text2image", controlnet=True,
+    ),
+    PipelineEntry(
+        "StableDiffusionXLControlNetImg2ImgPipeline", ".stable_diffusion_xl_controlnet_img2img", "sdxl", "image2image",
+        controlnet=True,
+    ),
     PipelineEntry("StableDiffusion3Pipeline", ".stable_diffusion_3", "sd3", "text2image"),
     PipelineEntry("StableDiffusion3Img2ImgPipeline", ".stable_diffusion_3_img2img", "sd3", "image2image"),
 )
@@ -42,9 +55,9 @@ def entry_for_class_name(class_name: str | None) -> PipelineEntry | None:
     return _BY_NAME.get(class_name)  # type: ignore[arg-type]
 
 
-def pipeline_for(family: str, kind: str) -> PipelineEntry | None:
+def pipeline_for(family: str, kind: str, controlnet: bool = False) -> PipelineEntry | None:
     for e in REGISTRY:
-        if e.family == family and e.kind == kind:
+        if e.family == family and e.kind == kind and e.controlnet == controlnet:
             return e
     return None
 

@@ -204,7 +204,8 @@ class Run:
             bar.close()
 
     def _predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
-        return self.pipeline.predict(latent_input, timestep, conditioning, self)
+        with self.pipeline.model_call_context(self):
+            return self.pipeline.predict(latent_input, timestep, conditioning, self)
 
     def run(self) -> Any:
         """Iterate every step, then ``finish()``: what ``pipeline(...)`` does."""

@@ -16,14 +16,15 @@ from ..control import CancelToken
 with quiet_transformers():
     from diffusers.loaders import FromSingleFileMixin, IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from .base import Conditioning, StepDiffPipeline, normalize_legacy_configs, pop_prompts, repeat_rows, tokenize
+from .ip_adapter import IPAdapterRun
 from .run import Run
 
 __all__ = ["StableDiffusionPipeline"]
 
 
 class StableDiffusionPipeline(
-    StepDiffPipeline, StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin, IPAdapterMixin,
-    FromSingleFileMixin,
+    IPAdapterRun, StepDiffPipeline, StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin,
+    IPAdapterMixin, FromSingleFileMixin,
 ):
     """Text-to-image with Stable Diffusion 1.x/2.x, on stepdiff's shared denoising loop.
 
@@ -101,7 +102,9 @@ class StableDiffusionPipeline(
             self.extend_model_input(latent_input, conditioning), timestep,
             encoder_hidden_states=conditioning["encoder_hidden_states"],
             timestep_cond=conditioning.get("timestep_cond"),
+            added_cond_kwargs=self.added_cond_extras(conditioning) or None,
             cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
+            **self.unet_extras(latent_input, timestep, conditioning, run),
         )[0]
 
     def encode_prompt(
@@ -138,6 +141,8 @@ class StableDiffusionPipeline(
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,

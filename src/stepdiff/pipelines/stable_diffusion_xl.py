@@ -21,6 +21,7 @@ with quiet_transformers():
         TextualInversionLoaderMixin,
     )
 from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
+from .ip_adapter import IPAdapterRun
 from .run import Run
 
 __all__ = ["StableDiffusionXLPipeline"]
@@ -46,7 +47,7 @@ def _size_pair(name: str, value: object) -> tuple[int, int] | None:
 
 
 class StableDiffusionXLPipeline(
-    StepDiffPipeline, StableDiffusionMixin, FromSingleFileMixin, StableDiffusionXLLoraLoaderMixin,
+    IPAdapterRun, StepDiffPipeline, StableDiffusionMixin, FromSingleFileMixin, StableDiffusionXLLoraLoaderMixin,
     TextualInversionLoaderMixin, IPAdapterMixin,
 ):
     """Text-to-image with SDXL base models, on stepdiff's shared denoising loop (no watermarker)."""
@@ -218,9 +219,13 @@ class StableDiffusionXLPipeline(
         return self.unet(
             self.extend_model_input(latent_input, conditioning), timestep,
             encoder_hidden_states=conditioning["encoder_hidden_states"],
-            added_cond_kwargs={"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]},
+            added_cond_kwargs={
+                "text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"],
+                **self.added_cond_extras(conditioning),
+            },
             timestep_cond=conditioning.get("timestep_cond"),
             cross_attention_kwargs=run.model_kwargs["cross_attention_kwargs"], return_dict=False,
+            **self.unet_extras(latent_input, timestep, conditioning, run),
         )[0]
 
     def encode_prompt(
@@ -267,6 +272,8 @@ class StableDiffusionXLPipeline(
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
