@@ -4,7 +4,8 @@
 
 The renders use the held-out evaluation seeds (never drawn for training) and every colour/shape/background
 combination. PSNR is over the whole image in [0, 1]; "worst" is the lowest per-image PSNR and "edge" the PSNR
-over pixels within 2 px of a shape outline, where v1's coloured glitch lives.
+over pixels within 2 px of a shape outline, where v1's coloured glitch lives. "decode ms" is the median
+time of one 4x16x16 latent's decode (the VAE's share of an image's time), the VAEs interleaved.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL
 
 import stepdiff
-from _common import table
+from _common import table, time_interleaved
 from stepdiff.shapes.dataset import EVAL_SEED_BASE, all_combos, random_sample, render
 
 
@@ -74,19 +75,32 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=None, help="model folder or a vae folder (repeatable)")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=51, help="decode timings per VAE (interleaved)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folders = args.model or [str(stepdiff.default_model())]
     images = held_out_renders(args.images)
-    rows = []
+    rows, vaes = [], {}
     for folder in folders:
         sub = "vae" if os.path.isdir(os.path.join(folder, "vae")) else None
-        vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, torch_dtype=torch.float32).eval()
+        vae = vaes[folder] = AutoencoderKL.from_pretrained(folder, subfolder=sub, torch_dtype=torch.float32).eval()
         s = psnr_stats(images, round_trip(vae, images))
         rows.append([folder, f"{s['psnr']:.2f}", f"{s['median_image']:.2f}", f"{s['worst']:.2f}", f"{s['edge']:.2f}",
                      f"{s['max_err']:.3f}"])
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def decode(vae):
+        def go():
+            with torch.inference_mode():
+                vae.decode(latent)
+        return go
+
+    t = time_interleaved({f: decode(v) for f, v in vaes.items()}, repeats=args.repeats)
+    for row in rows:
+        row.append(f"{t[row[0]] * 1000:.1f}")
     print(f"{args.images} held-out renders, round trip encode -> mean latent -> decode\n")
-    print(table(rows, ("model", "PSNR dB", "median image dB", "worst image dB", "edge dB", "mean max px err")))
+    print(table(rows, ("model", "PSNR dB", "median image dB", "worst image dB", "edge dB", "mean max px err",
+                       "decode ms")))
 
 
 if __name__ == "__main__":
