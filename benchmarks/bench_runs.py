@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import threading
 import time
@@ -110,6 +111,16 @@ def finite(args, folder) -> None:
 
     rounds = time_rounds({"checked": call(True), "unchecked": call(False)}, args.repeats)
     m = medians(rounds)
+    # The check alone (what the loop adds per step: two isfinite reductions), against the time of one step.
+    latents = torch.randn(1, 4, 16, 16)
+    per_check = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10_000):
+            bool(torch.isfinite(latents).all()) and bool(torch.isfinite(latents).all())
+        per_check.append((time.perf_counter() - start) / 10_000)
+    check, step = statistics.median(per_check), m["unchecked"] / 25
+    print(f"the check alone: {check * 1e6:.1f} us per step = {100 * check / step:.3f}% of a {step * 1e3:.1f} ms step")
     print(table([("check_finite on / off (25 steps, latent output)", f"{m['checked']:.4f}", f"{m['unchecked']:.4f}",
                   f"{m['checked'] / m['unchecked']:.4f}", describe_paired(rounds, "checked", "unchecked"))],
                 ("measure", "on s", "off s", "ratio of medians", "per-round ratio")))
