@@ -388,6 +388,17 @@ class StepDiffPipeline(DiffusionPipeline):
             return DistilledGuidance(guidance_scale)  # LCM and other guidance-distilled UNets
         return ClassifierFreeGuidance(guidance_scale, guidance_rescale)
 
+    def _encode_classic(
+        self, args: dict[str, Any], device, num_images_per_prompt: int, lora_scale: float | None, size: int | None = None,
+    ) -> Conditioning:
+        """What every family's classic ``encode_prompt`` does: the pipeline's own prompt checks and encoding,
+        with ``lora_scale`` on the text encoders."""
+        _, kwargs = self.check_prompts(args)
+        scale = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
+        with self._text_lora_scale(scale):
+            return self.encode(device=device or self._execution_device, num_images_per_prompt=num_images_per_prompt,
+                               height=size, width=size, **kwargs)
+
     def add_model_conditioning(self, run: Run, dtype: torch.dtype, device: torch.device) -> None:
         """Guidance-distilled UNets take the scale as an embedding (``timestep_cond``), made once per run
         from the starting scale, as the classic pipelines do."""

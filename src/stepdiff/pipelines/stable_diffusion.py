@@ -114,14 +114,10 @@ class StableDiffusionPipeline(
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The classic signature and return value: (prompt_embeds, negative_prompt_embeds or None without CFG),
         through the same encoding the pipeline itself uses."""
-        _, kwargs = self.check_prompts(dict(
+        c = self._encode_classic(dict(
             prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
-        ))
-        scale = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
-        with self._text_lora_scale(scale):
-            c = self.encode(device=device or self._execution_device, num_images_per_prompt=num_images_per_prompt,
-                            height=None, width=None, **kwargs)
+        ), device, num_images_per_prompt, lora_scale, None)
         negative = c.uncond["encoder_hidden_states"] if do_classifier_free_guidance else None
         return c.cond["encoder_hidden_states"], negative
 

@@ -226,17 +226,13 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
     ):
         """The classic signature and 4-tuple (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
         negative_pooled_prompt_embeds; the negatives None without CFG), through the pipeline's own encoding."""
-        _, kwargs = self.check_prompts(dict(
+        c = self._encode_classic(dict(
             prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, clip_skip=clip_skip,
             max_sequence_length=max_sequence_length,
-        ))
-        scale = {} if lora_scale is None else {"joint_attention_kwargs": {"scale": lora_scale}}
-        with self._text_lora_scale(scale):
-            c = self.encode(device=device or self._execution_device, num_images_per_prompt=num_images_per_prompt,
-                            height=None, width=None, **kwargs)
+        ), device, num_images_per_prompt, lora_scale, None)
         cfg = do_classifier_free_guidance
         return (c.cond["encoder_hidden_states"], c.uncond["encoder_hidden_states"] if cfg else None,
                 c.cond["pooled_projections"], c.uncond["pooled_projections"] if cfg else None)

@@ -237,17 +237,12 @@ class StableDiffusionXLPipeline(
     ):
         """The classic signature and 4-tuple (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
         negative_pooled_prompt_embeds; the negatives None without CFG), through the pipeline's own encoding."""
-        _, kwargs = self.check_prompts(dict(
+        c = self._encode_classic(dict(
             prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             clip_skip=clip_skip,
-        ))
-        scale = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
-        size = self.default_size()
-        with self._text_lora_scale(scale):
-            c = self.encode(device=device or self._execution_device, num_images_per_prompt=num_images_per_prompt,
-                            height=size, width=size, **kwargs)
+        ), device, num_images_per_prompt, lora_scale, self.default_size())
         cfg = do_classifier_free_guidance
         return (c.cond["encoder_hidden_states"], c.uncond["encoder_hidden_states"] if cfg else None,
                 c.cond["text_embeds"], c.uncond["text_embeds"] if cfg else None)
