@@ -573,12 +573,11 @@ def _check_init_images(args: argparse.Namespace, shape) -> tuple[int, int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from . import __version__
     from .callbacks import CFGCutoffCallback, StopOnConvergence
     from .control import CancelToken
-    from .images import a1111_parameters, claim_free_paths, claim_paths, save_image
+    from .images import claim_free_paths, claim_paths
     from .limits import ModelShape
-    from .schedulers import display_name
+    from .metadata import ImageSettings, write_image
 
     # 1. Everything a user can get wrong is checked before the model loads.
     folder, (width, height) = _check_generate(args)
@@ -652,30 +651,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         # 3. Write the images, each with its metadata.
         record = out.record.to_dict()
-        cutoff = args.cfg_cutoff if args.cfg_cutoff is not None else args.cfg_cutoff_step
-        sampler = display_name(pipe.scheduler)
-        karras = bool(pipe.scheduler.config.get("use_karras_sigmas", False))
         for i, (image, path) in enumerate(zip(out.images, paths)):
-            fields = {
-                "Steps": args.steps, "Sampler": sampler, "CFG scale": guidance,
-                "Seed": args.seed + i, "Size": f"{image.width}x{image.height}", "Model": Path(folder).name,
-                "CFG cutoff": cutoff, "Interrupted at step": out.steps_completed if out.interrupted else None,
-                "Stop reason": out.stop_reason if out.interrupted else None,
-                "Denoising strength": args.strength,
-                "Version": f"stepdiff {__version__}",
-            }
-            meta = {
-                "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed + i, "steps": args.steps,
-                "scheduler": type(pipe.scheduler).__name__, "karras": karras, "guidance_scale": guidance,
-                "cfg_cutoff_ratio": args.cfg_cutoff, "cfg_cutoff_step": args.cfg_cutoff_step, "model": str(folder),
-                "stepdiff_version": __version__, "record": record, "interrupted": out.interrupted,
-                "steps_completed": out.steps_completed, "stop_reason": out.stop_reason,
-                "init_image": None if args.init_image is None else str(args.init_image),
-                "mask": None if args.mask is None else str(args.mask), "strength": args.strength,
-            }
+            settings = ImageSettings(
+                prompt=args.prompt, negative_prompt=args.negative, seed=args.seed + i, steps=args.steps,
+                guidance_scale=guidance, model=str(folder), cfg_cutoff_ratio=args.cfg_cutoff,
+                cfg_cutoff_step=args.cfg_cutoff_step, strength=args.strength,
+                init_image=None if args.init_image is None else str(args.init_image),
+                mask=None if args.mask is None else str(args.mask),
+            )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                save_image(image, path, a1111_parameters(args.prompt, args.negative, fields), meta)
+                write_image(path, settings, image, pipe.scheduler, out)
             for w in caught:
                 _warn(str(w.message))
             files.written.append(path)
