@@ -32,6 +32,7 @@ SIZE_WARN_RATIO = 2  # --size above this many times the native size (per side): 
 SIZE_LIMIT_RATIO = 8  # ... above this: refused unless --force
 MAX_STEPS = 10_000
 MAX_SEEDS_PER_COMBO = 10_000
+MAX_CONTROL_SCALE = 10.0
 MAX_FIT_COUNT = 16_384
 _FRAME = re.compile(r"^\d+\.png$")  # a preview frame, {step}.png
 
@@ -141,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --init-image: repaint only where this mask is white (inpainting); same size as the image")
     im.add_argument("--strength", type=float, default=None, metavar="S",
                     help="how much of --init-image to re-draw, in (0, 1] (default 0.6; 1.0 with --mask)")
+    cn = g.add_argument_group("ControlNet: a structure picture decides where the shape goes")
+    cn.add_argument("--control", type=Path, default=None, metavar="PATH",
+                    help="control picture, the output size; for the shipped model: the shape's silhouette, white on black")
+    cn.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
+                    help="ControlNet folder (default: the shipped shapes ControlNet, which fits the shipped model)")
+    cn.add_argument("--control-scale", type=float, default=None, metavar="S",
+                    help=f"strength of the control, 0 to {MAX_CONTROL_SCALE:g} (default 1.0)")
+    cn.add_argument("--control-end", type=float, default=None, metavar="RATIO",
+                    help="stop applying the control after this fraction of the steps, in (0, 1] (default 1.0; "
+                         "0.5 saves the ControlNet's calls in the second half)")
     pv = g.add_argument_group("previews of intermediate steps")
     pv.add_argument("--preview-dir", type=Path, default=None, help="write a preview PNG per step here ({step}.png)")
     pv.add_argument("--preview-every", type=int, default=1, metavar="N", help="preview every N steps (and the last)")
@@ -331,7 +342,8 @@ def _check_new_file(flag: str, path: Path, overwrite: bool, suffixes: Sequence[s
 # --------------------------------------------------------------------------------------- loading
 
 
-def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = False, kind: str = "text2image"):
+def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = False, kind: str = "text2image",
+                     controlnet: Path | None = None):
     """Load quietly: no loading bars (the denoising bar stays), no rename warnings."""
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -347,6 +359,11 @@ def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = 
     kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype; both spellings work
+        if controlnet is not None:
+            from diffusers import ControlNetModel
+
+            kwargs["controlnet"] = ControlNetModel.from_pretrained(
+                controlnet, torch_dtype=kwargs.get("torch_dtype", torch.float32))
         return auto.from_pretrained(folder, allow_pickle=allow_pickle, **kwargs)
 
 
@@ -359,7 +376,7 @@ def _kind(args: argparse.Namespace) -> str:
 def _load(args: argparse.Namespace, folder: Path):
     from .schedulers import make_scheduler
 
-    pipe = _from_pretrained(folder, args.dtype, args.allow_pickle, _kind(args))
+    pipe = _from_pretrained(folder, args.dtype, args.allow_pickle, _kind(args), getattr(args, "controlnet_folder", None))
     pipe.to(args.device)
     if args.scheduler is not None or args.karras:
         name = args.scheduler or type(pipe.scheduler).__name__
@@ -520,6 +537,7 @@ def _check_generate(args: argparse.Namespace):
             raise ValueError(f"--size {width}x{height} is {ratio:g} times the model's native {native} per side; the limit "
                              f"is {SIZE_LIMIT_RATIO} times: the run would need about {need} and each step slows down with "
                              "the square of the pixel count (self-attention); pass --force to run anyway")
+    _check_control(args, folder, width, height)
     _check_memory(args, shape, width, height, args.num_images,
                   f"--size {width}x{height} and --num-images {args.num_images}")
     ratio = max(width, height) / shape.native_size
@@ -527,6 +545,51 @@ def _check_generate(args: argparse.Namespace):
         _warn(f"--size {width}x{height} is {ratio:g} times the model's native {shape.native_size}x{shape.native_size} "
               "per side: expect repeated or broken shapes, and slow steps")
     return folder, (width, height)
+
+
+def _check_control(args: argparse.Namespace, folder: Path, width: int, height: int) -> None:
+    """--control, --controlnet, --control-scale and --control-end; sets args.controlnet_folder and args.control_picture."""
+    import json
+    from types import SimpleNamespace
+
+    from .models import default_controlnet, default_model
+    from .pipelines.controlnet import check_controlnet_fits
+
+    args.controlnet_folder = args.control_picture = None
+    if args.control is None:
+        for flag, value in (("--controlnet", args.controlnet), ("--control-scale", args.control_scale),
+                            ("--control-end", args.control_end)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --control (the control picture)")
+        return
+    if args.mask is not None:
+        raise ValueError("--control with --mask (ControlNet inpainting) is not supported; use one or the other")
+    if args.control_scale is not None and not 0.0 <= args.control_scale <= MAX_CONTROL_SCALE:
+        raise ValueError(f"--control-scale must be a number from 0 to {MAX_CONTROL_SCALE:g}, got {args.control_scale}")
+    if args.control_end is not None and not 0.0 < args.control_end <= 1.0:
+        raise ValueError(f"--control-end must be a number in (0, 1], got {args.control_end}")
+    if args.controlnet is None:
+        if args.model is not None and args.model.resolve() != default_model().resolve():
+            raise ValueError(f"--control with --model {str(args.model)!r} needs --controlnet DIR: the shipped ControlNet "
+                             "fits the shipped model only")
+        args.controlnet = default_controlnet()
+    elif not (args.controlnet / "config.json").is_file():
+        raise ValueError(f"--controlnet {str(args.controlnet)!r} is not a ControlNet folder (it has no config.json)")
+    config = json.loads((args.controlnet / "config.json").read_text())
+    if config.get("_class_name") != "ControlNetModel":
+        raise ValueError(f"--controlnet {str(args.controlnet)!r} holds a {config.get('_class_name')!r}, not a "
+                         "ControlNetModel")
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    try:  # the configs decide whether the ControlNet fits, before any weights load
+        check_controlnet_fits(SimpleNamespace(config=SimpleNamespace(**config)), SimpleNamespace(config=SimpleNamespace(**unet)))
+    except ValueError as e:
+        raise ValueError(f"--controlnet {str(args.controlnet)!r} does not fit --model {str(folder)!r}: "
+                         f"{str(e).split(': ', 1)[1]}") from None
+    picture = _read_picture("--control", args.control, "RGB")
+    if picture.size != (width, height):
+        raise ValueError(f"--control is {picture.width}x{picture.height} but the output is {width}x{height}; "
+                         "give a control picture of the output size")
+    args.controlnet_folder, args.control_picture = args.controlnet, picture
 
 
 def _read_picture(flag: str, path: Path, mode: str):
@@ -642,6 +705,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             extra["mask_image"] = args.mask_picture
         if kind != "image2image":  # image to image takes the picture's size
             extra.update(width=width, height=height)
+        if args.control_picture is not None:
+            extra["control_image" if kind == "image2image" else "image"] = args.control_picture
+            if kind == "image2image":
+                extra["image"] = args.init_picture
+            extra.update(controlnet_conditioning_scale=1.0 if args.control_scale is None else args.control_scale,
+                         control_guidance_end=1.0 if args.control_end is None else args.control_end)
         with _graceful_interrupt(token):
             out = pipe(
                 prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
@@ -651,6 +720,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         # 3. Write the images, each with its metadata.
         record = out.record.to_dict()
+        control_record = None if args.control_picture is None else {
+            "control": str(args.control), "controlnet": str(args.controlnet_folder),
+            "control_scale": extra["controlnet_conditioning_scale"], "control_end": extra["control_guidance_end"],
+        }
         for i, (image, path) in enumerate(zip(out.images, paths)):
             settings = ImageSettings(
                 prompt=args.prompt, negative_prompt=args.negative, seed=args.seed + i, steps=args.steps,
@@ -661,7 +734,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                write_image(path, settings, image, pipe.scheduler, out)
+                write_image(path, settings, image, pipe.scheduler, out, extra=control_record)
             for w in caught:
                 _warn(str(w.message))
             files.written.append(path)

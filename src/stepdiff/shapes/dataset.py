@@ -23,6 +23,7 @@ __all__ = [
     "held_out_combos",
     "render",
     "sample_batch",
+    "silhouette",
     "train_combos",
 ]
 
@@ -124,6 +125,17 @@ def render(sample: Sample) -> Image.Image:
     else:
         raise ValueError(f"shape must be one of {SHAPES}, got {sample.shape!r}")
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+
+
+def silhouette(sample: Sample) -> Image.Image:
+    """The shape's silhouette: white on black, RGB, at the image size, anti-aliased like :func:`render`
+    (the control image of the shipped ControlNet)."""
+    from dataclasses import replace
+
+    image = render(replace(sample, color="white", background="black"))
+    # render() uses the palette's near-white and near-black; stretch them to the full 0..255 range.
+    lo, hi = COLORS["black"][0], COLORS["white"][0]
+    return image.point(lambda v: max(0, min(255, round((v - lo) * 255 / (hi - lo)))))
 
 
 def sample_batch(
