@@ -1,0 +1,195 @@
+"""The shipped ControlNet (issue 12), on the shipped model, 25 steps, float32:
+
+    python benchmarks/bench_control.py                       # all three
+    python benchmarks/bench_control.py --only quality        # (a) IoU and adherence, with and without control
+    python benchmarks/bench_control.py --only speed          # (b) ControlNet call: stepdiff vs diffusers (+ noise floor)
+    python benchmarks/bench_control.py --only rows           # (c) model rows saved by a CFG cutoff of 0.4
+
+(a) Held-out prompts (combinations training never saw) with held-out silhouettes (positions and sizes drawn from
+the evaluation seeds), judged from the pixels: the IoU of the generated shape (the largest region of the shape's
+colour) with the control silhouette, and adherence (colour, shape, background, all three) beside the same prompts
+and seeds without control; then the same with ``control_guidance_end=0.5`` and the time that saves.
+(b) Interleaved rounds; the ratio of medians and the per-round ratio with its 95% bootstrap interval, beside
+"diffusers again" (the noise floor; see benchmarks/README).
+(c) Model rows and ControlNet rows of a run with ``CFGCutoffCallback(cutoff_step_ratio=0.4)`` against full CFG,
+beside the expected ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, os.path.dirname(__file__))
+
+import numpy as np
+import torch
+
+import stepdiff
+from _common import describe_paired, medians, table, time_rounds
+from stepdiff.models import default_controlnet, default_model
+from stepdiff.shapes.dataset import eval_pairs, random_sample, silhouette
+from stepdiff.shapes.judge import _largest_component, _nearest, judge
+
+STEPS = 25
+
+
+def held_out(n_per_combo: int):
+    """(prompt, control picture, silhouette mask, combo, seed) for held-out combos and held-out silhouettes."""
+    items = []
+    for combo, seed in eval_pairs(n_per_combo):
+        sample = random_sample(np.random.default_rng(seed), combo)
+        picture = silhouette(sample)
+        items.append((sample.caption, picture, np.asarray(picture)[..., 0] > 127, combo, seed))
+    return items
+
+
+def shape_mask(image) -> np.ndarray:
+    """The generated shape: the largest region of the most common non-background palette colour."""
+    labels = _nearest(np.asarray(image.convert("RGB")))
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    bg = int(np.bincount(border).argmax())
+    counts = np.bincount(labels[labels != bg].ravel(), minlength=8)
+    if counts.sum() == 0:
+        return np.zeros(labels.shape, dtype=bool)
+    return _largest_component(labels == int(counts.argmax()))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def _correct(image, combo) -> bool:
+    v = judge(image)
+    return (v.color, v.shape, v.background) == tuple(combo)
+
+
+def quality(args, pipe, plain) -> None:
+    items = held_out(args.seeds_per_combo)
+    guidance = json.loads((default_model() / "stepdiff.json").read_text())["guidance_scale"]
+    rows, results = [], {}
+    for label, end in (("no control", None), ("control, end 1.0", 1.0), ("control, end 0.5", 0.5)):
+        ious, correct, seconds = [], [], 0.0
+        for i in range(0, len(items), args.batch):
+            chunk = items[i : i + args.batch]
+            prompts = [c[0] for c in chunk]
+            generators = [torch.Generator().manual_seed(c[4]) for c in chunk]
+            start = time.perf_counter()
+            if end is None:
+                out = plain(prompts, num_inference_steps=STEPS, guidance_scale=guidance, generator=generators)
+            else:
+                out = pipe(prompts, image=[c[1] for c in chunk], num_inference_steps=STEPS, guidance_scale=guidance,
+                           generator=generators, control_guidance_end=end)
+            seconds += time.perf_counter() - start
+            for image, c in zip(out.images, chunk):
+                ious.append(iou(shape_mask(image), c[2]))
+                correct.append(_correct(image, c[3]))
+        results[label] = {"iou": statistics.mean(ious), "adherence": 100 * statistics.mean(correct), "seconds": seconds}
+        rows.append((label, f"{statistics.mean(ious):.3f}", f"{statistics.median(ious):.3f}",
+                     f"{100 * statistics.mean(correct):.1f}%", f"{seconds / len(items):.3f}"))
+    print(f"(a) {len(items)} held-out prompts with held-out silhouettes, guidance {guidance}, {STEPS} steps")
+    print(table(rows, ("run", "mean IoU with the silhouette", "median IoU", "adherence (all three)", "s per image")))
+    base = results["no control"]
+    for label in ("control, end 1.0", "control, end 0.5"):
+        r = results[label]
+        print(f"{label}: adherence {r['adherence'] - base['adherence']:+.1f} points against no control; "
+              f"time {r['seconds'] / results['control, end 1.0']['seconds']:.3f} of end 1.0")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def speed(args, folder, controlnet_folder) -> None:
+    import diffusers
+
+    prompt, picture = held_out(1)[0][:2]
+    ours = stepdiff.StableDiffusionControlNetPipeline.from_pretrained(
+        folder, controlnet=diffusers.ControlNetModel.from_pretrained(controlnet_folder, torch_dtype=torch.float32))
+    theirs = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        folder, controlnet=diffusers.ControlNetModel.from_pretrained(controlnet_folder, torch_dtype=torch.float32),
+        torch_dtype=torch.float32, safety_checker=None)
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)
+
+    def call(p):
+        return lambda: p(prompt, image=picture, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
+
+    a = np.asarray(call(ours)().images[0], dtype=int)
+    b = np.asarray(call(theirs)().images[0], dtype=int)
+    rounds = time_rounds({"stepdiff": call(ours), "diffusers": call(theirs), "diffusers again": call(theirs)},
+                         args.repeats)
+    m = medians(rounds)
+    print(f"(b) ControlNet call, {STEPS} steps, one image; largest pixel difference stepdiff vs diffusers: "
+          f"{np.abs(a - b).max()}")
+    print(table([("ControlNet text-to-image", f"{m['stepdiff']:.3f}", f"{m['diffusers']:.3f}",
+                  f"{m['stepdiff'] / m['diffusers']:.3f}", describe_paired(rounds, "stepdiff", "diffusers"),
+                  f"{m['diffusers again'] / m['diffusers']:.3f} / {describe_paired(rounds, 'diffusers again', 'diffusers')}")],
+                ("run", "stepdiff s", "diffusers s", "ratio of medians", "per-round ratio",
+                 "noise floor: diffusers again / diffusers")))
+
+
+def rows_saved(args, pipe) -> None:
+    from stepdiff.callbacks import CFGCutoffCallback
+
+    prompt, picture = held_out(1)[0][:2]
+    calls = {"controlnet": 0, "rows": 0}
+
+    def count(module, inputs, kwargs, output):
+        calls["controlnet"] += 1
+        calls["rows"] += kwargs["sample"].shape[0] if "sample" in kwargs else inputs[0].shape[0]
+
+    hook = pipe.controlnet.register_forward_hook(count, with_kwargs=True)
+    results = {}
+    for label, callback in (("full CFG", None), ("CFG cutoff 0.4", CFGCutoffCallback(cutoff_step_ratio=0.4))):
+        calls.update(controlnet=0, rows=0)
+        out = pipe(prompt, image=picture, num_inference_steps=STEPS, callback_on_step_end=callback,
+                   generator=torch.Generator().manual_seed(0))
+        results[label] = (out.record.model_rows, calls["rows"])
+    hook.remove()
+    cutoff = int(0.4 * STEPS)
+    expected = (2 * cutoff + (STEPS - cutoff)) / (2 * STEPS)
+    (full_unet, full_cn), (cut_unet, cut_cn) = results["full CFG"], results["CFG cutoff 0.4"]
+    print(f"(c) {STEPS} steps, CFG cutoff 0.4 (guidance off after step {cutoff}): expected rows ratio {expected:.3f}")
+    print(table([("UNet rows", str(full_unet), str(cut_unet), f"{cut_unet / full_unet:.3f}"),
+                 ("ControlNet rows", str(full_cn), str(cut_cn), f"{cut_cn / full_cn:.3f}")],
+                ("", "full CFG", "cutoff 0.4", "ratio")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="quality,speed,rows", help="comma-separated: quality, speed, rows")
+    parser.add_argument("--model", default=None, help="base model folder (default: the shipped one)")
+    parser.add_argument("--controlnet", default=None, help="ControlNet folder (default: the shipped one)")
+    parser.add_argument("--seeds-per-combo", type=int, default=4, help="(a): silhouettes per held-out combination")
+    parser.add_argument("--batch", type=int, default=24, help="(a): images per call")
+    parser.add_argument("--repeats", type=int, default=21, help="(b): rounds")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="(a): also write the figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = args.model or default_model()
+    controlnet_folder = args.controlnet or default_controlnet()
+    only = set(args.only.split(","))
+    from diffusers import ControlNetModel
+
+    pipe = stepdiff.StableDiffusionControlNetPipeline.from_pretrained(
+        folder, controlnet=ControlNetModel.from_pretrained(controlnet_folder, torch_dtype=torch.float32))
+    pipe.set_progress_bar_config(disable=True)
+    if "quality" in only:
+        plain = stepdiff.StableDiffusionPipeline.from_pretrained(folder)
+        plain.set_progress_bar_config(disable=True)
+        quality(args, pipe, plain)
+    if "speed" in only:
+        speed(args, folder, controlnet_folder)
+    if "rows" in only:
+        rows_saved(args, pipe)
+
+
+if __name__ == "__main__":
+    main()
