@@ -8,7 +8,8 @@ manifest entries, and the driver alone appends them as they stream back: one wri
 manifest whole, and an entry exists only once its image is on disk.
 
 One dataset row is one chunk and ``batch_size=1``, so a chunk's rows stay together whatever the pool
-size: the images are the same bytes with 1, 2 or 100 workers as in the embedded run.
+size: the images are the same bytes with 1, 2 or 100 workers as in the embedded run. Each actor has one
+chunk in flight at a time: chunks spread over all the actors, and a crash loses at most one chunk per actor.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def run_on_ray(ray, config, plan, stop: threading.Event | None) -> Iterator[dict
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             ds = ds.map_batches(
                 RayChunkActor, fn_constructor_kwargs={"config": asdict(worker)}, batch_size=1, batch_format="numpy",
-                compute=ActorPoolStrategy(size=config.workers), num_cpus=config.threads if gpus == 0 else 1,
-                num_gpus=gpus,
+                compute=ActorPoolStrategy(size=config.workers, max_tasks_in_flight_per_actor=1),
+                num_cpus=config.threads if gpus == 0 else 1, num_gpus=gpus,
             )
         for row in ds.iter_rows():
             yield json.loads(row["entry"])

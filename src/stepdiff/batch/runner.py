@@ -28,7 +28,11 @@ from typing import Any
 from .manifest import Manifest, folder_lock
 from .rows import BatchDefaults, BatchRow, RowError, check_rows, read_rows
 
-__all__ = ["BatchConfig", "BatchResult", "Chunk", "Plan", "plan_batch", "run_batch"]
+__all__ = ["BatchConfig", "BatchResult", "Chunk", "Plan", "RowFailed", "plan_batch", "run_batch"]
+
+
+class RowFailed(ValueError):
+    """With ``strict``: a row's pipeline call failed (the message names its line); the run stopped."""
 
 
 @dataclass
@@ -190,7 +194,7 @@ def run_batch(config: BatchConfig, stop: threading.Event | None = None,
                     result.failed.append((entry["line"], entry["error"]))
                     say(f"{config.input} line {entry['line']}: {entry['error']}; row failed")
                     if config.strict:
-                        raise RuntimeError(f"{config.input} line {entry['line']}: {entry['error']} (--strict: the run "
+                        raise RowFailed(f"{config.input} line {entry['line']}: {entry['error']} (--strict: the run "
                                            f"stops; {result.made} image(s) made are kept, run again to resume)")
                 else:
                     manifest.append(entry)
