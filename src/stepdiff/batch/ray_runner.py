@@ -103,8 +103,11 @@ def run_on_ray(ray, config, plan, stop: threading.Event | None) -> Iterator[dict
         from ray.data import ActorPoolStrategy, DataContext
 
         ctx = DataContext.get_current()
+        saved = ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s
         ctx.enable_progress_bars = False  # ours counts images, with an ETA
         ctx.print_on_execution_start = False
+        if config.ray_address is None:  # a local Ray sized for the pool: start every actor before the first chunk,
+            ctx.wait_for_min_actors_s = 600  # so the chunks spread over all of them (a cluster may be autoscaling)
         items = [{"chunk": json.dumps({"rows": [{**asdict(r), "guidance_interval": r.params()["guidance_interval"]}
                                                  for r in c.rows], "todo": c.todo})} for c in plan.chunks]
         with warnings.catch_warnings():
@@ -115,10 +118,13 @@ def run_on_ray(ray, config, plan, stop: threading.Event | None) -> Iterator[dict
                 compute=ActorPoolStrategy(size=config.workers, max_tasks_in_flight_per_actor=1),
                 num_cpus=config.threads if gpus == 0 else 1, num_gpus=gpus,
             )
-        for row in ds.iter_rows():
-            yield json.loads(row["entry"])
-            if stop is not None and stop.is_set():
-                return  # the chunks in flight are dropped: their rows are redone on resume
+        try:
+            for row in ds.iter_rows():
+                yield json.loads(row["entry"])
+                if stop is not None and stop.is_set():
+                    return  # the chunks in flight are dropped: their rows are redone on resume
+        finally:
+            ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s = saved
     finally:
         if started_here:
             ray.shutdown()
