@@ -12,7 +12,8 @@ count once per process). Every pipeline uses 1 torch thread. Reported per config
 - images/s over the whole run, and in the steady state (after the first image);
 - for Ray: ``ray.init`` alone (start-up cost);
 - resume: a second run over the finished output (nothing to do): size check, and with ``--verify``;
-- load: the model load of one pipeline (the scaling model's per-worker fixed cost).
+- load: the model load of one pipeline (the scaling model's per-worker fixed cost);
+- manifest: fsync'ed manifest appends per second and planning rows per second (the driver's limits).
 """
 
 from __future__ import annotations
@@ -60,6 +61,23 @@ def one(name: str, rows: int, steps: int, folder: Path) -> dict:
         for _ in range(3):
             loads.append(ChunkWorker(WorkerConfig(str(default_model()), str(folder)), "bench").load_seconds)
         result["load_seconds"] = loads
+        return result
+    if name == "manifest":  # the driver's side at scale: durable appends per second, planning per row
+        from stepdiff.batch import Manifest, plan_batch
+
+        entry = json.loads(json.dumps({"key": "0" * 64, "file": "x.png", "record": {"rows_per_step": [2] * 25},
+                                       "prompt": "a red circle on a blue background " * 3, "seed": 1, "steps": 25}))
+        with Manifest(folder) as m:
+            started = time.perf_counter()
+            for i in range(1000):
+                entry["key"] = f"{i:064d}"
+                m.append(entry)
+            result["manifest_appends_per_second"] = 1000 / (time.perf_counter() - started)
+        big = prompts_file(folder, 10_000)
+        for _ in range(2):  # the second: without the first's imports (torch, diffusers)
+            started = time.perf_counter()
+            plan_batch(BatchConfig(input=big, out=folder / "empty", defaults=BatchDefaults(steps=steps)))
+            result["plan_rows_per_second"] = 10_000 / (time.perf_counter() - started)
         return result
     if name.startswith("ray"):
         import ray
@@ -171,6 +189,9 @@ def main() -> None:
         if "noop_resume" in r:
             print(f"\nno-op resume over {args.rows} done rows: {min(r['noop_resume']):.2f} s (sizes), "
                   f"{min(r['noop_resume_verify']):.2f} s (--verify: SHA-256 of every image); best of 3, in-process")
+        if "manifest_appends_per_second" in r:
+            print(f"\nmanifest: {r['manifest_appends_per_second']:.0f} fsync'ed appends/s (this disk); planning "
+                  f"{r['plan_rows_per_second']:.0f} rows/s (read, check, key; 10,000 rows, no manifest)")
         if "load_seconds" in r:
             print(f"\nmodel load (one pipeline): {min(r['load_seconds']):.2f} s best of 3 "
                   f"({', '.join(f'{x:.2f}' for x in r['load_seconds'])})")

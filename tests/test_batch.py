@@ -539,3 +539,13 @@ def test_cli_without_ray_installed_says_how_to_get_it(tmp_path, sd_folder, run_c
     assert code == 2
     assert "pip install 'stepdiff[ray]'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_params_names_every_field_of_a_row_but_its_place():
+    from dataclasses import fields
+
+    from stepdiff.batch import BatchRow
+
+    row = BatchRow(line=1, index=0, prompt="a", seed=1, steps=2, guidance_interval=(0.1, 0.2))
+    assert set(row.params()) == {f.name for f in fields(BatchRow)} - {"line", "index", "key"}
+    assert row.params()["guidance_interval"] == [0.1, 0.2]
