@@ -463,8 +463,10 @@ def test_a_failing_call_fails_its_rows_only_unless_strict(tmp_path, sd_folder, m
 
 
 @pytest.mark.parametrize(("change", "words"), [
-    ({"batch_size": 0}, ["--batch-size", ">= 1", "0"]),
-    ({"threads": 0}, ["--threads", ">= 1"]),
+    ({"batch_size": 0}, ["--batch-size", "[1, 4096]", "0"]),
+    ({"threads": 0}, ["--threads", "[1, 1024]"]),
+    ({"ray": True, "gpus_per_worker": float("nan")}, ["--gpus-per-worker", "[0, 64]", "nan"]),
+    ({"ray": True, "gpus_per_worker": -1.0}, ["--gpus-per-worker", "-1.0"]),
     ({"workers": 2}, ["--workers needs --ray"]),
     ({"gpus_per_worker": 1.0}, ["--gpus-per-worker needs --ray"]),
     ({"ray": True, "ray_address": "auto"}, ["--ray", "--ray-address", "not both"]),
@@ -504,7 +506,8 @@ def test_cli_batch_run_and_resume(tmp_path, sd_folder, run_cli):
 
 @pytest.mark.parametrize(("flags", "words"), [
     (["--workers", "2"], ["--workers needs --ray"]),
-    (["--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),
+    (["--batch-size", "0"], ["--batch-size must be in [1, 4096], got 0"]),
+    (["--gpus-per-worker", "nan", "--ray"], ["--gpus-per-worker must be a number in [0, 64], got nan"]),
     (["--guidance-interval", "0.9,0.1"], ["--guidance-interval must be START,END", "0.9,0.1"]),
     (["--guidance", "500"], ["--guidance must be a number in [0, 100]", "500"]),
     (["--seed", "-4"], ["--seed must be in [0,"]),

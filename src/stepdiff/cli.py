@@ -893,9 +893,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         interval = _interval(bad, args.guidance_interval)
     _check_text("--negative", args.negative)
-    _at_least("--batch-size", args.batch_size, 1)
-    _at_least("--threads", args.threads, 1)
-    _at_least("--workers", args.workers, 1)
+    _at_least("--batch-size", args.batch_size, 1, 4096)
+    _at_least("--threads", args.threads, 1, 1024)
+    _at_least("--workers", args.workers, 1, 100_000)
     width, height = args.size if args.size is not None else (None, None)
     defaults = BatchDefaults(
         negative_prompt=args.negative, seed=args.seed, steps=args.steps, width=width, height=height,

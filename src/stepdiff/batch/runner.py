@@ -220,15 +220,15 @@ def run_batch(config: BatchConfig, stop: threading.Event | None = None,
 
 
 def _check_config(config: BatchConfig) -> None:
-    def at_least(flag: str, value: Any, low: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-            raise ValueError(f"{flag} must be a number >= {low:g}, got {value!r}")
+    def at_least(flag: str, value: Any, low: float, high: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # refuses nan
+            raise ValueError(f"{flag} must be a number in [{low:g}, {high:g}], got {value!r}")
 
-    at_least("--batch-size", config.batch_size, 1)
-    at_least("--threads", config.threads, 1)
-    at_least("--workers", config.workers, 1)
+    at_least("--batch-size", config.batch_size, 1, 4096)
+    at_least("--threads", config.threads, 1, 1024)
+    at_least("--workers", config.workers, 1, 100_000)
     if config.gpus_per_worker is not None:
-        at_least("--gpus-per-worker", config.gpus_per_worker, 0)
+        at_least("--gpus-per-worker", config.gpus_per_worker, 0, 64)
     if not isinstance(config.batch_size, int) or not isinstance(config.workers, int) or not isinstance(config.threads, int):
         raise ValueError("--batch-size, --threads and --workers must be whole numbers")
     if config.ray and config.ray_address is not None:
