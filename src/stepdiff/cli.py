@@ -3,6 +3,7 @@
     stepdiff generate "a red circle on a blue background"
     stepdiff eval-shapes
     stepdiff tiny-model DIR --family sdxl
+    stepdiff batch prompts.jsonl --out images/ [--ray --workers 2]
 
 Every flag a user can get wrong is checked before any model loads: a bad value exits with status 2 and
 one line on stderr naming the flag, the value and what is allowed. A run that fails or is aborted
@@ -187,6 +188,40 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--images", type=Path, default=None,
                    help="folder of at least 4 sample images (default: procedural coloured shapes)")
     f.add_argument("--count", type=int, default=512, help=f"procedural images to fit on, 4 to {MAX_FIT_COUNT} (default 512)")
+
+    b = sub.add_parser("batch", help="make one image per row of a prompt file; resumable; here or on Ray",
+                       description="Make one PNG per row of INPUT (a text file with one prompt a line, JSONL or CSV) "
+                                   "into --out, with a manifest (manifest.jsonl). Run it again to resume: rows already "
+                                   "made are skipped, changed rows are redone. Flags give the rows' defaults.")
+    b.add_argument("input", type=Path, metavar="INPUT", help="prompts: .txt (one a line), .jsonl or .csv")
+    b.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created if missing)")
+    b.add_argument("--format", choices=("text", "jsonl", "csv"), default=None, help="INPUT's format (default: from its name)")
+    _add_model_flags(b)
+    b.add_argument("--guidance", type=float, default=None, help="default guidance scale (default: the model's)")
+    b.add_argument("--negative", default=None, help="default negative prompt")
+    b.add_argument("--seed", type=int, default=0, help="a row without a seed gets SEED + its row number, from 0 (default 0)")
+    b.add_argument("--size", type=_size, default=None, help="default WIDTHxHEIGHT (default: the model's)")
+    bcut = b.add_mutually_exclusive_group()
+    bcut.add_argument("--cfg-cutoff", type=_ratio, default=None, metavar="RATIO", help="default CFG cutoff ratio")
+    bcut.add_argument("--cfg-cutoff-step", type=int, default=None, metavar="N", help="default CFG cutoff step")
+    bcut.add_argument("--guidance-interval", default=None, metavar="START,END",
+                      help="default guidance interval, as ratios of the steps, e.g. 0.2,0.8")
+    b.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="rows per pipeline call, among rows with the same settings (default 1)")
+    b.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads per pipeline (here, or each Ray worker; default 1). The same count "
+                        "gives the same image bytes")
+    b.add_argument("--strict", action="store_true", help="a bad row fails the run (default: reported and skipped)")
+    b.add_argument("--verify", action="store_true",
+                   help="on resume, check each done image's SHA-256 against the manifest (default: its size)")
+    r = b.add_argument_group("Ray (pip install 'stepdiff[ray]')")
+    r.add_argument("--ray", action="store_true", help="run on a local Ray started for this run")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="run on this Ray cluster (auto: the one this machine is in); --out must be a folder every "
+                        "node sees")
+    r.add_argument("--workers", type=int, default=1, metavar="N", help="Ray actors, one pipeline each (default 1)")
+    r.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs per worker (default: 1 where the cluster has GPUs, else 0)")
 
     t = sub.add_parser("tiny-model", help="write a tiny random SD or SDXL model folder (for trying the API)")
     t.add_argument("out", type=Path, help="folder to create (an existing non-empty folder only with --overwrite)")
@@ -912,6 +947,78 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import threading
+
+    from .batch import BatchConfig, BatchDefaults, run_batch
+    from .batch.rows import _interval
+
+    folder = _check_common(args)
+    _at_least("--seed", args.seed, 0, MAX_SEED)
+    if args.guidance is not None:
+        _check_guidance("--guidance", args.guidance)
+    if args.cfg_cutoff_step is not None:
+        _at_least("--cfg-cutoff-step", args.cfg_cutoff_step, 0)
+    interval = None
+    if args.guidance_interval is not None:
+        def bad(message: str) -> ValueError:
+            return ValueError(message.replace("guidance_interval", "--guidance-interval"))
+
+        interval = _interval(bad, args.guidance_interval)
+    _check_text("--negative", args.negative)
+    _at_least("--batch-size", args.batch_size, 1, 4096)
+    _at_least("--threads", args.threads, 1, 1024)
+    _at_least("--workers", args.workers, 1, 100_000)
+    width, height = args.size if args.size is not None else (None, None)
+    defaults = BatchDefaults(
+        negative_prompt=args.negative, seed=args.seed, steps=args.steps, width=width, height=height,
+        guidance_scale=args.guidance, cfg_cutoff=args.cfg_cutoff, cfg_cutoff_step=args.cfg_cutoff_step,
+        guidance_interval=interval, scheduler=args.scheduler, karras=args.karras,
+    )
+    config = BatchConfig(
+        input=args.input, out=args.out, model=folder, defaults=defaults, format=args.format, dtype=args.dtype,
+        device=args.device, allow_pickle=args.allow_pickle, threads=args.threads, batch_size=args.batch_size,
+        strict=args.strict, verify=args.verify, ray=args.ray, ray_address=args.ray_address, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+    )
+    if not config.uses_ray:
+        from .limits import ModelShape
+
+        shape = ModelShape.from_folder(folder)
+        w, h = width or shape.native_size, height or shape.native_size
+        _check_memory(args, shape, w, h, args.batch_size, f"--batch-size {args.batch_size} images of {w}x{h}")
+    stop = threading.Event()
+    try:
+        with _stop_on_interrupt(stop):
+            result = run_batch(config, stop=stop, on_event=_warn)
+    except ImportError as e:  # Ray missing: a flag this installation cannot serve
+        raise ValueError(str(e)) from None
+    print(result.summary())
+    return 130 if result.stopped else 0
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(stop):
+    """First Ctrl-C: finish the images in flight, record them, stop. Second: abort at once."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstepdiff: stopping after the images in flight (Ctrl-C again to abort)", file=sys.stderr)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
@@ -959,7 +1066,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     commands = {
         "generate": cmd_generate, "eval-shapes": cmd_eval_shapes, "fit-preview": cmd_fit_preview,
-        "tiny-model": cmd_tiny_model,
+        "tiny-model": cmd_tiny_model, "batch": cmd_batch,
     }
     try:
         with _terminate_aborts():

@@ -1,0 +1,442 @@
+"""Rows of a batch: read from a text, JSONL or CSV file, defaults applied, checked, each with a content key.
+
+Every problem names the file, the line, the field, the bad value and what is allowed, and is found
+before any model loads. A row's content key is the hash of everything that decides its image: its
+resolved parameters and the model's identity (see :func:`model_identity`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FIELDS", "FORMATS", "BatchDefaults", "BatchRow", "RowError", "check_rows", "input_format", "model_identity",
+    "parse_rows", "read_rows",
+]
+
+FORMATS = ("text", "jsonl", "csv")
+_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+MAX_SEED = 2**64 - 1
+MAX_STEPS = 10_000
+MAX_GUIDANCE = 100.0
+SIZE_LIMIT_RATIO = 8  # as generate's --size without --force
+
+# The fields a JSONL object or a CSV header may name (aliases map onto them).
+FIELDS = (
+    "prompt", "negative_prompt", "seed", "steps", "width", "height", "size", "guidance_scale", "cfg_cutoff",
+    "cfg_cutoff_step", "guidance_interval", "scheduler", "karras",
+)
+_ALIASES = {"negative": "negative_prompt", "guidance": "guidance_scale", "num_inference_steps": "steps"}
+
+
+class RowError(ValueError):
+    """A bad row: ``line`` is its line number in the input (1-based), ``str(e)`` says what and where."""
+
+    def __init__(self, source: str, line: int, message: str) -> None:
+        super().__init__(f"{source} line {line}: {message}")
+        self.line = line
+        self.reason = message
+
+
+@dataclass(frozen=True)
+class BatchDefaults:
+    """What a row that leaves a field out gets (the CLI's flags). ``None``: the model's own value."""
+
+    negative_prompt: str | None = None
+    seed: int = 0  # a row without a seed gets seed + its index (0-based, data rows only)
+    steps: int = 25
+    width: int | None = None
+    height: int | None = None
+    guidance_scale: float | None = None
+    cfg_cutoff: float | None = None
+    cfg_cutoff_step: int | None = None
+    guidance_interval: tuple[float, float] | None = None
+    scheduler: str | None = None
+    karras: bool = False
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One image to make. ``line`` is where it is in the input; ``index`` its place among the data rows."""
+
+    line: int
+    index: int
+    prompt: str
+    seed: int
+    steps: int
+    width: int | None = None
+    height: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    cfg_cutoff: float | None = None
+    cfg_cutoff_step: int | None = None
+    guidance_interval: tuple[float, float] | None = None
+    scheduler: str | None = None
+    karras: bool = False
+    key: str = field(default="", compare=False)
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that decide the image (what the key hashes, with the model)."""
+        return {  # spelled out: dataclasses.asdict deep-copies, and planning a million rows calls this a million times
+            "prompt": self.prompt, "seed": self.seed, "steps": self.steps, "width": self.width, "height": self.height,
+            "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt, "cfg_cutoff": self.cfg_cutoff,
+            "cfg_cutoff_step": self.cfg_cutoff_step,
+            "guidance_interval": None if self.guidance_interval is None else list(self.guidance_interval),
+            "scheduler": self.scheduler, "karras": self.karras,
+        }
+
+    def group(self) -> tuple:
+        """Rows with the same group can share one pipeline call (only prompt, negative prompt and seed differ)."""
+        return (self.steps, self.width, self.height, self.guidance_scale, self.cfg_cutoff, self.cfg_cutoff_step,
+                self.guidance_interval, self.scheduler, self.karras)
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.key[:20]}.png"
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def input_format(path: Path, format: str | None = None) -> str:
+    if format is not None:
+        if format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+        return format
+    fmt = _SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"INPUT {str(path)!r}: can't tell its format from the name; it must end in "
+                         f"{', '.join(_SUFFIXES)}, or pass --format {{{','.join(FORMATS)}}}")
+    return fmt
+
+
+def read_rows(path: str | Path, defaults: BatchDefaults = BatchDefaults(), format: str | None = None,
+              strict: bool = True) -> tuple[list[BatchRow], list[RowError]]:
+    """The rows of ``path`` with ``defaults`` applied: ``(rows, errors)``. ``strict`` raises the first bad row.
+
+    A text file has one prompt a line (blank lines and lines starting with ``#`` are skipped). A JSONL file
+    has one object a line; a CSV file has a header row. Both name fields from :data:`FIELDS`.
+    """
+    path = Path(path)
+    fmt = input_format(path, format)
+    if not path.is_file():
+        raise FileNotFoundError(f"INPUT {str(path)!r} does not exist" if not path.exists()
+                                else f"INPUT {str(path)!r} is not a file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"INPUT {str(path)!r} line {line}: not UTF-8 text ({e.reason})") from None
+    return parse_rows(text, fmt, defaults, source=str(path), strict=strict)
+
+
+def parse_rows(text: str, fmt: str, defaults: BatchDefaults = BatchDefaults(), source: str = "INPUT",
+               strict: bool = True) -> tuple[list[BatchRow], list[RowError]]:
+    rows: list[BatchRow] = []
+    errors: list[RowError] = []
+    index = 0
+    for line, raw in _records(text, fmt, source):
+        try:
+            if isinstance(raw, RowError):
+                raise raw
+            rows.append(_row(raw, line, index, defaults, source))
+        except RowError as e:
+            if strict:
+                raise
+            errors.append(e)
+        index += 1
+    if not rows and not errors:
+        raise ValueError(f"{source}: no rows (a text file needs one prompt a line; JSONL one object a line; "
+                         "CSV a header and rows)")
+    return rows, errors
+
+
+def _records(text: str, fmt: str, source: str) -> Iterable[tuple[int, dict[str, Any] | RowError]]:
+    if fmt == "text":
+        for n, line in enumerate(text.splitlines(), 1):
+            stripped = line.strip()
+            if stripped and not stripped.startswith("#"):
+                yield n, {"prompt": stripped}
+    elif fmt == "jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                yield n, RowError(source, n, f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                yield n, RowError(source, n, f"must be a JSON object like {{\"prompt\": \"...\"}}, got {_short(obj)}")
+                continue
+            yield n, obj
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        header = [h.strip() for h in header]
+        for name in header:
+            if _canonical(name) not in FIELDS:
+                raise RowError(source, 1, f"unknown column {name!r}; columns may be: {', '.join(FIELDS)}")
+        start = reader.line_num
+        try:
+            for cells in reader:
+                n, start = start + 1, reader.line_num
+                if not any(c.strip() for c in cells):
+                    continue
+                if len(cells) != len(header):
+                    yield n, RowError(source, n, f"has {len(cells)} cells but the header has {len(header)} columns")
+                    continue
+                yield n, {h: c for h, c in zip(header, cells) if c.strip() != ""}  # an empty cell: the default
+        except csv.Error as e:
+            yield start + 1, RowError(source, start + 1, f"not valid CSV ({e})")
+
+
+def _canonical(name: str) -> str:
+    return _ALIASES.get(name, name)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ------------------------------------------------------------------------------------------- one row
+
+
+def _row(raw: dict[str, Any], line: int, index: int, d: BatchDefaults, source: str) -> BatchRow:
+    from_csv = all(isinstance(v, str) for v in raw.values())
+
+    def bad(message: str) -> RowError:
+        return RowError(source, line, message)
+
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = _canonical(name)
+        if key not in FIELDS:
+            raise bad(f"unknown field {name!r}; fields may be: {', '.join(FIELDS)}")
+        if key in values:
+            raise bad(f"field {key!r} is given twice (as {name!r} too)")
+        values[key] = value
+
+    prompt = values.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise bad(f"prompt must be a non-empty string, got {_short(prompt)}" if "prompt" in values else "has no prompt")
+    _check_text(bad, "prompt", prompt)
+    negative = values.get("negative_prompt", d.negative_prompt)
+    if negative is not None:
+        if not isinstance(negative, str):
+            raise bad(f"negative_prompt must be a string, got {_short(negative)}")
+        _check_text(bad, "negative_prompt", negative)
+
+    seed = _int(bad, values, "seed", d.seed + index, 0, MAX_SEED, "2**64-1")
+    steps = _int(bad, values, "steps", d.steps, 1, MAX_STEPS)
+    width, height = d.width, d.height
+    if "size" in values:
+        if "width" in values or "height" in values:
+            raise bad("give size or width/height, not both")
+        width, height = _size(bad, values["size"])
+    width = _int(bad, values, "width", width, 8, None) if "width" in values else width
+    height = _int(bad, values, "height", height, 8, None) if "height" in values else height
+    guidance = _number(bad, values, "guidance_scale", d.guidance_scale, 0.0, MAX_GUIDANCE,
+                       " (far above 10 the images saturate to black or white)")
+    cutoff, cutoff_step, interval = d.cfg_cutoff, d.cfg_cutoff_step, d.guidance_interval
+    given = [n for n in ("cfg_cutoff", "cfg_cutoff_step", "guidance_interval") if n in values]
+    if len(given) > 1:
+        raise bad(f"give one of cfg_cutoff, cfg_cutoff_step and guidance_interval, not {' and '.join(given)}")
+    if given:  # the row's own choice replaces the defaults' guidance shaping
+        cutoff = cutoff_step = interval = None
+    if "cfg_cutoff" in values:
+        cutoff = _number(bad, values, "cfg_cutoff", None, 0.0, 1.0)
+    if "cfg_cutoff_step" in values:
+        cutoff_step = _int(bad, values, "cfg_cutoff_step", None, 0, None)
+    if "guidance_interval" in values:
+        interval = _interval(bad, values["guidance_interval"])
+    scheduler = values.get("scheduler", d.scheduler)
+    if scheduler is not None:
+        from ..schedulers import scheduler_class
+
+        if not isinstance(scheduler, str):
+            raise bad(f"scheduler must be a name, got {_short(scheduler)}")
+        try:
+            scheduler_class(scheduler)
+        except ValueError as e:
+            raise bad(str(e)) from None
+    karras = _bool(bad, values.get("karras", d.karras), from_csv)
+    return BatchRow(
+        line=line, index=index, prompt=prompt, seed=seed, steps=steps, width=width, height=height,
+        guidance_scale=guidance, negative_prompt=negative, cfg_cutoff=cutoff, cfg_cutoff_step=cutoff_step,
+        guidance_interval=interval, scheduler=scheduler, karras=karras,
+    )
+
+
+def _check_text(bad, name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{name} is not valid UTF-8 text: {text[:40]!r}") from None
+
+
+def _int(bad, values: dict, name: str, default: Any, low: int, high: int | None, high_text: str = "") -> Any:
+    if name not in values:
+        return default
+    value = values[name]
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise bad(f"{name} must be a whole number, got {value!r}") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"{name} must be a whole number, got {_short(value)}")
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high_text or high}]"
+        raise bad(f"{name} must be {allowed}, got {value}")
+    return value
+
+
+def _number(bad, values: dict, name: str, default: Any, low: float, high: float, why: str = "") -> Any:
+    if name not in values:
+        return default
+    value = values[name]
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise bad(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise bad(f"{name} must be a number in [{low:g}, {high:g}]{why}, got {_short(value)}")
+    return float(value)
+
+
+def _size(bad, value: Any) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value) if isinstance(value, str) else None
+    if m is None:
+        raise bad(f"size must look like WIDTHxHEIGHT, e.g. 64x64, got {_short(value)}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _interval(bad, value: Any) -> tuple[float, float]:
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        start, end = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise bad(f"guidance_interval must be two ratios START,END in [0, 1], e.g. \"0.2,0.8\", got {_short(value)}") from None
+    if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0) or start > end:
+        raise bad(f"guidance_interval must be START,END with 0 <= START <= END <= 1, got {_short(value)}")
+    return start, end
+
+
+def _bool(bad, value: Any, from_csv: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise bad(f"karras must be true or false, got {_short(value)}")
+
+
+# ------------------------------------------------------------------------------- against the model
+
+
+def model_identity(folder: str | Path, dtype: str = "float32") -> str:
+    """A fingerprint of a model folder: every config file's bytes and each weight file's name, size and
+    first and last MiB (hashing whole multi-GB weights on every run would cost more than it protects)."""
+    folder = Path(folder)
+    h = hashlib.sha256(f"dtype={dtype}\n".encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        size = path.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if path.suffix in (".json", ".txt") or size <= 2 * 2**20:
+                h.update(f.read())
+            else:
+                h.update(f.read(2**20))
+                f.seek(size - 2**20)
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def check_rows(rows: list[BatchRow], folder: str | Path, dtype: str, strict: bool, source: str = "INPUT",
+               size_limit: bool = True) -> tuple[list[BatchRow], list[RowError]]:
+    """Rows checked against the model (sizes, steps its scheduler can take), with the model's defaults
+    filled in (size, guidance, scheduler) and each row's content key set. Reads configs only, no weights."""
+    from ..cli import _model_info, _scheduler_config
+    from ..limits import ModelShape
+    from ..schedulers import karras_schedulers, make_scheduler, supports_karras
+
+    folder = Path(folder)
+    shape = ModelShape.from_folder(folder)
+    config = _scheduler_config(folder)
+    guidance = float(_model_info(folder).get("guidance_scale", 7.5))
+    identity = model_identity(folder, dtype)
+    checked: dict[tuple, str | None] = {}
+    out: list[BatchRow] = []
+    errors: list[RowError] = []
+    for row in rows:
+        try:
+            row = replace(
+                row, width=shape.native_size if row.width is None else row.width,
+                height=shape.native_size if row.height is None else row.height,
+                guidance_scale=guidance if row.guidance_scale is None else row.guidance_scale,
+                scheduler=row.scheduler or config.get("_class_name", "default"),
+            )
+            for name, v in (("width", row.width), ("height", row.height)):
+                if v < shape.min_size or v % shape.size_multiple:
+                    raise RowError(source, row.line, f"{name} must be a positive multiple of {shape.size_multiple}, "
+                                   f"at least {shape.min_size} for this model, got {v}")
+                if size_limit and v > SIZE_LIMIT_RATIO * shape.native_size:
+                    raise RowError(source, row.line, f"{name} {v} is more than {SIZE_LIMIT_RATIO} times the model's "
+                                   f"native {shape.native_size} (the run would be slow and need a lot of memory)")
+            sched = (row.scheduler, row.karras, row.steps)
+            if sched not in checked:
+                checked[sched] = _scheduler_problem(make_scheduler, supports_karras, karras_schedulers, config, *sched)
+            if checked[sched] is not None:
+                raise RowError(source, row.line, checked[sched])
+        except RowError as e:
+            if strict:
+                raise
+            errors.append(e)
+            continue
+        key = hashlib.sha256(json.dumps({"params": row.params(), "model": identity}, sort_keys=True).encode()).hexdigest()
+        out.append(replace(row, key=key))
+    return out, errors
+
+
+def _scheduler_problem(make_scheduler, supports_karras, karras_schedulers, config: dict, name: str, karras: bool,
+                       steps: int) -> str | None:
+    import warnings
+
+    if karras:
+        try:
+            if not supports_karras(name):
+                return f"scheduler {name!r} has no Karras sigmas; use one of: {', '.join(karras_schedulers())}"
+        except ValueError:
+            pass
+    train = int(config.get("num_train_timesteps", 1000))
+    if steps <= train:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_scheduler(name, config, karras=karras).set_timesteps(steps)
+    except ValueError as e:
+        if "num_inference_steps" in str(e):
+            return f"steps must be in [1, {train}] with scheduler {name!r} (trained with {train} steps), got {steps}"
+    except Exception:
+        return None
+    return None

@@ -1,0 +1,554 @@
+"""stepdiff batch, embedded: rows (formats, defaults, every bad input), keys, manifest, resume, crash, CLI.
+
+The Ray runs are in test_batch_ray.py. Runs here use the tiny random SD model and 2 steps.
+"""
+
+import json
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stepdiff.batch import BatchConfig, BatchDefaults, Manifest, RowError, plan_batch, read_rows, run_batch
+from stepdiff.batch.manifest import folder_lock
+from stepdiff.batch.rows import check_rows, model_identity, parse_rows
+from stepdiff.batch.runner import RowFailed
+from stepdiff.batch.worker import ChunkWorker
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white circle", "a black square"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def config(tmp_path, sd_folder, input, **kw) -> BatchConfig:
+    kw.setdefault("defaults", BatchDefaults(steps=2))
+    return BatchConfig(input=input, out=tmp_path / "out", model=sd_folder, progress=False, **kw)
+
+
+def pixels(path: Path) -> bytes:
+    with Image.open(path) as im:
+        return im.tobytes()
+
+
+def stepdiff_chunk(path: Path) -> dict:
+    with Image.open(path) as im:
+        return json.loads(im.info["stepdiff"])
+
+
+# ------------------------------------------------------------------------------------------- rows
+
+
+def test_text_rows_skip_blank_and_comment_lines_and_number_lines(tmp_path):
+    rows, errors = read_rows(write(tmp_path / "p.txt", "a red circle\n\n# a comment\n  a blue square  \n"),
+                             BatchDefaults(seed=10, steps=3))
+    assert errors == []
+    assert [(r.line, r.index, r.prompt, r.seed, r.steps) for r in rows] == [
+        (1, 0, "a red circle", 10, 3), (4, 1, "a blue square", 11, 3)]
+
+
+def test_jsonl_rows_set_every_field_and_aliases(tmp_path):
+    lines = [
+        {"prompt": "a", "negative_prompt": "b", "seed": 7, "steps": 4, "size": "32x48", "guidance": 3.5,
+         "cfg_cutoff": 0.5, "scheduler": "euler", "karras": True},
+        {"prompt": "c", "negative": "d", "width": 40, "height": 24, "guidance_scale": 2, "cfg_cutoff_step": 1},
+        {"prompt": "e", "guidance_interval": [0.2, 0.8], "num_inference_steps": 5},
+        {"prompt": "f", "guidance_interval": "0.1,0.9"},
+    ]
+    rows, _ = read_rows(write(tmp_path / "p.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n"),
+                        BatchDefaults(steps=9, cfg_cutoff=0.3))
+    a, c, e, f = rows
+    assert (a.negative_prompt, a.seed, a.steps, a.width, a.height, a.guidance_scale, a.cfg_cutoff, a.scheduler, a.karras) == (
+        "b", 7, 4, 32, 48, 3.5, 0.5, "euler", True)
+    assert (c.negative_prompt, c.width, c.height, c.guidance_scale, c.cfg_cutoff, c.cfg_cutoff_step, c.steps) == (
+        "d", 40, 24, 2.0, None, 1, 9)  # the row's own cutoff step replaces the default ratio
+    assert (e.guidance_interval, e.steps, e.cfg_cutoff) == ((0.2, 0.8), 5, None)
+    assert f.guidance_interval == (0.1, 0.9)
+    assert [r.seed for r in rows] == [7, 1, 2, 3]  # a row without a seed: --seed + its row number
+
+
+def test_csv_rows_with_header_empty_cells_and_quoted_newlines(tmp_path):
+    text = 'prompt,seed,steps,negative\n"a red, circle",5,,\n"two\nlines",,3,no blue\n\n'
+    rows, _ = read_rows(write(tmp_path / "p.csv", text), BatchDefaults(steps=2))
+    assert [(r.line, r.prompt, r.seed, r.steps, r.negative_prompt) for r in rows] == [
+        (2, "a red, circle", 5, 2, None), (3, "two\nlines", 1, 3, "no blue")]
+
+
+@pytest.mark.parametrize(("fmt", "text", "line", "words"), [
+    ("jsonl", '{"prompt": "a"}\n{"prompt": "b", "seed": -1}\n', 2, ["seed", "[0, 2**64-1]", "-1"]),
+    ("jsonl", '{"prompt": "a", "steps": 0}\n', 1, ["steps", "[1, 10000]", "got 0"]),
+    ("jsonl", '{"prompt": "a", "steps": "many"}\n', 1, ["steps", "whole number", "'many'"]),
+    ("jsonl", '{"prompt": "a", "steps": 2.5}\n', 1, ["steps", "whole number", "2.5"]),
+    ("jsonl", '{"prompt": "a", "guidance": 1000}\n', 1, ["guidance_scale", "[0, 100]", "1000"]),
+    ("jsonl", '{"prompt": "a", "guidance": NaN}\n', 1, ["guidance_scale", "NaN"]),
+    ("jsonl", '{"prompt": "a", "colour": "red"}\n', 1, ["unknown field", "'colour'", "prompt, negative_prompt"]),
+    ("jsonl", '{"seed": 3}\n', 1, ["has no prompt"]),
+    ("jsonl", '{"prompt": "  "}\n', 1, ["prompt must be a non-empty string"]),
+    ("jsonl", '{"prompt": 5}\n', 1, ["prompt must be a non-empty string", "5"]),
+    ("jsonl", '\n\n{"prompt": "a",}\n', 3, ["not valid JSON", "column"]),
+    ("jsonl", '"just a string"\n', 1, ["JSON object", "just a string"]),
+    ("jsonl", '{"prompt": "a", "size": "64"}\n', 1, ["WIDTHxHEIGHT", "'64'"]),
+    ("jsonl", '{"prompt": "a", "size": "64x64", "width": 32}\n', 1, ["size or width/height"]),
+    ("jsonl", '{"prompt": "a", "cfg_cutoff": 0.5, "guidance_interval": "0,1"}\n', 1, ["one of cfg_cutoff", "guidance_interval"]),
+    ("jsonl", '{"prompt": "a", "cfg_cutoff": 1.5}\n', 1, ["cfg_cutoff", "[0, 1]", "1.5"]),
+    ("jsonl", '{"prompt": "a", "guidance_interval": "0.8,0.2"}\n', 1, ["START <= END", "0.8,0.2"]),
+    ("jsonl", '{"prompt": "a", "guidance_interval": [0.1]}\n', 1, ["two ratios", "[0.1]"]),
+    ("jsonl", '{"prompt": "a", "scheduler": "fastest"}\n', 1, ["unknown scheduler 'fastest'", "euler"]),
+    ("jsonl", '{"prompt": "a", "karras": "maybe"}\n', 1, ["karras must be true or false", "maybe"]),
+    ("jsonl", '{"prompt": "a", "negative": "b", "negative_prompt": "c"}\n', 1, ["given twice"]),
+    ("csv", "prompt,colour\na,red\n", 1, ["unknown column 'colour'", "prompt"]),
+    ("csv", "prompt,seed\na,1\nb,2,3\n", 3, ["3 cells", "2 columns"]),
+    ("csv", "prompt,seed\na,x1\n", 2, ["seed", "whole number", "'x1'"]),
+])
+def test_bad_rows_name_the_line_the_field_the_value_and_what_is_allowed(fmt, text, line, words):
+    with pytest.raises(RowError) as info:
+        parse_rows(text, fmt, source="in.x")
+    assert info.value.line == line
+    assert str(info.value).startswith(f"in.x line {line}: ")
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_without_strict_bad_rows_are_reported_and_the_rest_kept():
+    rows, errors = parse_rows('{"prompt": "a"}\n{"prompt": "b", "seed": -1}\nnope\n{"prompt": "c"}\n', "jsonl",
+                              source="in", strict=False)
+    assert [r.prompt for r in rows] == ["a", "c"]
+    assert [e.line for e in errors] == [2, 3]
+    assert [r.seed for r in rows] == [0, 3]  # a bad row still has its row number: seeds don't shift
+
+
+@pytest.mark.parametrize(("name", "text", "words"), [
+    ("p.doc", "a\n", ["can't tell its format", ".jsonl", "--format"]),
+    ("p.txt", "\n# only comments\n", ["no rows"]),
+])
+def test_bad_input_files(tmp_path, name, text, words):
+    with pytest.raises(ValueError) as info:
+        read_rows(write(tmp_path / name, text))
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_input_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"fine\nalso fine\nbad \xff byte\n")
+    with pytest.raises(ValueError, match="line 3: not UTF-8"):
+        read_rows(path)
+
+
+def test_missing_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_rows(tmp_path / "nope.txt")
+
+
+def test_rows_checked_against_the_model(sd_folder):
+    rows, _ = parse_rows('{"prompt": "a"}\n{"prompt": "b", "width": 36}\n{"prompt": "c", "steps": 5000, "scheduler": "ddim"}\n'
+                         '{"prompt": "d", "width": 1024}\n{"prompt": "e", "scheduler": "ddim", "karras": true}\n', "jsonl",
+                         source="in")
+    good, errors = check_rows(rows, sd_folder, "float32", strict=False, source="in")
+    assert [r.prompt for r in good] == ["a"]
+    assert good[0].width == good[0].height == 32 and good[0].scheduler and good[0].guidance_scale == 7.5  # model defaults
+    messages = [str(e) for e in errors]
+    assert "in line 2: width must be a positive multiple of 8" in messages[0] and "got 36" in messages[0]
+    assert "in line 3: steps must be in [1, 1000] with scheduler 'ddim'" in messages[1] and "got 5000" in messages[1]
+    assert "in line 4: width 1024 is more than 8 times" in messages[2]
+    assert "in line 5: scheduler 'ddim' has no Karras sigmas" in messages[3]
+    with pytest.raises(RowError, match="line 2"):
+        check_rows(rows, sd_folder, "float32", strict=True, source="in")
+
+
+# ------------------------------------------------------------------------------------------- keys
+
+
+def test_the_key_hashes_the_parameters_and_the_model_not_the_place(tmp_path, sd_folder):
+    base, _ = parse_rows('{"prompt": "a", "seed": 1}\n', "jsonl")
+    (row,) = check_rows(base, sd_folder, "float32", True)[0]
+    moved = check_rows([replace(base[0], line=40, index=9)], sd_folder, "float32", True)[0][0]
+    assert moved.key == row.key
+    for change in ({"prompt": "b"}, {"seed": 2}, {"steps": 3}, {"negative_prompt": "x"}, {"guidance_scale": 2.0},
+                   {"cfg_cutoff": 0.5}, {"guidance_interval": (0.1, 0.5)}, {"scheduler": "euler"}, {"width": 40}):
+        changed = check_rows([replace(base[0], **change)], sd_folder, "float32", True)[0][0]
+        assert changed.key != row.key, change
+    assert check_rows(base, sd_folder, "float16", True)[0][0].key != row.key
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(sd_folder, other)
+    assert check_rows(base, other, "float32", True)[0][0].key == row.key  # the same model elsewhere: same key
+    weights = next(p for p in other.rglob("unet/*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_identity(other) != model_identity(sd_folder)
+    assert check_rows(base, other, "float32", True)[0][0].key != row.key
+
+
+# ------------------------------------------------------------------------------------------- manifest
+
+
+def test_manifest_ignores_a_torn_last_line_and_cuts_it_before_appending(tmp_path):
+    m = Manifest(tmp_path)
+    with m:
+        m.append({"key": "a", "n": 1})
+        m.append({"key": "b", "n": 2})
+    with open(m.path, "ab") as f:
+        f.write(b'{"key": "c", "n"')  # a crash in the middle of an append
+    assert [e["key"] for e in m.read()] == ["a", "b"]
+    with Manifest(tmp_path) as again:
+        assert again.torn == len(b'{"key": "c", "n"')
+        again.append({"key": "d"})
+    assert [e["key"] for e in Manifest(tmp_path).read()] == ["a", "b", "d"]
+    assert m.path.read_bytes().endswith(b"\n")
+
+
+def test_manifest_refuses_a_corrupt_middle_line_naming_it(tmp_path):
+    (tmp_path / "manifest.jsonl").write_text('{"key": "a"}\nGARBAGE\n{"key": "b"}\n')
+    with pytest.raises(ValueError, match=r"line 2 is not valid JSON"):
+        Manifest(tmp_path).read()
+    (tmp_path / "manifest.jsonl").write_text('{"key": "a"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"line 2 is not a stepdiff entry"):
+        Manifest(tmp_path).read()
+
+
+def test_latest_entry_of_a_key_wins(tmp_path):
+    with Manifest(tmp_path) as m:
+        m.append({"key": "a", "v": 1})
+        m.append({"key": "a", "v": 2})
+    assert Manifest(tmp_path).latest()["a"]["v"] == 2
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path, sd_folder):
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.txt", "a red circle\n"))
+    cfg.out.mkdir()
+    with folder_lock(cfg.out), pytest.raises(OSError, match="in use by another stepdiff batch run"):
+        run_batch(cfg)
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def test_embedded_run_writes_one_image_per_row_with_metadata_and_manifest(tmp_path, sd_folder):
+    text = "\n".join(json.dumps({"prompt": p, "seed": i}) for i, p in enumerate(PROMPTS[:3])) + "\n"
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", text))
+    result = run_batch(cfg)
+    assert (result.made, result.skipped, result.failed, result.bad) == (3, 0, [], [])
+    entries = Manifest(cfg.out).read()
+    assert [e["line"] for e in entries] == [1, 2, 3]
+    for e, prompt in zip(entries, PROMPTS):
+        path = cfg.out / e["file"]
+        assert path.is_file() and path.stat().st_size == e["bytes"]
+        assert e["prompt"] == prompt and e["worker"].startswith("embedded:") and e["batch_rows"] == 1
+        assert e["record"]["steps_completed"] == 2 and e["record"]["stop_reason"] == "completed"
+        assert e["record"]["model_rows"] == 4 and e["record"]["wall_seconds"] > 0
+        meta = stepdiff_chunk(path)
+        assert (meta["key"], meta["prompt"], meta["seed"], meta["steps"]) == (e["key"], prompt, e["seed"], 2)
+        with Image.open(path) as im:
+            assert im.info["parameters"].startswith(prompt) and "Seed: " in im.info["parameters"]
+    assert sorted(p.name for p in cfg.out.iterdir()) == sorted([e["file"] for e in entries] +
+                                                                ["manifest.jsonl", ".stepdiff-batch.lock"])
+
+
+def test_a_row_is_the_same_image_as_generate_makes(tmp_path, sd_folder, run_cli, monkeypatch):
+    """Same prompt, seed, steps, guidance, cutoff: the batch image has generate's pixels (same thread count)."""
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", '{"prompt": "a red circle", "seed": 5, "cfg_cutoff": 0.5}\n'),
+                 threads=torch.get_num_threads())
+    run_batch(cfg)
+    (entry,) = Manifest(cfg.out).read()
+    code, _, err = run_cli("generate", "a red circle", "--model", sd_folder, "--seed", 5, "--steps", 2,
+                           "--cfg-cutoff", 0.5, "--output", tmp_path / "g.png")
+    assert code == 0, err
+    assert pixels(cfg.out / entry["file"]) == pixels(tmp_path / "g.png")
+    batch_meta, gen_meta = stepdiff_chunk(cfg.out / entry["file"]), stepdiff_chunk(tmp_path / "g.png")
+    for name in ("prompt", "seed", "steps", "guidance_scale", "scheduler", "cfg_cutoff_ratio", "model"):
+        assert batch_meta[name] == gen_meta[name], name
+
+
+def test_resume_skips_done_rows_and_redoes_changed_and_missing_ones(tmp_path, sd_folder):
+    path = write(tmp_path / "p.txt", "\n".join(PROMPTS[:4]) + "\n")
+    cfg = config(tmp_path, sd_folder, path)
+    run_batch(cfg)
+    before = {e["file"]: (cfg.out / e["file"]).stat().st_mtime_ns for e in Manifest(cfg.out).read()}
+    again = run_batch(cfg)
+    assert (again.made, again.skipped) == (0, 4)
+    assert {f: (cfg.out / f).stat().st_mtime_ns for f in before} == before  # nothing rewritten
+    assert len(Manifest(cfg.out).read()) == 4
+
+    write(path, "\n".join([PROMPTS[0], "a purple circle", *PROMPTS[2:4]]) + "\n")  # row 2 changed
+    (cfg.out / next(iter(before))).unlink()  # row 1's image lost
+    third = run_batch(cfg)
+    assert (third.made, third.skipped) == (2, 2)
+    assert all((cfg.out / f).exists() for f in list(before)[1:])  # the old row 2's image is kept, not lost
+    latest = Manifest(cfg.out).latest()
+    assert {e["prompt"] for e in latest.values()} >= {PROMPTS[0], "a purple circle", *PROMPTS[2:4]}
+
+
+def test_verify_catches_an_image_changed_in_place(tmp_path, sd_folder):
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.txt", "a red circle\n"))
+    run_batch(cfg)
+    (entry,) = Manifest(cfg.out).read()
+    image = cfg.out / entry["file"]
+    good = image.read_bytes()
+    data = bytearray(good)
+    data[-20] ^= 0xFF  # same size, other bytes
+    image.write_bytes(bytes(data))
+    assert run_batch(cfg).made == 0  # the size matches: by default that is enough
+    cfg.verify = True
+    assert run_batch(cfg).made == 1
+    assert pixels(image) == Image.open(__import__("io").BytesIO(good)).tobytes()
+
+
+def test_a_torn_manifest_line_redoes_only_that_image(tmp_path, sd_folder):
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.txt", "\n".join(PROMPTS[:3]) + "\n"))
+    run_batch(cfg)
+    data = cfg.out.joinpath("manifest.jsonl").read_bytes()
+    cfg.out.joinpath("manifest.jsonl").write_bytes(data[:-30])  # the last entry torn by a crash
+    result = run_batch(cfg)
+    assert (result.made, result.skipped) == (1, 2)
+    assert len(Manifest(cfg.out).read()) == 3
+
+
+def test_batched_rows_keep_their_own_seeds_and_prompts(tmp_path, sd_folder):
+    """batch_size 2: each image is its row's (within the last bit of a batched call), never its neighbour's."""
+    text = "\n".join(json.dumps({"prompt": p, "seed": 3 * i, "negative": "blue" if i % 2 else None})
+                     for i, p in enumerate(PROMPTS[:4])) + "\n"
+    single = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", text))
+    batched = replace(single, out=tmp_path / "batched", batch_size=2)
+    run_batch(single)
+    result = run_batch(batched)
+    assert result.made == 4
+    entries = Manifest(batched.out).read()
+    assert [e["batch_rows"] for e in entries] == [2, 2, 2, 2]
+    assert entries[0]["record"]["rows_per_step"] == [4, 4]
+    for e in entries:
+        a = np.asarray(Image.open(single.out / e["file"])).astype(int)
+        b = np.asarray(Image.open(batched.out / e["file"])).astype(int)
+        assert np.abs(a - b).max() <= 2, e["prompt"]
+    other = [np.asarray(Image.open(single.out / e["file"])).astype(int) for e in entries]
+    assert np.abs(other[0] - other[1]).max() > 10  # rows really differ: the check above can fail
+
+
+def test_rows_with_different_settings_never_share_a_call(tmp_path, sd_folder):
+    lines = [{"prompt": "a"}, {"prompt": "b", "steps": 3}, {"prompt": "c"}, {"prompt": "d", "steps": 3},
+             {"prompt": "e", "guidance_interval": "0,0.5"}, {"prompt": "f"}]
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n"),
+                 batch_size=2)
+    plan = plan_batch(cfg)
+    assert [[r.prompt for r in c.rows] for c in plan.chunks] == [["a", "c"], ["b", "d"], ["e"], ["f"]]
+    result = run_batch(cfg)
+    assert result.made == 6
+    by_prompt = {e["prompt"]: e for e in Manifest(cfg.out).read()}
+    assert by_prompt["b"]["record"]["steps_completed"] == 3
+    assert by_prompt["e"]["record"]["rows_per_step"] == [2, 1]  # guidance only in [0, 0.5) of 2 steps
+
+
+def test_a_crash_loses_only_the_chunk_in_flight_and_resume_gives_the_same_images(tmp_path, sd_folder, monkeypatch):
+    text = "\n".join(json.dumps({"prompt": p, "seed": i}) for i, p in enumerate(PROMPTS)) + "\n"
+    reference = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", text), batch_size=2)
+    reference.out = tmp_path / "reference"
+    run_batch(reference)
+    cfg = replace(reference, out=tmp_path / "out")
+
+    real_run = ChunkWorker.run
+    calls = []
+
+    def crash_on_third_chunk(self, rows, todo=None):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C twice, or a kill: mid-chunk
+        return real_run(self, rows, todo)
+
+    monkeypatch.setattr(ChunkWorker, "run", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt) as info:
+        run_batch(cfg)
+    assert "kept the 4 image(s) made in this run" in info.value.stepdiff_kept
+    assert len(Manifest(cfg.out).read()) == 4  # two whole chunks of 2
+    monkeypatch.setattr(ChunkWorker, "run", real_run)
+    resumed = run_batch(cfg)
+    assert (resumed.made, resumed.skipped) == (1, 4)
+    for e in Manifest(reference.out).read():
+        assert pixels(cfg.out / e["file"]) == pixels(reference.out / e["file"])
+
+
+def test_resume_of_a_part_done_chunk_runs_it_whole_and_writes_only_the_missing_row(tmp_path, sd_folder):
+    text = "\n".join(json.dumps({"prompt": p, "seed": i}) for i, p in enumerate(PROMPTS[:2])) + "\n"
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", text), batch_size=2)
+    run_batch(cfg)
+    first, second = Manifest(cfg.out).read()
+    expected = pixels(cfg.out / second["file"])
+    (cfg.out / second["file"]).unlink()
+    mtime = (cfg.out / first["file"]).stat().st_mtime_ns
+    result = run_batch(cfg)
+    assert (result.made, result.skipped) == (1, 1)
+    assert (cfg.out / first["file"]).stat().st_mtime_ns == mtime
+    assert pixels(cfg.out / second["file"]) == expected  # bit for bit: computed in the same 2-row call
+    assert Manifest(cfg.out).read()[-1]["batch_rows"] == 2
+
+
+def test_stop_finishes_the_chunk_in_flight_and_says_so(tmp_path, sd_folder):
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.txt", "\n".join(PROMPTS) + "\n"), batch_size=2)
+    stop = threading.Event()
+    seen = []
+
+    def on_event(line):
+        seen.append(line)
+
+    real_run = ChunkWorker.run
+
+    def run_then_stop(self, rows, todo=None):
+        out = real_run(self, rows, todo)
+        stop.set()  # Ctrl-C during the first chunk
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ChunkWorker, "run", run_then_stop)
+        result = run_batch(cfg, stop=stop, on_event=on_event)
+    assert result.stopped and result.made == 2
+    assert "run the same command again to resume" in result.summary()
+    assert len(Manifest(cfg.out).read()) == 2
+
+
+def test_duplicate_rows_make_one_image_and_are_reported(tmp_path, sd_folder):
+    seen = []
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", '{"prompt": "a", "seed": 1}\n{"prompt": "b"}\n'
+                                                                  '{"prompt": "a", "seed": 1}\n'))
+    result = run_batch(cfg, on_event=seen.append)
+    assert result.made == 2 and result.duplicates == [(3, 1)]
+    assert any("line 3 repeats line 1" in s for s in seen)
+
+
+def test_strict_fails_a_bad_row_before_any_work(tmp_path, sd_folder, monkeypatch):
+    def no_loading(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(ChunkWorker, "__init__", no_loading)
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "steps": -2}\n'),
+                 strict=True)
+    with pytest.raises(RowError, match="line 2: steps must be in"):
+        run_batch(cfg)
+    assert not cfg.out.exists()
+
+
+def test_without_strict_a_bad_row_is_reported_and_the_rest_run(tmp_path, sd_folder):
+    seen = []
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "steps": -2}\n'
+                                                                  '{"prompt": "c", "width": 33}\n{"prompt": "d"}\n'))
+    result = run_batch(cfg, on_event=seen.append)
+    assert result.made == 2 and [e.line for e in result.bad] == [2, 3]
+    assert [s.split(":")[0] for s in seen] == [f"{cfg.input} line 2", f"{cfg.input} line 3"]
+    assert "2 bad row(s) skipped" in result.summary()
+
+
+def test_a_failing_call_fails_its_rows_only_unless_strict(tmp_path, sd_folder, monkeypatch):
+    from stepdiff.pipelines.stable_diffusion import StableDiffusionPipeline
+
+    real_call = StableDiffusionPipeline.__call__
+
+    def nan_for_b(self, prompt=None, **kw):
+        if "b" in prompt:
+            raise FloatingPointError("the latents became NaN at step 1")
+        return real_call(self, prompt=prompt, **kw)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", nan_for_b)
+    path = write(tmp_path / "p.txt", "a\nb\nc\n")
+    result = run_batch(config(tmp_path, sd_folder, path))
+    assert result.made == 2 and result.failed == [(2, "FloatingPointError: the latents became NaN at step 1")]
+    assert {e["prompt"] for e in Manifest(tmp_path / "out").read()} == {"a", "c"}
+    with pytest.raises(RowFailed, match="line 2: FloatingPointError"):
+        run_batch(replace(config(tmp_path, sd_folder, path), strict=True, out=tmp_path / "strict"))
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"batch_size": 0}, ["--batch-size", "[1, 4096]", "0"]),
+    ({"threads": 0}, ["--threads", "[1, 1024]"]),
+    ({"ray": True, "gpus_per_worker": float("nan")}, ["--gpus-per-worker", "[0, 64]", "nan"]),
+    ({"ray": True, "gpus_per_worker": -1.0}, ["--gpus-per-worker", "-1.0"]),
+    ({"workers": 2}, ["--workers needs --ray"]),
+    ({"gpus_per_worker": 1.0}, ["--gpus-per-worker needs --ray"]),
+    ({"ray": True, "ray_address": "auto"}, ["--ray", "--ray-address", "not both"]),
+])
+def test_bad_run_settings(tmp_path, sd_folder, change, words):
+    cfg = replace(config(tmp_path, sd_folder, write(tmp_path / "p.txt", "a\n")), **change)
+    with pytest.raises(ValueError) as info:
+        run_batch(cfg)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_out_that_is_a_file(tmp_path, sd_folder):
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.txt", "a\n"))
+    cfg.out.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        run_batch(cfg)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_batch_run_and_resume(tmp_path, sd_folder, run_cli):
+    path = write(tmp_path / "p.csv", "prompt,seed\na red circle,1\na blue square,2\n")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("batch", path, "--out", out, "--model", sd_folder, "--steps", 2, "--batch-size", 2,
+                                "--guidance-interval", "0.5,1")
+    assert code == 0, err
+    assert "2 image(s) made, 0 already done" in stdout
+    entries = Manifest(out).read()
+    assert [e["guidance_interval"] for e in entries] == [[0.5, 1.0]] * 2
+    assert entries[0]["record"]["rows_per_step"] == [2, 4]
+    code, stdout, _ = run_cli("batch", path, "--out", out, "--model", sd_folder, "--steps", 2, "--batch-size", 2,
+                              "--guidance-interval", "0.5,1")
+    assert code == 0 and "0 image(s) made, 2 already done" in stdout
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--workers", "2"], ["--workers needs --ray"]),
+    (["--batch-size", "0"], ["--batch-size must be in [1, 4096], got 0"]),
+    (["--gpus-per-worker", "nan", "--ray"], ["--gpus-per-worker must be a number in [0, 64], got nan"]),
+    (["--guidance-interval", "0.9,0.1"], ["--guidance-interval must be START,END", "0.9,0.1"]),
+    (["--guidance", "500"], ["--guidance must be a number in [0, 100]", "500"]),
+    (["--seed", "-4"], ["--seed must be in [0,"]),
+    (["--steps", "0"], ["--steps must be in [1, 10000], got 0"]),
+    (["--scheduler", "nope"], ["--scheduler", "unknown scheduler 'nope'"]),
+    (["--format", "xml"], ["--format", "invalid choice: 'xml'"]),
+    (["--ray", "--ray-address", "auto"], ["not both"]),
+    (["--cfg-cutoff", "0.5", "--guidance-interval", "0,1"], ["not allowed with argument"]),
+])
+def test_cli_bad_flags_exit_2_naming_them(tmp_path, sd_folder, run_cli, flags, words):
+    path = write(tmp_path / "p.txt", "a\n")
+    code, _, err = run_cli("batch", path, "--out", tmp_path / "out", "--model", sd_folder, *flags)
+    assert code == 2
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_strict_bad_row_exits_2_naming_the_line(tmp_path, sd_folder, run_cli):
+    path = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "seed": "x"}\n')
+    code, _, err = run_cli("batch", path, "--out", tmp_path / "out", "--model", sd_folder, "--strict")
+    assert code == 2
+    assert f"{path} line 2: seed must be a whole number, got 'x'" in err
+
+
+def test_cli_without_ray_installed_says_how_to_get_it(tmp_path, sd_folder, run_cli, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    code, _, err = run_cli("batch", write(tmp_path / "p.txt", "a\n"), "--out", tmp_path / "out", "--model", sd_folder,
+                           "--ray")
+    assert code == 2
+    assert "pip install 'stepdiff[ray]'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_names_every_field_of_a_row_but_its_place():
+    from dataclasses import fields
+
+    from stepdiff.batch import BatchRow
+
+    row = BatchRow(line=1, index=0, prompt="a", seed=1, steps=2, guidance_interval=(0.1, 0.2))
+    assert set(row.params()) == {f.name for f in fields(BatchRow)} - {"line", "index", "key"}
+    assert row.params()["guidance_interval"] == [0.1, 0.2]

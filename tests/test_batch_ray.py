@@ -1,0 +1,111 @@
+"""stepdiff batch on Ray: one local Ray for the whole test session (2 workers, a CPU left free), the tiny
+random model, a handful of rows and 2 steps. Ray is in the ``test`` extra: these tests run in CI."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import ray  # a test dependency (the test extra): a missing Ray fails here, it never skips
+from PIL import Image
+
+import stepdiff
+from stepdiff.batch import BatchConfig, BatchDefaults, Manifest, run_batch
+from stepdiff.batch.ray_runner import local_ray_options
+
+ROWS = [
+    {"prompt": "a red circle", "seed": 1},
+    {"prompt": "a blue square", "seed": 2, "negative": "red"},
+    {"prompt": "a green triangle", "seed": 3},
+    {"prompt": "a white circle", "seed": 4, "steps": 3},
+    {"prompt": "a black square", "seed": 5, "steps": 3, "cfg_cutoff": 0.5},
+    {"prompt": "a red square", "seed": 6, "guidance_interval": "0.5,1"},
+]
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the session: 2 one-CPU workers plus a CPU left free; a 256 MiB object store."""
+    options = local_ray_options(workers=2, cpus_per_worker=1, object_store_gib=0.25)
+    ray.init(**options, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def config(tmp_path: Path, sd_folder: Path, name: str, **kw) -> BatchConfig:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return BatchConfig(input=path, out=tmp_path / name, model=sd_folder, defaults=BatchDefaults(steps=2), progress=False,
+                       batch_size=2, **kw)
+
+
+def image(path: Path) -> tuple[bytes, dict]:
+    with Image.open(path) as im:
+        meta = json.loads(im.info["stepdiff"])
+        return im.tobytes(), meta
+
+
+def test_ray_workers_import_this_stepdiff(local_ray):
+    @ray.remote(num_cpus=1)
+    def where() -> str:
+        import stepdiff as s
+
+        return s.__file__
+
+    assert ray.get(where.remote()) == stepdiff.__file__
+
+
+def test_same_image_bytes_embedded_and_on_ray_with_1_and_2_workers(tmp_path, sd_folder, local_ray):
+    embedded = config(tmp_path, sd_folder, "embedded")
+    assert run_batch(embedded).made == 6
+    one = run_batch(config(tmp_path, sd_folder, "ray1", ray=True, workers=1))
+    two = run_batch(config(tmp_path, sd_folder, "ray2", ray=True, workers=2))
+    assert one.made == two.made == 6
+    assert len(one.workers) == 1 and all(w.startswith("ray:") for w in one.workers + two.workers)
+    assert len(two.workers) == 2, two.workers  # 4 chunks, one in flight per actor: both actors work
+    reference = {e["key"]: e for e in Manifest(embedded.out).read()}
+    for name in ("ray1", "ray2"):
+        entries = {e["key"]: e for e in Manifest(tmp_path / name).read()}
+        assert entries.keys() == reference.keys()
+        for key, e in entries.items():
+            ref_pixels, ref_meta = image(embedded.out / reference[key]["file"])
+            pixels, meta = image(tmp_path / name / e["file"])
+            assert pixels == ref_pixels, (name, e["prompt"])
+            # The metadata too, but for who made it and how long it took.
+            for m in (meta, ref_meta):
+                m.pop("worker")
+                m["record"].pop("wall_seconds")
+            assert meta == ref_meta
+            assert (e["line"], e["batch_rows"], e["record"]["rows_per_step"]) == (
+                reference[key]["line"], reference[key]["batch_rows"], reference[key]["record"]["rows_per_step"])
+
+
+def test_ray_resumes_what_an_embedded_run_left_and_skips_what_is_done(tmp_path, sd_folder, local_ray):
+    cfg = config(tmp_path, sd_folder, "out")
+    rows = cfg.input.read_text().splitlines()
+    cfg.input.write_text("\n".join(rows[:3]) + "\n")
+    assert run_batch(cfg).made == 3  # embedded: the first three rows
+    cfg.input.write_text("\n".join(rows) + "\n")
+    on_ray = run_batch(replace(cfg, ray=True, workers=2))
+    assert (on_ray.made, on_ray.skipped) == (3, 3)
+    entries = Manifest(cfg.out).read()
+    assert len(entries) == 6 and sum(e["worker"].startswith("ray:") for e in entries) == 3
+    again = run_batch(replace(cfg, ray=True, workers=2))
+    assert (again.made, again.skipped) == (0, 6)
+
+
+def test_more_workers_than_the_ray_instance_has_cpus_for_is_refused_before_work(tmp_path, sd_folder, local_ray):
+    with pytest.raises(ValueError, match=r"--workers 3 need 4 CPU\(s\).*the Ray cluster has 3"):
+        run_batch(config(tmp_path, sd_folder, "out", ray=True, workers=3))
+    with pytest.raises(ValueError, match=r"need 2 GPU\(s\); the Ray cluster has 0"):
+        run_batch(config(tmp_path, sd_folder, "out2", ray=True, workers=2, gpus_per_worker=1))
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_cli_batch_on_ray(tmp_path, sd_folder, local_ray, run_cli):
+    cfg = config(tmp_path, sd_folder, "cli")
+    code, stdout, err = run_cli("batch", cfg.input, "--out", cfg.out, "--model", sd_folder, "--steps", 2, "--ray",
+                                "--workers", 2, "--batch-size", 3)
+    assert code == 0, err
+    assert "6 image(s) made" in stdout
+    assert {e["batch_rows"] for e in Manifest(cfg.out).read()} <= {1, 2, 3}
