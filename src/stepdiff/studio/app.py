@@ -190,6 +190,7 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
                        "max_size": lim.max_size, "max_steps": lim.max_steps},
             "defaults": {"steps": lim.default_steps, "guidance": lim.default_guidance,
                          "size": f"{lim.native_size}x{lim.native_size}"},
+            "stats": await run_in_threadpool(studio.stats),
         })
 
     async def submit(request: Request) -> Response:

@@ -102,6 +102,7 @@ class Studio:
         self._live: dict[str, _Live] = {}
         self._pipes: dict[str | None, Any] = {None: pipeline}
         self._closing = False
+        self.offer_seconds = 0.0  # worker time spent handing steps to the previewer (benchmarks)
         self.recovered_interrupted, queued = self.store.recover(self.images)
         for row in queued:  # queued before a crash or a restart: they run, in their order
             self._live[row["id"]] = _Live(row["id"], JobSpec.from_dict(row["params"]))
@@ -214,6 +215,14 @@ class Studio:
                           "cfg_cutoff": plan.cfg_cutoff})
         return self.get(job_id)
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring and benchmarks."""
+        with self._lock:
+            queued, live = len(self._queue), len(self._live)
+        return {"queued": queued, "running": live - queued, "subscribers": len(self.hub._subscribers),
+                "preview_frames": self.previewer.rendered, "preview_render_seconds": round(self.previewer.render_seconds, 4),
+                "preview_offer_seconds": round(self.offer_seconds, 4), "jobs": self.store.count()}
+
     def snapshot(self) -> dict[str, Any]:
         """What a newly connected client needs: the jobs in the queue and running."""
         with self._lock:
@@ -315,6 +324,7 @@ class Studio:
                     if i + 1 < total:
                         run.guidance_scale = plan.scale_at(i + 1)
                 if self.hub.listening:
+                    offered = time.perf_counter()
                     frame_step = i % every == 0 or i == total - 1
                     tensor = getattr(state, spec.preview.source) if frame_step else None
                     self.previewer.offer(StepUpdate(
@@ -323,6 +333,7 @@ class Studio:
                         tensor=None if tensor is None else tensor[0].detach().float().cpu().clone(),
                         method=spec.preview.method, frame_step=i if frame_step else None,
                     ))
+                    self.offer_seconds += time.perf_counter() - offered
             out = run.finish()
             final = self._stopped_state(live) if live.token.cancelled else "finished"
             if out.steps_completed == 0:  # stopped before its first step: only noise to show
