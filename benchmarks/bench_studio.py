@@ -150,7 +150,6 @@ def bench_previews(rounds: int, steps: int) -> dict:
                             frames[n] += sum(watchers.frames)
                         samples[n].append(step_seconds(job))
                 base = statistics.median(samples[0])
-                stats = server.get("api/info")["stats"]
                 results[method] = {
                     "step_ms_no_client": round(base * 1e3, 2),
                     **{f"cost_{n}_clients": round(statistics.median(
@@ -158,7 +157,8 @@ def bench_previews(rounds: int, steps: int) -> dict:
                     "frames_per_client_per_job": {n: round(frames[n] / max(1, rounds * n), 1) for n in (1, 10)},
                 }
             stats = server.get("api/info")["stats"]
-            results["worker_offer_seconds_total"] = stats["preview_offer_seconds"]
+            offer = stats["preview_offer_seconds"] / max(1, stats["preview_offered_steps"])
+            results["worker_offer_ms_per_step"] = round(offer * 1e3, 3)
             results["render_ms_per_frame"] = round(stats["preview_render_seconds"] / max(1, stats["preview_frames"]) * 1e3, 3)
         finally:
             server.stop()

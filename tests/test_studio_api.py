@@ -20,7 +20,6 @@ LONG = 500  # steps of a job that must still be running while a test acts on it 
 
 @pytest.fixture(scope="module")
 def tiny_pipe(sd_folder):
-    torch.set_num_threads(1)
     pipe = stepdiff.StableDiffusionPipeline.from_pretrained(sd_folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe

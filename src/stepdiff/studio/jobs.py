@@ -103,6 +103,7 @@ class Studio:
         self._pipes: dict[str | None, Any] = {None: pipeline}
         self._closing = False
         self.offer_seconds = 0.0  # worker time spent handing steps to the previewer (benchmarks)
+        self.offered_steps = 0
         self.recovered_interrupted, queued = self.store.recover(self.images)
         for row in queued:  # queued before a crash or a restart: they run, in their order
             self._live[row["id"]] = _Live(row["id"], JobSpec.from_dict(row["params"]))
@@ -221,7 +222,8 @@ class Studio:
             queued, live = len(self._queue), len(self._live)
         return {"queued": queued, "running": live - queued, "subscribers": len(self.hub._subscribers),
                 "preview_frames": self.previewer.rendered, "preview_render_seconds": round(self.previewer.render_seconds, 4),
-                "preview_offer_seconds": round(self.offer_seconds, 4), "jobs": self.store.count()}
+                "preview_offer_seconds": round(self.offer_seconds, 4), "preview_offered_steps": self.offered_steps,
+                "jobs": self.store.count()}
 
     def snapshot(self) -> dict[str, Any]:
         """What a newly connected client needs: the jobs in the queue and running."""
@@ -334,6 +336,7 @@ class Studio:
                         method=spec.preview.method, frame_step=i if frame_step else None,
                     ))
                     self.offer_seconds += time.perf_counter() - offered
+                    self.offered_steps += 1
             out = run.finish()
             final = self._stopped_state(live) if live.token.cancelled else "finished"
             if out.steps_completed == 0:  # stopped before its first step: only noise to show
