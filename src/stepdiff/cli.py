@@ -223,6 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs per worker (default: 1 where the cluster has GPUs, else 0)")
 
+    v = sub.add_parser("serve", help="a live studio in the browser: queue, previews, stop, steer guidance, history",
+                       description="Serve the studio (page, HTTP API, WebSocket events) on one model; prints the URL. "
+                                   "Needs the studio extra: pip install 'stepdiff[studio]'.")
+    v.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped shapes model)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other address requires a token)")
+    v.add_argument("--port", type=int, default=7860, help="port, 0 for any free one (default 7860)")
+    v.add_argument("--data", type=Path, default=Path("stepdiff-studio"),
+                   help="folder for the job history (SQLite) and images (default ./stepdiff-studio)")
+    v.add_argument("--token", default=None,
+                   help="token every API call must carry (default: none on 127.0.0.1, generated and printed elsewhere)")
+    v.add_argument("--workers", type=int, default=1, help="jobs run at once on the one loaded model (default 1)")
+    v.add_argument("--queue-size", type=int, default=100, help="jobs that may wait; more get HTTP 429 (default 100)")
+    v.add_argument("--max-steps", type=int, default=500, help="the most steps a job may ask for (default 500)")
+    v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    v.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps or xpu (default cpu)")
+    v.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights dtype (default float32)")
+
     t = sub.add_parser("tiny-model", help="write a tiny random SD or SDXL model folder (for trying the API)")
     t.add_argument("out", type=Path, help="folder to create (an existing non-empty folder only with --overwrite)")
     t.add_argument("--family", choices=("sd", "sdxl"), default="sd")
@@ -1017,6 +1035,36 @@ def _stop_on_interrupt(stop):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        _check_model_folder("--model", args.model)
+    folder = _folder(args)
+    _at_least("--port", args.port, 0, 65535)
+    _at_least("--workers", args.workers, 1, 64)
+    _at_least("--queue-size", args.queue_size, 1, 100_000)
+    _at_least("--max-steps", args.max_steps, 1, MAX_STEPS)
+    if args.threads is not None:
+        _at_least("--threads", args.threads, 1, 1024)
+    if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{8,256}", args.token):
+        raise ValueError("--token must be 8 to 256 characters from A-Z a-z 0-9 . _ ~ -, got "
+                         f"{len(args.token)} characters")
+    if args.data.exists() and not args.data.is_dir():
+        raise NotADirectoryError(f"--data {str(args.data)!r} is a file, not a folder")
+    _check_writable_dir("--data", args.data if args.data.is_dir() else args.data.parent)
+    _check_device(args.device)
+    try:
+        from .studio.server import load_studio, serve
+    except ImportError as e:
+        raise ValueError(f"serve needs the studio extra ({e.name} is missing): pip install 'stepdiff[studio]'") from None
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    studio = load_studio(folder, args.data, workers=args.workers, queue_size=args.queue_size, max_steps=args.max_steps,
+                         device=args.device, dtype=args.dtype)
+    with contextlib.suppress(KeyboardInterrupt, Terminated):  # Ctrl-C and SIGTERM are how a server stops
+        serve(studio, host=args.host, port=args.port, token=args.token)
+    return 0
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -1066,7 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     commands = {
         "generate": cmd_generate, "eval-shapes": cmd_eval_shapes, "fit-preview": cmd_fit_preview,
-        "tiny-model": cmd_tiny_model, "batch": cmd_batch,
+        "tiny-model": cmd_tiny_model, "batch": cmd_batch, "serve": cmd_serve,
     }
     try:
         with _terminate_aborts():

@@ -1,0 +1,306 @@
+"""The studio's HTTP API, WebSocket and page: a Starlette app around a ``Studio``.
+
+Routes (JSON unless said otherwise; every /api route needs the token when the server has one):
+
+    GET  /                         the page (no build step, nothing loaded from elsewhere)
+    GET  /api/info                 model, limits, schedulers, queue size
+    POST /api/jobs                 submit a job -> 201 {id, state, ...}; 422 naming a bad field; 429 queue full
+    GET  /api/jobs?limit=&before=&state=   history, newest first; ``next`` is the ``before`` of the next page
+    GET  /api/jobs/{id}            one job: state, step, parameters, run record, image URL
+    POST /api/jobs/{id}/cancel     a queued job leaves the queue; a running one stops before its next model call
+    POST /api/jobs/{id}/steer      {"guidance": 3.0, "cfg_cutoff": 0.5 | null}: from the next step on
+    GET  /api/images/{id}.png      a job's image (PNG with the same metadata as ``stepdiff generate``)
+    WS   /api/events               queued, started, step (with a preview frame), steered, finished, cancelled,
+                                   failed, interrupted; starts with a ``hello`` snapshot of the live jobs
+
+Safe by default: cross-origin requests (an ``Origin`` that is not this server) are refused, a request
+body is at most ``MAX_BODY`` bytes, image names are checked before any file is touched, and on a
+loopback address only loopback host names are served (no DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..schedulers import scheduler_names
+from .jobs import JobNotFound, QueueFull, Studio, WrongState
+from .spec import MAX_PROMPT_CHARS, FieldError, parse_job, parse_steer
+from .store import STATES
+
+__all__ = ["MAX_BODY", "create_app"]
+
+MAX_BODY = 64 * 1024
+STATIC = Path(__file__).parent / "static"
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_IMAGE = re.compile(r"^[0-9a-f]{32}\.png$")
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.body = status, {"error": message, **extra}
+
+
+def _error(status: int, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+class Guard:
+    """ASGI middleware: host names, same origin, token, body size; the security headers on every response."""
+
+    def __init__(self, app: Any, token: str | None, trusted_hosts: set[str] | None, max_body: int) -> None:
+        self.app, self.token, self.trusted_hosts, self.max_body = app, token, trusted_hosts, max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        problem = self._check(scope)
+        if problem is not None:
+            status, message = problem
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+                return
+            await _error(status, {"error": message})(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.extend(_SECURITY_HEADERS)
+                if scope["path"] == "/":
+                    headers.append((b"content-security-policy", _CSP.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _check(self, scope: dict) -> tuple[int, str] | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        if self.trusted_hosts is not None and _hostname(host) not in self.trusted_hosts:
+            return 403, f"host {host!r} is not served here (allowed: {', '.join(sorted(self.trusted_hosts))})"
+        origin = headers.get("origin")
+        if origin is not None:
+            scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+            if origin != f"{scheme}://{host}":
+                return 403, f"cross-origin request refused: Origin {origin!r} is not this server ({scheme}://{host})"
+        if headers.get("sec-fetch-site") == "cross-site":
+            return 403, "cross-origin request refused (Sec-Fetch-Site: cross-site)"
+        path = scope["path"]
+        if self.token is not None and path.startswith("/api/"):
+            given = None
+            auth = headers.get("authorization", "")
+            if auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            given = given or headers.get("x-stepdiff-token")
+            if given is None:
+                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                given = (query.get("token") or [None])[0]
+            if given is None:
+                return 401, "this server needs its token: send 'Authorization: Bearer TOKEN' (or ?token=TOKEN)"
+            if not secrets.compare_digest(given.encode(), self.token.encode()):
+                return 401, "wrong token"
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return 400, f"Content-Length must be a number of bytes, got {length!r}"
+            if int(length) > self.max_body:
+                return 413, f"request body is {int(length)} bytes; the limit is {self.max_body}"
+        return None
+
+
+def _hostname(host: str) -> str:
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+async def _json(request: Request) -> Any:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise HTTPError(413, f"request body is over the limit of {MAX_BODY} bytes")
+    if not body:
+        raise HTTPError(400, "the request body must be a JSON object; it is empty")
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _job_id(request: Request) -> str:
+    job_id = request.path_params["job_id"]
+    if not _JOB_ID.match(job_id):
+        raise FieldError("id", job_id, "a job id: 32 hexadecimal characters")
+    return job_id
+
+
+def _query_int(request: Request, name: str, low: int, high: int, default: int | None) -> int | None:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    if not re.fullmatch(r"\d{1,18}", value) or not low <= int(value) <= high:
+        raise FieldError(name, value, f"an integer in [{low}, {high}]")
+    return int(value)
+
+
+def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[str] | None = None) -> Starlette:
+    """The ASGI app. ``token``: required on every /api call and the WebSocket; ``trusted_hosts``: the Host names
+    served (None: any, for tests behind a test client)."""
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
+
+    async def info(request: Request) -> Response:
+        lim = studio.limits
+        return JSONResponse({
+            "model": studio.model.name, "workers": studio.workers, "queue_size": studio.queue_size,
+            "schedulers": scheduler_names(), "max_prompt_chars": MAX_PROMPT_CHARS,
+            "preview_methods": ["auto", "linear", "vae"] + (["tiny"] if studio.frames.resolve("auto") == "tiny" else []),
+            "limits": {"native_size": lim.native_size, "size_multiple": lim.size_multiple, "min_size": lim.min_size,
+                       "max_size": lim.max_size, "max_steps": lim.max_steps},
+            "defaults": {"steps": lim.default_steps, "guidance": lim.default_guidance,
+                         "size": f"{lim.native_size}x{lim.native_size}"},
+            "stats": await run_in_threadpool(studio.stats),
+        })
+
+    async def submit(request: Request) -> Response:
+        body = await _json(request)
+        spec = parse_job(body, studio.limits)
+        job = await run_in_threadpool(studio.submit, spec, isinstance(body, dict) and body.get("seed") is not None)
+        return JSONResponse(job, status_code=201)
+
+    async def history(request: Request) -> Response:
+        limit = _query_int(request, "limit", 1, 100, 20)
+        before = _query_int(request, "before", 0, 2**62, None)
+        state = request.query_params.get("state")
+        if state is not None and state not in STATES:
+            raise FieldError("state", state, f"one of {', '.join(STATES)}")
+        return JSONResponse(await run_in_threadpool(studio.history, limit, before, state))
+
+    async def get_job(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(studio.get, _job_id(request)))
+
+    async def cancel(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(studio.cancel, _job_id(request)))
+
+    async def steer(request: Request) -> Response:
+        job_id = _job_id(request)
+        guidance, cutoff = parse_steer(await _json(request))
+        return JSONResponse(await run_in_threadpool(studio.steer, job_id, guidance, cutoff))
+
+    async def image(request: Request) -> Response:
+        name = request.path_params["name"]
+        if not _IMAGE.match(name):
+            raise FieldError("image", name, "a job's image name: 32 hexadecimal characters and .png")
+        root = studio.images.resolve()
+        path = (root / name).resolve()
+        if path.parent != root or not path.is_file():
+            raise HTTPError(404, f"no image {name!r}")
+        return FileResponse(path, media_type="image/png", headers={"cache-control": "private, max-age=31536000"})
+
+    async def events(ws: WebSocket) -> None:
+        await ws.accept()
+        loop = asyncio.get_running_loop()
+        sub = studio.hub.subscribe(loop)
+        listener = asyncio.ensure_future(_drain(ws))
+        try:
+            await ws.send_text(json.dumps(await run_in_threadpool(studio.snapshot)))
+            while True:
+                waiter = asyncio.ensure_future(sub.wake.wait())
+                done, _ = await asyncio.wait({waiter, listener}, return_when=asyncio.FIRST_COMPLETED)
+                if listener in done:
+                    waiter.cancel()
+                    return
+                if sub.overflowed:
+                    await ws.close(code=1013, reason="too far behind; reload the jobs from /api/jobs")
+                    return
+                for text in sub.take(studio.hub.lock):
+                    await ws.send_text(text)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return
+        finally:
+            studio.hub.unsubscribe(sub)
+            listener.cancel()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return _error(404, {"error": f"no route {request.method} {request.url.path}"})
+
+    async def field_error(request: Request, exc: FieldError) -> Response:
+        return _error(422, exc.to_dict())
+
+    async def http_error(request: Request, exc: HTTPError) -> Response:
+        return _error(exc.status, exc.body)
+
+    async def job_not_found(request: Request, exc: JobNotFound) -> Response:
+        return _error(404, {"error": f"no job {exc.args[0]}", "field": "id", "value": exc.args[0]})
+
+    async def wrong_state(request: Request, exc: WrongState) -> Response:
+        return _error(409, {"error": str(exc)})
+
+    async def queue_full(request: Request, exc: QueueFull) -> Response:
+        return _error(429, {"error": str(exc)})
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return _error(405, {"error": f"method {request.method} is not allowed on {request.url.path}"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        await run_in_threadpool(studio.close)
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", info),
+        Route("/api/jobs", submit, methods=["POST"]),
+        Route("/api/jobs", history, methods=["GET"]),
+        Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"]),
+        Route("/api/jobs/{job_id}/steer", steer, methods=["POST"]),
+        Route("/api/images/{name}", image),
+        WebSocketRoute("/api/events", events),
+        Mount("/static", StaticFiles(directory=STATIC)),
+    ]
+    handlers = {404: not_found, 405: method_not_allowed, FieldError: field_error, HTTPError: http_error,
+                JobNotFound: job_not_found, WrongState: wrong_state, QueueFull: queue_full}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.studio = studio
+    return Guard(app, token, trusted_hosts, MAX_BODY)  # type: ignore[return-value]
+
+
+async def _drain(ws: WebSocket) -> None:
+    """Read (and ignore) what the client sends, until it goes away."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return

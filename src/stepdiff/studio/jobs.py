@@ -1,0 +1,408 @@
+"""The studio's engine: a bounded FIFO queue, worker threads running jobs on one loaded pipeline, the store.
+
+Each job is a run of the engine (``pipeline.steps(...)``) with its own ``CancelToken`` and guidance plan:
+cancelling or steering a job reaches exactly that run and nothing else. Workers share the pipeline
+(a run owns all per-call state), so ``workers=2`` runs two jobs at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..control import CancelToken
+from .events import EventHub
+from .previews import FrameMaker, Previewer, StepUpdate
+from .spec import UNSET, FieldError, JobSpec, Limits
+from .store import FINAL_STATES, JobStore
+
+__all__ = ["GuidancePlan", "JobNotFound", "QueueFull", "Studio", "WrongState"]
+
+SHUTDOWN_REASON = "server shutdown"
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class WrongState(RuntimeError):
+    pass
+
+
+class GuidancePlan:
+    """The guidance scale of every step of one job, steerable while it runs.
+
+    ``cfg_cutoff``: guided up to and including step ``int(steps * ratio)``, as ``CFGCutoffCallback``;
+    ``interval``: guided on steps in ``[int(steps * start), int(steps * end))``, as ``GuidanceIntervalCallback``
+    (Kynkäänniemi et al. 2024). Off-guidance steps compute only the conditional rows.
+    """
+
+    def __init__(self, scale: float, total: int, cfg_cutoff: float | None = None,
+                 interval: tuple[float, float] | None = None) -> None:
+        self.lock = threading.Lock()
+        self.scale, self.total, self.cfg_cutoff, self.interval = scale, total, cfg_cutoff, interval
+
+    def scale_at(self, step: int) -> float:
+        if self.interval is not None:
+            start, end = (int(self.total * r) for r in self.interval)
+            return self.scale if start <= step < end else 0.0
+        if self.cfg_cutoff is not None and step > int(self.total * self.cfg_cutoff):
+            return 0.0
+        return self.scale
+
+
+@dataclass
+class _Live:
+    """A job the server holds in memory: queued or running."""
+
+    id: str
+    spec: JobSpec
+    token: CancelToken = field(default_factory=CancelToken)
+    plan: GuidancePlan | None = None
+    run: Any = None
+    steps_completed: int = 0
+    model_rows: int = 0
+    steering: list[dict[str, Any]] = field(default_factory=list)
+    calls_at_cancel: int | None = None
+
+
+class Studio:
+    """Jobs in, images and events out. Thread-safe; the HTTP layer (``app.py``) only calls these methods."""
+
+    def __init__(self, pipeline: Any, model: str | Path, data: str | Path, *, workers: int = 1, queue_size: int = 100,
+                 limits: Limits | None = None, start: bool = True) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        self.pipeline, self.model = pipeline, Path(model)
+        self.data = Path(data)
+        self.images = self.data / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.data / "studio.sqlite3")
+        self.limits = limits or Limits()
+        self.queue_size, self.workers = queue_size, workers
+        self.hub = EventHub()
+        self.frames = FrameMaker(pipeline)
+        self.previewer = Previewer(self.hub, self.frames)
+        self._lock = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._live: dict[str, _Live] = {}
+        self._pipes: dict[str | None, Any] = {None: pipeline}
+        self._closing = False
+        self.offer_seconds = 0.0  # worker time spent handing steps to the previewer (benchmarks)
+        self.offered_steps = 0
+        self.recovered_interrupted, queued = self.store.recover(self.images)
+        for row in queued:  # queued before a crash or a restart: they run, in their order
+            self._live[row["id"]] = _Live(row["id"], JobSpec.from_dict(row["params"]))
+            self._queue.append(row["id"])
+        self._threads = [threading.Thread(target=self._work, name=f"stepdiff-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        for t in self._threads:
+            if not t.is_alive():
+                t.start()
+
+    # ------------------------------------------------------------------ API
+
+    def check(self, spec: JobSpec) -> None:
+        """What depends on the loaded model, before a job is accepted."""
+        try:
+            self.frames.check(spec.preview.method)
+        except ValueError as e:
+            raise FieldError("preview.method", spec.preview.method, "auto, linear or vae for this model "
+                             f"({e})") from None
+        if spec.scheduler is not None:
+            try:
+                self._pipeline_for(spec.scheduler).scheduler.set_timesteps(spec.steps)
+            except ValueError as e:
+                raise FieldError("steps", spec.steps, f"allowed by scheduler {spec.scheduler} ({e})") from None
+
+    def submit(self, spec: JobSpec, seed_given: bool = True) -> dict[str, Any]:
+        if not seed_given:
+            spec.seed = secrets.randbelow(2**32)
+        self.check(spec)
+        job_id = uuid.uuid4().hex
+        with self._lock:
+            if self._closing:
+                raise WrongState("the server is shutting down")
+            if len(self._queue) >= self.queue_size:
+                raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting, the limit is {self.queue_size}); "
+                                "try again when a job has finished, or cancel one")
+            self.store.add(job_id, spec.to_dict())
+            self._live[job_id] = _Live(job_id, spec)
+            self._queue.append(job_id)
+            position = len(self._queue)
+            self._lock.notify()
+        self.hub.publish({"type": "queued", "job": job_id, "position": position, "params": spec.to_dict()})
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        row = self.store.get(job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        return self._view(row)
+
+    def history(self, limit: int = 20, before: int | None = None, state: str | None = None) -> dict[str, Any]:
+        rows = self.store.page(limit, before, state)
+        return {"jobs": [self._view(r) for r in rows], "next": rows[-1]["seq"] if len(rows) == limit else None}
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """A queued job leaves the queue; a running one stops before its next model call. Only this job."""
+        with self._lock:
+            live = self._live.get(job_id)
+            if live is not None and job_id in self._queue:
+                self._queue.remove(job_id)
+                self.store.cancel_queued(job_id)
+                del self._live[job_id]
+                queued = True
+            else:
+                queued = False
+        if queued:
+            self.hub.publish({"type": "cancelled", "job": job_id, "steps_completed": 0, "image": None})
+            return self.get(job_id)
+        if live is None:
+            row = self.store.get(job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            if row["state"] == "cancelled":
+                return self._view(row)  # cancelling twice is harmless
+            raise WrongState(f"job {job_id} is {row['state']}; only a queued or running job can be cancelled")
+        if not live.token.cancelled:
+            state = live.run.state if live.run is not None else None
+            live.calls_at_cancel = state.model_calls if state is not None else 0
+            live.token.cancel("cancelled by user")
+        return self.get(job_id)
+
+    def steer(self, job_id: str, guidance: float | None, cfg_cutoff: Any = UNSET) -> dict[str, Any]:
+        """From the next step on: the guidance scale, and the cutoff (a ratio, or None for none).
+
+        The steering record's ``step`` is the first step not yet done when the request came: it gets the new
+        scale unless its model call had already begun, in which case the step after it does.
+        """
+        live = self._live.get(job_id)
+        if live is None or live.plan is None:
+            row = self.store.get(job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            raise WrongState(f"job {job_id} is {row['state']}; only a running job can be steered")
+        plan = live.plan
+        with plan.lock:
+            if guidance is not None:
+                plan.scale = guidance
+            if cfg_cutoff is not UNSET:
+                plan.cfg_cutoff = cfg_cutoff
+                plan.interval = None if cfg_cutoff is not None else plan.interval
+            step = live.steps_completed
+            if live.run is not None and step < plan.total:
+                live.run.guidance_scale = plan.scale_at(step)
+            live.steering.append({"step": step, "guidance": plan.scale, "cfg_cutoff": plan.cfg_cutoff})
+        self.hub.publish({"type": "steered", "job": job_id, "step": step, "guidance": plan.scale,
+                          "cfg_cutoff": plan.cfg_cutoff})
+        return self.get(job_id)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring and benchmarks."""
+        with self._lock:
+            queued, live = len(self._queue), len(self._live)
+        return {"queued": queued, "running": live - queued, "subscribers": len(self.hub._subscribers),
+                "preview_frames": self.previewer.rendered, "preview_render_seconds": round(self.previewer.render_seconds, 4),
+                "preview_offer_seconds": round(self.offer_seconds, 4), "preview_offered_steps": self.offered_steps,
+                "jobs": self.store.count()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a newly connected client needs: the jobs in the queue and running."""
+        with self._lock:
+            ids = list(self._live)
+        return {"type": "hello", "jobs": [self.get(i) for i in ids if self.store.get(i) is not None]}
+
+    def image_path(self, name: str) -> Path:
+        return self.images / name
+
+    # ------------------------------------------------------------------ views
+
+    def _view(self, row: dict[str, Any]) -> dict[str, Any]:
+        job_id = row["id"]
+        live = self._live.get(job_id)
+        params = row["params"]
+        view = {
+            "id": job_id, "seq": row["seq"], "state": row["state"], "params": params,
+            "steps_completed": row["steps_completed"], "total": params["steps"], "created": row["created"],
+            "started": row["started"], "finished": row["finished"], "record": row["record"], "error": row["error"],
+            "image": None if row["image"] is None else f"/api/images/{row['image']}",
+            "steering": row["steering"] or [],
+            "guidance": params["guidance"],
+        }
+        if live is not None and row["state"] in ("queued", "running"):
+            view["steps_completed"], view["steering"] = live.steps_completed, list(live.steering)
+            view["model_rows"] = live.model_rows
+            if live.plan is not None:
+                view["guidance"] = live.plan.scale
+            if row["state"] == "queued":
+                with self._lock:
+                    view["position"] = self._queue.index(job_id) + 1 if job_id in self._queue else None
+        rec = row["record"]
+        if rec is not None:
+            full = 2 * rec["steps_completed"]  # one image per job: two rows a guided step
+            view["rows_saved"] = full - rec["model_rows"]
+        elif live is not None:
+            view["rows_saved"] = 2 * live.steps_completed - live.model_rows
+        return view
+
+    # ------------------------------------------------------------------ workers
+
+    def _pipeline_for(self, scheduler: str | None) -> Any:
+        """The loaded pipeline, or a view of it with another scheduler (the same modules; nothing is copied)."""
+        from ..schedulers import make_scheduler
+
+        with self._lock:
+            pipe = self._pipes.get(scheduler)
+            if pipe is None:
+                base = self.pipeline
+                pipe = type(base)(**{**base.components, "scheduler": make_scheduler(scheduler, base.scheduler.config)})
+                pipe.set_progress_bar_config(disable=True)
+                self._pipes[scheduler] = pipe
+            return pipe
+
+    def _next(self) -> _Live | None:
+        with self._lock:
+            while not self._queue and not self._closing:
+                self._lock.wait()
+            if self._closing:
+                return None
+            job_id = self._queue.popleft()
+            return self._live.get(job_id)
+
+    def _work(self) -> None:
+        while True:
+            live = self._next()
+            if live is None:
+                return
+            try:
+                if self.store.start(live.id):
+                    self._run(live)
+            finally:
+                with self._lock:
+                    self._live.pop(live.id, None)
+
+    def _run(self, live: _Live) -> None:
+        from ..metadata import ImageSettings, write_image
+
+        spec = live.spec
+        self.hub.publish({"type": "started", "job": live.id, "total": spec.steps})
+        plan = live.plan = GuidancePlan(spec.guidance, spec.steps, spec.cfg_cutoff, spec.guidance_interval)
+        state = None
+        try:
+            pipe = self._pipeline_for(spec.scheduler)
+            with plan.lock:
+                first = plan.scale_at(0)
+            run = pipe.steps(
+                prompt=spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
+                guidance_scale=first, width=spec.width, height=spec.height,
+                generator=torch.Generator().manual_seed(spec.seed), cancel=live.token,
+            )
+            live.run = run
+            total = run.num_timesteps
+            every = spec.preview.every
+            for state in run:
+                i = state.step_index
+                with plan.lock:
+                    live.steps_completed, live.model_rows = state.steps_completed, state.model_rows
+                    if i + 1 < total:
+                        run.guidance_scale = plan.scale_at(i + 1)
+                if self.hub.listening:
+                    offered = time.perf_counter()
+                    frame_step = i % every == 0 or i == total - 1
+                    tensor = getattr(state, spec.preview.source) if frame_step else None
+                    self.previewer.offer(StepUpdate(
+                        job=live.id, step=i, total=total, timestep=float(state.timestep), rows=state.rows_per_step[-1],
+                        model_rows=state.model_rows, guidance=state.guidance_scale,
+                        tensor=None if tensor is None else tensor[0].detach().float().cpu().clone(),
+                        method=spec.preview.method, frame_step=i if frame_step else None,
+                    ))
+                    self.offer_seconds += time.perf_counter() - offered
+                    self.offered_steps += 1
+            out = run.finish()
+            final = self._stopped_state(live) if live.token.cancelled else "finished"
+            if out.steps_completed == 0:  # stopped before its first step: only noise to show
+                self._end_without_image(live, final, out.record.to_dict())
+                return
+            record = out.record.to_dict()
+            if live.calls_at_cancel is not None:
+                record["model_calls_at_cancel"] = live.calls_at_cancel
+            name = f"{live.id}.png"
+            settings = ImageSettings(
+                prompt=spec.prompt, negative_prompt=spec.negative_prompt, seed=spec.seed, steps=spec.steps,
+                guidance_scale=spec.guidance, model=str(self.model), cfg_cutoff_ratio=spec.cfg_cutoff,
+            )
+            extra = {"job_id": live.id, "guidance_interval": spec.to_dict()["guidance_interval"],
+                     "steering": live.steering}
+            write_image(self.images / name, settings, out.images[0], run.scheduler, out, extra=extra)
+            self.store.end(live.id, final, steps_completed=out.steps_completed, record=record, image=name,
+                           steering=live.steering)
+            self.previewer.flush(live.id)
+            self.hub.publish({"type": final, "job": live.id, "steps_completed": out.steps_completed,
+                              "image": f"/api/images/{name}", "record": record})
+        except Exception as e:
+            if live.token.cancelled and state is None:  # cancelled while it was being prepared
+                self._end_without_image(live, self._stopped_state(live), None)
+                return
+            message = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            done = 0 if state is None else state.steps_completed
+            self.store.end(live.id, "failed", steps_completed=done, error=message, steering=live.steering)
+            self.previewer.flush(live.id)
+            self.hub.publish({"type": "failed", "job": live.id, "error": message})
+
+    @staticmethod
+    def _stopped_state(live: _Live) -> str:
+        return "interrupted" if live.token.reason == SHUTDOWN_REASON else "cancelled"
+
+    def _end_without_image(self, live: _Live, final: str, record: dict | None) -> None:
+        if record is not None and live.calls_at_cancel is not None:
+            record["model_calls_at_cancel"] = live.calls_at_cancel
+        self.store.end(live.id, final, record=record, steering=live.steering)
+        self.previewer.flush(live.id)
+        self.hub.publish({"type": final, "job": live.id, "steps_completed": 0, "image": None, "record": record})
+
+    # ------------------------------------------------------------------ shutdown
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return [j for j, live in self._live.items() if live.plan is not None]
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop cleanly: running jobs stop before their next model call, are written and marked interrupted;
+        queued jobs stay queued (they run after the next start)."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            for live in self._live.values():
+                if live.plan is not None:
+                    live.token.cancel(SHUTDOWN_REASON)
+            self._lock.notify_all()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
+        self.previewer.close()
+        self.store.close()
+
+    def is_final(self, job_id: str) -> bool:
+        row = self.store.get(job_id)
+        return row is not None and row["state"] in FINAL_STATES

@@ -1,0 +1,236 @@
+"""What a studio job asks for, checked field by field before any model work.
+
+``parse_job(body, limits)`` turns a submitted JSON object into a ``JobSpec`` or raises ``FieldError``
+naming the field, the bad value and what is allowed. The HTTP layer turns that into a 422 JSON error.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..schedulers import scheduler_class, scheduler_names
+
+__all__ = ["MAX_PROMPT_CHARS", "FieldError", "JobSpec", "Limits", "PreviewSpec", "parse_job", "parse_steer"]
+
+MAX_PROMPT_CHARS = 2000  # far more than any text encoder reads (77 tokens); keeps requests and the database small
+MAX_GUIDANCE = 100.0  # as the CLI: beyond this the guided prediction saturates
+MAX_SEED = 2**64 - 1
+_SOURCES = ("denoised", "latents")
+_METHODS = ("auto", "tiny", "linear", "vae")
+
+
+class FieldError(ValueError):
+    """A bad field in a request: ``field`` (dotted path), the bad ``value`` and what is ``allowed``."""
+
+    def __init__(self, field: str, value: Any, allowed: str, message: str | None = None) -> None:
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(message or f"{field} must be {allowed}, got {_show(value)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        value = self.value
+        if isinstance(value, float) and not math.isfinite(value):
+            value = repr(value)
+        elif not isinstance(value, (int, float, bool, type(None))) and not (isinstance(value, str) and len(value) <= 80):
+            value = _show(value)
+        return {"error": str(self), "field": self.field, "value": value, "allowed": self.allowed}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What this server accepts: from the loaded model (sizes) and the server's flags."""
+
+    native_size: int = 64
+    size_multiple: int = 8
+    min_size: int = 8
+    max_size: int = 512
+    max_steps: int = 500
+    default_steps: int = 25
+    default_guidance: float = 7.5
+
+
+@dataclass
+class PreviewSpec:
+    every: int = 1  # a frame every N steps (and the last)
+    source: str = "denoised"  # the x0 estimate, or the noisy latents
+    # The linear table by default: it keeps the streaming cost within 3% of a step; the tiny decoder
+    # ("tiny", or "auto" where the model has one) looks better but cost +18% on the 2-core machine (bench_studio.py).
+    method: str = "linear"
+
+
+@dataclass
+class JobSpec:
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int = 0
+    steps: int = 25
+    width: int = 64
+    height: int = 64
+    guidance: float = 7.5
+    scheduler: str | None = None  # an alias or diffusers class name; None: the model's own
+    cfg_cutoff: float | None = None  # guidance off after this fraction of the steps
+    guidance_interval: tuple[float, float] | None = None  # guidance only in [start, end) (ratios of the steps)
+    preview: PreviewSpec = field(default_factory=PreviewSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.guidance_interval is not None:
+            data["guidance_interval"] = list(self.guidance_interval)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        """From what ``to_dict`` stored (trusted: the database)."""
+        data = dict(data)
+        data["preview"] = PreviewSpec(**data.get("preview") or {})
+        if data.get("guidance_interval") is not None:
+            data["guidance_interval"] = tuple(data["guidance_interval"])
+        return cls(**data)
+
+
+_FIELDS = {"prompt", "negative_prompt", "seed", "steps", "width", "height", "size", "guidance", "scheduler",
+           "cfg_cutoff", "guidance_interval", "preview"}
+_PREVIEW_FIELDS = {"every", "source", "method"}
+
+
+def _int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise FieldError(name, value, f"an integer in [{low}, {high}]")
+    return int(value)
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise FieldError(name, value, f"a number in [{low:g}, {high:g}]")
+    return float(value)
+
+
+def _text(name: str, value: Any, required: bool) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise FieldError(name, value, f"a string of at most {MAX_PROMPT_CHARS} characters")
+    if required and not value.strip():
+        raise FieldError(name, value, "a non-empty string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise FieldError(name, f"<{len(value)} characters>", f"a string of at most {MAX_PROMPT_CHARS} characters")
+    if "\x00" in value:
+        raise FieldError(name, value, "text without NUL characters")
+    return value
+
+
+def _side(name: str, value: Any, limits: Limits) -> int:
+    allowed = (f"a multiple of {limits.size_multiple} in [{limits.min_size}, {limits.max_size}]")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value % limits.size_multiple \
+            or not limits.min_size <= value <= limits.max_size:
+        raise FieldError(name, value, allowed)
+    return int(value)
+
+
+def _unknown(where: str, data: dict, known: set[str]) -> None:
+    extra = sorted(set(data) - known)
+    if extra:
+        name = f"{where}{extra[0]}"
+        names = ", ".join(sorted(known))
+        raise FieldError(name, data[extra[0]], f"one of the known fields: {names}",
+                         f"unknown field {name!r}; the known fields are {names}")
+
+
+def parse_job(body: Any, limits: Limits) -> JobSpec:
+    """A ``JobSpec`` from a submitted JSON object, every field checked; defaults for those left out."""
+    if not isinstance(body, dict):
+        raise FieldError("body", body, "a JSON object")
+    _unknown("", body, _FIELDS)
+    spec = JobSpec(prompt=_text("prompt", body.get("prompt"), required=True))
+    spec.negative_prompt = _text("negative_prompt", body.get("negative_prompt"), required=False) or None
+    if body.get("seed") is not None:
+        spec.seed = _int("seed", body["seed"], 0, MAX_SEED)
+    spec.steps = limits.default_steps if body.get("steps") is None else _int("steps", body["steps"], 1, limits.max_steps)
+    spec.width = spec.height = limits.native_size
+    if body.get("size") is not None:
+        if "width" in body or "height" in body:
+            raise FieldError("size", body["size"], "left out when width and height are given")
+        size = body["size"]
+        try:
+            w, h = (int(v) for v in str(size).lower().split("x"))
+        except ValueError:
+            raise FieldError("size", size, "WIDTHxHEIGHT, e.g. 64x64") from None
+        spec.width, spec.height = _side("size width", w, limits), _side("size height", h, limits)
+    if body.get("width") is not None:
+        spec.width = _side("width", body["width"], limits)
+    if body.get("height") is not None:
+        spec.height = _side("height", body["height"], limits)
+    spec.guidance = limits.default_guidance if body.get("guidance") is None else \
+        _number("guidance", body["guidance"], 0.0, MAX_GUIDANCE)
+    if body.get("scheduler") is not None:
+        name = body["scheduler"]
+        allowed = f"one of: {', '.join(scheduler_names())}"
+        if not isinstance(name, str):
+            raise FieldError("scheduler", name, allowed)
+        try:
+            scheduler_class(name)
+        except ValueError:
+            raise FieldError("scheduler", name, allowed) from None
+        spec.scheduler = name
+    if body.get("cfg_cutoff") is not None:
+        spec.cfg_cutoff = _number("cfg_cutoff", body["cfg_cutoff"], 0.0, 1.0)
+    if body.get("guidance_interval") is not None:
+        if spec.cfg_cutoff is not None:
+            raise FieldError("guidance_interval", body["guidance_interval"], "left out when cfg_cutoff is given")
+        spec.guidance_interval = _interval(body["guidance_interval"])
+    preview = body.get("preview")
+    if preview is not None:
+        if not isinstance(preview, dict):
+            raise FieldError("preview", preview, "an object with every, source, method")
+        _unknown("preview.", preview, _PREVIEW_FIELDS)
+        p = spec.preview
+        if preview.get("every") is not None:
+            p.every = _int("preview.every", preview["every"], 1, limits.max_steps)
+        if preview.get("source") is not None:
+            if preview["source"] not in _SOURCES:
+                raise FieldError("preview.source", preview["source"], f"one of {', '.join(_SOURCES)}")
+            p.source = preview["source"]
+        if preview.get("method") is not None:
+            if preview["method"] not in _METHODS:
+                raise FieldError("preview.method", preview["method"], f"one of {', '.join(_METHODS)}")
+            p.method = preview["method"]
+    return spec
+
+
+def _interval(value: Any) -> tuple[float, float]:
+    allowed = "[start, end], two ratios of the steps with 0 <= start <= end <= 1"
+    if not isinstance(value, list) or len(value) != 2:
+        raise FieldError("guidance_interval", value, allowed)
+    start = _number("guidance_interval[0]", value[0], 0.0, 1.0)
+    end = _number("guidance_interval[1]", value[1], 0.0, 1.0)
+    if start > end:
+        raise FieldError("guidance_interval", value, allowed)
+    return start, end
+
+
+_UNSET: Any = object()
+
+
+def parse_steer(body: Any) -> tuple[float | None, Any]:
+    """``(guidance or None, cfg_cutoff)`` from a steer request; cfg_cutoff is ``_UNSET`` when left out, None to remove."""
+    if not isinstance(body, dict):
+        raise FieldError("body", body, "a JSON object")
+    _unknown("", body, {"guidance", "cfg_cutoff"})
+    if "guidance" not in body and "cfg_cutoff" not in body:
+        raise FieldError("body", body, "an object with guidance and/or cfg_cutoff")
+    guidance = None if body.get("guidance") is None else _number("guidance", body["guidance"], 0.0, MAX_GUIDANCE)
+    cutoff = _UNSET
+    if "cfg_cutoff" in body:
+        cutoff = None if body["cfg_cutoff"] is None else _number("cfg_cutoff", body["cfg_cutoff"], 0.0, 1.0)
+    return guidance, cutoff
+
+
+UNSET = _UNSET

@@ -1,0 +1,232 @@
+// stepdiff studio page: plain JavaScript, no build step, nothing loaded from elsewhere.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const token = new URLSearchParams(location.search).get("token");
+const FINAL = new Set(["finished", "cancelled", "failed", "interrupted"]);
+let current = null;        // the job this page follows (id)
+let currentTotal = 0;
+let steerTimer = null;
+let oldest = null;         // history cursor
+let socket = null;
+
+function withToken(url) {
+  return token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url;
+}
+
+async function api(path, options = {}) {
+  const headers = { "content-type": "application/json" };
+  if (token) headers.authorization = "Bearer " + token;
+  const response = await fetch(path, { ...options, headers });
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = { error: response.statusText }; }
+  if (!response.ok) throw Object.assign(new Error(body.error || response.statusText), { body, status: response.status });
+  return body;
+}
+
+function showError(message) { $("error").textContent = message || ""; }
+
+function numberOrNull(id) {
+  const v = $(id).value.trim();
+  return v === "" ? null : Number(v);
+}
+
+function formJob() {
+  const [w, h] = $("size").value.split("x").map(Number);
+  const job = {
+    prompt: $("prompt").value, negative_prompt: $("negative").value || null, seed: numberOrNull("seed"),
+    steps: numberOrNull("steps"), width: w, height: h, guidance: numberOrNull("guidance"),
+    scheduler: $("scheduler").value || null, cfg_cutoff: numberOrNull("cutoff"),
+    preview: { every: numberOrNull("preview-every"), method: $("preview-method").value, source: "denoised" },
+  };
+  return job;
+}
+
+function useSettings(p) {
+  $("prompt").value = p.prompt;
+  $("negative").value = p.negative_prompt || "";
+  $("seed").value = p.seed;
+  $("steps").value = p.steps;
+  const size = `${p.width}x${p.height}`;
+  if (![...$("size").options].some((o) => o.value === size)) $("size").add(new Option(size, size));
+  $("size").value = size;
+  $("guidance").value = p.guidance;
+  $("scheduler").value = p.scheduler || "";
+  $("cutoff").value = p.cfg_cutoff === null ? "" : p.cfg_cutoff;
+  $("preview-every").value = p.preview.every;
+  $("preview-method").value = p.preview.method;
+  $("prompt").focus();
+}
+
+async function generate() {
+  showError("");
+  try {
+    const job = await api("/api/jobs", { method: "POST", body: JSON.stringify(formJob()) });
+    follow(job);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function follow(job) {
+  current = job.id;
+  currentTotal = job.total;
+  $("progress").max = job.total;
+  $("progress").value = job.steps_completed;
+  $("steer").value = job.guidance;
+  $("steer-value").textContent = job.guidance;
+  $("rows-saved").textContent = job.rows_saved || 0;
+  setRunning(!FINAL.has(job.state));
+  $("status").textContent = job.state === "queued" ? `queued (position ${job.position})` : job.state;
+  if (FINAL.has(job.state)) finished(job);
+}
+
+function setRunning(running) {
+  $("stop").disabled = !running;
+  $("steer").disabled = !running;
+  document.body.classList.toggle("running", running);
+}
+
+async function stop() {
+  if (!current) return;
+  try { await api(`/api/jobs/${current}/cancel`, { method: "POST" }); } catch (e) { showError(e.message); }
+}
+
+function steer() {
+  $("steer-value").textContent = $("steer").value;
+  clearTimeout(steerTimer);
+  const id = current;
+  steerTimer = setTimeout(async () => {
+    try {
+      await api(`/api/jobs/${id}/steer`, { method: "POST", body: JSON.stringify({ guidance: Number($("steer").value) }) });
+    } catch (e) { if (e.status !== 409) showError(e.message); }
+  }, 40);
+}
+
+function onStep(e) {
+  $("progress").max = e.total;
+  $("progress").value = e.step + 1;
+  $("status").textContent = `step ${e.step + 1} / ${e.total} · guidance ${e.guidance}`;
+  $("rows-saved").textContent = 2 * (e.step + 1) - e.model_rows;
+  if (e.frame) $("preview").src = e.frame;
+}
+
+function finished(job) {
+  setRunning(false);
+  const rec = job.record;
+  let text = job.state;
+  if (rec && rec.interrupted) text += ` at step ${rec.steps_completed} of ${rec.steps_total}`;
+  if (job.error) text += `: ${job.error}`;
+  $("status").textContent = text;
+  if (rec) {
+    $("progress").value = rec.steps_completed;
+    $("rows-saved").textContent = job.rows_saved;
+  }
+  if (job.image) $("preview").src = withToken(job.image);
+  addCard(job, true);
+}
+
+function card(job) {
+  const p = job.params;
+  const div = document.createElement("div");
+  div.className = "card";
+  div.dataset.job = job.id;
+  div.dataset.state = job.state;
+  const thumb = document.createElement("div");
+  thumb.className = "thumb";
+  if (job.image) {
+    const img = document.createElement("img");
+    img.src = withToken(job.image);
+    img.alt = p.prompt;
+    img.loading = "lazy";
+    thumb.appendChild(img);
+  }
+  div.appendChild(thumb);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const rec = job.record;
+  meta.textContent = `${p.prompt} · seed ${p.seed} · ${p.steps} steps · guidance ${p.guidance}` +
+    (p.cfg_cutoff !== null ? ` · cutoff ${p.cfg_cutoff}` : "") + (rec ? ` · ${rec.model_rows} rows` : "");
+  div.appendChild(meta);
+  if (job.state !== "finished") {
+    const tag = document.createElement("div");
+    tag.className = "tag";
+    tag.textContent = rec && rec.interrupted ? `${job.state} at step ${rec.steps_completed}` : job.state;
+    div.appendChild(tag);
+  }
+  const use = document.createElement("button");
+  use.className = "use";
+  use.textContent = "Use these settings";
+  use.addEventListener("click", () => useSettings(p));
+  div.appendChild(use);
+  return div;
+}
+
+function addCard(job, front) {
+  if (!FINAL.has(job.state)) return;
+  const old = document.querySelector(`.card[data-job="${job.id}"]`);
+  const div = card(job);
+  if (old) old.replaceWith(div);
+  else if (front) $("gallery").prepend(div);
+  else $("gallery").append(div);
+}
+
+async function loadHistory() {
+  const page = await api("/api/jobs?limit=24" + (oldest ? `&before=${oldest}` : ""));
+  page.jobs.forEach((job) => addCard(job, false));
+  oldest = page.next;
+  $("more").hidden = page.next === null;
+}
+
+async function resync() {
+  // Events may have been lost while the socket was down: ask for the followed job's state.
+  if (!current) return;
+  const job = await api(`/api/jobs/${current}`);
+  if (FINAL.has(job.state) && !$("stop").disabled) finished(job);
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  socket = new WebSocket(withToken(`${scheme}//${location.host}/api/events`));
+  socket.onopen = () => { $("connection").textContent = "live"; resync().catch(() => {}); };
+  socket.onclose = () => {
+    $("connection").textContent = "reconnecting…";
+    setTimeout(connect, 1000);
+  };
+  socket.onmessage = (message) => {
+    const e = JSON.parse(message.data);
+    if (e.type === "hello" || e.job !== current) return;
+    if (e.type === "started") { $("status").textContent = "started"; setRunning(true); }
+    else if (e.type === "step") onStep(e);
+    else if (FINAL.has(e.type)) api(`/api/jobs/${current}`).then(finished).catch((err) => showError(err.message));
+  };
+}
+
+async function init() {
+  const info = await api("/api/info");
+  $("model").textContent = `${info.model} · ${info.workers} worker(s) · queue ${info.queue_size}`;
+  const n = info.limits.native_size;
+  for (const s of [n / 2, n, n * 2].filter((s) => s >= info.limits.min_size && s <= info.limits.max_size)) {
+    $("size").add(new Option(`${s}x${s}`, `${s}x${s}`));
+  }
+  $("size").value = info.defaults.size;
+  $("steps").value = info.defaults.steps;
+  $("guidance").value = info.defaults.guidance;
+  $("prompt").maxLength = info.max_prompt_chars;
+  for (const name of info.schedulers) $("scheduler").add(new Option(name, name));
+  if (!info.preview_methods.includes("tiny")) $("preview-method").querySelector('option[value="tiny"]').disabled = true;
+  await loadHistory();
+  connect();
+}
+
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
+  else if (e.key === "Escape") { e.preventDefault(); stop(); }
+});
+$("generate").addEventListener("click", generate);
+$("stop").addEventListener("click", stop);
+$("steer").addEventListener("input", steer);
+$("more").addEventListener("click", () => loadHistory().catch((e) => showError(e.message)));
+// A lost event must never leave the page unable to follow or stop a job: while one runs, ask now and then.
+setInterval(() => { if (!$("stop").disabled) resync().catch(() => {}); }, 2000);
+init().catch((e) => showError(e.message));
