@@ -73,3 +73,18 @@ def test_sdxl_text_encoders_of_one_width_are_refused(sdxl_folder, tmp_path):
     with pytest.raises(ValueError, match="both SDXL text encoders .* are 32 wide"):
         save_single_file(sdxl_folder, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_pickle_single_files_are_refused_unless_allowed(sd_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    checkpoint = save_single_file(sd_folder, tmp_path / "model.safetensors")
+    torch.save({"state_dict": load_file(str(checkpoint))}, tmp_path / "model.ckpt")  # the original .ckpt layout
+    configs = _configs_only(sd_folder, tmp_path / "configs")
+    with pytest.raises(OSError, match=r"model\.ckpt' is not a \.safetensors file.*allow_pickle=True"):
+        stepdiff.StableDiffusionPipeline.from_single_file(tmp_path / "model.ckpt", config=str(configs))
+    pipe = stepdiff.StableDiffusionPipeline.from_single_file(
+        tmp_path / "model.ckpt", config=str(configs), safety_checker=None, allow_pickle=True,
+    )
+    want = load_file(str(sd_folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(pipe.unet.state_dict()[k], want[k]) for k in want)

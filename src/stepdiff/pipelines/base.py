@@ -324,6 +324,23 @@ class StepDiffPipeline(DiffusionPipeline):
             except (ValueError, RuntimeError) as e:
                 raise _explain_mismatch(Path(pretrained_model_name_or_path), e) from e
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike, *, allow_pickle: bool = False,
+                         **kwargs: Any):
+        """diffusers' ``FromSingleFileMixin.from_single_file`` (one checkpoint in the original key layout;
+        ``config=`` a folder or repo with the configs), with ``from_pretrained``'s pickle rule: a ``.ckpt``/``.pt``
+        /``.bin`` file is a pickle, which can run code when loaded, and is refused unless ``allow_pickle=True``.
+        Only ``.safetensors`` and ``.gguf`` files load by default.
+        """
+        name = str(pretrained_model_link_or_path).split("?")[0].rstrip("/")
+        if not allow_pickle and not name.endswith((".safetensors", ".gguf")):
+            raise OSError(
+                f"{str(pretrained_model_link_or_path)!r} is not a .safetensors file: diffusers reads other single "
+                "files as pickles, which can run code when loaded; stepdiff loads only safetensors by default. Pass "
+                "allow_pickle=True to from_single_file if you trust this file"
+            )
+        return super().from_single_file(str(pretrained_model_link_or_path), **kwargs)  # type: ignore[misc]
+
     # ------------------------------------------------------------ properties
 
     def _model_calls_in_inference_mode(self) -> bool:
