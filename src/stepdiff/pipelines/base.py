@@ -330,7 +330,8 @@ class StepDiffPipeline(DiffusionPipeline):
         """diffusers' ``FromSingleFileMixin.from_single_file`` (one checkpoint in the original key layout;
         ``config=`` a folder or repo with the configs), with ``from_pretrained``'s pickle rule: a ``.ckpt``/``.pt``
         /``.bin`` file is a pickle, which can run code when loaded, and is refused unless ``allow_pickle=True``.
-        Only ``.safetensors`` and ``.gguf`` files load by default.
+        Only ``.safetensors`` and ``.gguf`` files load by default. Every model comes back in eval mode, as from
+        ``from_pretrained`` (diffusers leaves a single-file T5 in training mode, with dropout on).
         """
         name = str(pretrained_model_link_or_path).split("?")[0].rstrip("/")
         if not allow_pickle and not name.endswith((".safetensors", ".gguf")):
@@ -339,7 +340,13 @@ class StepDiffPipeline(DiffusionPipeline):
                 "files as pickles, which can run code when loaded; stepdiff loads only safetensors by default. Pass "
                 "allow_pickle=True to from_single_file if you trust this file"
             )
-        return super().from_single_file(str(pretrained_model_link_or_path), **kwargs)  # type: ignore[misc]
+        pipe = super().from_single_file(str(pretrained_model_link_or_path), **kwargs)  # type: ignore[misc]
+        for component in pipe.components.values():
+            # diffusers leaves a single-file T5 (SD3's text_encoder_3) in training mode: its dropout would make
+            # every prompt encode differently; from_pretrained sets every model to eval mode, and so do we
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        return pipe
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
                           *args: Any, allow_pickle: bool = False, **kwargs: Any) -> None:
