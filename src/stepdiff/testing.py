@@ -29,7 +29,7 @@ from .tokenizer import build_clip_tokenizer
 
 __all__ = [
     "TINY_WORDS", "make_tiny_controlnet", "make_tiny_ip_adapter", "make_tiny_preview_decoder", "make_tiny_sd",
-    "make_tiny_sd3", "make_tiny_sdxl",
+    "make_tiny_sd3", "make_tiny_sdxl", "save_single_file",
 ]
 
 TINY_WORDS = "a photo of cat dog red blue car road croissant bear sports best quality high detail".split()
@@ -83,9 +83,11 @@ def make_tiny_sd(out: str | Path, seed: int = 0, prediction_type: str = "epsilon
     return out
 
 
-def make_tiny_sdxl(out: str | Path, seed: int = 0, width: int = 32, sample_size: int = 16, in_channels: int = 4) -> Path:
+def make_tiny_sdxl(out: str | Path, seed: int = 0, width: int = 32, sample_size: int = 16, in_channels: int = 4,
+                   text_encoder_2_width: int = 32) -> Path:
     """A random SDXL pipeline folder; ``width`` scales the UNet (32 is tiny, 96+ makes the UNet dominate);
-    ``in_channels=9``: an inpainting UNet."""
+    ``in_channels=9``: an inpainting UNet; ``text_encoder_2_width`` is the hidden size of the second (OpenCLIP-G
+    style) text encoder, which must differ from the first's (32) for ``save_single_file``."""
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
@@ -94,10 +96,12 @@ def make_tiny_sdxl(out: str | Path, seed: int = 0, width: int = 32, sample_size:
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1,
-    )
+        projection_class_embeddings_input_dim=80, cross_attention_dim=32 + text_encoder_2_width, norm_num_groups=1,
+    )  # the UNet attends to both encoders' hidden states, concatenated
     text_encoder = CLIPTextModel(_text_config(len(tokenizer), tokenizer, 32))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(len(tokenizer), tokenizer, text_encoder_2_width, projection_dim=32)
+    )
     pipe = _DiffusersSDXL(
         vae=_vae(32), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
@@ -115,9 +119,12 @@ def _t5_tokenizer() -> T5Tokenizer:
 
 
 def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True, layers: int = 2, head_dim: int = 8,
-                  sample_size: int = 16) -> Path:
+                  sample_size: int = 16, text_encoder_2_width: int = 32, identity_text_projection: bool = False) -> Path:
     """A random SD3 pipeline folder (MMDiT transformer, CLIP-L, CLIP-G, optional T5, VAE with shift factor);
-    ``layers`` and ``head_dim`` scale the transformer (benchmarks use a larger one so it dominates a step)."""
+    ``layers`` and ``head_dim`` scale the transformer (benchmarks use a larger one so it dominates a step).
+    For ``save_single_file``: ``text_encoder_2_width`` (CLIP-G's width) must differ from CLIP-L's 32, and
+    ``identity_text_projection=True`` gives CLIP-L the identity projection that diffusers' single-file loader puts
+    there."""
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
@@ -127,7 +134,12 @@ def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True, layers: 
         caption_projection_dim=4 * head_dim, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
     )
     text_encoder = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(len(tokenizer), tokenizer, text_encoder_2_width, projection_dim=32)
+    )
+    if identity_text_projection:
+        with torch.no_grad():
+            text_encoder.text_projection.weight.copy_(torch.eye(32))
     t5_tokenizer = _t5_tokenizer() if with_t5 else None
     t5 = T5EncoderModel(T5Config(
         vocab_size=len(t5_tokenizer), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
@@ -236,3 +248,275 @@ def make_tiny_preview_decoder(
     )
     decoder.save_pretrained(out, safe_serialization=True)
     return Path(out)
+
+
+# --- single-file checkpoints ----------------------------------------------------------------------------------------
+# diffusers ships only the forward conversion (original single-file layout -> diffusers folders, used by
+# ``from_single_file``); its reverse script is not in the wheel. The inverse below renames keys with diffusers' own
+# tables where they exist (``DIFFUSERS_TO_LDM_MAPPING``), and ``save_single_file`` proves it by running diffusers'
+# forward converters on the result: every tensor must come back bit for bit under its diffusers name.
+
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                  "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_RESNET_TO_LDM = {"conv_shortcut": "nin_shortcut"}
+_OPEN_CLIP_LAYER_TO_LDM = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                           "self_attn": "attn"}
+
+
+def _renamed(rest: str, table: dict[str, str]) -> str:
+    for new, old in table.items():
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def _unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel keys -> ``model.diffusion_model.*`` (input/middle/output blocks)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    maps = DIFFUSERS_TO_LDM_MAPPING["unet"]
+    top = {**maps["layers"], **(maps["addition_embed_type"] if config.get("addition_embed_type") == "text_time" else {})}
+    per_block = config["layers_per_block"] + 1  # LDM numbers every resnet and every down/upsampler in one sequence
+    out = {}
+    for key, value in state.items():
+        part = key.split(".")
+        if key in top:
+            ldm = top[key]
+        elif part[0] == "down_blocks" and part[2] == "downsamplers":  # down_blocks.B.downsamplers.0.conv.weight
+            ldm = f"input_blocks.{(int(part[1]) + 1) * per_block}.0.op.{part[-1]}"
+        elif part[0] == "down_blocks":  # down_blocks.B.{resnets,attentions}.L.rest
+            index, rest = 1 + int(part[1]) * per_block + int(part[3]), ".".join(part[4:])
+            ldm = (f"input_blocks.{index}.0.{_renamed(rest, _RESNET_TO_LDM)}" if part[2] == "resnets"
+                   else f"input_blocks.{index}.1.{rest}")
+        elif part[0] == "mid_block":  # resnet 0, attention, resnet 1
+            index, rest = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[part[1], part[2]], ".".join(part[3:])
+            ldm = f"middle_block.{index}.{_renamed(rest, _RESNET_TO_LDM) if part[1] == 'resnets' else rest}"
+        elif part[0] == "up_blocks" and part[2] == "upsamplers":  # after the attention, where the block has one
+            has_attention = any(k.startswith(f"up_blocks.{part[1]}.attentions.") for k in state)
+            ldm = f"output_blocks.{int(part[1]) * per_block + per_block - 1}.{2 if has_attention else 1}.conv.{part[-1]}"
+        elif part[0] == "up_blocks":
+            index, rest = int(part[1]) * per_block + int(part[3]), ".".join(part[4:])
+            ldm = (f"output_blocks.{index}.0.{_renamed(rest, _RESNET_TO_LDM)}" if part[2] == "resnets"
+                   else f"output_blocks.{index}.1.{rest}")
+        else:
+            raise ValueError(f"save_single_file: no original-layout name for the UNet weight {key!r}")
+        out["model.diffusion_model." + ldm] = value
+    return out
+
+
+def _vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL keys -> ``first_stage_model.*`` (the decoder's up blocks are numbered in reverse)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    n_up = len(config["up_block_types"])
+    out = {}
+    for key, value in state.items():
+        part = key.split(".")
+        if key in top:
+            ldm = top[key]
+        elif part[1] in ("down_blocks", "up_blocks"):
+            level = int(part[2]) if part[1] == "down_blocks" else n_up - 1 - int(part[2])
+            name = "down" if part[1] == "down_blocks" else "up"
+            if part[3] == "resnets":
+                ldm = f"{part[0]}.{name}.{level}.block.{part[4]}.{_renamed('.'.join(part[5:]), _VAE_RESNET_TO_LDM)}"
+            else:  # {down,up}samplers.0.conv.*
+                ldm = f"{part[0]}.{name}.{level}.{name}sample.conv.{part[-1]}"
+        elif part[1] == "mid_block" and part[2] == "resnets":
+            ldm = f"{part[0]}.mid.block_{int(part[3]) + 1}.{_renamed('.'.join(part[4:]), _VAE_RESNET_TO_LDM)}"
+        elif part[1] == "mid_block":  # the original attention is made of 1x1 convolutions
+            ldm = f"{part[0]}.mid.attn_1.{_renamed('.'.join(part[4:]), _VAE_ATTENTION_TO_LDM)}"
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        else:
+            raise ValueError(f"save_single_file: no original-layout name for the VAE weight {key!r}")
+        out["first_stage_model." + ldm] = value
+    return out
+
+
+def _clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel -> ``prefix + text_model.*`` (transformers >= 5.6 drops the ``text_model.``)."""
+    return {prefix + (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+            for k, v in state.items()}
+
+
+def _open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection -> OpenCLIP names (fused q/k/v ``in_proj``, transposed ``text_projection``)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    out, fused = {}, {}
+    for key, value in state.items():
+        if key in top:
+            out[prefix + top[key]] = value.T.contiguous() if key == "text_projection.weight" else value
+            continue
+        part = key.split(".")
+        if part[:3] != ["text_model", "encoder", "layers"]:
+            raise ValueError(f"save_single_file: no original-layout name for the text encoder weight {key!r}")
+        block, rest = f"{prefix}transformer.resblocks.{part[3]}.", ".".join(part[4:])
+        if part[5] in ("q_proj", "k_proj", "v_proj"):
+            fused.setdefault(f"{block}attn.in_proj_{part[6]}", {})[part[5]] = value
+        else:
+            out[block + _renamed(rest, _OPEN_CLIP_LAYER_TO_LDM)] = value
+    for key, qkv in fused.items():
+        out[key] = torch.cat([qkv["q_proj"], qkv["k_proj"], qkv["v_proj"]])
+    return out
+
+
+_SD3_TOP_TO_LDM = {
+    "pos_embed.pos_embed": "pos_embed", "pos_embed.proj.weight": "x_embedder.proj.weight",
+    "pos_embed.proj.bias": "x_embedder.proj.bias", "context_embedder.weight": "context_embedder.weight",
+    "context_embedder.bias": "context_embedder.bias", "proj_out.weight": "final_layer.linear.weight",
+    "proj_out.bias": "final_layer.linear.bias", "norm_out.linear.weight": "final_layer.adaLN_modulation.1.weight",
+    "norm_out.linear.bias": "final_layer.adaLN_modulation.1.bias",
+    **{f"time_text_embed.{ours}.linear_{n}.{p}": f"{theirs}.mlp.{2 * n - 2}.{p}"
+       for ours, theirs in (("timestep_embedder", "t_embedder"), ("text_embedder", "y_embedder"))
+       for n in (1, 2) for p in ("weight", "bias")},
+}
+_SD3_BLOCK_TO_LDM = {  # transformer_blocks.I.<key> -> joint_blocks.I.<value>; q/k/v are fused separately
+    "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+    "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn2.to_out.0": "x_block.attn2.proj", "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+    "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+}
+_SD3_QKV = {"attn.to_": "x_block.attn.qkv", "attn.add_": "context_block.attn.qkv", "attn2.to_": "x_block.attn2.qkv"}
+
+
+def _sd3_transformer_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """diffusers SD3Transformer2DModel keys -> ``model.diffusion_model.*`` (MMDiT ``joint_blocks``, fused q/k/v;
+    the final modulations, and the last block's context modulation, store scale and shift the other way round)."""
+    from diffusers.loaders.single_file_utils import swap_scale_shift
+
+    last = config["num_layers"] - 1
+    out, fused = {}, {}
+    for key, value in state.items():
+        if key in _SD3_TOP_TO_LDM:
+            ldm = _SD3_TOP_TO_LDM[key]
+            if key.startswith("norm_out."):
+                value = swap_scale_shift(value, 0)
+        else:
+            part = key.split(".")
+            if part[0] != "transformer_blocks":
+                raise ValueError(f"save_single_file: no original-layout name for the transformer weight {key!r}")
+            i, inner, param = int(part[1]), ".".join(part[2:-1]), part[-1]
+            qkv = next(((prefix, inner[len(prefix):]) for prefix in _SD3_QKV
+                        if inner.startswith(prefix) and inner[len(prefix):] in ("q", "k", "v", "q_proj", "k_proj", "v_proj")),
+                       None)
+            if qkv is not None:
+                fused.setdefault(f"joint_blocks.{i}.{_SD3_QKV[qkv[0]]}.{param}", {})[qkv[1][0]] = value
+                continue
+            if inner not in _SD3_BLOCK_TO_LDM:
+                raise ValueError(f"save_single_file: no original-layout name for the transformer weight {key!r}")
+            ldm = f"joint_blocks.{i}.{_SD3_BLOCK_TO_LDM[inner]}.{param}"
+            if inner == "norm1_context.linear" and i == last:
+                value = swap_scale_shift(value, 0)
+        out["model.diffusion_model." + ldm] = value
+    for key, qkv in fused.items():
+        out["model.diffusion_model." + key] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+    return out
+
+
+def _component(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    import json
+
+    from safetensors.torch import load_file
+
+    files = sorted((folder / name).glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"save_single_file: expected one .safetensors file in {folder / name}, found {len(files)}")
+    return load_file(str(files[0])), json.loads((folder / name / "config.json").read_text())
+
+
+def save_single_file(folder: str | Path, path: str | Path) -> Path:
+    """Write the SD, SDXL or SD3 pipeline folder ``folder`` (e.g. from ``make_tiny_sd``) as one ``.safetensors``
+    file in the original single-file key layout that ``from_single_file`` reads: CompVis/LDM names for SD 1.x
+    (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``), Stability's SGM
+    names for SDXL (``conditioner.embedders.0.transformer.*`` for CLIP-L, ``conditioner.embedders.1.model.*`` in
+    OpenCLIP layout for the second encoder), and SD3's (MMDiT ``joint_blocks``, ``text_encoders.clip_l``/``clip_g``
+    /``t5xxl``). Load it back with ``Pipeline.from_single_file(path, config=folder)``, which takes configs,
+    tokenizers and scheduler from the folder.
+
+    The file is checked before it is written: diffusers' own converters must turn it back into exactly the folder's
+    weights. Raises ``ValueError`` for folders that diffusers cannot load back from one file: SDXL/SD3 folders whose
+    two CLIP encoders have the same width (diffusers tells them apart by width only, and would load the first
+    encoder's weights into the second), and SD3 folders whose CLIP-L projection is not the identity (diffusers
+    replaces it with the identity).
+    """
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+        convert_sd3_t5_checkpoint_to_diffusers,
+        convert_sd3_transformer_checkpoint_to_diffusers,
+    )
+    from safetensors.torch import save_file
+
+    folder, path = Path(folder), Path(path)
+    family = "sd3" if (folder / "transformer").is_dir() else "sdxl" if (folder / "text_encoder_2").is_dir() else "sd"
+    vae, vae_config = _component(folder, "vae")
+    text, text_config = _component(folder, "text_encoder")
+    checkpoint = _vae_to_ldm(vae, vae_config)
+    back = {"vae": lambda: convert_ldm_vae_checkpoint(checkpoint, vae_config)}
+    expected = {"vae": vae}
+    if family in ("sdxl", "sd3"):
+        text_2, text_2_config = _component(folder, "text_encoder_2")
+        if text_2_config["hidden_size"] == text_config["hidden_size"]:
+            raise ValueError(
+                f"save_single_file: both text encoders in {folder} are {text_config['hidden_size']} wide; diffusers' "
+                "from_single_file tells CLIP-L from the second CLIP encoder by width only and would load the first "
+                "encoder's weights into the second (make the folder with text_encoder_2_width=48)"
+            )
+        expected["text_encoder_2"] = text_2
+    if family == "sd":
+        unet, unet_config = _component(folder, "unet")
+        checkpoint.update(_unet_to_ldm(unet, unet_config))
+        checkpoint.update(_clip_to_ldm(text, "cond_stage_model.transformer."))
+        back["unet"] = lambda: convert_ldm_unet_checkpoint(checkpoint, unet_config)
+        back["text_encoder"] = lambda: convert_ldm_clip_checkpoint(checkpoint)
+        expected.update(unet=unet, text_encoder=_clip_to_ldm(text, ""))
+    elif family == "sdxl":
+        unet, unet_config = _component(folder, "unet")
+        checkpoint.update(_unet_to_ldm(unet, unet_config))
+        checkpoint.update(_clip_to_ldm(text, "conditioner.embedders.0.transformer."))
+        checkpoint.update(_open_clip_to_ldm(text_2, "conditioner.embedders.1.model."))
+        back["unet"] = lambda: convert_ldm_unet_checkpoint(checkpoint, unet_config)
+        back["text_encoder"] = lambda: convert_ldm_clip_checkpoint(checkpoint)
+        back["text_encoder_2"] = lambda: convert_open_clip_checkpoint(None, checkpoint, "conditioner.embedders.1.model.")
+        expected.update(unet=unet, text_encoder=_clip_to_ldm(text, ""))
+    else:
+        projection = text["text_projection.weight"]
+        if projection.shape[0] != projection.shape[1] or not torch.equal(projection, torch.eye(projection.shape[0])):
+            raise ValueError(
+                f"save_single_file: CLIP-L's text_projection in {folder} is not the identity, which diffusers' "
+                "from_single_file puts there for SD3 (make the folder with identity_text_projection=True)"
+            )
+        transformer, transformer_config = _component(folder, "transformer")
+        checkpoint.update(_sd3_transformer_to_ldm(transformer, transformer_config))
+        checkpoint.update(_clip_to_ldm(text, "text_encoders.clip_l.transformer."))
+        checkpoint.update(_clip_to_ldm(text_2, "text_encoders.clip_g.transformer."))
+        back["transformer"] = lambda: convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint))  # it pops
+        back["text_encoder"] = lambda: convert_ldm_clip_checkpoint(checkpoint, "text_encoders.clip_l.transformer.")
+        back["text_encoder_2"] = lambda: convert_ldm_clip_checkpoint(checkpoint, "text_encoders.clip_g.transformer.")
+        expected.update(transformer=transformer, text_encoder=text)
+        if (folder / "text_encoder_3").is_dir():
+            t5, _ = _component(folder, "text_encoder_3")
+            # save_pretrained stores the tied input embedding once, as shared.weight; diffusers' single-file T5
+            # loader does not re-tie, and would leave encoder.embed_tokens on the meta device
+            t5.setdefault("encoder.embed_tokens.weight", t5["shared.weight"].clone())
+            checkpoint.update({"text_encoders.t5xxl.transformer." + k: v for k, v in t5.items()})
+            back["text_encoder_3"] = lambda: convert_sd3_t5_checkpoint_to_diffusers(checkpoint)
+            expected["text_encoder_3"] = t5
+
+    # the proof: diffusers' forward conversion gives back every weight of the folder, under its own name
+    for name, convert in back.items():
+        converted, want = convert(), expected[name]
+        if converted.keys() != want.keys() or any(not torch.equal(converted[k], want[k]) for k in want):
+            wrong = sorted(set(converted) ^ set(want)) or [k for k in want if not torch.equal(converted[k], want[k])]
+            raise RuntimeError(f"save_single_file: diffusers does not convert the {name} back: {wrong[:5]}")
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(path))
+    return path

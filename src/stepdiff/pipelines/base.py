@@ -324,6 +324,46 @@ class StepDiffPipeline(DiffusionPipeline):
             except (ValueError, RuntimeError) as e:
                 raise _explain_mismatch(Path(pretrained_model_name_or_path), e) from e
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike, *, allow_pickle: bool = False,
+                         **kwargs: Any):
+        """diffusers' ``FromSingleFileMixin.from_single_file`` (one checkpoint in the original key layout;
+        ``config=`` a folder or repo with the configs), with ``from_pretrained``'s pickle rule: a ``.ckpt``/``.pt``
+        /``.bin`` file is a pickle, which can run code when loaded, and is refused unless ``allow_pickle=True``.
+        Only ``.safetensors`` and ``.gguf`` files load by default. Every model comes back in eval mode, as from
+        ``from_pretrained`` (diffusers leaves a single-file T5 in training mode, with dropout on).
+        """
+        name = str(pretrained_model_link_or_path).split("?")[0].rstrip("/")
+        if not allow_pickle and not name.endswith((".safetensors", ".gguf")):
+            raise OSError(
+                f"{str(pretrained_model_link_or_path)!r} is not a .safetensors file: diffusers reads other single "
+                "files as pickles, which can run code when loaded; stepdiff loads only safetensors by default. Pass "
+                "allow_pickle=True to from_single_file if you trust this file"
+            )
+        pipe = super().from_single_file(str(pretrained_model_link_or_path), **kwargs)  # type: ignore[misc]
+        for component in pipe.components.values():
+            # diffusers leaves a single-file T5 (SD3's text_encoder_3) in training mode: its dropout would make
+            # every prompt encode differently; from_pretrained sets every model to eval mode, and so do we
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        return pipe
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          *args: Any, allow_pickle: bool = False, **kwargs: Any) -> None:
+        """diffusers' ``load_lora_weights`` (the family's LoRA loader mixin), with ``from_pretrained``'s pickle
+        rule: only safetensors LoRA files load unless ``allow_pickle=True``."""
+        _refuse_pickle([pretrained_model_name_or_path_or_dict], kwargs, allow_pickle, "load_lora_weights")
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name, *args, **kwargs)  # type: ignore[misc]
+
+    def load_textual_inversion(self, pretrained_model_name_or_path, *args: Any, allow_pickle: bool = False,
+                               **kwargs: Any) -> None:
+        """diffusers' ``load_textual_inversion``, with ``from_pretrained``'s pickle rule: only safetensors
+        embeddings (or tensors and dicts in memory) load unless ``allow_pickle=True``."""
+        sources = pretrained_model_name_or_path if isinstance(pretrained_model_name_or_path, list) else [
+            pretrained_model_name_or_path]
+        _refuse_pickle(sources, kwargs, allow_pickle, "load_textual_inversion")
+        super().load_textual_inversion(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
+
     # ------------------------------------------------------------ properties
 
     def _model_calls_in_inference_mode(self) -> bool:
@@ -860,6 +900,23 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
                 "safetensors by default. Pass allow_pickle=True to from_pretrained (CLI: --allow-pickle) if you "
                 "trust this file"
             )
+
+
+def _refuse_pickle(sources: list, kwargs: dict[str, Any], allow_pickle: bool, loader: str) -> None:
+    """Refuse a pickle file named by a loader's source or ``weight_name``; otherwise make diffusers' loaders
+    look for safetensors only (by default they fall back to a pickle ``.bin`` when there is none)."""
+    if allow_pickle:
+        return
+    names = [kwargs.get("weight_name")] + [s for s in sources if isinstance(s, (str, os.PathLike))]
+    for name in names:
+        if name is not None and Path(str(name)).suffix in _PICKLE_SUFFIXES:
+            raise OSError(
+                f"{str(name)!r} is a pickle file, which can run code when loaded; stepdiff loads only safetensors by "
+                f"default. Pass allow_pickle=True to {loader} if you trust this file"
+            )
+    if kwargs.get("use_safetensors") is False:
+        raise OSError(f"use_safetensors=False loads pickle files; pass allow_pickle=True to {loader} as well")
+    kwargs["use_safetensors"] = True
 
 
 def run_hooks(callback: object, hook: str, pipeline: StepDiffPipeline) -> None:
