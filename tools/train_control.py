@@ -38,7 +38,7 @@ class ControlConfig:
     seed: int = 0
     threads: int = 2
     num_train_images: int = 20_000
-    steps: int = 1500
+    steps: int = 2000
     batch: int = 32
     lr: float = 4e-4
     warmup: int = 100
