@@ -1,6 +1,7 @@
 """The README's pictures, from the shipped model: a grid of outputs with prompts, contact sheets of one
 generation previewed from the x0 estimate and from the noisy latents, linear and tiny-decoder previews
-side by side (when the model has a preview_decoder/), and VAE round-trip crops of held-out renders
+side by side (when the model has a preview_decoder/), control silhouettes beside the shapes the shipped
+ControlNet made from them, and VAE round-trip crops of held-out renders
 for each VAE given with --vae (e.g. shapes-v1's and shapes-v2's).
 
     python tools/make_figures.py [--out docs/images] [--vae NAME=DIR ...]
@@ -159,10 +160,42 @@ def vae_crops(vaes: dict[str, Path], out: Path, count: int = 6) -> None:
     sheet.save(out / "vae_round_trip.png")
 
 
+def controlnet_figure(out: Path, controlnet: Path | None = None) -> None:
+    """Control silhouettes (top row) beside the shapes the shipped ControlNet made from them (bottom row)."""
+    from diffusers import ControlNetModel
+
+    from stepdiff.shapes.dataset import silhouette
+
+    folder = controlnet or stepdiff.default_controlnet()
+    pipe = stepdiff.StableDiffusionControlNetPipeline.from_pretrained(
+        stepdiff.default_model(), controlnet=ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32))
+    pipe.set_progress_bar_config(disable=True)
+    cases = [  # held-out combinations (training never saw them), silhouettes at new places and sizes
+        ("red", "triangle", "blue", 18, 20, 26), ("green", "circle", "red", 44, 40, 30),
+        ("blue", "square", "green", 22, 44, 24), ("yellow", "triangle", "black", 40, 26, 36),
+        ("white", "circle", "green", 20, 22, 22), ("purple", "square", "red", 40, 36, 40),
+    ]
+    samples = [Sample(c, s, b, x, y, size) for c, s, b, x, y, size in cases]
+    masks = [silhouette(sample) for sample in samples]
+    images = pipe([sample.caption for sample in samples], image=masks, num_inference_steps=25,
+                  generator=[torch.Generator().manual_seed(i) for i in range(len(samples))]).images
+    cell, label = 128, 28
+    sheet = Image.new("RGB", (len(samples) * cell, 2 * cell + label), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (mask, image, sample) in enumerate(zip(masks, images, samples)):
+        sheet.paste(mask.resize((cell, cell), Image.Resampling.NEAREST), (k * cell, 0))
+        sheet.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (k * cell, cell))
+        draw.text((k * cell + 3, 2 * cell + 1), f"{sample.color} {sample.shape}", fill="black")
+        draw.text((k * cell + 3, 2 * cell + 13), f"on {sample.background}", fill="black")
+    sheet.save(out / "controlnet.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
-    parser.add_argument("--only", default="samples,sheets,edits,previews", help="comma-separated figures to draw")
+    parser.add_argument("--only", default="samples,sheets,edits,previews,controlnet",
+                        help="comma-separated figures to draw")
+    parser.add_argument("--controlnet", type=Path, default=None, help="ControlNet folder (default: the shipped one)")
     parser.add_argument("--vae", nargs="*", default=[], metavar="NAME=DIR",
                         help="VAE folders for the round-trip crops, e.g. shapes-v1=src/stepdiff/models/shapes-v1/vae")
     args = parser.parse_args()
@@ -189,6 +222,9 @@ def main() -> None:
     if "previews" in which and tiny_decoder_folder(pipe) is not None:
         preview_methods(pipe, args.out)
         written.append("preview_methods.png")
+    if "controlnet" in which:
+        controlnet_figure(args.out, args.controlnet)
+        written.append("controlnet.png")
     if vaes:
         vae_crops(vaes, args.out)
         written.append("vae_round_trip.png")

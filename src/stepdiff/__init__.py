@@ -41,6 +41,7 @@ _LAZY = {
     "RunRecord": ".output",
     "CancelToken": ".control",
     "default_model": ".models",
+    "default_controlnet": ".models",
 }
 _SUBMODULES = ("callbacks", "preview", "pipelines", "schedulers", "testing", "loop", "shapes", "guidance", "vae")
 
