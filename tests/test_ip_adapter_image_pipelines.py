@@ -141,7 +141,7 @@ def test_official_callbacks_at_batch_2_equal_each_prompt_alone(kind, name, reque
         assert np.abs(both.images[i] - alone[0]).max() <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["inpaint-9ch"])
+@pytest.mark.parametrize("kind", ["img2img"])
 def test_classic_cfg_cutoff_with_ip_adapter_crashes_on_diffusers_at_batch_2_not_here(kind, request):
     """The IP-Adapter embeddings stay [negative, positive] on diffusers, out of any callback's reach."""
     ours, theirs = _pipes(kind, request)
