@@ -174,3 +174,18 @@ def test_bad_image_inputs_fail_before_model_work(sd_folder, count_calls, kwargs,
     with pytest.raises(error, match=message):
         pipe("a photo of a cat", num_inference_steps=5, **kwargs)
     assert calls.calls == 0
+
+
+GENERATOR_LIST = [c for c in CASES if c[0] in ("sd-img2img", "sd-inpaint-4ch", "sd-inpaint-9ch", "sdxl-inpaint-4ch")]
+
+
+@pytest.mark.parametrize("case", GENERATOR_LIST, ids=[c[0] for c in GENERATOR_LIST])
+def test_parity_with_one_generator_per_image(request, case):
+    """The classic img2img pipelines repeat the image before encoding it (a posterior sample per generator); the
+    inpainting ones encode it once with the first generator and repeat the latents. Both are kept."""
+    _, ours_cls, theirs_cls, fixture, extra = case
+    ours, theirs = _pair(ours_cls, theirs_cls, request.getfixturevalue(fixture))
+    extra = {**extra, "strength": 0.8}  # 9-channel UNets encode the image only when strength < 1
+    a, b = (p(prompt=PROMPTS[2], generator=[gen(0), gen(1)], output_type="np", num_inference_steps=3, **extra).images
+            for p in (ours, theirs))
+    assert np.abs(a - b).max() <= TOL

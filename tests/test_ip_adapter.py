@@ -213,9 +213,9 @@ def test_ip_adapter_without_image_encoder_is_refused(request, count_calls):
 
 
 def test_pipelines_without_ip_arguments_say_so(request, count_calls):
-    pipe = _load(stepdiff.StableDiffusionImg2ImgPipeline, "sd", 0, request)
+    pipe = _load(stepdiff.StableDiffusionXLImg2ImgPipeline, "sdxl", 0, request)
     calls = count_calls(pipe)
-    with pytest.raises(ValueError, match="StableDiffusionImg2ImgPipeline does not take yet; call pipe.unload_ip_adapter"):
+    with pytest.raises(ValueError, match="StableDiffusionXLImg2ImgPipeline does not take yet; call pipe.unload_ip_adapter"):
         pipe("a cat", image=REF, num_inference_steps=2)
     assert calls.calls == 0
     pipe.unload_ip_adapter()

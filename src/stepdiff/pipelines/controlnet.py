@@ -244,18 +244,31 @@ class ControlNetRun:
         return kind
 
     def match_init_image(self, kind: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-        """Image-to-image with ControlNets: the init ``image`` and the control images get one size, as the classic
-        pipelines (both resized to ``height`` / ``width`` when given; otherwise they must already agree)."""
-        from .kinds import _preprocess
+        """Image-to-image and inpainting with ControlNets: the init ``image`` and the control images get one size, as
+        the classic pipelines (both resized to ``height`` / ``width`` when given; otherwise they must already agree,
+        where the classic pipelines crash in the ControlNet)."""
+        from .kinds import _image_size, _preprocess
 
         height, width = args.get("height"), args.get("width")
+        sized = "image" in kind  # image-to-image has read the image (and its size) already; inpainting reads it later
         if height is not None or width is not None:
-            kind["image"] = _preprocess(self.image_processor, "image", kind["image_arg"], height=height, width=width)
+            if sized:
+                kind["image"] = _preprocess(self.image_processor, "image", kind["image_arg"], height=height, width=width)
             return kind
         h, w = kind["control_images"][0].shape[-2:]
-        if (kind["height"], kind["width"]) != (h, w):
+        if sized:
+            image_h, image_w = kind["height"], kind["width"]
+        else:
+            image = kind["image_arg"]
+            first = image[0] if isinstance(image, list) else image
+            size = _image_size(image)
+            if size is None or (isinstance(first, torch.Tensor) and first.ndim == 4 and first.shape[1] == self.latent_channels()):
+                return kind  # latents given as the image, or no size to tell: reading it later checks the rest
+            f = self.vae_scale_factor  # as the classic image processor: rounded down to whole latent pixels
+            image_h, image_w = (int(s) // f * f for s in size)
+        if (image_h, image_w) != (h, w):
             raise ValueError(
-                f"{self._control_image_name} is {w}x{h} but image is {kind['width']}x{kind['height']} (width x height); "
+                f"{self._control_image_name} is {w}x{h} but image is {image_w}x{image_h} (width x height); "
                 "give them one size, or pass height and width to resize both"
             )
         return kind

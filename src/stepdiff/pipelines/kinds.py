@@ -79,6 +79,10 @@ class Image2ImageRun:
     """Start from an image: its latents noised to the timestep that ``strength`` picks, then the usual steps."""
 
     size_from_image: ClassVar[bool] = True  # the classic SD/SDXL img2img pipelines keep the image's size
+    # With one generator per row, the classic img2img pipelines repeat the image to the batch before encoding it
+    # (each row's posterior sample from its own generator); the inpainting ones encode the image as given (the
+    # first generators only) and repeat the latents.
+    repeat_image_for_generators: ClassVar[bool] = True
 
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
         kind = super().check_kind_inputs(args)  # type: ignore[misc]
@@ -122,7 +126,7 @@ class Image2ImageRun:
         if image.shape[1] == self.latent_channels():
             latents = image
         else:
-            if isinstance(generator, list) and image.shape[0] < rows:
+            if isinstance(generator, list) and image.shape[0] < rows and self.repeat_image_for_generators:
                 image = _repeat_to(image, rows, "image")
             latents = encode_images(self.vae, image, generator)
         return _repeat_to(latents, rows, "image")
@@ -150,6 +154,7 @@ class InpaintRun(Image2ImageRun):
     """
 
     size_from_image: ClassVar[bool] = False  # the classic inpainting pipelines resize to height/width
+    repeat_image_for_generators: ClassVar[bool] = False
 
     @property
     def mask_processor(self) -> VaeImageProcessor:
@@ -211,6 +216,7 @@ class InpaintRun(Image2ImageRun):
         return start
 
     def add_kind_conditioning(self, run: Run, kind: dict, dtype, device, generator) -> None:
+        super().add_kind_conditioning(run, kind, dtype, device, generator)  # type: ignore[misc]  # ControlNet images
         rows = run.state.latents.shape[0]
         height, width = kind["height"], kind["width"]
         mask = _preprocess(self.mask_processor, "mask_image", kind["mask_arg"], height=height, width=width)

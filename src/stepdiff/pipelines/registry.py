@@ -33,6 +33,10 @@ REGISTRY: tuple[PipelineEntry, ...] = (
         "StableDiffusionControlNetImg2ImgPipeline", ".stable_diffusion_controlnet_img2img", "sd", "image2image",
         controlnet=True,
     ),
+    PipelineEntry(
+        "StableDiffusionControlNetInpaintPipeline", ".stable_diffusion_controlnet_inpaint", "sd", "inpaint",
+        controlnet=True,
+    ),
     PipelineEntry("StableDiffusionXLPipeline", ".stable_diffusion_xl", "sdxl", "text2image"),
     PipelineEntry("StableDiffusionXLImg2ImgPipeline", ".stable_diffusion_xl_img2img", "sdxl", "image2image"),
     PipelineEntry("StableDiffusionXLInpaintPipeline", ".stable_diffusion_xl_inpaint", "sdxl", "inpaint"),
