@@ -116,3 +116,31 @@ def test_control_with_mask_is_refused(run_cli, control, shapes_controlnet):
     code, _, err = run_cli("generate", "a red circle on a blue background", "--init-image", control / "init.png",
                            "--mask", control / "m.png", "--control", control / "mask.png", "--controlnet", shapes_controlnet)
     one_error(code, err, "--control with --mask")
+
+
+def test_the_shipped_controlnet_puts_the_shape_where_the_silhouette_is(run_cli, tmp_path):
+    """The default ControlNet (for the default model) moves the shape onto the silhouette; without it, the model puts
+    it elsewhere. Judged from the pixels: the shape's region against the silhouette."""
+    from stepdiff.shapes.judge import judge
+
+    sample = Sample("white", "circle", "black", 18, 46, 26)  # low left: where this prompt's seed-0 shape is not
+    silhouette(sample).save(tmp_path / "mask.png")
+    target = np.asarray(silhouette(sample))[..., 0] > 127
+    prompt = "a red circle on a blue background"
+    code, _, err = run_cli("generate", prompt, "--seed", "0", "--control", tmp_path / "mask.png",
+                           "--output", tmp_path / "cn.png")
+    assert code == 0, err
+    code, _, err = run_cli("generate", prompt, "--seed", "0", "--output", tmp_path / "plain.png")
+    assert code == 0, err
+
+    def iou(path):
+        pixels = _pixels(path)
+        red = np.abs(pixels - np.array([220, 20, 20])).sum(-1) < 120
+        return (red & target).sum() / (red | target).sum()
+
+    assert iou(tmp_path / "cn.png") > 0.75, iou(tmp_path / "cn.png")
+    assert iou(tmp_path / "plain.png") < 0.5, iou(tmp_path / "plain.png")
+    verdict = judge(Image.open(tmp_path / "cn.png"))
+    assert (verdict.color, verdict.background) == ("red", "blue")
+    meta = json.loads(Image.open(tmp_path / "cn.png").text["stepdiff"])
+    assert meta["controlnet"].endswith("shapes-control-v1")

@@ -2,6 +2,7 @@
 
     python -m tools.train_control --base src/stepdiff/models/shapes-v2 --out runs/control   # full run
     python -m tools.train_control --base ... --out runs/smoke --smoke                          # a few steps
+    python -m tools.train_control --base ... --out runs/control --publish src/stepdiff/models/shapes-control-v1
 
 The condition is the shape's silhouette (white on black, the output size; `stepdiff.shapes.dataset.silhouette`).
 The ControlNet starts as `ControlNetModel.from_unet` of the base UNet (the ControlNet paper's recipe, Zhang et
@@ -30,7 +31,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from stepdiff.shapes.dataset import random_sample, render, silhouette, train_combos
 from tools.train_shapes import _Checkpoints, _cosine_lr, _to_tensor
 
-__all__ = ["ControlConfig", "train_control"]
+__all__ = ["ControlConfig", "publish", "train_control"]
 
 
 @dataclass
@@ -172,6 +173,32 @@ def train_control(cfg: ControlConfig, base: Path, out: Path) -> Path:
     return folder
 
 
+def publish(run: Path, dest: Path, overwrite: bool = False) -> Path:
+    """Copy a finished run's ControlNet into ``dest`` (the package's models folder), with stepdiff.json: the base
+    model it was trained for, every training setting and the wall time."""
+    import shutil
+
+    if not (run / "controlnet" / "config.json").is_file():
+        raise FileNotFoundError(f"run={str(run)!r} has no finished controlnet/ folder; train it first")
+    if dest.exists():
+        if not overwrite:
+            raise FileExistsError(f"dest={str(dest)!r} already exists; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(dest)
+    shutil.copytree(run / "controlnet", dest)
+    for f in dest.iterdir():
+        f.chmod(0o644)
+    config = json.loads((run / "control_config.json").read_text())
+    info = {
+        "name": dest.name,
+        "base_model": Path(config.pop("base")).name,
+        "condition": "the shape's silhouette, white on black, RGB, at the output size (stepdiff.shapes.dataset.silhouette)",
+        "train_config": config,
+        "train_time": json.loads((run / "train_time.json").read_text()),
+    }
+    (dest / "stepdiff.json").write_text(json.dumps(info, indent=1) + "\n")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the shipped shapes ControlNet (silhouette condition).")
     parser.add_argument("--base", type=Path, required=True, help="the shapes model folder it controls")
@@ -179,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps only, to check the script runs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: ControlConfig.steps)")
+    parser.add_argument("--publish", type=Path, default=None, metavar="DEST",
+                        help="after training (or at once, for a finished run), copy the ControlNet here")
+    parser.add_argument("--overwrite", action="store_true", help="with --publish: replace an existing DEST")
     args = parser.parse_args(argv)
     cfg = ControlConfig()
     if args.smoke:
@@ -187,7 +217,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(cfg, threads=args.threads)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
-    train_control(cfg, args.base, args.out)
+    if not (args.out / "controlnet" / "config.json").is_file():
+        train_control(cfg, args.base, args.out)
+    if args.publish is not None:
+        print(f"published {publish(args.out, args.publish, args.overwrite)}")
 
 
 if __name__ == "__main__":
