@@ -2,6 +2,7 @@
 random model, a handful of rows and 2 steps. Ray is in the ``test`` extra: these tests run in CI."""
 
 import json
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,9 +28,23 @@ ROWS = [
 def local_ray():
     """One local Ray for the session: 2 one-CPU workers plus a CPU left free; a 256 MiB object store."""
     options = local_ray_options(workers=2, cpus_per_worker=1, object_store_gib=0.25)
+    # ray.init installs its own SIGTERM/SIGINT handlers in this process; the rest of the suite checks that the
+    # CLI restores the default ones, so they are put back here (Ray's driver works without them).
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     ray.init(**options, log_to_driver=False)
+    for s, handler in saved.items():
+        signal.signal(s, handler)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _default_signal_handlers():
+    """Whatever a Ray run in this process installs, the next test starts with the handlers it had."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def config(tmp_path: Path, sd_folder: Path, name: str, **kw) -> BatchConfig:

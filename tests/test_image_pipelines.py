@@ -114,12 +114,15 @@ def test_cutoff_callbacks_work_at_batch_2_on_every_image_pipeline(sd_folder, sdx
     ]
     for cls, folder, callback, extra in runs:
         pipe = _sd(cls, folder)
+        # Inpainting encodes the image once, with the first generator, as the classic pipelines do: there the
+        # first row is the one whose randomness a single run reproduces.
+        row = 1 if cls.repeat_image_for_generators else 0
         both = pipe(PROMPTS[2], num_inference_steps=4, output_type="np", generator=[gen(0), gen(1)],
                     callback_on_step_end=callback(cutoff_step_ratio=0.5), **extra)
-        alone = pipe(PROMPTS[2][1], num_inference_steps=4, output_type="np", generator=gen(1),
+        alone = pipe(PROMPTS[2][row], num_inference_steps=4, output_type="np", generator=gen(row),
                      callback_on_step_end=CFGCutoffCallback(cutoff_step_ratio=0.5), **extra)
         assert both.record.rows_per_step[-1] == 2, cls.__name__  # only the conditional rows after the cutoff
-        assert np.abs(both.images[1] - alone.images[0]).max() <= TOL, cls.__name__
+        assert np.abs(both.images[row] - alone.images[0]).max() <= TOL, cls.__name__
 
 
 def test_interrupted_inpainting_keeps_the_unmasked_area(sd_folder):
