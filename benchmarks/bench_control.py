@@ -152,10 +152,10 @@ def rows_saved(args, pipe) -> None:
                    generator=torch.Generator().manual_seed(0))
         results[label] = (out.record.model_rows, calls["rows"])
     hook.remove()
-    cutoff = int(0.4 * STEPS)
-    expected = (2 * cutoff + (STEPS - cutoff)) / (2 * STEPS)
+    cutoff = int(0.4 * STEPS)  # the callback runs at the end of this step: guidance is off from the next one
+    expected = (2 * (cutoff + 1) + (STEPS - cutoff - 1)) / (2 * STEPS)
     (full_unet, full_cn), (cut_unet, cut_cn) = results["full CFG"], results["CFG cutoff 0.4"]
-    print(f"(c) {STEPS} steps, CFG cutoff 0.4 (guidance off after step {cutoff}): expected rows ratio {expected:.3f}")
+    print(f"(c) {STEPS} steps, CFG cutoff 0.4 (guidance off from step {cutoff + 1}): expected rows ratio {expected:.3f}")
     print(table([("UNet rows", str(full_unet), str(cut_unet), f"{cut_unet / full_unet:.3f}"),
                  ("ControlNet rows", str(full_cn), str(cut_cn), f"{cut_cn / full_cn:.3f}")],
                 ("", "full CFG", "cutoff 0.4", "ratio")))
