@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, os.path.dirname(__file__))
@@ -125,9 +126,34 @@ def convergence(args) -> None:
     print(table(rows, ("setting", "mean steps", "steps saved", "all three", "vs full")))
 
 
+def models(args) -> None:
+    """Seconds per 64x64 image at 25 steps, shapes-v1 and shapes-v2 (or --model and --other) side by side,
+    interleaved, with the run's noise floor (v2 against itself)."""
+    from stepdiff.models import DEFAULT_MODEL_NAME
+
+    root = Path(stepdiff.default_model()).parent
+    folders = {"v1": Path(args.other) if args.other else root / "shapes-v1",
+               "v2": Path(args.model) if args.model else root / DEFAULT_MODEL_NAME}
+    pipes = {name: stepdiff.AutoPipelineForText2Image.from_pretrained(f) for name, f in folders.items()}
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+
+    def run(p):
+        return lambda: p(PROMPT, num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+
+    rounds = time_rounds({"v1": run(pipes["v1"]), "v2": run(pipes["v2"]), "v2 again": run(pipes["v2"])},
+                         repeats=args.repeats)
+    t = medians(rounds)
+    print(f"seconds per image, 25 steps: {', '.join(f'{k} {v:.3f}' for k, v in t.items())}")
+    print(table([("v2 / v1", f"{t['v2'] / t['v1']:.3f}", describe_paired(rounds, "v2", "v1")),
+                 ("noise floor: v2 again / v2", f"{t['v2 again'] / t['v2']:.3f}", describe_paired(rounds, "v2 again", "v2"))],
+                ("", "ratio of medians", "per-round ratio")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("speed", "schedulers", "convergence"))
+    parser.add_argument("what", choices=("speed", "schedulers", "convergence", "models"))
+    parser.add_argument("--other", default=None, help="models: the model to compare with (default: shapes-v1)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -140,7 +166,7 @@ def main() -> None:
     parser.add_argument("--cli-python", default=sys.executable, help="interpreter that runs the CLI for start-up timing")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    {"speed": speed, "schedulers": schedulers, "convergence": convergence}[args.what](args)
+    {"speed": speed, "schedulers": schedulers, "convergence": convergence, "models": models}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import signal
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach a model hub
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -162,3 +163,16 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_per_test():
+    """Every test starts with Python's default SIGINT/SIGTERM handlers and leaves them so: a library a test drives
+    in this process (Ray's driver, a server) may install its own, and the CLI's signal tests check that the CLI puts
+    back what it found."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    for s, handler in defaults.items():
+        signal.signal(s, handler)
+    yield
+    for s, handler in defaults.items():
+        signal.signal(s, handler)
