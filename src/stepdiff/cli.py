@@ -882,43 +882,46 @@ def cmd_fit_preview(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _graceful_interrupt(token):
-    """First Ctrl-C: stop after the current step and keep the image. Second: abort, writing nothing."""
-
-    def handler(signum, frame):
-        if token.cancelled:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        token.cancel("interrupted by Ctrl-C")
-        print("\nstepdiff: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
-
+def _signal_handler(signum: int, handler):
+    """``handler`` for ``signum`` while the block runs, then the previous one again; off the main thread (where
+    Python cannot handle signals) the block just runs."""
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = signal.signal(signum, handler)
     except ValueError:  # not the main thread: no signal handling
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
 
 
-@contextlib.contextmanager
+def _two_step_ctrl_c(stopping, stop, message: str):
+    """First Ctrl-C: ``stop()`` and print ``message``. Second (``stopping()`` is true): abort with KeyboardInterrupt."""
+
+    def handler(signum, frame):
+        if stopping():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        stop()
+        print(f"\nstepdiff: {message} (Ctrl-C again to abort)", file=sys.stderr)
+
+    return _signal_handler(signal.SIGINT, handler)
+
+
+def _graceful_interrupt(token):
+    """First Ctrl-C: stop after the current step and keep the image. Second: abort, writing nothing."""
+    return _two_step_ctrl_c(lambda: token.cancelled, lambda: token.cancel("interrupted by Ctrl-C"),
+                            "stopping after this step")
+
+
 def _terminate_aborts():
     """SIGTERM raises Terminated, so a run is taken back and reported like a second Ctrl-C (exit 143)."""
 
     def handler(signum, frame):
         raise Terminated
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _signal_handler(signal.SIGTERM, handler)
 
 
 def _model_info(folder: Path) -> dict:
@@ -1015,26 +1018,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 130 if result.stopped else 0
 
 
-@contextlib.contextmanager
 def _stop_on_interrupt(stop):
     """First Ctrl-C: finish the images in flight, record them, stop. Second: abort at once."""
+    return _two_step_ctrl_c(stop.is_set, stop.set, "stopping after the images in flight")
 
-    def handler(signum, frame):
-        if stop.is_set():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstepdiff: stopping after the images in flight (Ctrl-C again to abort)", file=sys.stderr)
 
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.model is not None:
         _check_model_folder("--model", args.model)
