@@ -34,7 +34,7 @@ import stepdiff
 from _common import describe_paired, medians, table, time_rounds
 from stepdiff.models import default_controlnet, default_model
 from stepdiff.shapes.dataset import eval_pairs, random_sample, silhouette
-from stepdiff.shapes.judge import _largest_component, _nearest, judge
+from stepdiff.shapes.judge import judge, shape_mask
 
 STEPS = 25
 
@@ -47,17 +47,6 @@ def held_out(n_per_combo: int):
         picture = silhouette(sample)
         items.append((sample.caption, picture, np.asarray(picture)[..., 0] > 127, combo, seed))
     return items
-
-
-def shape_mask(image) -> np.ndarray:
-    """The generated shape: the largest region of the most common non-background palette colour."""
-    labels = _nearest(np.asarray(image.convert("RGB")))
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    bg = int(np.bincount(border).argmax())
-    counts = np.bincount(labels[labels != bg].ravel(), minlength=8)
-    if counts.sum() == 0:
-        return np.zeros(labels.shape, dtype=bool)
-    return _largest_component(labels == int(counts.argmax()))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from .dataset import COLORS
 
-__all__ = ["Verdict", "judge", "parse_caption"]
+__all__ = ["Verdict", "judge", "parse_caption", "shape_mask"]
 
 _NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _NAMES], dtype=np.float32)  # (8, 3)
@@ -30,15 +30,29 @@ def _nearest(rgb: np.ndarray) -> np.ndarray:
     return d.argmin(-1)
 
 
-def judge(image: Image.Image | np.ndarray) -> Verdict:
+def _regions(image: Image.Image | np.ndarray) -> tuple[np.ndarray, int, int | None]:
+    """(palette index per pixel, background index: the border's commonest colour, shape colour index: the
+    commonest other colour, or None for a plain image)."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     labels = _nearest(pixels)  # (H, W) palette index per pixel
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
     counts = np.bincount(labels[labels != bg].ravel(), minlength=len(_NAMES))
-    if counts.sum() == 0:
+    return labels, bg, None if counts.sum() == 0 else int(counts.argmax())
+
+
+def shape_mask(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The shape's pixels: the largest connected region of the shape's colour (all False for a plain image)."""
+    labels, _, fg = _regions(image)
+    if fg is None:
+        return np.zeros(labels.shape, dtype=bool)
+    return _largest_component(labels == fg)
+
+
+def judge(image: Image.Image | np.ndarray) -> Verdict:
+    labels, bg, fg = _regions(image)
+    if fg is None:
         return Verdict(_NAMES[bg], "none", "none", 0.0)
-    fg = int(counts.argmax())
     mask = labels == fg
     rows = np.flatnonzero(mask.sum(1) >= 2)  # ignore single stray pixels
     cols = np.flatnonzero(mask.sum(0) >= 2)
