@@ -11,15 +11,20 @@ DEFAULT_MODEL_NAME = "shapes-v2"
 DEFAULT_CONTROLNET_NAME = "shapes-control-v1"
 
 
-def default_model() -> Path:
-    """Folder of the shipped shapes model: ``AutoPipelineForText2Image.from_pretrained(default_model())``."""
-    folder = Path(__file__).parent / DEFAULT_MODEL_NAME
-    if not (folder / "model_index.json").is_file():
+def _shipped(name: str, marker: str, what: str, train: str) -> Path:
+    """The package's folder ``name``, or a FileNotFoundError saying how to get one when its ``marker`` is missing."""
+    folder = Path(__file__).parent / name
+    if not (folder / marker).is_file():
         raise FileNotFoundError(
-            f"the shipped model is missing from {folder}; reinstall stepdiff, or pass a model folder "
-            "(train one with: python -m tools.train_shapes --out DIR, in a source checkout)"
+            f"the shipped {what} is missing from {folder}; reinstall stepdiff, or pass a {what} folder "
+            f"(train one with: python -m {train}, in a source checkout)"
         )
     return folder
+
+
+def default_model() -> Path:
+    """Folder of the shipped shapes model: ``AutoPipelineForText2Image.from_pretrained(default_model())``."""
+    return _shipped(DEFAULT_MODEL_NAME, "model_index.json", "model", "tools.train_shapes --out DIR")
 
 
 def default_controlnet() -> Path:
@@ -28,10 +33,5 @@ def default_controlnet() -> Path:
     Its control image is the shape's silhouette, white on black, at the output size
     (``stepdiff.shapes.dataset.silhouette``).
     """
-    folder = Path(__file__).parent / DEFAULT_CONTROLNET_NAME
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the shipped ControlNet is missing from {folder}; reinstall stepdiff, or pass a ControlNet folder "
-            "(train one with: python -m tools.train_control --base MODEL --out DIR, in a source checkout)"
-        )
-    return folder
+    return _shipped(DEFAULT_CONTROLNET_NAME, "config.json", "ControlNet",
+                    "tools.train_control --base MODEL --out DIR")
