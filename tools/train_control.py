@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from stepdiff.shapes.dataset import random_sample, render, silhouette, train_combos
-from tools.train_shapes import _Checkpoints, _cosine_lr, _to_tensor
+from tools.train_shapes import _Checkpoints, _cosine_lr, _to_tensor, ema_update, min_snr_loss, noised
 
 __all__ = ["ControlConfig", "publish", "train_control"]
 
@@ -137,22 +136,16 @@ def train_control(cfg: ControlConfig, base: Path, out: Path) -> Path:
         which = caption_index[idx].clone()
         which[torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout] = empty
         text = embeddings[which]
-        noise = torch.randn(x0.shape, generator=gen)
-        noise += cfg.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen)
-        xt = noise_scheduler.add_noise(x0, noise, t)
+        noise, t, xt = noised(x0, gen, cfg.offset_noise, noise_scheduler)
         down, mid = controlnet(xt, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
         pred = unet(xt, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample
-        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = min_snr_loss(pred, noise, snr, t, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        ema_update(ema, params, step, cfg.ema_decay)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log.write(json.dumps({"step": step, "loss": loss.item(), "time": time.time()}) + "\n")

@@ -108,6 +108,27 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def noised(x0: torch.Tensor, gen: torch.Generator, offset_noise: float, scheduler: DDPMScheduler):
+    """(noise, timesteps, noisy latents) for a training batch: Gaussian noise plus offset noise (one value per
+    image and channel), uniform timesteps."""
+    noise = torch.randn(x0.shape, generator=gen)
+    noise += offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+    return noise, t, scheduler.add_noise(x0, noise, t)
+
+
+def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, snr: torch.Tensor, t: torch.Tensor, gamma: float):
+    """Epsilon-prediction MSE with Min-SNR-gamma weighting (Hang et al. 2023)."""
+    weight = torch.clamp(snr[t], max=gamma) / snr[t]
+    return (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+
+
+@torch.no_grad()
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], step: int, decay: float) -> None:
+    """EMA of the weights, with the usual warm-up of the decay over the first steps."""
+    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(decay, (1 + step) / (10 + step)))
+
+
 def build_vae(cfg: TrainConfig) -> AutoencoderKL:
     n = len(cfg.vae_channels)
     vae = AutoencoderKL(
@@ -275,21 +296,15 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], tok
         tok = caption_ids[idx].clone()
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout
         tok[drop] = empty_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        noise += cfg.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
-        xt = noise_scheduler.add_noise(x0, noise, t)
+        noise, t, xt = noised(x0, gen, cfg.offset_noise, noise_scheduler)
         cond = text_encoder(tok)[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # epsilon-prediction Min-SNR
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = min_snr_loss(pred, noise, snr, t, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        ema_update(ema, params, step, cfg.ema_decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0:
