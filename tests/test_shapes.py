@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from stepdiff.shapes.dataset import (
     COLORS,
@@ -122,6 +123,31 @@ def test_smoke_training_and_resume(tmp_path):
     second = json.loads((tmp_path / "train_time.json").read_text())
     assert second["vae_resumed_from_step"] == cfg.vae_steps
     assert second["unet_resumed_from_step"] == cfg.checkpoint_every
+
+
+def test_controlnet_smoke_training_resume_and_publish(tmp_path):
+    """tools/train_control: a few steps on the shipped model, a resume from its checkpoint, then --publish's folder
+    loads into a ControlNet pipeline."""
+    from diffusers import ControlNetModel
+
+    import stepdiff
+    from tools.train_control import ControlConfig, publish, train_control
+
+    cfg = ControlConfig().smoke_version()
+    base = stepdiff.default_model()
+    train_control(cfg, base, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "train_time.json").read_text())["resumed_from_step"] == 0
+    train_control(cfg, base, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "train_time.json").read_text())["resumed_from_step"] == cfg.steps
+    dest = publish(tmp_path / "run", tmp_path / "published")
+    assert json.loads((dest / "stepdiff.json").read_text())["base_model"] == base.name
+    with pytest.raises(FileExistsError, match="already exists"):
+        publish(tmp_path / "run", dest)
+    pipe = stepdiff.StableDiffusionControlNetPipeline.from_pretrained(
+        base, controlnet=ControlNetModel.from_pretrained(dest, torch_dtype=torch.float32))
+    out = pipe("a red circle on a blue background", image=torch.zeros(1, 3, 64, 64), num_inference_steps=2,
+               output_type="np")
+    assert out.images.shape == (1, 64, 64, 3)
 
 
 @pytest.mark.parametrize("prompt,unknown", [("a red circle", []), ("a pink circle", ["pink"])])
