@@ -175,9 +175,12 @@ def load_tiny_decoder(folder: str | Path, latent_channels: int | None = None, sc
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        return AutoencoderTiny.from_pretrained(folder).eval()
+        decoder = AutoencoderTiny.from_pretrained(folder).eval()
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    # Channels-last lets torch's oneDNN convolutions take the small 3x3 convs too: on the CPU a shapes preview
+    # costs about 0.9 ms instead of 1.5 ms (benchmarks/bench_preview.py). tiny_decode follows the layout.
+    return decoder.to(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -186,6 +189,9 @@ def tiny_decode(decoder: Any, latents: torch.Tensor) -> torch.Tensor:
     cfg = decoder.config
     param = next(decoder.parameters())
     x = latents.to(param.device, param.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    first_conv = next(getattr(decoder, "decoder", decoder).parameters())
+    if first_conv.dim() == 4 and first_conv.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
     return decoder.decode(x, return_dict=False)[0].float().clamp(-1, 1)
 
 
@@ -358,6 +364,9 @@ class PreviewCallback:
             return
         if isinstance(source, (str, Path)):
             self._tiny = load_tiny_decoder(source, channels, factor)
+            device = getattr(pipeline, "device", None)
+            if isinstance(device, torch.device) and device.type != "cpu":  # decode where the latents are
+                self._tiny.to(device)
         else:  # an AutoencoderTiny already loaded
             cfg = source.config
             if cfg.latent_channels != channels:
