@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import stepdiff
 from stepdiff.shapes.dataset import (
     COLORS,
     SHAPES,
@@ -225,6 +226,10 @@ def test_smoke_preview_decoder_distillation_and_resume(tmp_path):
     tiny = load_tiny_decoder(folder, latent_channels=4, scale_factor=4)  # shapes VAEs are 4x: 4x16x16 -> 64x64
     assert tiny_decode(tiny, torch.zeros(1, 4, 16, 16)).shape == (1, 3, 64, 64)
     report = json.loads((tmp_path / "preview_decoder.json").read_text())
-    assert report["resumed_from_step"] == 0 and "decoder_vs_vae_db" in report
-    distill(cfg, vae, tmp_path)
-    assert json.loads((tmp_path / "preview_decoder.json").read_text())["resumed_from_step"] == cfg.checkpoint_every
+    assert report["resumed_from_step"] == 0 and "decoder_vs_vae_db" in report and report["x0_latents"] == 0
+    # With the model's pipeline, the x0 estimates of its runs are targets too, and their fidelity is reported.
+    pipe = stepdiff.AutoPipelineForText2Image.from_pretrained(default_model())
+    distill(cfg, pipe.vae, tmp_path, pipe)
+    report = json.loads((tmp_path / "preview_decoder.json").read_text())
+    assert report["resumed_from_step"] == cfg.checkpoint_every
+    assert report["x0_latents"] == cfg.x0_runs * cfg.x0_prompts * cfg.x0_steps and "decoder_vs_vae_x0_db" in report

@@ -32,6 +32,7 @@ from diffusers.schedulers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import stepdiff
 from stepdiff.preview import PREVIEW_DECODER_DIR
 from stepdiff.shapes.dataset import EVAL_SEED_BASE, IMAGE_SIZE, VOCABULARY, all_combos, sample_batch
 from stepdiff.tokenizer import build_clip_tokenizer
@@ -349,9 +350,12 @@ def train(cfg: TrainConfig, out: Path, stage: str = "all") -> Path:
     for name in ("vocab.json", "merges.txt"):  # keep the human-readable BPE files beside tokenizer.json
         shutil.copy(out / "tokenizer_build" / name, model_dir / "tokenizer" / name)
     # The tiny preview decoder, distilled from the float32 VAE (tools/distill_preview.py; resumable too).
+    # Its targets include the x0 estimates of runs of the finished model (loaded as users load it, float32).
     distill_cfg = DistillConfig(seed=cfg.seed, threads=cfg.threads)
+    model = stepdiff.AutoPipelineForText2Image.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model.set_progress_bar_config(disable=True)
     distilled = distill(distill_cfg.smoke_version() if cfg.smoke else distill_cfg,
-                        AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32), out)
+                        AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32), out, model)
     shutil.copytree(distilled, model_dir / PREVIEW_DECODER_DIR, dirs_exist_ok=True)
     shutil.copy(out / "preview_decoder.json", model_dir / PREVIEW_DECODER_DIR / "distill_report.json")
     elapsed = time.time() - started
