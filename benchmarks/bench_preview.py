@@ -1,13 +1,14 @@
 """Issue 4 / issue 15 benchmarks: what previews cost, and how faithful the linear and tiny previews are.
 
-    python benchmarks/bench_preview.py [--model DIR] [--repeats 7]
+    python benchmarks/bench_preview.py [--model DIR] [--tiny-decoder DIR] [--repeats 7]
 
 - cost of a preview at every step as a fraction of step time (linear and tiny goal <= 3%; vae for
   reference), measured as the callback's own time over the run's time, and as run-time ratios;
 - fidelity: PSNR against the full VAE decode of the same latents: the linear preview at latent
   resolution, for the model's fitted table and every built-in table with its channel count; the tiny
   decoder (when the model folder has preview_decoder/) at full resolution, on clean latents of held-out
-  renders and on the x0 estimates ("denoised") of real runs at every step.
+  renders and on the x0 estimates ("denoised", what previews show by default) of 8 held-out runs at every
+  step, also by thirds of the run.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import argparse
 import os
 import statistics
 import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for tools/
 
 import numpy as np
 import torch
@@ -32,15 +35,16 @@ from stepdiff.preview import (
     load_tiny_decoder,
     preview_psnr,
     table_for,
-    tiny_decode,
     tiny_decoder_folder,
 )
 from stepdiff.shapes.dataset import eval_pairs, random_sample, render
+from tools.distill_preview import held_out_x0, tiny_vs_vae_db
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the shipped model)")
+    parser.add_argument("--tiny-decoder", default=None, help="an AutoencoderTiny folder (default: the model's own)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=25)
     args = parser.parse_args()
@@ -53,9 +57,9 @@ def main() -> None:
         "linear": PreviewCallback(method="linear"),
         "vae": PreviewCallback(method="vae"),
     }
-    tiny_folder = tiny_decoder_folder(pipe)
+    tiny_folder = Path(args.tiny_decoder) if args.tiny_decoder else tiny_decoder_folder(pipe)
     if tiny_folder is not None:
-        previews["tiny"] = PreviewCallback(method="tiny")
+        previews["tiny"] = PreviewCallback(method="tiny", tiny_decoder=tiny_folder)
 
     def run(cb=None):
         return lambda: pipe(prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
@@ -92,29 +96,18 @@ def main() -> None:
     print(table(rows, (f"latent-to-RGB table on {len(images)} held-out shapes images", "PSNR vs VAE decode (dB)")))
     if tiny_folder is not None:
         tiny = load_tiny_decoder(tiny_folder, pipe.latent_channels(), pipe.vae_scale_factor)
-        seen: list[torch.Tensor] = []
-
-        def grab(p, i, t, kw):
-            seen.append(kw["denoised"].clone())
-            return kw
-
-        for combo, seed in eval_pairs(1)[:8]:
-            pipe(f"a {combo[0]} {combo[1]} on a {combo[2]} background", num_inference_steps=args.steps,
-                 generator=torch.Generator().manual_seed(seed), callback_on_step_end=grab,
-                 callback_on_step_end_tensor_inputs=["denoised"])
-        rows = [(f"clean latents of {len(images)} held-out renders", f"{_tiny_psnr(pipe.vae, tiny, latents):.2f}"),
-                (f"x0 estimates, every step of 8 runs ({len(seen)})", f"{_tiny_psnr(pipe.vae, tiny, torch.cat(seen)):.2f}")]
+        x0 = held_out_x0(pipe, runs=8, steps=args.steps)
+        per_step = x0.unflatten(0, (8, args.steps))
+        thirds = [per_step[:, : args.steps // 3], per_step[:, args.steps // 3: 2 * args.steps // 3],
+                  per_step[:, 2 * args.steps // 3:]]
+        rows = [(f"clean latents of {len(images)} held-out renders", f"{tiny_vs_vae_db(pipe.vae, tiny, latents):.2f}"),
+                (f"x0 estimates, every step of 8 held-out runs ({len(x0)})", f"{tiny_vs_vae_db(pipe.vae, tiny, x0):.2f}")]
+        rows += [(f"  x0 estimates, {name} third of the steps", f"{tiny_vs_vae_db(pipe.vae, tiny, part.flatten(0, 1)):.2f}")
+                 for name, part in zip(("first", "middle", "last"), thirds)]
+        linear = table_for(pipe)
+        rows.append(("(linear table on the x0 estimates, latent resolution)", f"{preview_psnr(pipe.vae, linear, x0):.2f}"))
         print()
-        print(table(rows, (f"tiny decoder {tiny_folder.name}/ on", "PSNR vs VAE decode (dB), full resolution")))
-
-
-@torch.no_grad()
-def _tiny_psnr(vae, tiny, latents: torch.Tensor) -> float:
-    from stepdiff.pipelines.base import decode_with_vae
-
-    target = decode_with_vae(vae, latents).float().clamp(-1, 1)
-    mse = torch.nn.functional.mse_loss(tiny_decode(tiny, latents), target).item()
-    return 10 * np.log10(4.0 / max(mse, 1e-12))
+        print(table(rows, (f"tiny decoder {tiny_folder}/ on", "PSNR vs VAE decode (dB), full resolution")))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class DistillConfig:
     threads: int = 1
     width: int = 16  # channels at every level (AutoencoderTiny keeps one width)
     decoder_blocks: tuple[int, ...] = (1, 1, 0)  # residual blocks per level; none at full resolution (cost)
+    upsample: int = 2  # the decoder's upsampling per level (4 with two levels: fewer layers for a 4x VAE)
     encoder_blocks: tuple[int, ...] = (0, 1, 1)  # none at full resolution (cost)
     num_images: int = 4000  # latents whose VAE decodes are precomputed as targets
     perturbed_fraction: float = 0.5  # of those, shrunk + noised copies, like early x0 estimates
@@ -62,15 +63,23 @@ class DistillConfig:
                                    x0_runs=1, x0_prompts=2, x0_steps=2)
 
 
+def _levels(scale_factor: int, per_level: int, name: str) -> int:
+    levels = round(math.log(scale_factor, per_level)) + 1 if per_level > 1 else 0
+    if per_level < 2 or per_level ** (levels - 1) != scale_factor:
+        raise ValueError(f"a {scale_factor}x VAE is not a power of the {name} {per_level}")
+    return levels
+
+
 def build_preview_decoder(cfg: DistillConfig, latent_channels: int, scale_factor: int) -> AutoencoderTiny:
-    levels = int(math.log2(scale_factor)) + 1
-    if 2 ** (levels - 1) != scale_factor:
-        raise ValueError(f"scale_factor must be a power of two, got {scale_factor}")
-    if len(cfg.decoder_blocks) != levels or len(cfg.encoder_blocks) != levels:
-        raise ValueError(f"decoder_blocks and encoder_blocks need {levels} entries for a {scale_factor}x VAE")
+    encoder_levels = _levels(scale_factor, 2, "encoder's downsampling")  # EncoderTiny halves the size per level
+    decoder_levels = _levels(scale_factor, cfg.upsample, "upsample setting")
+    if len(cfg.decoder_blocks) != decoder_levels or len(cfg.encoder_blocks) != encoder_levels:
+        raise ValueError(f"a {scale_factor}x VAE needs {decoder_levels} decoder_blocks (upsample {cfg.upsample}) "
+                         f"and {encoder_levels} encoder_blocks")
     return AutoencoderTiny(
-        encoder_block_out_channels=(cfg.width,) * levels, decoder_block_out_channels=(cfg.width,) * levels,
+        encoder_block_out_channels=(cfg.width,) * encoder_levels, decoder_block_out_channels=(cfg.width,) * decoder_levels,
         num_encoder_blocks=cfg.encoder_blocks, num_decoder_blocks=cfg.decoder_blocks, latent_channels=latent_channels,
+        upsampling_scaling_factor=cfg.upsample,
         scaling_factor=1.0, shift_factor=0.0,  # takes the sampler's latents as they are, like TAESD
     )
 
@@ -228,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=None, help="channels at every level (default 16)")
     parser.add_argument("--decoder-blocks", type=int, nargs="+", default=None,
                         help="residual blocks per decoder level, lowest resolution first (default 1 1 0)")
+    parser.add_argument("--upsample", type=int, default=None,
+                        help="the decoder's upsampling per level (default 2; 4 with two --decoder-blocks for a 4x VAE)")
     parser.add_argument("--x0-runs", type=int, default=None,
                         help="runs of the model whose x0 estimates are targets too (default 20; 0: none)")
     parser.add_argument("--smoke", action="store_true", help="a few steps only, to check the script runs")
@@ -240,11 +251,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.steps < 1:
             raise SystemExit(f"--steps must be >= 1, got {args.steps}")
         cfg = dataclasses.replace(cfg, steps=args.steps)
-    for name in ("threads", "width", "x0_runs"):
+    for name, least in (("threads", 1), ("width", 1), ("x0_runs", 0), ("upsample", 2)):
         value = getattr(args, name)
         if value is not None:
-            if value < (0 if name == "x0_runs" else 1):
-                raise SystemExit(f"--{name.replace('_', '-')} must be >= {0 if name == 'x0_runs' else 1}, got {value}")
+            if value < least:
+                raise SystemExit(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
             cfg = dataclasses.replace(cfg, **{name: value})
     if args.decoder_blocks is not None:
         cfg = dataclasses.replace(cfg, decoder_blocks=tuple(args.decoder_blocks))
