@@ -241,6 +241,12 @@ def test_auto_pipeline_for_inpainting_with_controlnet(request, sd_folder):
     assert "StableDiffusionControlNetInpaintPipeline" in stepdiff.__all__
     text = stepdiff.AutoPipelineForText2Image.from_pretrained(sd_folder, controlnet=net)
     assert type(stepdiff.AutoPipelineForInpainting.from_pipe(text)) is stepdiff.StableDiffusionControlNetInpaintPipeline
+    # controlnet=None drops the ControlNet, as in diffusers: the plain pipeline of the kind, same components.
+    for auto, plain in ((stepdiff.AutoPipelineForInpainting, stepdiff.StableDiffusionInpaintPipeline),
+                        (stepdiff.AutoPipelineForImage2Image, stepdiff.StableDiffusionImg2ImgPipeline),
+                        (stepdiff.AutoPipelineForText2Image, stepdiff.StableDiffusionPipeline)):
+        dropped = auto.from_pipe(pipe, controlnet=None)
+        assert type(dropped) is plain and dropped.unet is pipe.unet and "controlnet" not in dropped.components
 
 
 # ------------------------------------------------------------------ bad input, before any model work

@@ -51,6 +51,8 @@ class _AutoPipeline:
         if target is None:
             what = f"{cls.kind} with a ControlNet" if controlnet else cls.kind
             raise ValueError(f"{type(pipeline).__name__} has no {what} counterpart in stepdiff")
+        if "controlnet" in kwargs and kwargs["controlnet"] is None:  # drop the ControlNet, as diffusers does
+            kwargs = {k: v for k, v in kwargs.items() if k != "controlnet"}
         return load(target).from_pipe(pipeline, **kwargs)
 
 
