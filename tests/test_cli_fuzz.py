@@ -326,3 +326,37 @@ def test_eval_shapes_flag_fuzz(flag, sd_folder, tmp_path, monkeypatch, capsys):
             check_rule(code, err, flag if code else None)
 
     case()
+
+
+BATCH_FLAGS = ["INPUT", "--out", "--format", "--steps", "--guidance", "--seed", "--size", "--scheduler", "--device",
+               "--dtype", "--max-memory", "--negative", "--cfg-cutoff", "--cfg-cutoff-step", "--guidance-interval",
+               "--batch-size", "--threads", "--workers", "--gpus-per-worker", "--model"]
+
+
+@pytest.mark.parametrize("flag", BATCH_FLAGS)
+def test_batch_flag_fuzz(flag, sd_folder, tmp_path, monkeypatch, capsys):
+    """``stepdiff batch`` with arbitrary values: a one-line error naming the flag, or a run that reaches the
+    model load (stopped there), never a traceback."""
+    def loads(*a, **k):
+        raise _Loads
+
+    monkeypatch.setattr("stepdiff.cli._from_pretrained", loads)
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+
+    @settings(max_examples=25, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(value=VALUES)
+    def case(value):
+        given_input = value if flag == "INPUT" else str(prompts)
+        argv = ["batch", given_input, "--out", "out", "--model", str(sd_folder),
+                *([] if flag == "INPUT" else [flag, value])]
+        try:
+            code, _, err = run(argv, capsys)
+        except _Loads:
+            capsys.readouterr()
+        else:
+            check_rule(code, err, None if code == 0 else ("INPUT" if flag == "INPUT" else flag))
+
+    case()
