@@ -212,10 +212,26 @@ def test_ip_adapter_without_image_encoder_is_refused(request, count_calls):
     assert pipe(**_kw(0, ["a cat"], ip_adapter_image=None, ip_adapter_image_embeds=embeds)).record.steps_completed == STEPS
 
 
-def test_pipelines_without_ip_arguments_say_so(request, count_calls):
+def test_every_pipeline_that_loads_ip_adapters_takes_them_as_diffusers_does():
+    import inspect
+
+    from stepdiff.pipelines.ip_adapter import IPAdapterRun
+
+    classes = [getattr(stepdiff, n) for n in stepdiff.__all__ if isinstance(getattr(stepdiff, n), type)]
+    with_ip = [c for c in classes if issubclass(c, IPAdapterRun)]
+    assert stepdiff.StableDiffusionXLInpaintPipeline in with_ip and len(with_ip) >= 11
+    for cls in with_ip:
+        ours = list(inspect.signature(cls.__call__).parameters)
+        theirs = list(inspect.signature(getattr(diffusers, cls.__name__).__call__).parameters)
+        assert "ip_adapter_image" in ours and "ip_adapter_image_embeds" in ours, cls.__name__
+        at = theirs.index("ip_adapter_image")
+        assert ours[ours.index("ip_adapter_image") - 1] == theirs[at - 1], cls.__name__  # same place as diffusers
+
+
+def test_sdxl_img2img_with_an_adapter_and_no_image_says_what_to_do(request, count_calls):
     pipe = _load(stepdiff.StableDiffusionXLImg2ImgPipeline, "sdxl", 0, request)
     calls = count_calls(pipe)
-    with pytest.raises(ValueError, match="StableDiffusionXLImg2ImgPipeline does not take yet; call pipe.unload_ip_adapter"):
+    with pytest.raises(ValueError, match="has an IP-Adapter loaded: pass ip_adapter_image .* or call pipe.unload_ip_adapter"):
         pipe("a cat", image=REF, num_inference_steps=2)
     assert calls.calls == 0
     pipe.unload_ip_adapter()

@@ -1,4 +1,4 @@
-"""IP-Adapter on SD image-to-image and inpainting (plain and with a ControlNet): parity with diffusers on tiny models,
+"""IP-Adapter on SD and SDXL image-to-image and inpainting (plain and with a ControlNet): parity with diffusers on tiny models,
 the official cutoff callbacks at batch 2 (each image equals its prompt run alone), run-scoped scales, bad input."""
 
 import diffusers
@@ -33,28 +33,36 @@ KINDS = {
     "controlnet-inpaint-9ch": (stepdiff.StableDiffusionControlNetInpaintPipeline,
                                diffusers.StableDiffusionControlNetInpaintPipeline, "sd_inpaint_folder", True,
                                dict(image=IMAGE, mask_image=MASK, control_image=control_image())),
+    "sdxl-img2img": (stepdiff.StableDiffusionXLImg2ImgPipeline, diffusers.StableDiffusionXLImg2ImgPipeline,
+                     "sdxl_folder", False, dict(image=IMAGE, strength=0.75)),
+    "sdxl-inpaint": (stepdiff.StableDiffusionXLInpaintPipeline, diffusers.StableDiffusionXLInpaintPipeline,
+                     "sdxl_folder", False, dict(image=IMAGE, mask_image=MASK, strength=0.75)),
+    "sdxl-controlnet-img2img": (stepdiff.StableDiffusionXLControlNetImg2ImgPipeline,
+                                diffusers.StableDiffusionXLControlNetImg2ImgPipeline, "sdxl_folder", True,
+                                dict(image=IMAGE, control_image=control_image())),
 }
 _cache: dict = {}
 
 
-def _ip_folder(request):
-    if "ip" not in _cache:
-        tmp = request.getfixturevalue("tmp_path_factory").mktemp("sd-ip-images")
-        _cache["ip"] = make_tiny_ip_adapter(tmp, request.getfixturevalue("sd_folder"))
-    return _cache["ip"]
+def _ip_folder(request, family="sd"):
+    if ("ip", family) not in _cache:
+        tmp = request.getfixturevalue("tmp_path_factory").mktemp(f"{family}-ip-images")
+        _cache["ip", family] = make_tiny_ip_adapter(tmp, request.getfixturevalue(f"{family}_folder"))
+    return _cache["ip", family]
 
 
 def _load(cls, kind, request, ip=True):
     _, _, fixture, controlnet, _ = KINDS[kind]
+    family = "sdxl" if kind.startswith("sdxl") else "sd"
     kwargs = {}
     if controlnet:
-        kwargs["controlnet"] = ControlNetModel.from_pretrained(request.getfixturevalue("sd_controlnet_folder"))
+        kwargs["controlnet"] = ControlNetModel.from_pretrained(request.getfixturevalue(f"{family}_controlnet_folder"))
     if cls.__module__.startswith("diffusers") and "safety_checker" in cls.__init__.__code__.co_varnames:
         kwargs["safety_checker"] = None
     pipe = cls.from_pretrained(request.getfixturevalue(fixture), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     if ip:
-        pipe.load_ip_adapter(str(_ip_folder(request)), subfolder="", weight_name="ip-adapter.safetensors")
+        pipe.load_ip_adapter(str(_ip_folder(request, family)), subfolder="", weight_name="ip-adapter.safetensors")
     return pipe
 
 
@@ -70,7 +78,7 @@ def _kw(kind, prompts, **kw):
 
 
 PARITY = [("img2img", 1), ("img2img", 2), ("inpaint-4ch", 2), ("inpaint-9ch", 1), ("controlnet-img2img", 1),
-          ("controlnet-inpaint-9ch", 2)]
+          ("controlnet-inpaint-9ch", 2), ("sdxl-img2img", 2), ("sdxl-inpaint", 1), ("sdxl-controlnet-img2img", 2)]
 
 
 @pytest.mark.parametrize("kind,batch", PARITY, ids=[f"{k}-batch{b}" for k, b in PARITY])
@@ -123,7 +131,8 @@ OFFICIAL = {
 }
 BATCH_SAFE = [("img2img", "CFGCutoffCallback"), ("img2img", "IPAdapterScaleCutoffCallback"),
               ("inpaint-4ch", "SDCFGCutoffCallback"), ("inpaint-9ch", "both"),
-              ("controlnet-inpaint-9ch", "IPAdapterScaleCutoffCallback"), ("controlnet-inpaint-9ch", "both")]
+              ("controlnet-inpaint-9ch", "IPAdapterScaleCutoffCallback"), ("controlnet-inpaint-9ch", "both"),
+              ("sdxl-img2img", "IPAdapterScaleCutoffCallback"), ("sdxl-inpaint", "CFGCutoffCallback")]
 
 
 @pytest.mark.parametrize("kind,name", BATCH_SAFE, ids=[f"{k}-{n}" for k, n in BATCH_SAFE])

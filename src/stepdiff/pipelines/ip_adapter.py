@@ -58,14 +58,9 @@ class IPAdapterRun:
         n = self._ip_adapters_loaded()
         if image is None and embeds is None:
             if n:
-                import inspect
-
-                takes = "ip_adapter_image" in inspect.signature(type(self).__call__).parameters
                 raise ValueError(
                     "this pipeline has an IP-Adapter loaded: pass ip_adapter_image (or ip_adapter_image_embeds), "
-                    "or call pipe.unload_ip_adapter()" if takes else
-                    f"this pipeline has an IP-Adapter loaded, which {type(self).__name__} does not take yet; "
-                    "call pipe.unload_ip_adapter() (the text-to-image and ControlNet pipelines take ip_adapter_image)"
+                    "or call pipe.unload_ip_adapter()"
                 )
             return kind
         name = "ip_adapter_image" if image is not None else "ip_adapter_image_embeds"

@@ -39,6 +39,8 @@ class StableDiffusionXLImg2ImgPipeline(SDXLImageMixin, Image2ImageRun, StableDif
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
