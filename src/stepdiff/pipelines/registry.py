@@ -47,6 +47,10 @@ REGISTRY: tuple[PipelineEntry, ...] = (
         "StableDiffusionXLControlNetImg2ImgPipeline", ".stable_diffusion_xl_controlnet_img2img", "sdxl", "image2image",
         controlnet=True,
     ),
+    PipelineEntry(
+        "StableDiffusionXLControlNetInpaintPipeline", ".stable_diffusion_xl_controlnet_inpaint", "sdxl", "inpaint",
+        controlnet=True,
+    ),
     PipelineEntry("StableDiffusion3Pipeline", ".stable_diffusion_3", "sd3", "text2image"),
     PipelineEntry("StableDiffusion3Img2ImgPipeline", ".stable_diffusion_3_img2img", "sd3", "image2image"),
 )
