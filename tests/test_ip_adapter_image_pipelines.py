@@ -40,6 +40,9 @@ KINDS = {
     "sdxl-controlnet-img2img": (stepdiff.StableDiffusionXLControlNetImg2ImgPipeline,
                                 diffusers.StableDiffusionXLControlNetImg2ImgPipeline, "sdxl_folder", True,
                                 dict(image=IMAGE, control_image=control_image())),
+    "sdxl-controlnet-inpaint": (stepdiff.StableDiffusionXLControlNetInpaintPipeline,
+                                diffusers.StableDiffusionXLControlNetInpaintPipeline, "sdxl_folder", True,
+                                dict(image=IMAGE, mask_image=MASK, control_image=control_image(), strength=0.75)),
 }
 _cache: dict = {}
 
@@ -78,7 +81,8 @@ def _kw(kind, prompts, **kw):
 
 
 PARITY = [("img2img", 1), ("img2img", 2), ("inpaint-4ch", 2), ("inpaint-9ch", 1), ("controlnet-img2img", 1),
-          ("controlnet-inpaint-9ch", 2), ("sdxl-img2img", 2), ("sdxl-inpaint", 1), ("sdxl-controlnet-img2img", 2)]
+          ("controlnet-inpaint-9ch", 2), ("sdxl-img2img", 2), ("sdxl-inpaint", 1), ("sdxl-controlnet-img2img", 2),
+          ("sdxl-controlnet-inpaint", 2)]
 
 
 @pytest.mark.parametrize("kind,batch", PARITY, ids=[f"{k}-batch{b}" for k, b in PARITY])
