@@ -4,6 +4,7 @@
     python benchmarks/bench_control.py --only quality        # (a) IoU and adherence, with and without control
     python benchmarks/bench_control.py --only speed          # (b) ControlNet call: stepdiff vs diffusers (+ noise floor)
     python benchmarks/bench_control.py --only rows           # (c) model rows saved by a CFG cutoff of 0.4
+    python benchmarks/bench_control.py --only sdxl-inpaint   # (d) SDXL ControlNet inpainting: stepdiff vs diffusers
 
 (a) Held-out prompts (combinations training never saw) with held-out silhouettes (positions and sizes drawn from
 the evaluation seeds), judged from the pixels: the IoU of the generated shape (the largest region of the shape's
@@ -13,6 +14,9 @@ and seeds without control; then the same with ``control_guidance_end=0.5`` and t
 "diffusers again" (the noise floor; see benchmarks/README).
 (c) Model rows and ControlNet rows of a run with ``CFGCutoffCallback(cutoff_step_ratio=0.4)`` against full CFG,
 beside the expected ratio.
+(d) Not on the shipped model (an SD model): a tiny SDXL (stepdiff.testing, 64 base channels, 32x32 latents) with
+a tiny ControlNet, ``StableDiffusionXLControlNetInpaintPipeline`` against diffusers' on the same weights, 25 steps,
+interleaved rounds as (b).
 """
 
 from __future__ import annotations
@@ -123,6 +127,44 @@ def speed(args, folder, controlnet_folder) -> None:
                  "noise floor: diffusers again / diffusers")))
 
 
+def sdxl_inpaint_speed(args) -> None:
+    import tempfile
+
+    import diffusers
+    from PIL import Image
+
+    from stepdiff.testing import make_tiny_controlnet, make_tiny_sdxl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_tiny_sdxl(os.path.join(tmp, "sdxl"), width=64, sample_size=32)
+        net = diffusers.ControlNetModel.from_pretrained(make_tiny_controlnet(os.path.join(tmp, "cn"), folder))
+        ours = stepdiff.StableDiffusionXLControlNetInpaintPipeline.from_pretrained(folder, controlnet=net)
+        theirs = diffusers.StableDiffusionXLControlNetInpaintPipeline.from_pretrained(folder, controlnet=net)
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    size = 64  # the tiny VAE downsamples by 2
+    image = Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8))
+    mask = Image.fromarray(np.where(np.arange(size)[None, :] >= size // 2, 255, 0).astype(np.uint8).repeat(size, 0))
+    control = Image.fromarray((rng.random((size, size, 3)) > 0.5).astype(np.uint8) * 255)
+
+    def call(p):
+        return lambda: p("a red car on the road", image=image, mask_image=mask, control_image=control,
+                         num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
+
+    a, b = call(ours)().images, call(theirs)().images
+    rounds = time_rounds({"stepdiff": call(ours), "diffusers": call(theirs), "diffusers again": call(theirs)},
+                         args.repeats)
+    m = medians(rounds)
+    print(f"(d) SDXL ControlNet inpainting, tiny SDXL, {STEPS} steps, one {size}x{size} image; largest difference stepdiff "
+          f"vs diffusers: {np.abs(a - b).max():.2e}")
+    print(table([("SDXL ControlNet inpaint", f"{m['stepdiff']:.3f}", f"{m['diffusers']:.3f}",
+                  f"{m['stepdiff'] / m['diffusers']:.3f}", describe_paired(rounds, "stepdiff", "diffusers"),
+                  f"{m['diffusers again'] / m['diffusers']:.3f} / {describe_paired(rounds, 'diffusers again', 'diffusers')}")],
+                ("run", "stepdiff s", "diffusers s", "ratio of medians", "per-round ratio",
+                 "noise floor: diffusers again / diffusers")))
+
+
 def rows_saved(args, pipe) -> None:
     from stepdiff.callbacks import CFGCutoffCallback
 
@@ -152,7 +194,8 @@ def rows_saved(args, pipe) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="quality,speed,rows", help="comma-separated: quality, speed, rows")
+    parser.add_argument("--only", default="quality,speed,rows",
+                        help="comma-separated: quality, speed, rows, sdxl-inpaint")
     parser.add_argument("--model", default=None, help="base model folder (default: the shipped one)")
     parser.add_argument("--controlnet", default=None, help="ControlNet folder (default: the shipped one)")
     parser.add_argument("--seeds-per-combo", type=int, default=4, help="(a): silhouettes per held-out combination")
@@ -165,6 +208,10 @@ def main() -> None:
     folder = args.model or default_model()
     controlnet_folder = args.controlnet or default_controlnet()
     only = set(args.only.split(","))
+    if "sdxl-inpaint" in only:
+        sdxl_inpaint_speed(args)
+        if only == {"sdxl-inpaint"}:
+            return
     from diffusers import ControlNetModel
 
     pipe = stepdiff.StableDiffusionControlNetPipeline.from_pretrained(
