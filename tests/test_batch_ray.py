@@ -12,7 +12,7 @@ from PIL import Image
 
 import stepdiff
 from stepdiff.batch import BatchConfig, BatchDefaults, Manifest, run_batch
-from stepdiff.batch.ray_runner import local_ray_options
+from stepdiff.batch.ray_runner import STOP_MARKER, local_ray_options
 
 ROWS = [
     {"prompt": "a red circle", "seed": 1},
@@ -129,8 +129,8 @@ def test_cli_batch_on_ray(tmp_path, sd_folder, local_ray, run_cli):
 def test_ctrl_c_during_a_ray_run_stops_it_keeps_what_was_made_and_resume_finishes(tmp_path, sd_folder, local_ray,
                                                                                   run_cli):
     """A real ``stepdiff batch --ray`` process gets SIGINT (Ctrl-C) once its first images are recorded: it says it
-    is stopping, Ray's own handler does not take over, it exits 130 with a whole manifest whose images all exist,
-    and the same command then makes only the rest."""
+    is stopping, Ray's own handler does not take over, the chunk in flight finishes and is recorded, it exits 130
+    with a whole manifest and no image outside it, and the same command then makes only the rest."""
     import os
     import subprocess
     import sys
@@ -160,11 +160,13 @@ def test_ctrl_c_during_a_ray_run_stops_it_keeps_what_was_made_and_resume_finishe
     assert "stopped early: run the same command again to resume" in stdout
     entries = Manifest(out).read()
     assert 1 <= len(entries) < 12
-    assert all((out / e["file"]).is_file() for e in entries)
+    # The chunk in flight finished and was recorded; the actors skipped the rest: every image made is in the
+    # manifest, and the stop marker is gone.
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(e["file"] for e in entries)
+    assert not (out / STOP_MARKER).exists()
     code, stdout, err = run_cli(*argv)
     assert code == 0, err
     assert f"{12 - len(entries)} image(s) made, {len(entries)} already done" in stdout
     final = Manifest(out).read()
     assert len({e["key"] for e in final}) == 12
-    # An image an actor finished after the stop, but that was not recorded, was redone into the same file: no strays.
     assert sorted(p.name for p in out.glob("*.png")) == sorted({e["file"] for e in final})

@@ -10,6 +10,10 @@ manifest whole, and an entry exists only once its image is on disk.
 One dataset row is one chunk and ``batch_size=1``, so a chunk's rows stay together whatever the pool
 size: the images are the same bytes with 1, 2 or 100 workers as in the embedded run. Each actor has one
 chunk in flight at a time: chunks spread over all the actors, and a crash loses at most one chunk per actor.
+
+Stopping (Ctrl-C): the driver writes ``STOP_MARKER`` into ``--out``, the folder every actor sees; an actor
+skips a chunk it has not started once the marker is there, and the driver keeps recording what comes back,
+so the chunks in flight finish and are recorded, as in the embedded run, and no image is left unrecorded.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from typing import Any
 from .rows import BatchRow
 from .worker import WorkerConfig
 
-__all__ = ["RayChunkActor", "local_ray_options", "run_on_ray"]
+__all__ = ["STOP_MARKER", "RayChunkActor", "local_ray_options", "run_on_ray"]
+
+STOP_MARKER = ".stepdiff-stop"  # in --out while a stopped run drains: actors skip the chunks they have not started
+_SKIPPED = json.dumps({"skipped": True})
 
 
 def _row_from_dict(d: dict[str, Any]) -> BatchRow:
@@ -47,10 +54,13 @@ class RayChunkActor:
         ctx = ray.get_runtime_context()
         label = f"ray:{ctx.get_node_id()[:8]}:{(ctx.get_actor_id() or 'task')[:8]}:{os.getpid()}"
         self.worker = ChunkWorker(WorkerConfig(**config), label)
+        self.stop_marker = Path(config["out"]) / STOP_MARKER
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
+        if self.stop_marker.exists():  # the run is stopping: this chunk was not started, so it is left for a resume
+            return {"entry": np.array([_SKIPPED] * len(batch["chunk"]), dtype=object)}
         entries = []
         for text in batch["chunk"]:
             chunk = json.loads(str(text))
@@ -118,16 +128,31 @@ def run_on_ray(ray, config, plan, stop: threading.Event | None) -> Iterator[dict
                 compute=ActorPoolStrategy(size=config.workers, max_tasks_in_flight_per_actor=1),
                 num_cpus=config.threads if gpus == 0 else 1, num_gpus=gpus,
             )
+        marker = Path(config.out) / STOP_MARKER
+        marker.unlink(missing_ok=True)  # left by a run that was killed while it drained
+        finished = threading.Event()
+        watcher = threading.Thread(target=_mark_stop, args=(stop, finished, marker), daemon=True)
+        watcher.start()
         try:
             for row in ds.iter_rows():
-                yield json.loads(row["entry"])
-                if stop is not None and stop.is_set():
-                    return  # the chunks in flight are dropped: their rows are redone on resume
+                if row["entry"] != _SKIPPED:
+                    yield json.loads(row["entry"])
         finally:
+            finished.set()
+            watcher.join()
+            marker.unlink(missing_ok=True)
             ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s = saved
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _mark_stop(stop: threading.Event | None, finished: threading.Event, marker: Path) -> None:
+    """Write the stop marker as soon as ``stop`` is set (not when the next entry happens to come back)."""
+    while not finished.wait(0.1):
+        if stop is not None and stop.is_set():
+            marker.touch()
+            return
 
 
 def _check_resources(ray, workers: int, gpus: float, threads: int) -> None:
