@@ -1,19 +1,22 @@
 """What SDXL's image-to-image and inpainting pipelines share: aesthetic-score micro-conditioning and
-``denoising_start``, the refiner side of the base -> refiner hand-off."""
+``denoising_start``, the refiner side of the base -> refiner hand-off; and, for their ControlNet variants,
+the ControlNet pipeline's constructor and the classic name of the control images."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .run import Run
 from .stable_diffusion_xl import StableDiffusionXLPipeline, _fraction
+from .stable_diffusion_xl_controlnet import StableDiffusionXLControlNetPipeline
 
-__all__ = ["SDXLImageMixin"]
+__all__ = ["SDXLControlNetImageMixin", "SDXLImageMixin"]
 
 
 class SDXLImageMixin:
@@ -23,6 +26,7 @@ class SDXLImageMixin:
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
         **StableDiffusionXLPipeline._callback_names, "add_neg_time_ids": ("uncond", "time_ids"),
     }
+    _takes_denoising_start: ClassVar[bool] = True  # the inpainting pipelines refuse it (not supported yet)
 
     def __init__(
         self,
@@ -72,6 +76,8 @@ class SDXLImageMixin:
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
         kind = super().check_kind_inputs(args)  # type: ignore[misc]
         kind["denoising_start"] = _fraction("denoising_start", args.pop("denoising_start", None))
+        if kind["denoising_start"] is not None and not self._takes_denoising_start:
+            raise NotImplementedError("denoising_start is not supported by stepdiff's SDXL inpainting yet; use strength")
         kind["add_noise"] = kind["denoising_start"] is None
         return kind
 
@@ -89,3 +95,38 @@ class SDXLImageMixin:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start)
         return scheduler.timesteps[t_start:]
+
+
+class SDXLControlNetImageMixin(SDXLImageMixin):
+    """SDXL image-to-image and inpainting with ControlNets: the ControlNet pipeline's constructor (SDXLImageMixin's
+    takes no controlnet), control images named ``control_image`` as in the classic pipelines (``image`` is the init
+    image there; both names reach the control images in callbacks), and one size for the init and control images."""
+
+    _control_image_name: ClassVar[str] = "control_image"
+    _control_tensor_names: ClassVar[tuple[str, ...]] = ("control_image", "image")
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel | MultiControlNetModel | list[ControlNetModel] | tuple[ControlNetModel, ...],
+        scheduler: KarrasDiffusionSchedulers,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+        feature_extractor: Any = None,
+        image_encoder: Any = None,
+    ) -> None:
+        StableDiffusionXLControlNetPipeline.__init__(
+            self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,  # type: ignore[arg-type]
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
+
+    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.match_init_image(super().check_kind_inputs(args), args)  # type: ignore[attr-defined]

@@ -5,20 +5,16 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..control import CancelToken
-from ._sdxl_kinds import SDXLImageMixin
+from ._sdxl_kinds import SDXLControlNetImageMixin, SDXLImageMixin
 from .kinds import Image2ImageRun
 from .stable_diffusion_xl_controlnet import StableDiffusionXLControlNetPipeline
 
 __all__ = ["StableDiffusionXLControlNetImg2ImgPipeline"]
 
 
-class StableDiffusionXLControlNetImg2ImgPipeline(SDXLImageMixin, Image2ImageRun, StableDiffusionXLControlNetPipeline):
+class StableDiffusionXLControlNetImg2ImgPipeline(SDXLControlNetImageMixin, Image2ImageRun, StableDiffusionXLControlNetPipeline):
     """SDXL: re-draw ``image`` at ``strength`` following ``control_image``; arguments follow the classic pipeline.
 
     The classic pipeline names its control tensor ``control_image``, so the classic
@@ -26,38 +22,9 @@ class StableDiffusionXLControlNetImg2ImgPipeline(SDXLImageMixin, Image2ImageRun,
     reach the control images and the official callback works.
     """
 
-    _control_image_name: ClassVar[str] = "control_image"
-    _control_tensor_names: ClassVar[tuple[str, ...]] = ("control_image", "image")
     _callback_tensor_inputs: ClassVar[list[str]] = [
         *SDXLImageMixin._callback_tensor_inputs, "control_image", "image",
     ]
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        tokenizer_2: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        controlnet: ControlNetModel | MultiControlNetModel | list[ControlNetModel] | tuple[ControlNetModel, ...],
-        scheduler: KarrasDiffusionSchedulers,
-        requires_aesthetics_score: bool = False,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-        feature_extractor: Any = None,
-        image_encoder: Any = None,
-    ) -> None:
-        # The ControlNet pipeline's constructor (SDXLImageMixin's takes no controlnet).
-        StableDiffusionXLControlNetPipeline.__init__(
-            self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
-            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, feature_extractor=feature_extractor,
-            image_encoder=image_encoder,
-        )
-        self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
-
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.match_init_image(super().check_kind_inputs(args), args)
 
     def __call__(
         self,

@@ -5,20 +5,16 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..control import CancelToken
-from ._sdxl_kinds import SDXLImageMixin
+from ._sdxl_kinds import SDXLControlNetImageMixin, SDXLImageMixin
 from .kinds import InpaintRun
 from .stable_diffusion_xl_controlnet import StableDiffusionXLControlNetPipeline
 
 __all__ = ["StableDiffusionXLControlNetInpaintPipeline"]
 
 
-class StableDiffusionXLControlNetInpaintPipeline(SDXLImageMixin, InpaintRun, StableDiffusionXLControlNetPipeline):
+class StableDiffusionXLControlNetInpaintPipeline(SDXLControlNetImageMixin, InpaintRun, StableDiffusionXLControlNetPipeline):
     """SDXL: repaint the white part of ``mask_image`` following ``control_image``; arguments follow the classic
     pipeline.
 
@@ -26,8 +22,6 @@ class StableDiffusionXLControlNetInpaintPipeline(SDXLImageMixin, InpaintRun, Sta
     callback tensor ``control_image`` (classic name) and also ``image``, so the official ControlNet callbacks work.
     """
 
-    _control_image_name: ClassVar[str] = "control_image"
-    _control_tensor_names: ClassVar[tuple[str, ...]] = ("control_image", "image")
     _callback_tensor_inputs: ClassVar[list[str]] = [
         *SDXLImageMixin._callback_tensor_inputs, "mask", "masked_image_latents", "control_image", "image",
     ]
@@ -35,36 +29,7 @@ class StableDiffusionXLControlNetInpaintPipeline(SDXLImageMixin, InpaintRun, Sta
         **StableDiffusionXLControlNetPipeline._callback_names, **SDXLImageMixin._callback_names,
         "mask": ("cond", "mask"), "masked_image_latents": ("cond", "masked_image_latents"),
     }
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        tokenizer_2: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        controlnet: ControlNetModel | MultiControlNetModel | list[ControlNetModel] | tuple[ControlNetModel, ...],
-        scheduler: KarrasDiffusionSchedulers,
-        requires_aesthetics_score: bool = False,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-        feature_extractor: Any = None,
-        image_encoder: Any = None,
-    ) -> None:
-        # The ControlNet pipeline's constructor (SDXLImageMixin's takes no controlnet).
-        StableDiffusionXLControlNetPipeline.__init__(
-            self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
-            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, feature_extractor=feature_extractor,
-            image_encoder=image_encoder,
-        )
-        self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
-
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
-        kind = self.match_init_image(super().check_kind_inputs(args), args)
-        if kind["denoising_start"] is not None:
-            raise NotImplementedError("denoising_start is not supported by stepdiff's SDXL inpainting yet; use strength")
-        return kind
+    _takes_denoising_start: ClassVar[bool] = False
 
     def __call__(
         self,

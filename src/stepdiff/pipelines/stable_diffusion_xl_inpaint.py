@@ -23,11 +23,7 @@ class StableDiffusionXLInpaintPipeline(SDXLImageMixin, InpaintRun, StableDiffusi
         "mask": ("cond", "mask"), "masked_image_latents": ("cond", "masked_image_latents"),
     }
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
-        kind = super().check_kind_inputs(args)
-        if kind["denoising_start"] is not None:
-            raise NotImplementedError("denoising_start is not supported by stepdiff's SDXL inpainting yet; use strength")
-        return kind
+    _takes_denoising_start: ClassVar[bool] = False
 
     def __call__(
         self,
