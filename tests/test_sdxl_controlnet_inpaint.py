@@ -155,3 +155,11 @@ def test_bad_input_fails_before_model_work(kwargs, error, message, request, coun
     with pytest.raises(error, match=message):
         ours(**_kw(1, ["a cat"], **kwargs))
     assert calls.calls == 0
+
+
+def test_sdxl_inpainting_without_controlnet_refuses_denoising_start_too(sdxl_folder, count_calls):
+    pipe = stepdiff.StableDiffusionXLInpaintPipeline.from_pretrained(sdxl_folder)
+    calls = count_calls(pipe)
+    with pytest.raises(NotImplementedError, match="denoising_start is not supported by stepdiff's SDXL inpainting"):
+        pipe("a cat", image=IMAGE, mask_image=MASK, denoising_start=0.5, num_inference_steps=STEPS)
+    assert calls.calls == 0
