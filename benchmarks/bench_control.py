@@ -115,12 +115,16 @@ def speed(args, folder, controlnet_folder) -> None:
 
     a = np.asarray(call(ours)().images[0], dtype=int)
     b = np.asarray(call(theirs)().images[0], dtype=int)
-    rounds = time_rounds({"stepdiff": call(ours), "diffusers": call(theirs), "diffusers again": call(theirs)},
-                         args.repeats)
-    m = medians(rounds)
     print(f"(b) ControlNet call, {STEPS} steps, one image; largest pixel difference stepdiff vs diffusers: "
           f"{np.abs(a - b).max()}")
-    print(table([("ControlNet text-to-image", f"{m['stepdiff']:.3f}", f"{m['diffusers']:.3f}",
+    _compare("ControlNet text-to-image", call(ours), call(theirs), args.repeats)
+
+
+def _compare(run: str, ours, theirs, repeats: int) -> None:
+    """Interleaved rounds of stepdiff, diffusers and diffusers again (the noise floor), printed as one table row."""
+    rounds = time_rounds({"stepdiff": ours, "diffusers": theirs, "diffusers again": theirs}, repeats)
+    m = medians(rounds)
+    print(table([(run, f"{m['stepdiff']:.3f}", f"{m['diffusers']:.3f}",
                   f"{m['stepdiff'] / m['diffusers']:.3f}", describe_paired(rounds, "stepdiff", "diffusers"),
                   f"{m['diffusers again'] / m['diffusers']:.3f} / {describe_paired(rounds, 'diffusers again', 'diffusers')}")],
                 ("run", "stepdiff s", "diffusers s", "ratio of medians", "per-round ratio",
@@ -153,16 +157,9 @@ def sdxl_inpaint_speed(args) -> None:
                          num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
 
     a, b = call(ours)().images, call(theirs)().images
-    rounds = time_rounds({"stepdiff": call(ours), "diffusers": call(theirs), "diffusers again": call(theirs)},
-                         args.repeats)
-    m = medians(rounds)
     print(f"(d) SDXL ControlNet inpainting, tiny SDXL, {STEPS} steps, one {size}x{size} image; largest difference stepdiff "
           f"vs diffusers: {np.abs(a - b).max():.2e}")
-    print(table([("SDXL ControlNet inpaint", f"{m['stepdiff']:.3f}", f"{m['diffusers']:.3f}",
-                  f"{m['stepdiff'] / m['diffusers']:.3f}", describe_paired(rounds, "stepdiff", "diffusers"),
-                  f"{m['diffusers again'] / m['diffusers']:.3f} / {describe_paired(rounds, 'diffusers again', 'diffusers')}")],
-                ("run", "stepdiff s", "diffusers s", "ratio of medians", "per-round ratio",
-                 "noise floor: diffusers again / diffusers")))
+    _compare("SDXL ControlNet inpaint", call(ours), call(theirs), args.repeats)
 
 
 def rows_saved(args, pipe) -> None:
