@@ -57,10 +57,11 @@ class DistillConfig:
     encoder_weight: float = 1.0
     checkpoint_every: int = 500
     eval_images: int = 256  # held-out renders for the fidelity report
+    eval_x0_runs: int = 8  # runs on held-out prompts (at x0_steps) whose x0 estimates the report also scores
 
     def smoke_version(self) -> DistillConfig:
         return dataclasses.replace(self, num_images=16, steps=3, batch=4, warmup=1, checkpoint_every=2, eval_images=4,
-                                   x0_runs=1, x0_prompts=2, x0_steps=2)
+                                   eval_x0_runs=1, x0_runs=1, x0_prompts=2, x0_steps=2)
 
 
 def _levels(scale_factor: int, per_level: int, name: str) -> int:
@@ -158,18 +159,18 @@ def held_out_x0(pipe, runs: int = 8, steps: int = 25) -> torch.Tensor:
 
 
 @torch.no_grad()
-def preview_fidelity(vae: AutoencoderKL, tiny: AutoencoderTiny, n: int = 256, pipe=None) -> dict[str, float]:
+def preview_fidelity(vae: AutoencoderKL, tiny: AutoencoderTiny, n: int = 256, pipe=None, x0_runs: int = 8,
+                     x0_steps: int = 25) -> dict[str, float]:
     """PSNR (dB) of the tiny decoder against the VAE decode of the same latents, on held-out renders
-    (clean latents) and, with ``pipe``, on the x0 estimates of 8 runs on held-out prompts; and of the tiny
-    encoder+decoder round trip against the renders."""
+    (clean latents) and, with ``pipe``, on the x0 estimates of ``x0_runs`` runs on held-out prompts; and of the
+    tiny encoder+decoder round trip against the renders."""
     rng = np.random.default_rng(EVAL_SEED_BASE + 5)
     x = _to_tensor(sample_batch(rng, n, all_combos())[0])
     z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     round_trip = tiny.decode(tiny.encode(x).latents).sample.clamp(-1, 1)
     report = {"decoder_vs_vae_db": tiny_vs_vae_db(vae, tiny, z), "tiny_round_trip_db": _psnr(round_trip, x)}
     if pipe is not None:
-        report["decoder_vs_vae_x0_db"] = tiny_vs_vae_db(vae, tiny, held_out_x0(pipe, runs=8 if n > 16 else 1,
-                                                                                steps=25 if n > 16 else 2))
+        report["decoder_vs_vae_x0_db"] = tiny_vs_vae_db(vae, tiny, held_out_x0(pipe, x0_runs, x0_steps))
     return report
 
 
@@ -221,8 +222,9 @@ def distill(cfg: DistillConfig, vae: AutoencoderKL, out: Path, pipe=None) -> Pat
     tiny.eval()
     folder = out / PREVIEW_DECODER_DIR
     tiny.save_pretrained(folder, safe_serialization=True)
+    fidelity = preview_fidelity(vae, tiny, cfg.eval_images, pipe, cfg.eval_x0_runs, cfg.x0_steps)
     report = {"config": dataclasses.asdict(cfg), "resumed_from_step": start, "wall_seconds": time.time() - started,
-              "x0_latents": len(latents) - len(images), **preview_fidelity(vae, tiny, cfg.eval_images, pipe)}
+              "x0_latents": len(latents) - len(images), **fidelity}
     (out / "preview_decoder.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return folder

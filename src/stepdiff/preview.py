@@ -187,9 +187,8 @@ def load_tiny_decoder(folder: str | Path, latent_channels: int | None = None, sc
 def tiny_decode(decoder: Any, latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) latents as the sampler sees them -> (B, 3, H, W) RGB in [-1, 1], with a tiny decoder."""
     cfg = decoder.config
-    param = next(decoder.parameters())
-    x = latents.to(param.device, param.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    first_conv = next(getattr(decoder, "decoder", decoder).parameters())
+    first_conv = next(getattr(decoder, "decoder", decoder).parameters())  # its device, dtype and memory layout
+    x = latents.to(first_conv.device, first_conv.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
     if first_conv.dim() == 4 and first_conv.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     return decoder.decode(x, return_dict=False)[0].float().clamp(-1, 1)
