@@ -20,33 +20,39 @@ STEPS = 4
 IMAGE, MASK = test_image()
 CONTROL = [control_image(seed=5), control_image(seed=6)]
 UNETS = {"4ch": "sd_folder", "9ch": "sd_inpaint_folder"}
+# family: (stepdiff class, diffusers class, base folder fixture per UNet); test_sdxl_controlnet_inpaint uses "sdxl"
+FAMILIES = {
+    "sd": (stepdiff.StableDiffusionControlNetInpaintPipeline, diffusers.StableDiffusionControlNetInpaintPipeline, UNETS),
+    "sdxl": (stepdiff.StableDiffusionXLControlNetInpaintPipeline, diffusers.StableDiffusionXLControlNetInpaintPipeline,
+             {"4ch": "sdxl_folder", "9ch": "sdxl_inpaint_folder"}),
+}
 _cache: dict = {}
 
 
-def _controlnets(request):
-    if "nets" not in _cache:
+def _controlnets(request, family="sd"):
+    if ("nets", family) not in _cache:
         from stepdiff.testing import make_tiny_controlnet
 
         second = make_tiny_controlnet(
-            request.getfixturevalue("tmp_path_factory").mktemp("sd-cn-inpaint-2"), request.getfixturevalue("sd_folder"),
-            seed=1,
+            request.getfixturevalue("tmp_path_factory").mktemp(f"{family}-cn-inpaint-2"),
+            request.getfixturevalue(f"{family}_folder"), seed=1,
         )
-        _cache["nets"] = [ControlNetModel.from_pretrained(request.getfixturevalue("sd_controlnet_folder")),
-                          ControlNetModel.from_pretrained(second)]
-    return _cache["nets"]
+        _cache["nets", family] = [ControlNetModel.from_pretrained(request.getfixturevalue(f"{family}_controlnet_folder")),
+                                  ControlNetModel.from_pretrained(second)]
+    return _cache["nets", family]
 
 
-def _pipes(unet, nets, request):
+def _pipes(unet, nets, request, family="sd"):
     """(stepdiff pipeline, diffusers pipeline) on the same weights; ``unet``: "4ch" or "9ch"; ``nets``: 1 or 2."""
-    key = (unet, nets)
+    key = (family, unet, nets)
     if key not in _cache:
-        cns = _controlnets(request)
-        folder = request.getfixturevalue(UNETS[unet])
+        cns = _controlnets(request, family)
+        ours_cls, theirs_cls, folders = FAMILIES[family]
+        folder = request.getfixturevalue(folders[unet])
         controlnet = cns[0] if nets == 1 else cns
-        ours = stepdiff.StableDiffusionControlNetInpaintPipeline.from_pretrained(folder, controlnet=controlnet)
-        theirs = diffusers.StableDiffusionControlNetInpaintPipeline.from_pretrained(
-            folder, controlnet=controlnet, safety_checker=None
-        )
+        extra = {"safety_checker": None} if family == "sd" else {}
+        ours = ours_cls.from_pretrained(folder, controlnet=controlnet)
+        theirs = theirs_cls.from_pretrained(folder, controlnet=controlnet, **extra)
         for p in (ours, theirs):
             p.set_progress_bar_config(disable=True)
         _cache[key] = (ours, theirs)
@@ -71,7 +77,7 @@ def _same_seed_gens(advance: bool) -> list[torch.Generator]:
 
 
 PARITY = {
-    "batch1": dict(prompts=["a photo of a cat"]),  # the classic defaults (controlnet_conditioning_scale 0.5, strength 1)
+    "batch1": dict(prompts=["a photo of a cat"]),  # the classic defaults (SD: scale 0.5, strength 1; SDXL: 1.0, 0.9999)
     "batch2-strength": dict(prompts=["a photo of a cat", "a red car"], negative_prompt=["blue", "dog"], strength=0.75),
     "batch2-guess-window": dict(prompts=["a cat", "a dog"], guess_mode=True, control_guidance_end=0.5,
                                 controlnet_conditioning_scale=0.9),
@@ -79,13 +85,14 @@ PARITY = {
 }
 
 
-PARITY_RUNS = [(unet, nets, case) for unet in UNETS for case in PARITY for nets in (1, 2)
+PARITY_RUNS = [(family, unet, nets, case) for family in FAMILIES for unet in UNETS for case in PARITY for nets in (1, 2)
                if nets == 1 or case in ("batch2-strength", "batch2-guess-window")]
 
 
-@pytest.mark.parametrize("unet,nets,case", PARITY_RUNS, ids=[f"{u}-{n}net-{c}" for u, n, c in PARITY_RUNS])
-def test_matches_diffusers(unet, nets, case, request):
-    ours, theirs = _pipes(unet, nets, request)
+@pytest.mark.parametrize("family,unet,nets,case", PARITY_RUNS,
+                         ids=[f"{f}-{u}-{n}net-{c}" for f, u, n, c in PARITY_RUNS])
+def test_matches_diffusers(family, unet, nets, case, request):
+    ours, theirs = _pipes(unet, nets, request, family)
     args = dict(PARITY[case])
     prompts = args.pop("prompts")
     if "control_image" in args and nets == 2:
@@ -96,10 +103,11 @@ def test_matches_diffusers(unet, nets, case, request):
     assert np.abs(a - b).max() <= 1e-4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("unet", UNETS)
-def test_the_control_image_matters(unet, request):
+def test_the_control_image_matters(unet, family, request):
     """The tiny ControlNets' residuals change the repainted region, so the parity above is not trivial."""
-    ours, _ = _pipes(unet, 2, request)
+    ours, _ = _pipes(unet, 2, request, family)
     base = ours(**_kw(2, ["a cat"])).images
     off = ours(**_kw(2, ["a cat"], controlnet_conditioning_scale=0.0)).images
     assert np.abs(base - off)[:, :, 16:].max() > 1e-2  # the white (right) half of MASK is repainted
@@ -219,18 +227,18 @@ def test_callback_tensors_are_one_row_per_image(request):
 
 # ------------------------------------------------------------------ the classic interface and the registry
 
-def test_arguments_and_defaults_are_the_classic_ones():
-    ours = inspect.signature(stepdiff.StableDiffusionControlNetInpaintPipeline.__call__).parameters
-    theirs = inspect.signature(diffusers.StableDiffusionControlNetInpaintPipeline.__call__).parameters
+@pytest.mark.parametrize("family,scale,strength", [("sd", 0.5, 1.0), ("sdxl", 1.0, 0.9999)])
+def test_arguments_and_defaults_are_the_classic_ones(family, scale, strength):
+    ours_cls, theirs_cls, _ = FAMILIES[family]
+    ours = inspect.signature(ours_cls.__call__).parameters
+    theirs = inspect.signature(theirs_cls.__call__).parameters
     classic_names = [n for n in theirs if n not in ("kwargs", "callback_on_step_end_tensor_inputs")]
     assert [n for n in ours if n in theirs] == [n for n in theirs if n in ours]  # same order
     for name in classic_names:
         assert name in ours, name
         assert ours[name].default == theirs[name].default, name
-    assert ours["controlnet_conditioning_scale"].default == 0.5 and ours["strength"].default == 1.0
-    assert set(diffusers.StableDiffusionControlNetInpaintPipeline._callback_tensor_inputs) <= set(
-        stepdiff.StableDiffusionControlNetInpaintPipeline._callback_tensor_inputs
-    )
+    assert ours["controlnet_conditioning_scale"].default == scale and ours["strength"].default == strength
+    assert set(theirs_cls._callback_tensor_inputs) <= set(ours_cls._callback_tensor_inputs)
 
 
 def test_auto_pipeline_for_inpainting_with_controlnet(request, sd_folder):
