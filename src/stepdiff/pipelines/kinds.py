@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..vae import encode_images
 from .run import Run
 
-__all__ = ["Image2ImageRun", "InpaintRun", "check_strength"]
+__all__ = ["INPAINT_CALLBACK_NAMES", "Image2ImageRun", "InpaintRun", "check_strength"]
 
 _IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor, list)
 
@@ -142,6 +142,12 @@ class Image2ImageRun:
             return init
         noise = randn_tensor(init.shape, generator=generator, device=device, dtype=dtype)
         return self.noise_to(run, init, noise, run.timesteps[:1].repeat(rows))
+
+
+# The inpainting tensors a step callback can ask for, and where each lives in the run (per-row conditioning).
+INPAINT_CALLBACK_NAMES: dict[str, tuple[str, str]] = {
+    "mask": ("cond", "mask"), "masked_image_latents": ("cond", "masked_image_latents"),
+}
 
 
 class InpaintRun(Image2ImageRun):

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..control import CancelToken
-from .kinds import InpaintRun
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
 from .stable_diffusion_controlnet import StableDiffusionControlNetPipeline
 
 __all__ = ["StableDiffusionControlNetInpaintPipeline"]
@@ -29,7 +29,7 @@ class StableDiffusionControlNetInpaintPipeline(InpaintRun, StableDiffusionContro
     ]
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
         **StableDiffusionControlNetPipeline._callback_names,
-        "mask": ("cond", "mask"), "masked_image_latents": ("cond", "masked_image_latents"),
+        **INPAINT_CALLBACK_NAMES,
     }
 
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..control import CancelToken
-from .kinds import InpaintRun
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
 from .stable_diffusion import StableDiffusionPipeline
 
 __all__ = ["StableDiffusionInpaintPipeline"]
@@ -21,7 +21,7 @@ class StableDiffusionInpaintPipeline(InpaintRun, StableDiffusionPipeline):
     ]
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
         **StableDiffusionPipeline._callback_names,
-        "mask": ("cond", "mask"), "masked_image_latents": ("cond", "masked_image_latents"),
+        **INPAINT_CALLBACK_NAMES,
     }
 
     def __call__(

@@ -8,7 +8,7 @@ import torch
 
 from ..control import CancelToken
 from ._sdxl_kinds import SDXLControlNetImageMixin, SDXLImageMixin
-from .kinds import InpaintRun
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
 from .stable_diffusion_xl_controlnet import StableDiffusionXLControlNetPipeline
 
 __all__ = ["StableDiffusionXLControlNetInpaintPipeline"]
@@ -27,7 +27,7 @@ class StableDiffusionXLControlNetInpaintPipeline(SDXLControlNetImageMixin, Inpai
     ]
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
         **StableDiffusionXLControlNetPipeline._callback_names, **SDXLImageMixin._callback_names,
-        "mask": ("cond", "mask"), "masked_image_latents": ("cond", "masked_image_latents"),
+        **INPAINT_CALLBACK_NAMES,
     }
     _takes_denoising_start: ClassVar[bool] = False
 

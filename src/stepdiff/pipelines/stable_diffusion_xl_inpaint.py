@@ -8,7 +8,7 @@ import torch
 
 from ..control import CancelToken
 from ._sdxl_kinds import SDXLImageMixin
-from .kinds import InpaintRun
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
 from .stable_diffusion_xl import StableDiffusionXLPipeline
 
 __all__ = ["StableDiffusionXLInpaintPipeline"]
@@ -20,9 +20,8 @@ class StableDiffusionXLInpaintPipeline(SDXLImageMixin, InpaintRun, StableDiffusi
     _callback_tensor_inputs: ClassVar[list[str]] = [*SDXLImageMixin._callback_tensor_inputs, "mask", "masked_image_latents"]
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
         **SDXLImageMixin._callback_names,
-        "mask": ("cond", "mask"), "masked_image_latents": ("cond", "masked_image_latents"),
+        **INPAINT_CALLBACK_NAMES,
     }
-
     _takes_denoising_start: ClassVar[bool] = False
 
     def __call__(
