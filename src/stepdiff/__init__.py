@@ -42,8 +42,11 @@ _LAZY = {
     "CancelToken": ".control",
     "default_model": ".models",
     "default_controlnet": ".models",
+    **{name: ".caching" for name in (
+        "AdaptiveGuidanceCallback", "DeepCacheCallback", "FirstBlockCacheCallback", "TGateCallback",
+    )},
 }
-_SUBMODULES = ("callbacks", "preview", "pipelines", "schedulers", "testing", "loop", "shapes", "guidance", "vae")
+_SUBMODULES = ("caching", "callbacks", "preview", "pipelines", "schedulers", "testing", "loop", "shapes", "guidance", "vae")
 
 __all__ = [*_SCHEDULERS, *_LAZY, "__version__", "callbacks", "preview"]
 
@@ -87,6 +90,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
 
     from . import callbacks, preview
+    from .caching import AdaptiveGuidanceCallback, DeepCacheCallback, FirstBlockCacheCallback, TGateCallback
     from .control import CancelToken
     from .models import default_model
     from .output import RunRecord, StepDiffPipelineOutput

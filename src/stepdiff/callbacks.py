@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from diffusers import callbacks as _classic
 
+from .caching import AdaptiveGuidanceCallback, DeepCacheCallback, FirstBlockCacheCallback, TGateCallback
+
 __all__ = [
+    "AdaptiveGuidanceCallback",
     "CFGCutoffCallback",
     "ControlNetScaleScheduleCallback",
+    "DeepCacheCallback",
+    "FirstBlockCacheCallback",
     "GuidanceIntervalCallback",
     "GuidanceScheduleCallback",
     "IPAdapterScaleCutoffCallback",
@@ -33,6 +38,7 @@ __all__ = [
     "StepCallback",
     "StopAtStep",
     "StopOnConvergence",
+    "TGateCallback",
     "Timeout",
     "cosine_ramp",
     "linear_ramp",

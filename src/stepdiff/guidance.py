@@ -68,12 +68,21 @@ class ClassifierFreeGuidance(Guidance):
     def __init__(self, scale: float, rescale: float = 0.0) -> None:
         self.scale = scale
         self.rescale = rescale
+        self.similar_threshold: float | None = None  # adaptive guidance (see end_when_similar)
+        self.ended: torch.Tensor | None = None  # (B,) bool: images whose guidance has ended
 
     @property
     def enabled(self) -> bool:
         return self.scale > 1.0
 
+    def end_when_similar(self, threshold: float) -> None:
+        """Adaptive guidance (Castillo et al. 2023): an image's guidance ends from the step after the cosine
+        similarity of its conditional and unconditional predictions passes ``threshold``."""
+        self.similar_threshold = threshold
+
     def batches(self) -> tuple[str, ...]:
+        if self.ended is not None and bool(self.ended.all()):
+            return ("cond",)
         return ("uncond", "cond") if self.scale > 1.0 else ("cond",)
 
     def combine(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -84,6 +93,16 @@ class ClassifierFreeGuidance(Guidance):
         guided = uncond + self.scale * (cond - uncond)
         if self.rescale > 0.0:
             guided = rescale_noise_cfg(guided, cond, guidance_rescale=self.rescale)
+        if self.similar_threshold is not None:
+            guided = self._adapt(guided, cond, uncond)
+        return guided
+
+    def _adapt(self, guided: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        ended = self.ended if self.ended is not None else torch.zeros(cond.shape[0], dtype=torch.bool, device=cond.device)
+        if bool(ended.any()):  # images past their threshold take the conditional prediction, as when alone
+            guided = torch.where(ended.view(-1, *[1] * (cond.ndim - 1)), cond, guided)
+        similarity = torch.nn.functional.cosine_similarity(cond.flatten(1).float(), uncond.flatten(1).float(), dim=1)
+        self.ended = ended | (similarity > self.similar_threshold)
         return guided
 
 

@@ -38,6 +38,7 @@ class LoopState:
     model_calls: int = 0
     model_rows: int = 0  # batch rows actually computed, summed over model calls
     rows_per_step: list[int] = field(default_factory=list)
+    sides: tuple[str, ...] = ()  # the conditioning sides of the model call in progress; () for an extra pass
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -152,12 +153,14 @@ def denoise(
             if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
                 cached = batched[sides] = (sources, {k: torch.cat([part[k] for part in parts]) for k in state.cond})
             conditioning = cached[1]
+        state.sides = sides
         with torch.inference_mode(inference_mode):
             output = model(model_in, t, conditioning)
         rows = model_in.shape[0]
 
         def extra_call(side: str, x_in=x_in, t=t, **model_kwargs) -> torch.Tensor:  # a guidance's further pass
             nonlocal rows
+            state.sides = ()
             with torch.inference_mode(inference_mode):
                 out = model(x_in, t, {**getattr(state, side), **model_kwargs})
             state.model_calls += 1

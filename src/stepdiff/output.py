@@ -23,6 +23,14 @@ class RunRecord:
     rows_per_step: list[int] = field(default_factory=list)
     wall_seconds: float = 0.0
     guidance: str = "cfg"  # "cfg", or "distilled" (guidance-distilled denoisers: no unconditional rows to cut)
+    cached_calls: int = 0  # model calls in which a compute policy reused cached work (stepdiff.caching)
+    blocks_computed: int = 0  # the cached blocks or layers that ran, summed over model calls
+    blocks_skipped: int = 0  # ... and those that returned cached work instead
+
+    @property
+    def full_model_calls(self) -> int:
+        """Model calls that ran the whole denoiser."""
+        return self.model_calls - self.cached_calls
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +43,9 @@ class RunRecord:
             "rows_per_step": list(self.rows_per_step),
             "wall_seconds": round(self.wall_seconds, 4),
             "guidance": self.guidance,
+            "cached_calls": self.cached_calls,
+            "blocks_computed": self.blocks_computed,
+            "blocks_skipped": self.blocks_skipped,
         }
 
 

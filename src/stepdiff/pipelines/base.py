@@ -781,7 +781,8 @@ class StepDiffPipeline(DiffusionPipeline):
             steps_total=run.num_timesteps, steps_completed=state.steps_completed, interrupted=interrupted,
             stop_reason=stop_reason, model_calls=state.model_calls, model_rows=state.model_rows,
             rows_per_step=list(state.rows_per_step), wall_seconds=time.perf_counter() - run.started,
-            guidance=run.guidance.mode,
+            guidance=run.guidance.mode, cached_calls=run.compute.cached_calls,
+            blocks_computed=run.compute.blocks_computed, blocks_skipped=run.compute.blocks_skipped,
         )
         remembered(self).update(
             guidance_scale=run.guidance.scale, guidance_rescale=run.guidance_rescale, num_timesteps=run.num_timesteps,

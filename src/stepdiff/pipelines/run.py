@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..caching import RunCompute
 from ..control import CancelToken
 from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
 from ..loop import LoopState, denoise
@@ -105,6 +106,7 @@ class Run:
         self.model_kwargs = model_kwargs  # per-call model arguments (cross_attention_kwargs, ...)
         self.started = started
         self.extras: dict[str, Any] = {}  # what a kind of run keeps for its own steps (inpainting's mask, ...)
+        self.compute = RunCompute()  # step caching policies (stepdiff.caching), their caches and counts
         self.state: LoopState | None = None
         self.after_step: Callable[[LoopState], None] | None = None
         self._interrupt = False
@@ -202,9 +204,13 @@ class Run:
             self._loop_finished = True
         finally:
             bar.close()
+            self.compute.free()  # caches go with the loop; the blocks are unwrapped once no run uses them
 
     def _predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
-        with self.pipeline.model_call_context(self):
+        state = self.state
+        with self.pipeline.model_call_context(self), self.compute.call(
+            state.steps_completed, state.sides, latent_input.shape[0]
+        ):
             return self.pipeline.predict(latent_input, timestep, conditioning, self)
 
     def run(self) -> Any:
