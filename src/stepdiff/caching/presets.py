@@ -1,0 +1,55 @@
+"""Presets and the ``--cache`` spec: what the CLI, batch rows and the studio turn into policies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .core import ComputePolicy, _check_int
+from .first_block import AdaptiveGuidanceCallback, FirstBlockCacheCallback
+from .unet import DeepCacheCallback, TGateCallback
+
+__all__ = ["FAST_GATE_RATIO", "describe", "fast_preset", "parse_cache_spec"]
+
+
+_SPEC_HELP = (
+    "deepcache:INTERVAL[:BRANCH], tgate:GATE_STEP, fbc:THRESHOLD or adaptive:THRESHOLD, comma-separated "
+    "(e.g. deepcache:3,tgate:10)"
+)
+FAST_GATE_RATIO = 0.4  # the --fast preset's T-GATE gate, as a share of the steps
+
+
+def fast_preset(num_inference_steps: int) -> list[ComputePolicy]:
+    """The ``--fast`` preset: DeepCache (interval 3, branch 0) with T-GATE gated at 40% of the steps, the
+    combination measured in benchmarks/bench_fast.py (README "Faster runs") on the shipped model."""
+    steps = _check_int("num_inference_steps", num_inference_steps, 1)
+    return [TGateCallback(gate_step=max(1, round(FAST_GATE_RATIO * steps))), DeepCacheCallback(3, 0)]
+
+
+def describe(policies: list[ComputePolicy]) -> str:
+    """One line a person can read: what a preset or a spec turned into."""
+    return " + ".join(repr(p) for p in policies)
+
+
+def parse_cache_spec(spec: str, name: str = "--cache") -> list[ComputePolicy]:
+    """``"deepcache:3,tgate:10"`` -> the policies; ValueError naming ``name``, the bad part and the grammar."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{name} must be {_SPEC_HELP}; got {spec!r}")
+    makers: dict[str, tuple[Callable[..., ComputePolicy], tuple[Callable[[str], Any], ...]]] = {
+        "deepcache": (DeepCacheCallback, (int, int)),
+        "tgate": (TGateCallback, (int,)),
+        "fbc": (FirstBlockCacheCallback, (float,)),
+        "adaptive": (AdaptiveGuidanceCallback, (float,)),
+    }
+    policies = []
+    for item in spec.split(","):
+        key, *values = [part.strip() for part in item.strip().split(":")]
+        maker = makers.get(key.lower())
+        if maker is None or not 1 <= len(values) <= len(maker[1]):
+            raise ValueError(f"{name}: {item.strip()!r} is not a policy; allowed: {_SPEC_HELP}")
+        try:
+            args = [kind(v) for kind, v in zip(maker[1], values)]
+            policies.append(maker[0](*args))
+        except ValueError as e:
+            raise ValueError(f"{name}: {item.strip()!r}: {e}") from None
+    return policies
