@@ -718,30 +718,34 @@ class StepDiffPipeline(DiffusionPipeline):
             step_kwargs=scheduler_step_kwargs(scheduler, generator, eta), model_kwargs=self.model_kwargs(args),
             started=started,
         )
-        run.timesteps = self.set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)
-        if len(run.timesteps) == 0:
-            raise ValueError("this call has no denoising step to run (check strength / denoising_start)")
-        run.guidance.start(len(run.timesteps))
-        with run.bound():
-            run_hooks(callback, "on_run_start", self)
+        try:
+            run.timesteps = self.set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)
+            if len(run.timesteps) == 0:
+                raise ValueError("this call has no denoising step to run (check strength / denoising_start)")
+            run.guidance.start(len(run.timesteps))
+            with run.bound():
+                run_hooks(callback, "on_run_start", self)
 
-        # 3. Encode prompts: conditional and unconditional rows, kept apart.
-        with self._text_lora_scale(run.model_kwargs):
-            conditioning = self.encode(
-                device=device, num_images_per_prompt=num_images_per_prompt, height=kind["height"], width=kind["width"],
-                **encode_kwargs,
+            # 3. Encode prompts: conditional and unconditional rows, kept apart.
+            with self._text_lora_scale(run.model_kwargs):
+                conditioning = self.encode(
+                    device=device, num_images_per_prompt=num_images_per_prompt, height=kind["height"], width=kind["width"],
+                    **encode_kwargs,
+                )
+            dtype = next(iter(conditioning.cond.values())).dtype
+
+            # 4. Initial latents (noise, or the image's latents noised to the first timestep).
+            latents = self.initial_latents(
+                run, rows, kind["height"], kind["width"], dtype, device, generator, args.pop("latents", None), kind
             )
-        dtype = next(iter(conditioning.cond.values())).dtype
-
-        # 4. Initial latents (noise, or the image's latents noised to the first timestep).
-        latents = self.initial_latents(
-            run, rows, kind["height"], kind["width"], dtype, device, generator, args.pop("latents", None), kind
-        )
-        run.state = LoopState(
-            latents=latents, cond=conditioning.cond, uncond=conditioning.uncond, guidance_scale=run.guidance.scale,
-        )
-        self.add_model_conditioning(run, dtype, device)
-        self.add_kind_conditioning(run, kind, dtype, device, generator)
+            run.state = LoopState(
+                latents=latents, cond=conditioning.cond, uncond=conditioning.uncond, guidance_scale=run.guidance.scale,
+            )
+            self.add_model_conditioning(run, dtype, device)
+            self.add_kind_conditioning(run, kind, dtype, device, generator)
+        except BaseException:
+            run.compute.free()  # a refused or failed start leaves no block of the model wrapped
+            raise
         return run
 
     def embedding_width(self) -> int | None:

@@ -232,6 +232,7 @@ class Run:
             self._interrupt = True
         from .base import run_hooks
 
+        self.compute.free()  # also for a run prepared but never iterated
         with self.bound():
             run_hooks(self.callback, "on_run_end", self.pipeline)
         self._output = self.pipeline.finish(self)
