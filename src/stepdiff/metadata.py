@@ -6,6 +6,7 @@ Two parts, written by :func:`stepdiff.images.save_image`: the popular web UIs' `
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class ImageSettings:
     strength: float | None = None
     init_image: str | None = None
     mask: str | None = None
+    cache: str | None = None  # the step caching policies, as stepdiff.caching.describe writes them
 
 
 def image_metadata(settings: ImageSettings, image, scheduler, output, extra: dict[str, Any] | None = None):
@@ -46,6 +48,7 @@ def image_metadata(settings: ImageSettings, image, scheduler, output, extra: dic
         "CFG cutoff": cutoff, "Interrupted at step": output.steps_completed if output.interrupted else None,
         "Stop reason": output.stop_reason if output.interrupted else None,
         "Denoising strength": s.strength,
+        "Cache": None if s.cache is None else json.dumps(s.cache),  # quoted: the policies' own commas stay inside
         "Version": f"stepdiff {__version__}",
     }
     lines = [s.prompt]
@@ -59,7 +62,7 @@ def image_metadata(settings: ImageSettings, image, scheduler, output, extra: dic
         "cfg_cutoff_step": s.cfg_cutoff_step, "model": s.model, "stepdiff_version": __version__,
         "record": output.record.to_dict(), "interrupted": output.interrupted,
         "steps_completed": output.steps_completed, "stop_reason": output.stop_reason,
-        "init_image": s.init_image, "mask": s.mask, "strength": s.strength,
+        "init_image": s.init_image, "mask": s.mask, "strength": s.strength, "cache": s.cache,
     }
     if extra:
         record.update(extra)

@@ -33,7 +33,7 @@ SIZE_LIMIT_RATIO = 8  # as generate's --size without --force
 # The fields a JSONL object or a CSV header may name (aliases map onto them).
 FIELDS = (
     "prompt", "negative_prompt", "seed", "steps", "width", "height", "size", "guidance_scale", "cfg_cutoff",
-    "cfg_cutoff_step", "guidance_interval", "scheduler", "karras",
+    "cfg_cutoff_step", "guidance_interval", "scheduler", "karras", "cache", "fast",
 )
 _ALIASES = {"negative": "negative_prompt", "guidance": "guidance_scale", "num_inference_steps": "steps"}
 
@@ -62,6 +62,8 @@ class BatchDefaults:
     guidance_interval: tuple[float, float] | None = None
     scheduler: str | None = None
     karras: bool = False
+    cache: str | None = None  # a step caching spec (stepdiff.caching.parse_cache_spec), normalized
+    fast: bool = False  # the --fast preset (stepdiff.caching.fast_preset); not with cache
 
 
 @dataclass(frozen=True)
@@ -82,22 +84,30 @@ class BatchRow:
     guidance_interval: tuple[float, float] | None = None
     scheduler: str | None = None
     karras: bool = False
+    cache: str | None = None
+    fast: bool = False
     key: str = field(default="", compare=False)
 
     def params(self) -> dict[str, Any]:
-        """The parameters that decide the image (what the key hashes, with the model)."""
-        return {  # spelled out: dataclasses.asdict deep-copies, and planning a million rows calls this a million times
+        """The parameters that decide the image (what the key hashes, with the model). Step caching is named
+        only when a row uses it, so the rows of a manifest written before it existed keep their keys."""
+        params = {  # spelled out: dataclasses.asdict deep-copies, and planning a million rows calls this a million times
             "prompt": self.prompt, "seed": self.seed, "steps": self.steps, "width": self.width, "height": self.height,
             "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt, "cfg_cutoff": self.cfg_cutoff,
             "cfg_cutoff_step": self.cfg_cutoff_step,
             "guidance_interval": None if self.guidance_interval is None else list(self.guidance_interval),
             "scheduler": self.scheduler, "karras": self.karras,
         }
+        if self.cache is not None:
+            params["cache"] = self.cache
+        if self.fast:
+            params["fast"] = True
+        return params
 
     def group(self) -> tuple:
         """Rows with the same group can share one pipeline call (only prompt, negative prompt and seed differ)."""
         return (self.steps, self.width, self.height, self.guidance_scale, self.cfg_cutoff, self.cfg_cutoff_step,
-                self.guidance_interval, self.scheduler, self.karras)
+                self.guidance_interval, self.scheduler, self.karras, self.cache, self.fast)
 
     @property
     def file_name(self) -> str:
@@ -274,10 +284,16 @@ def _row(raw: dict[str, Any], line: int, index: int, d: BatchDefaults, source: s
         except ValueError as e:
             raise bad(str(e)) from None
     karras = _bool(bad, values.get("karras", d.karras), from_csv)
+    cache, fast = d.cache, d.fast
+    if "cache" in values or "fast" in values:  # the row's own choice replaces the defaults' step caching
+        fast = _bool(bad, values.get("fast", False), from_csv, "fast")
+        cache = None if values.get("cache") is None else _cache(bad, values["cache"], steps)
+        if fast and cache is not None:
+            raise bad("give cache or fast, not both (fast is a cache preset)")
     return BatchRow(
         line=line, index=index, prompt=prompt, seed=seed, steps=steps, width=width, height=height,
         guidance_scale=guidance, negative_prompt=negative, cfg_cutoff=cutoff, cfg_cutoff_step=cutoff_step,
-        guidance_interval=interval, scheduler=scheduler, karras=karras,
+        guidance_interval=interval, scheduler=scheduler, karras=karras, cache=cache, fast=fast,
     )
 
 
@@ -339,12 +355,25 @@ def _interval(bad, value: Any) -> tuple[float, float]:
     return start, end
 
 
-def _bool(bad, value: Any, from_csv: bool) -> bool:
+def _bool(bad, value: Any, from_csv: bool, name: str = "karras") -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
         return value.strip().lower() in ("true", "1", "yes")
-    raise bad(f"karras must be true or false, got {_short(value)}")
+    raise bad(f"{name} must be true or false, got {_short(value)}")
+
+
+def _cache(bad, value: Any, steps: int) -> str:
+    """A row's step caching spec, checked (grammar, values, combinations) and normalized."""
+    from ..cache_options import cache_policies, check_policies, normalize_spec
+
+    if not isinstance(value, str):
+        raise bad(f"cache must be a spec string like \"deepcache:3,tgate:10\", got {_short(value)}")
+    try:
+        check_policies(cache_policies(False, value, steps, "cache"), "cache")
+    except ValueError as e:
+        raise bad(" ".join(str(e).split())) from None
+    return normalize_spec(value)
 
 
 # ------------------------------------------------------------------------------- against the model
@@ -375,6 +404,7 @@ def check_rows(rows: list[BatchRow], folder: str | Path, dtype: str, strict: boo
                size_limit: bool = True) -> tuple[list[BatchRow], list[RowError]]:
     """Rows checked against the model (sizes, steps its scheduler can take), with the model's defaults
     filled in (size, guidance, scheduler) and each row's content key set. Reads configs only, no weights."""
+    from ..cache_options import has_unet
     from ..cli import _model_info, _scheduler_config
     from ..limits import ModelShape
     from ..schedulers import karras_schedulers, make_scheduler, supports_karras
@@ -384,7 +414,9 @@ def check_rows(rows: list[BatchRow], folder: str | Path, dtype: str, strict: boo
     config = _scheduler_config(folder)
     guidance = float(_model_info(folder).get("guidance_scale", 7.5))
     identity = model_identity(folder, dtype)
+    unet = has_unet(folder)
     checked: dict[tuple, str | None] = {}
+    cache_checked: dict[tuple, str | None] = {}
     out: list[BatchRow] = []
     errors: list[RowError] = []
     for row in rows:
@@ -407,6 +439,12 @@ def check_rows(rows: list[BatchRow], folder: str | Path, dtype: str, strict: boo
                 checked[sched] = _scheduler_problem(make_scheduler, supports_karras, karras_schedulers, config, *sched)
             if checked[sched] is not None:
                 raise RowError(source, row.line, checked[sched])
+            if row.cache is not None or row.fast:
+                caching = (row.cache, row.fast)
+                if caching not in cache_checked:
+                    cache_checked[caching] = _cache_problem(row, unet)
+                if cache_checked[caching] is not None:
+                    raise RowError(source, row.line, cache_checked[caching])
         except RowError as e:
             if strict:
                 raise
@@ -415,6 +453,18 @@ def check_rows(rows: list[BatchRow], folder: str | Path, dtype: str, strict: boo
         key = hashlib.sha256(json.dumps({"params": row.params(), "model": identity}, sort_keys=True).encode()).hexdigest()
         out.append(replace(row, key=key))
     return out, errors
+
+
+def _cache_problem(row: BatchRow, unet: bool) -> str | None:
+    """What this model refuses of a row's step caching (DeepCache and T-GATE need a UNet), or None."""
+    from ..cache_options import cache_policies, check_policies
+
+    name = "fast" if row.fast else "cache"
+    try:
+        check_policies(cache_policies(row.fast, row.cache, row.steps, name), name, unet)
+    except ValueError as e:
+        return " ".join(str(e).split())
+    return None
 
 
 def _scheduler_problem(make_scheduler, supports_karras, karras_schedulers, config: dict, name: str, karras: bool,

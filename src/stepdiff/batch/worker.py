@@ -1,7 +1,7 @@
 """One pipeline that makes chunks of rows and writes their images: the embedded run and each Ray actor
 use this same class, so where a chunk runs cannot change its images.
 
-A chunk is rows of one group (same steps, size, guidance, guidance shaping, scheduler); only prompt,
+A chunk is rows of one group (same steps, size, guidance, guidance shaping, scheduler, step caching); only prompt,
 negative prompt and seed differ, and each row gets its own ``torch.Generator`` seeded with its seed.
 """
 
@@ -68,6 +68,8 @@ class ChunkWorker:
         refuses) comes back as one error entry per row, so the other chunks go on."""
         import torch
 
+        from ..cache_options import cache_policies
+        from ..caching import describe
         from ..callbacks import CFGCutoffCallback, GuidanceIntervalCallback
 
         first = rows[0]
@@ -80,6 +82,9 @@ class ChunkWorker:
         if first.guidance_interval is not None:
             start, end = first.guidance_interval
             callbacks.append(GuidanceIntervalCallback(start_ratio=start, end_ratio=end))
+        policies = cache_policies(first.fast, first.cache, first.steps, "cache")  # new objects: per-run state
+        callbacks += policies
+        cache = describe(policies) or None
         self.pipe.scheduler = self._scheduler(first.scheduler, first.karras)
         negatives = [r.negative_prompt for r in rows]
         device = self.config.device
@@ -96,10 +101,10 @@ class ChunkWorker:
             message = " ".join(str(e).split()) or type(e).__name__
             return [{"key": r.key, "line": r.line, "error": f"{type(e).__name__}: {message}", "worker": self.label}
                     for r in rows if todo is None or r.key in todo]
-        return [self._write(row, image, out, len(rows)) for row, image in zip(rows, out.images)
+        return [self._write(row, image, out, len(rows), cache) for row, image in zip(rows, out.images)
                 if todo is None or row.key in todo]
 
-    def _write(self, row: BatchRow, image, out, batch_rows: int) -> dict[str, Any]:
+    def _write(self, row: BatchRow, image, out, batch_rows: int, cache: str | None = None) -> dict[str, Any]:
         from .. import __version__
         from ..metadata import ImageSettings, write_image
 
@@ -107,7 +112,7 @@ class ChunkWorker:
         settings = ImageSettings(
             prompt=row.prompt, negative_prompt=row.negative_prompt, seed=row.seed, steps=row.steps,
             guidance_scale=row.guidance_scale, model=self.config.model, cfg_cutoff_ratio=row.cfg_cutoff,
-            cfg_cutoff_step=row.cfg_cutoff_step,
+            cfg_cutoff_step=row.cfg_cutoff_step, cache=cache,
         )
         extra = {"key": row.key, "worker": self.label, "guidance_interval": row.params()["guidance_interval"]}
         with warnings.catch_warnings():
@@ -116,7 +121,8 @@ class ChunkWorker:
         data = path.read_bytes()
         return {
             "key": row.key, "file": row.file_name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-            "line": row.line, "index": row.index, **row.params(), "model": self.config.model, "dtype": self.config.dtype,
+            "line": row.line, "index": row.index, **row.params(), "cache": row.cache, "fast": row.fast,
+            "cache_policies": cache, "model": self.config.model, "dtype": self.config.dtype,
             "record": out.record.to_dict(), "batch_rows": batch_rows, "worker": self.label,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stepdiff_version": __version__,
         }

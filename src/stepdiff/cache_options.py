@@ -1,0 +1,67 @@
+"""Step caching as a user asks for it: ``--fast`` / ``--cache SPEC`` (generate, batch), a batch row's ``fast`` /
+``cache``, a studio job's ``fast`` / ``cache``. Checked before any model loads; turned into the compute
+policies of :mod:`stepdiff.caching` (callbacks) at run time.
+
+The run start stays the authority (a policy refuses a pipeline it cannot serve); :func:`check_policies`
+only says the same thing earlier, naming the flag or field, so that a bad setting costs no model load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CACHE_GRAMMAR", "cache_policies", "check_policies", "gate_step", "has_unet", "normalize_spec"]
+
+CACHE_GRAMMAR = ("deepcache:INTERVAL[:BRANCH], tgate:GATE_STEP, fbc:THRESHOLD or adaptive:THRESHOLD, "
+                 "comma-separated (e.g. deepcache:3,tgate:10)")
+
+
+def normalize_spec(spec: str) -> str:
+    """``" DeepCache : 3 , tgate:10"`` -> ``"deepcache:3,tgate:10"`` (what is stored, hashed and shown)."""
+    return ",".join(":".join(part.strip() for part in item.split(":")) for item in spec.split(",")).lower()
+
+
+def cache_policies(fast: bool, cache: str | None, steps: int, name: str = "--cache") -> list[Any]:
+    """The policies of a run: the ``--fast`` preset for ``steps`` denoising steps, or ``cache`` parsed
+    (ValueError naming ``name``), or none."""
+    from .caching import fast_preset, parse_cache_spec
+
+    if fast:
+        return fast_preset(steps)
+    if cache is not None:
+        return parse_cache_spec(cache, name=name)
+    return []
+
+
+def has_unet(folder: str | Path) -> bool:
+    """Whether a model folder's denoiser is a UNet (SD 1.x/2.x, SDXL), from its layout only: no weights."""
+    return not (Path(folder) / "transformer").is_dir()
+
+
+def check_policies(policies: list[Any], name: str, unet: bool | None = None) -> None:
+    """What the run start would refuse, said before any model work (ValueError naming ``name``): a policy
+    given twice, First-Block-Cache with DeepCache or T-GATE (they cache the same blocks), and, when
+    ``unet`` is known, DeepCache or T-GATE on a model without a UNet (SD3)."""
+    from .caching import DeepCacheCallback, FirstBlockCacheCallback, TGateCallback
+
+    kinds = [type(p).__name__ for p in policies]
+    for kind in kinds:
+        if kinds.count(kind) > 1:
+            raise ValueError(f"{name}: {kind} is given twice; give each policy once")
+    unet_only = [k for p, k in zip(policies, kinds) if isinstance(p, (DeepCacheCallback, TGateCallback))]
+    if unet_only and any(isinstance(p, FirstBlockCacheCallback) for p in policies):
+        raise ValueError(f"{name}: FirstBlockCacheCallback cannot be combined with {' or '.join(unet_only)} (they "
+                         "cache the same parts of the denoiser); use one of them")
+    if unet_only and unet is False:
+        raise ValueError(f"{name}: {' and '.join(unet_only)} cache a UNet's blocks and this model has none (SD3 and "
+                         "other transformer models): use fbc:THRESHOLD or adaptive:THRESHOLD")
+
+
+def gate_step(policies: list[Any]) -> int | None:
+    """The step from which T-GATE turns guidance off (None without T-GATE): a caller that sets the guidance
+    scale of every step itself (the studio) keeps it off from there, as the library's loop does."""
+    from .caching import TGateCallback
+
+    gates = [p.gate_step for p in policies if isinstance(p, TGateCallback)]
+    return min(gates) if gates else None
