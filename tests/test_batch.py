@@ -102,6 +102,13 @@ def test_csv_rows_with_header_empty_cells_and_quoted_newlines(tmp_path):
     ("jsonl", '{"prompt": "a", "scheduler": "fastest"}\n', 1, ["unknown scheduler 'fastest'", "euler"]),
     ("jsonl", '{"prompt": "a", "karras": "maybe"}\n', 1, ["karras must be true or false", "maybe"]),
     ("jsonl", '{"prompt": "a", "negative": "b", "negative_prompt": "c"}\n', 1, ["given twice"]),
+    ("jsonl", '{"prompt": "a", "cache": "nope:3"}\n', 1, ["cache: 'nope:3' is not a policy", "deepcache:INTERVAL"]),
+    ("jsonl", '{"prompt": "a", "cache": 3}\n', 1, ["cache must be a spec string", "3"]),
+    ("jsonl", '{"prompt": "a", "cache": "tgate:0"}\n', 1, ["cache: 'tgate:0'", "gate_step must be an int >= 1"]),
+    ("jsonl", '{"prompt": "a", "cache": "fbc:0.1,tgate:3"}\n', 1, ["cache: FirstBlockCacheCallback cannot be combined"]),
+    ("jsonl", '{"prompt": "a", "fast": "maybe"}\n', 1, ["fast must be true or false", "maybe"]),
+    ("jsonl", '{"prompt": "a", "fast": true, "cache": "deepcache:3"}\n', 1, ["give cache or fast, not both"]),
+    ("csv", "prompt,cache\na,deepcache:x\n", 2, ["cache: 'deepcache:x'"]),
     ("csv", "prompt,colour\na,red\n", 1, ["unknown column 'colour'", "prompt"]),
     ("csv", "prompt,seed\na,1\nb,2,3\n", 3, ["3 cells", "2 columns"]),
     ("csv", "prompt,seed\na,x1\n", 2, ["seed", "whole number", "'x1'"]),
@@ -113,6 +120,32 @@ def test_bad_rows_name_the_line_the_field_the_value_and_what_is_allowed(fmt, tex
     assert str(info.value).startswith(f"in.x line {line}: ")
     for word in words:
         assert word in str(info.value)
+
+
+def test_cache_and_fast_fields_and_their_defaults():
+    text = "\n".join(json.dumps(x) for x in [
+        {"prompt": "a"},  # the defaults' caching
+        {"prompt": "b", "cache": " DeepCache : 2 , TGATE:3"},  # normalized
+        {"prompt": "c", "fast": True},  # replaces the default spec
+        {"prompt": "d", "cache": None},  # no caching, whatever the default
+        {"prompt": "e", "fast": False},
+    ]) + "\n"
+    rows, _ = parse_rows(text, "jsonl", BatchDefaults(cache="tgate:1"))
+    assert [(r.cache, r.fast) for r in rows] == [("tgate:1", False), ("deepcache:2,tgate:3", False), (None, True),
+                                                 (None, False), (None, False)]
+    rows, _ = parse_rows('prompt,fast,cache\na,yes,\nb,,fbc:0.1\nc,,\n', "csv", BatchDefaults(fast=True))
+    assert [(r.cache, r.fast) for r in rows] == [(None, True), ("fbc:0.1", False), (None, True)]
+    assert len({r.group() for r in rows}) == 2  # rows with other caching never share a pipeline call
+
+
+def test_rows_with_unet_caching_are_refused_for_a_model_without_a_unet(sd3_folder):
+    rows, _ = parse_rows('{"prompt": "a", "fast": true}\n{"prompt": "b", "cache": "fbc:0.1"}\n'
+                         '{"prompt": "c", "cache": "adaptive:0.9,tgate:2"}\n', "jsonl", source="in")
+    good, errors = check_rows(rows, sd3_folder, "float32", strict=False, source="in")
+    assert [r.prompt for r in good] == ["b"]
+    assert [e.line for e in errors] == [1, 3]
+    assert str(errors[0]).startswith("in line 1: fast: TGateCallback and DeepCacheCallback cache a UNet's blocks")
+    assert str(errors[1]).startswith("in line 3: cache: TGateCallback cache a UNet's blocks")
 
 
 def test_without_strict_bad_rows_are_reported_and_the_rest_kept():
@@ -171,7 +204,8 @@ def test_the_key_hashes_the_parameters_and_the_model_not_the_place(tmp_path, sd_
     moved = check_rows([replace(base[0], line=40, index=9)], sd_folder, "float32", True)[0][0]
     assert moved.key == row.key
     for change in ({"prompt": "b"}, {"seed": 2}, {"steps": 3}, {"negative_prompt": "x"}, {"guidance_scale": 2.0},
-                   {"cfg_cutoff": 0.5}, {"guidance_interval": (0.1, 0.5)}, {"scheduler": "euler"}, {"width": 40}):
+                   {"cfg_cutoff": 0.5}, {"guidance_interval": (0.1, 0.5)}, {"scheduler": "euler"}, {"width": 40},
+                   {"cache": "deepcache:3"}, {"fast": True}):
         changed = check_rows([replace(base[0], **change)], sd_folder, "float32", True)[0][0]
         assert changed.key != row.key, change
     assert check_rows(base, sd_folder, "float16", True)[0][0].key != row.key
@@ -346,6 +380,29 @@ def test_rows_with_different_settings_never_share_a_call(tmp_path, sd_folder):
     assert by_prompt["e"]["record"]["rows_per_step"] == [2, 1]  # guidance only in [0, 0.5) of 2 steps
 
 
+def test_cache_and_fast_rows_reach_their_runs_and_the_manifest_records_them(tmp_path, sd_folder):
+    from stepdiff.caching import describe, fast_preset, parse_cache_spec
+
+    lines = [{"prompt": "a", "cache": "deepcache:2"}, {"prompt": "b", "fast": True}, {"prompt": "c"},
+             {"prompt": "d", "cache": "nope"}]
+    seen = []
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n"),
+                 defaults=BatchDefaults(steps=4))
+    result = run_batch(cfg, on_event=seen.append)
+    assert result.made == 3 and [e.line for e in result.bad] == [4]  # a bad spec is a row error, not an abort
+    assert seen[0].startswith(f"{cfg.input} line 4: cache: 'nope' is not a policy")
+    by_prompt = {e["prompt"]: e for e in Manifest(cfg.out).read()}
+    a, b, c = by_prompt["a"], by_prompt["b"], by_prompt["c"]
+    assert (a["cache"], a["fast"], a["cache_policies"]) == ("deepcache:2", False, describe(parse_cache_spec("deepcache:2")))
+    assert (b["cache"], b["fast"], b["cache_policies"]) == (None, True, describe(fast_preset(4)))
+    assert (c["cache"], c["fast"], c["cache_policies"]) == (None, False, None)
+    assert a["record"]["cached_calls"] == 2 and a["record"]["rows_per_step"] == [2, 2, 2, 2]
+    assert b["record"]["cached_calls"] > 0 and b["record"]["rows_per_step"] == [2, 2, 1, 1]  # T-GATE's gate: step 2
+    assert c["record"]["cached_calls"] == 0
+    assert stepdiff_chunk(cfg.out / b["file"])["cache"] == b["cache_policies"]
+    assert stepdiff_chunk(cfg.out / c["file"])["cache"] is None
+
+
 def test_a_crash_loses_only_the_chunk_in_flight_and_resume_gives_the_same_images(tmp_path, sd_folder, monkeypatch):
     text = "\n".join(json.dumps({"prompt": p, "seed": i}) for i, p in enumerate(PROMPTS)) + "\n"
     reference = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", text), batch_size=2)
@@ -516,6 +573,9 @@ def test_cli_batch_run_and_resume(tmp_path, sd_folder, run_cli):
     (["--format", "xml"], ["--format", "invalid choice: 'xml'"]),
     (["--ray", "--ray-address", "auto"], ["not both"]),
     (["--cfg-cutoff", "0.5", "--guidance-interval", "0,1"], ["not allowed with argument"]),
+    (["--cache", "nope"], ["--cache: 'nope' is not a policy", "deepcache:INTERVAL"]),
+    (["--cache", "fbc:0.1,deepcache:2"], ["--cache: FirstBlockCacheCallback cannot be combined"]),
+    (["--fast", "--cache", "deepcache:3"], ["argument --cache: not allowed with argument --fast"]),
 ])
 def test_cli_bad_flags_exit_2_naming_them(tmp_path, sd_folder, run_cli, flags, words):
     path = write(tmp_path / "p.txt", "a\n")
@@ -524,6 +584,18 @@ def test_cli_bad_flags_exit_2_naming_them(tmp_path, sd_folder, run_cli, flags, w
     for word in words:
         assert word in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_fast_is_the_rows_default(tmp_path, sd_folder, run_cli):
+    path = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "cache": "deepcache:2"}\n'
+                                       '{"prompt": "c", "fast": false}\n')
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("batch", path, "--out", out, "--model", sd_folder, "--steps", 4, "--fast")
+    assert code == 0, err
+    by_prompt = {e["prompt"]: e for e in Manifest(out).read()}
+    assert by_prompt["a"]["fast"] is True and by_prompt["a"]["record"]["cached_calls"] > 0
+    assert by_prompt["b"]["fast"] is False and by_prompt["b"]["cache"] == "deepcache:2"
+    assert by_prompt["c"]["cache_policies"] is None and by_prompt["c"]["record"]["cached_calls"] == 0
 
 
 def test_cli_strict_bad_row_exits_2_naming_the_line(tmp_path, sd_folder, run_cli):
@@ -549,6 +621,9 @@ def test_params_names_every_field_of_a_row_but_its_place():
 
     from stepdiff.batch import BatchRow
 
-    row = BatchRow(line=1, index=0, prompt="a", seed=1, steps=2, guidance_interval=(0.1, 0.2))
+    row = BatchRow(line=1, index=0, prompt="a", seed=1, steps=2, guidance_interval=(0.1, 0.2), cache="deepcache:3",
+                   fast=True)
     assert set(row.params()) == {f.name for f in fields(BatchRow)} - {"line", "index", "key"}
     assert row.params()["guidance_interval"] == [0.1, 0.2]
+    # a row without step caching names none: the keys of manifests written before it existed stay the same
+    assert set(replace(row, cache=None, fast=False).params()) == set(row.params()) - {"cache", "fast"}

@@ -102,6 +102,25 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="refuse runs estimated to need more memory than this (default: the device's memory)")
 
 
+def _add_cache_flags(p: argparse.ArgumentParser, note: str = "") -> None:
+    fast = p.add_argument_group(
+        "faster runs: step caching (reuses work between steps; the pictures change a little)")
+    one = fast.add_mutually_exclusive_group()
+    one.add_argument("--fast", action="store_true",
+                     help="the fast preset: T-GATE (cross-attention kept and guidance off from 40%% of the steps) "
+                          "and DeepCache (the deep UNet blocks computed every 3rd step only); prints what it uses. "
+                          f"UNet models (SD 1.x/2.x, SDXL); not with --cache{note}")
+    one.add_argument("--cache", default=None, metavar="SPEC",
+                     help="step caching policies, comma-separated: deepcache:INTERVAL[:BRANCH] (the deep UNet "
+                          "blocks computed every INTERVAL steps, only the shallow branch BRANCH, default 0, between), "
+                          "tgate:GATE_STEP (T-GATE: cross-attention kept and guidance off from step GATE_STEP), "
+                          "fbc:THRESHOLD (First-Block-Cache: the rest of the denoiser skipped while its first block's "
+                          "output changes by less than THRESHOLD, e.g. 0.1; not with deepcache or tgate), "
+                          "adaptive:THRESHOLD (guidance ends per image once the guided and unguided predictions agree "
+                          "to cosine THRESHOLD, e.g. 0.99); e.g. deepcache:3,tgate:10. deepcache and tgate need a UNet "
+                          f"model (SD 1.x/2.x, SDXL); fbc and adaptive work on SD3 too{note}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -136,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "pair it with --scheduler euler (DDIM's estimate keeps drifting)")
     g.add_argument("--patience", type=int, default=3, metavar="N", help="steps for --stop-on-convergence (default 3)")
     g.add_argument("--verbose", action="store_true", help="print the run record (steps, model calls, rows, time)")
+    _add_cache_flags(g)
     im = g.add_argument_group("image to image and inpainting")
     im.add_argument("--init-image", type=Path, default=None, metavar="PATH",
                     help="start from this picture (image to image); its size is the output size")
@@ -206,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     bcut.add_argument("--cfg-cutoff-step", type=int, default=None, metavar="N", help="default CFG cutoff step")
     bcut.add_argument("--guidance-interval", default=None, metavar="START,END",
                       help="default guidance interval, as ratios of the steps, e.g. 0.2,0.8")
+    _add_cache_flags(b, "; the rows' default: a row's own fast or cache replaces it")
     b.add_argument("--batch-size", type=int, default=1, metavar="N",
                    help="rows per pipeline call, among rows with the same settings (default 1)")
     b.add_argument("--threads", type=int, default=1, metavar="N",
@@ -591,6 +612,9 @@ def _check_generate(args: argparse.Namespace):
                              f"is {SIZE_LIMIT_RATIO} times: the run would need about {need} and each step slows down with "
                              "the square of the pixel count (self-attention); pass --force to run anyway")
     _check_control(args, folder, width, height)
+    # T-GATE's gate is a share of the steps that run (image to image runs int(steps * strength) of them)
+    run_steps = args.steps if args.init_image is None else max(1, min(args.steps, int(args.steps * args.strength)))
+    args.policies = _check_cache(args, folder, run_steps)
     _check_memory(args, shape, width, height, args.num_images,
                   f"--size {width}x{height} and --num-images {args.num_images}")
     ratio = max(width, height) / shape.native_size
@@ -598,6 +622,16 @@ def _check_generate(args: argparse.Namespace):
         _warn(f"--size {width}x{height} is {ratio:g} times the model's native {shape.native_size}x{shape.native_size} "
               "per side: expect repeated or broken shapes, and slow steps")
     return folder, (width, height)
+
+
+def _check_cache(args: argparse.Namespace, folder: Path, steps: int) -> list:
+    """--fast / --cache: the run's compute policies (stepdiff.caching), checked against the model folder's
+    layout (no weights) so that a bad spec or a policy the model cannot take fails before anything loads."""
+    from .cache_options import cache_policies, check_policies, has_unet
+
+    policies = cache_policies(args.fast, args.cache, steps, "--cache")
+    check_policies(policies, "--fast" if args.fast else "--cache", has_unet(folder))
+    return policies
 
 
 def _check_control(args: argparse.Namespace, folder: Path, width: int, height: int) -> None:
@@ -699,6 +733,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     folder, (width, height) = _check_generate(args)
     outputs = _generate_outputs(args)
     _check_previews(args, outputs)
+    cache = None
+    if args.policies:
+        from .caching import describe
+
+        cache = describe(args.policies)
+        print(f"stepdiff: {'--fast' if args.fast else '--cache'}: {cache}", file=sys.stderr, flush=True)
 
     callbacks = []
     if args.cfg_cutoff is not None:
@@ -743,6 +783,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 tiny_decoder=args.preview_decoder,
             )
             callbacks.append(files.preview)
+        callbacks += args.policies  # step caching composes with the callbacks above (cutoff, stops, previews)
 
         pipe = _load(args, folder)
         info = _model_info(folder)
@@ -783,7 +824,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 guidance_scale=guidance, model=str(folder), cfg_cutoff_ratio=args.cfg_cutoff,
                 cfg_cutoff_step=args.cfg_cutoff_step, strength=args.strength,
                 init_image=None if args.init_image is None else str(args.init_image),
-                mask=None if args.mask is None else str(args.mask),
+                mask=None if args.mask is None else str(args.mask), cache=cache,
             )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -987,6 +1028,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         interval = _interval(bad, args.guidance_interval)
     _check_text("--negative", args.negative)
+    cache = None
+    if args.cache is not None or args.fast:
+        from .cache_options import normalize_spec
+
+        _check_cache(args, folder, args.steps)
+        cache = None if args.cache is None else normalize_spec(args.cache)
     _at_least("--batch-size", args.batch_size, 1, 4096)
     _at_least("--threads", args.threads, 1, 1024)
     _at_least("--workers", args.workers, 1, 100_000)
@@ -994,7 +1041,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     defaults = BatchDefaults(
         negative_prompt=args.negative, seed=args.seed, steps=args.steps, width=width, height=height,
         guidance_scale=args.guidance, cfg_cutoff=args.cfg_cutoff, cfg_cutoff_step=args.cfg_cutoff_step,
-        guidance_interval=interval, scheduler=args.scheduler, karras=args.karras,
+        guidance_interval=interval, scheduler=args.scheduler, karras=args.karras, cache=cache, fast=args.fast,
     )
     config = BatchConfig(
         input=args.input, out=args.out, model=folder, defaults=defaults, format=args.format, dtype=args.dtype,
