@@ -120,6 +120,13 @@ BAD_JOBS = [
     ({"preview": "often"}, "preview"),
     ({"unknown_field": 1}, "unknown_field"),
     ({"negative_prompt": ["a"]}, "negative_prompt"),
+    ({"cache": "nope:3"}, "cache"),
+    ({"cache": ""}, "cache"),
+    ({"cache": 3}, "cache"),
+    ({"cache": "tgate:0"}, "cache"),
+    ({"cache": "fbc:0.1,deepcache:3"}, "cache"),
+    ({"fast": "yes"}, "fast"),
+    ({"fast": True, "cache": "deepcache:3"}, "cache"),
 ]
 
 
@@ -136,6 +143,72 @@ def test_bad_field_is_a_422_naming_it(make_client, fields, field):
     error = r.json()
     assert error["field"] == field and field in error["error"] and error["allowed"]
     assert client.get("/api/jobs").json()["jobs"] == []  # nothing was queued
+
+
+def test_a_bad_cache_names_the_field_the_part_and_the_grammar(make_client):
+    studio, client = make_client(start=False)
+    error = client.post("/api/jobs", json={"prompt": PROMPT, "cache": "deepcache:3,warp:9"}).json()
+    assert error["field"] == "cache" and error["value"] == "deepcache:3,warp:9"
+    assert "'warp:9' is not a policy" in error["error"] and "deepcache:INTERVAL[:BRANCH]" in error["allowed"]
+
+
+def test_fast_job_runs_the_preset_as_the_library_does(make_client, tiny_pipe):
+    from stepdiff.caching import describe, fast_preset
+
+    studio, client = make_client()
+    done = wait(client, submit(client, seed=3, steps=6, fast=True)["id"])
+    assert done["state"] == "finished" and done["params"]["fast"] is True and done["params"]["cache"] is None
+    rec = done["record"]
+    assert rec["cached_calls"] > 0 and rec["blocks_skipped"] > 0
+    assert rec["rows_per_step"] == [2, 2, 1, 1, 1, 1]  # T-GATE turns guidance off from its gate (step 2 of 6)
+    assert done["rows_saved"] == 4
+    parameters, record = png_metadata(client, done["image"])
+    assert record["cache"] == describe(fast_preset(6)) and 'Cache: "TGateCallback(gate_step=2' in parameters
+    import io
+
+    served = Image.open(io.BytesIO(client.get(done["image"]).content)).convert("RGB").tobytes()
+    ref = tiny_pipe(PROMPT, num_inference_steps=6, guidance_scale=studio.limits.default_guidance,
+                    generator=torch.Generator().manual_seed(3), callback_on_step_end=fast_preset(6)).images[0]
+    assert served == ref.tobytes()
+
+
+def test_cache_job_reaches_the_run_and_a_plain_job_caches_nothing(make_client):
+    studio, client = make_client()
+    cached = submit(client, steps=4, cache=" DeepCache:2 ")
+    plain = submit(client, steps=4)
+    cached, plain = wait(client, cached["id"]), wait(client, plain["id"])
+    assert cached["params"]["cache"] == "deepcache:2" and cached["params"]["fast"] is False
+    assert cached["record"]["cached_calls"] == 2 and cached["record"]["rows_per_step"] == [2, 2, 2, 2]
+    assert plain["record"]["cached_calls"] == 0 and png_metadata(client, plain["image"])[1]["cache"] is None
+
+
+def test_unet_caching_is_refused_for_a_model_without_a_unet(sd3_pipe, sd3_folder, tmp_path):
+    studio = Studio(sd3_pipe, sd3_folder, tmp_path / "sd3", limits=limits_for(sd3_folder, 500), start=False)
+    client = TestClient(create_app(studio))
+    with client:
+        r = client.post("/api/jobs", json={"prompt": PROMPT, "fast": True})
+        assert r.status_code == 422 and r.json()["field"] == "fast"
+        assert "cache a UNet's blocks" in r.json()["error"]
+        r = client.post("/api/jobs", json={"prompt": PROMPT, "cache": "tgate:3"})
+        assert r.status_code == 422 and r.json()["field"] == "cache"
+        assert client.post("/api/jobs", json={"prompt": PROMPT, "cache": "fbc:0.1"}).status_code == 201
+
+
+def test_guidance_plan_keeps_guidance_off_from_the_gate_whatever_the_steering():
+    from stepdiff.studio import GuidancePlan
+
+    plan = GuidancePlan(7.5, 10, gate=4)
+    assert [plan.scale_at(i) for i in range(6)] == [7.5] * 4 + [0.0] * 2
+    plan.scale = 9.0
+    assert plan.scale_at(3) == 9.0 and plan.scale_at(8) == 0.0
+
+
+def test_the_page_has_a_fast_checkbox_that_sends_fast(make_client):
+    studio, client = make_client(start=False)
+    page = client.get("/").text
+    assert 'id="fast" type="checkbox"' in page and "Fast (step caching)" in page
+    script = client.get("/static/app.js").text
+    assert 'fast: $("fast").checked' in script
 
 
 def test_malformed_requests(make_client):

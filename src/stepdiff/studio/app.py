@@ -4,7 +4,10 @@ Routes (JSON unless said otherwise; every /api route needs the token when the se
 
     GET  /                         the page (no build step, nothing loaded from elsewhere)
     GET  /api/info                 model, limits, schedulers, queue size
-    POST /api/jobs                 submit a job -> 201 {id, state, ...}; 422 naming a bad field; 429 queue full
+    POST /api/jobs                 submit a job -> 201 {id, state, ...}; 422 naming a bad field; 429 queue full.
+                                   Fields: prompt, negative_prompt, seed, steps, size or width/height, guidance,
+                                   scheduler, cfg_cutoff or guidance_interval, fast (true: the --fast step caching
+                                   preset) or cache (a --cache spec, e.g. "deepcache:3,tgate:10"), preview
     GET  /api/jobs?limit=&before=&state=   history, newest first; ``next`` is the ``before`` of the next page
     GET  /api/jobs/{id}            one job: state, step, parameters, run record, image URL
     POST /api/jobs/{id}/cancel     a queued job leaves the queue; a running one stops before its next model call

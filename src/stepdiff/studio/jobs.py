@@ -46,15 +46,20 @@ class GuidancePlan:
 
     ``cfg_cutoff``: guided up to and including step ``int(steps * ratio)``, as ``CFGCutoffCallback``;
     ``interval``: guided on steps in ``[int(steps * start), int(steps * end))``, as ``GuidanceIntervalCallback``
-    (Kynkäänniemi et al. 2024). Off-guidance steps compute only the conditional rows.
+    (Kynkäänniemi et al. 2024); ``gate``: unguided from this step on whatever the steering says, as
+    ``TGateCallback`` (its cross-attention is cached from there). Off-guidance steps compute only the
+    conditional rows.
     """
 
     def __init__(self, scale: float, total: int, cfg_cutoff: float | None = None,
-                 interval: tuple[float, float] | None = None) -> None:
+                 interval: tuple[float, float] | None = None, gate: int | None = None) -> None:
         self.lock = threading.Lock()
         self.scale, self.total, self.cfg_cutoff, self.interval = scale, total, cfg_cutoff, interval
+        self.gate = gate
 
     def scale_at(self, step: int) -> float:
+        if self.gate is not None and step >= self.gate:
+            return 0.0
         if self.interval is not None:
             start, end = (int(self.total * r) for r in self.interval)
             return self.scale if start <= step < end else 0.0
@@ -132,6 +137,17 @@ class Studio:
                 self._pipeline_for(spec.scheduler).scheduler.set_timesteps(spec.steps)
             except ValueError as e:
                 raise FieldError("steps", spec.steps, f"allowed by scheduler {spec.scheduler} ({e})") from None
+        if spec.fast or spec.cache is not None:
+            from ..cache_options import CACHE_GRAMMAR, cache_policies, check_policies
+
+            name = "fast" if spec.fast else "cache"
+            try:
+                check_policies(cache_policies(spec.fast, spec.cache, spec.steps, name), name,
+                               unet=hasattr(getattr(self.pipeline, "unet", None), "up_blocks"))
+            except ValueError as e:
+                allowed = "false for this model" if spec.fast else f"{CACHE_GRAMMAR}, fbc or adaptive for this model"
+                raise FieldError(name, spec.fast if spec.fast else spec.cache, allowed,
+                                 " ".join(str(e).split())) from None
 
     def submit(self, spec: JobSpec, seed_given: bool = True) -> dict[str, Any]:
         if not seed_given:
@@ -301,13 +317,17 @@ class Studio:
                     self._live.pop(live.id, None)
 
     def _run(self, live: _Live) -> None:
+        from ..cache_options import cache_policies, gate_step
+        from ..caching import describe
         from ..metadata import ImageSettings, write_image
 
         spec = live.spec
         self.hub.publish({"type": "started", "job": live.id, "total": spec.steps})
-        plan = live.plan = GuidancePlan(spec.guidance, spec.steps, spec.cfg_cutoff, spec.guidance_interval)
         state = None
         try:
+            policies = cache_policies(spec.fast, spec.cache, spec.steps, "cache")  # new objects: per-run state
+            plan = live.plan = GuidancePlan(spec.guidance, spec.steps, spec.cfg_cutoff, spec.guidance_interval,
+                                            gate_step(policies))
             pipe = self._pipeline_for(spec.scheduler)
             with plan.lock:
                 first = plan.scale_at(0)
@@ -315,6 +335,7 @@ class Studio:
                 prompt=spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
                 guidance_scale=first, width=spec.width, height=spec.height,
                 generator=torch.Generator().manual_seed(spec.seed), cancel=live.token,
+                callback_on_step_end=policies or None,
             )
             live.run = run
             total = run.num_timesteps
@@ -349,6 +370,7 @@ class Studio:
             settings = ImageSettings(
                 prompt=spec.prompt, negative_prompt=spec.negative_prompt, seed=spec.seed, steps=spec.steps,
                 guidance_scale=spec.guidance, model=str(self.model), cfg_cutoff_ratio=spec.cfg_cutoff,
+                cache=describe(policies) or None,
             )
             extra = {"job_id": live.id, "guidance_interval": spec.to_dict()["guidance_interval"],
                      "steering": live.steering}

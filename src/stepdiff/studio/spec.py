@@ -77,6 +77,8 @@ class JobSpec:
     scheduler: str | None = None  # an alias or diffusers class name; None: the model's own
     cfg_cutoff: float | None = None  # guidance off after this fraction of the steps
     guidance_interval: tuple[float, float] | None = None  # guidance only in [start, end) (ratios of the steps)
+    cache: str | None = None  # step caching policies (stepdiff.caching.parse_cache_spec), normalized
+    fast: bool = False  # the fast preset (stepdiff.caching.fast_preset); not with cache
     preview: PreviewSpec = field(default_factory=PreviewSpec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +98,7 @@ class JobSpec:
 
 
 _FIELDS = {"prompt", "negative_prompt", "seed", "steps", "width", "height", "size", "guidance", "scheduler",
-           "cfg_cutoff", "guidance_interval", "preview"}
+           "cfg_cutoff", "guidance_interval", "cache", "fast", "preview"}
 _PREVIEW_FIELDS = {"every", "source", "method"}
 
 
@@ -186,6 +188,14 @@ def parse_job(body: Any, limits: Limits) -> JobSpec:
         if spec.cfg_cutoff is not None:
             raise FieldError("guidance_interval", body["guidance_interval"], "left out when cfg_cutoff is given")
         spec.guidance_interval = _interval(body["guidance_interval"])
+    if body.get("fast") is not None:
+        if not isinstance(body["fast"], bool):
+            raise FieldError("fast", body["fast"], "true or false")
+        spec.fast = body["fast"]
+    if body.get("cache") is not None:
+        if spec.fast:
+            raise FieldError("cache", body["cache"], "left out when fast is true (fast is a cache preset)")
+        spec.cache = _cache(body["cache"], spec.steps)
     preview = body.get("preview")
     if preview is not None:
         if not isinstance(preview, dict):
@@ -214,6 +224,18 @@ def _interval(value: Any) -> tuple[float, float]:
     if start > end:
         raise FieldError("guidance_interval", value, allowed)
     return start, end
+
+
+def _cache(value: Any, steps: int) -> str:
+    from ..cache_options import CACHE_GRAMMAR, cache_policies, check_policies, normalize_spec
+
+    if not isinstance(value, str) or len(value) > 200:
+        raise FieldError("cache", value, CACHE_GRAMMAR)
+    try:
+        check_policies(cache_policies(False, value, steps, "cache"), "cache")
+    except ValueError as e:
+        raise FieldError("cache", value, CACHE_GRAMMAR, " ".join(str(e).split())) from None
+    return normalize_spec(value)
 
 
 _UNSET: Any = object()

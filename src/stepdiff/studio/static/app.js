@@ -36,7 +36,7 @@ function formJob() {
   const job = {
     prompt: $("prompt").value, negative_prompt: $("negative").value || null, seed: numberOrNull("seed"),
     steps: numberOrNull("steps"), width: w, height: h, guidance: numberOrNull("guidance"),
-    scheduler: $("scheduler").value || null, cfg_cutoff: numberOrNull("cutoff"),
+    scheduler: $("scheduler").value || null, cfg_cutoff: numberOrNull("cutoff"), fast: $("fast").checked,
     preview: { every: numberOrNull("preview-every"), method: $("preview-method").value, source: "denoised" },
   };
   return job;
@@ -53,6 +53,7 @@ function useSettings(p) {
   $("guidance").value = p.guidance;
   $("scheduler").value = p.scheduler || "";
   $("cutoff").value = p.cfg_cutoff === null ? "" : p.cfg_cutoff;
+  $("fast").checked = Boolean(p.fast);
   $("preview-every").value = p.preview.every;
   $("preview-method").value = p.preview.method;
   $("prompt").focus();
@@ -146,7 +147,8 @@ function card(job) {
   meta.className = "meta";
   const rec = job.record;
   meta.textContent = `${p.prompt} · seed ${p.seed} · ${p.steps} steps · guidance ${p.guidance}` +
-    (p.cfg_cutoff !== null ? ` · cutoff ${p.cfg_cutoff}` : "") + (rec ? ` · ${rec.model_rows} rows` : "");
+    (p.cfg_cutoff !== null ? ` · cutoff ${p.cfg_cutoff}` : "") + (p.fast ? " · fast" : "") +
+    (p.cache ? ` · cache ${p.cache}` : "") + (rec ? ` · ${rec.model_rows} rows` : "");
   div.appendChild(meta);
   if (job.state !== "finished") {
     const tag = document.createElement("div");
