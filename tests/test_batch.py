@@ -105,7 +105,7 @@ def test_csv_rows_with_header_empty_cells_and_quoted_newlines(tmp_path):
     ("jsonl", '{"prompt": "a", "cache": "nope:3"}\n', 1, ["cache: 'nope:3' is not a policy", "deepcache:INTERVAL"]),
     ("jsonl", '{"prompt": "a", "cache": 3}\n', 1, ["cache must be a spec string", "3"]),
     ("jsonl", '{"prompt": "a", "cache": "tgate:0"}\n', 1, ["cache: 'tgate:0'", "gate_step must be an int >= 1"]),
-    ("jsonl", '{"prompt": "a", "cache": "fbc:0.1,tgate:3"}\n', 1, ["cache: FirstBlockCacheCallback cannot be combined"]),
+    ("jsonl", '{"prompt": "a", "cache": "fbc:0.1,tgate:3"}\n', 1, ["cache: FirstBlockCacheCallback and TGateCallback both cache"]),
     ("jsonl", '{"prompt": "a", "fast": "maybe"}\n', 1, ["fast must be true or false", "maybe"]),
     ("jsonl", '{"prompt": "a", "fast": true, "cache": "deepcache:3"}\n', 1, ["give cache or fast, not both"]),
     ("csv", "prompt,cache\na,deepcache:x\n", 2, ["cache: 'deepcache:x'"]),
@@ -574,7 +574,7 @@ def test_cli_batch_run_and_resume(tmp_path, sd_folder, run_cli):
     (["--ray", "--ray-address", "auto"], ["not both"]),
     (["--cfg-cutoff", "0.5", "--guidance-interval", "0,1"], ["not allowed with argument"]),
     (["--cache", "nope"], ["--cache: 'nope' is not a policy", "deepcache:INTERVAL"]),
-    (["--cache", "fbc:0.1,deepcache:2"], ["--cache: FirstBlockCacheCallback cannot be combined"]),
+    (["--cache", "fbc:0.1,deepcache:2"], ["--cache: FirstBlockCacheCallback and DeepCacheCallback both cache"]),
     (["--fast", "--cache", "deepcache:3"], ["argument --cache: not allowed with argument --fast"]),
 ])
 def test_cli_bad_flags_exit_2_naming_them(tmp_path, sd_folder, run_cli, flags, words):

@@ -78,7 +78,7 @@ def test_fast_gate_counts_the_steps_that_run_in_image_to_image(run_cli, sd_folde
     (["--cache", "deepcache:3:0:1"], ["--cache: 'deepcache:3:0:1' is not a policy"]),
     (["--cache", "tgate:0"], ["--cache: 'tgate:0'", "gate_step must be an int >= 1"]),
     (["--cache", "fbc:2"], ["--cache: 'fbc:2'", "threshold must be a number in [0, 1]"]),
-    (["--cache", "fbc:0.1,deepcache:3"], ["--cache: FirstBlockCacheCallback cannot be combined with DeepCacheCallback"]),
+    (["--cache", "fbc:0.1,deepcache:3"], ["--cache: FirstBlockCacheCallback and DeepCacheCallback both cache", "use one of them"]),
     (["--cache", "tgate:3,tgate:4"], ["--cache: TGateCallback is given twice"]),
 ])
 def test_bad_cache_flags_fail_before_the_model_loads(run_cli, sd_folder, tmp_path, monkeypatch, args, words):

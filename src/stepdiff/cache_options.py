@@ -11,11 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .caching.presets import CACHE_GRAMMAR  # re-exported for the callers of this module
+
 __all__ = ["CACHE_GRAMMAR", "cache_policies", "check_policies", "gate_step", "has_unet", "normalize_spec"]
-
-CACHE_GRAMMAR = ("deepcache:INTERVAL[:BRANCH], tgate:GATE_STEP, fbc:THRESHOLD or adaptive:THRESHOLD, "
-                 "comma-separated (e.g. deepcache:3,tgate:10)")
-
 
 def normalize_spec(spec: str) -> str:
     """``" DeepCache : 3 , tgate:10"`` -> ``"deepcache:3,tgate:10"`` (what is stored, hashed and shown)."""
@@ -40,22 +38,10 @@ def has_unet(folder: str | Path) -> bool:
 
 
 def check_policies(policies: list[Any], name: str, unet: bool | None = None) -> None:
-    """What the run start would refuse, said before any model work (ValueError naming ``name``): a policy
-    given twice, First-Block-Cache with DeepCache or T-GATE (they cache the same blocks), and, when
-    ``unet`` is known, DeepCache or T-GATE on a model without a UNet (SD3)."""
-    from .caching import DeepCacheCallback, FirstBlockCacheCallback, TGateCallback
+    """What the run start would refuse, said before any model work (``stepdiff.caching.check_policies``)."""
+    from .caching import check_policies as check
 
-    kinds = [type(p).__name__ for p in policies]
-    for kind in kinds:
-        if kinds.count(kind) > 1:
-            raise ValueError(f"{name}: {kind} is given twice; give each policy once")
-    unet_only = [k for p, k in zip(policies, kinds) if isinstance(p, (DeepCacheCallback, TGateCallback))]
-    if unet_only and any(isinstance(p, FirstBlockCacheCallback) for p in policies):
-        raise ValueError(f"{name}: FirstBlockCacheCallback cannot be combined with {' or '.join(unet_only)} (they "
-                         "cache the same parts of the denoiser); use one of them")
-    if unet_only and unet is False:
-        raise ValueError(f"{name}: {' and '.join(unet_only)} cache a UNet's blocks and this model has none (SD3 and "
-                         "other transformer models): use fbc:THRESHOLD or adaptive:THRESHOLD")
+    check(policies, name, unet)
 
 
 def gate_step(policies: list[Any]) -> int | None:

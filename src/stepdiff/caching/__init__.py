@@ -17,12 +17,13 @@ an interval or a schedule that changes the rows between steps reuses the right r
 a batch gets exactly what it would get alone (decisions that depend on the pictures are made per row).
 """
 
-from .core import ComputePolicy, RunCompute
+from .core import ComputePolicy, RunCompute, check_policies
 from .first_block import AdaptiveGuidanceCallback, FirstBlockCacheCallback
-from .presets import FAST_GATE_RATIO, describe, fast_preset, parse_cache_spec
+from .presets import CACHE_GRAMMAR, FAST_GATE_RATIO, describe, fast_preset, parse_cache_spec
 from .unet import DeepCacheCallback, TGateCallback
 
 __all__ = [
+    "CACHE_GRAMMAR",
     "FAST_GATE_RATIO",
     "AdaptiveGuidanceCallback",
     "ComputePolicy",
@@ -30,6 +31,7 @@ __all__ = [
     "FirstBlockCacheCallback",
     "RunCompute",
     "TGateCallback",
+    "check_policies",
     "describe",
     "fast_preset",
     "parse_cache_spec",

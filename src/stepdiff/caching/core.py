@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ComputePolicy", "RunCompute"]
+__all__ = ["ComputePolicy", "RunCompute", "check_policies"]
 
 _CALL: ContextVar[_Call | None] = ContextVar("stepdiff_model_call", default=None)
 _LOCK = threading.Lock()
@@ -139,12 +139,7 @@ class RunCompute:
         self.blocks_skipped = 0
 
     def add(self, state: _PolicyState) -> None:
-        for other in self.states:
-            if set(other.claims) & set(state.claims):
-                raise ValueError(
-                    f"{state.name} and {other.name} both cache the denoiser's {sorted(set(other.claims) & set(state.claims))};"
-                    " use one of them"
-                )
+        check_policies([*(other.policy for other in self.states), state.policy], "callback_on_step_end")
         tagged = state.modules()
         for module, tag in tagged:
             self.owners[id(module)] = (state, tag)
@@ -182,8 +177,7 @@ class RunCompute:
 class _PolicyState:
     """A policy's state for one run."""
 
-    name = "policy"
-    claims: tuple[str, ...] = ()  # what part of the denoiser it caches (two policies may not claim the same)
+    policy: ComputePolicy  # the callback whose state this is
 
     def modules(self) -> list[tuple[torch.nn.Module, Any]]:
         return []
@@ -210,6 +204,8 @@ class ComputePolicy:
     """A callback that attaches a compute policy to each run that lists it (no change to the step's tensors)."""
 
     tensor_inputs: list[str] = []  # noqa: RUF012 - class-level declaration, as in the callback API
+    claims: tuple[str, ...] = ()  # the parts of the denoiser it caches: two policies of a run may not share one
+    needs_unet = False  # whether it caches a UNet's blocks (SD 1.x/2.x, SDXL) and so refuses transformer families
 
     def make_state(self, pipeline: Any, run: Any) -> _PolicyState:
         raise NotImplementedError
@@ -222,6 +218,26 @@ class ComputePolicy:
 
     def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
         return None
+
+
+def check_policies(policies: list[ComputePolicy], name: str, unet: bool | None = None) -> None:
+    """Refuse policies that cannot run together, naming ``name`` (the argument, flag or field that gave them): a
+    policy given twice, two policies caching the same part of the denoiser, and, when ``unet`` is known,
+    UNet policies (DeepCache, T-GATE) on a model without a UNet."""
+    kinds = [type(p).__name__ for p in policies]
+    for kind in kinds:
+        if kinds.count(kind) > 1:
+            raise ValueError(f"{name}: {kind} is given twice; give each policy once")
+    for k, a in enumerate(policies):
+        for b in policies[k + 1:]:
+            shared = sorted(set(a.claims) & set(b.claims))
+            if shared:
+                raise ValueError(f"{name}: {type(a).__name__} and {type(b).__name__} both cache the denoiser's "
+                                 f"{' and '.join(shared)}; use one of them")
+    unet_only = [type(p).__name__ for p in policies if p.needs_unet]
+    if unet_only and unet is False:
+        raise ValueError(f"{name}: {' and '.join(unet_only)} cache a UNet's blocks and this model has none (SD3 and "
+                         "other transformer models): use fbc:THRESHOLD or adaptive:THRESHOLD")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

@@ -23,12 +23,8 @@ class _FirstBlockState(_PolicyState):
     block (the full-resolution one) is computed on fresh skip connections. Transformers (SD3): the first
     block decides; the later blocks are skipped and their residual from the last full step is added."""
 
-    name = "FirstBlockCacheCallback"
-    # "attention" too: an image that is computed while another skips runs the blocks on a subset of the rows,
-    # which an attention-level cache (T-GATE) keyed by the whole call cannot follow
-    claims = ("unet blocks", "transformer blocks", "attention")
-
     def __init__(self, policy: FirstBlockCacheCallback, pipeline: Any) -> None:
+        self.policy = policy
         self.threshold = policy.threshold
         denoiser = pipeline.denoiser
         if hasattr(denoiser, "down_blocks"):
@@ -163,6 +159,10 @@ class FirstBlockCacheCallback(ComputePolicy):
     ``threshold`` (relative L1) since its last full step skips the rest. For SD 1.x/2.x and SDXL UNets
     and SD3's transformer. ``threshold=0`` is the uncached run, exactly. Decisions are per image, so a
     batch gives each image what it gets alone."""
+
+    # the attention layers too: an image that is computed while another skips runs the blocks on a subset of the
+    # rows, which an attention-level cache (T-GATE) keyed by the whole call cannot follow
+    claims = ("UNet blocks", "transformer blocks", "attention layers")
 
     def __init__(self, threshold: float = 0.08) -> None:
         self.threshold = _check_real("threshold", threshold, 0.0, 1.0)

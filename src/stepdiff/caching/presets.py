@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .core import ComputePolicy, _check_int
+from .core import ComputePolicy, _check_int, check_policies
 from .first_block import AdaptiveGuidanceCallback, FirstBlockCacheCallback
 from .unet import DeepCacheCallback, TGateCallback
 
-__all__ = ["FAST_GATE_RATIO", "describe", "fast_preset", "parse_cache_spec"]
+__all__ = ["CACHE_GRAMMAR", "FAST_GATE_RATIO", "describe", "fast_preset", "parse_cache_spec"]
 
 
-_SPEC_HELP = (
+CACHE_GRAMMAR = (
     "deepcache:INTERVAL[:BRANCH], tgate:GATE_STEP, fbc:THRESHOLD or adaptive:THRESHOLD, comma-separated "
     "(e.g. deepcache:3,tgate:10)"
 )
@@ -32,9 +32,10 @@ def describe(policies: list[ComputePolicy]) -> str:
 
 
 def parse_cache_spec(spec: str, name: str = "--cache") -> list[ComputePolicy]:
-    """``"deepcache:3,tgate:10"`` -> the policies; ValueError naming ``name``, the bad part and the grammar."""
+    """``"deepcache:3,tgate:10"`` -> the policies; ValueError naming ``name``, the bad part and the grammar, or
+    the rule it breaks (a policy given twice, two policies caching the same blocks: see ``check_policies``)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{name} must be {_SPEC_HELP}; got {spec!r}")
+        raise ValueError(f"{name} must be {CACHE_GRAMMAR}; got {spec!r}")
     makers: dict[str, tuple[Callable[..., ComputePolicy], tuple[Callable[[str], Any], ...]]] = {
         "deepcache": (DeepCacheCallback, (int, int)),
         "tgate": (TGateCallback, (int,)),
@@ -46,10 +47,15 @@ def parse_cache_spec(spec: str, name: str = "--cache") -> list[ComputePolicy]:
         key, *values = [part.strip() for part in item.strip().split(":")]
         maker = makers.get(key.lower())
         if maker is None or not 1 <= len(values) <= len(maker[1]):
-            raise ValueError(f"{name}: {item.strip()!r} is not a policy; allowed: {_SPEC_HELP}")
+            raise ValueError(f"{name}: {item.strip()!r} is not a policy; allowed: {CACHE_GRAMMAR}")
         try:
             args = [kind(v) for kind, v in zip(maker[1], values)]
+        except ValueError:
+            kinds = ", ".join("an int" if kind is int else "a number" for kind in maker[1][: len(values)])
+            raise ValueError(f"{name}: {item.strip()!r}: {key} takes {kinds} after ':'; allowed: {CACHE_GRAMMAR}") from None
+        try:
             policies.append(maker[0](*args))
         except ValueError as e:
             raise ValueError(f"{name}: {item.strip()!r}: {e}") from None
+    check_policies(policies, name)
     return policies

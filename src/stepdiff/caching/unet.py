@@ -28,14 +28,12 @@ class _DeepCacheState(_PolicyState):
     The same layers are skipped as by the ``deepcache`` package's ``DeepCacheSDHelper``: branch ``b`` is
     up/down block ``b // 3``, layer ``b % 3``, counted from the UNet's outer edge."""
 
-    name = "DeepCacheCallback"
-    claims = ("unet blocks",)
-
     def __init__(self, policy: DeepCacheCallback, pipeline: Any) -> None:
+        self.policy = policy
         self.interval = policy.cache_interval
         self.block_id, self.layer_id = divmod(policy.cache_branch_id, 3)
         self.reuse_controlnet = policy.controlnet == "reuse"
-        self.unet = _unet(pipeline, self.name)
+        self.unet = _unet(pipeline, type(policy).__name__)
         if self.block_id >= len(self.unet.up_blocks):
             raise ValueError(
                 f"cache_branch_id must be below {3 * len(self.unet.up_blocks)} for this UNet "
@@ -130,6 +128,9 @@ class DeepCacheCallback(ComputePolicy):
     pipeline: SD 1.x/2.x and SDXL; text-to-image, img2img, inpainting, ControlNet, IP-Adapter.
     """
 
+    claims = ("UNet blocks",)
+    needs_unet = True
+
     def __init__(self, cache_interval: int = 3, cache_branch_id: int = 0, controlnet: str = "reuse") -> None:
         self.cache_interval = _check_int("cache_interval", cache_interval, 1)
         self.cache_branch_id = _check_int("cache_branch_id", cache_branch_id, 0)
@@ -153,12 +154,9 @@ class _TGateState(_PolicyState):
     keep (``cache``), or return what was kept (``reuse``). At the step before the gate both attentions keep
     the mean of the guided pair; from the gate on, cross-attention is reused."""
 
-    name = "TGateCallback"
-    claims = ("attention",)
-
     def __init__(self, policy: TGateCallback, pipeline: Any) -> None:
         self.policy = policy
-        unet = _unet(pipeline, self.name)
+        unet = _unet(pipeline, type(policy).__name__)
         self.attn = [(m, ("cross" if n.endswith("attn2") else "self", k))
                      for k, (n, m) in enumerate(unet.named_modules()) if n.endswith(("attn1", "attn2"))]
         self.cache: dict[Any, dict[str, torch.Tensor]] = {}
@@ -217,6 +215,9 @@ class TGateCallback(ComputePolicy):
     (SD 1.x/2.x, SDXL): SD3's joint attention mixes text and image tokens in one attention, so there is no
     separate cross-attention to cache.
     """
+
+    claims = ("attention layers",)
+    needs_unet = True
 
     def __init__(self, gate_step: int = 10, sp_interval: int = 5, fi_interval: int = 1, warm_up: int = 2) -> None:
         self.gate_step = _check_int("gate_step", gate_step, 1)
