@@ -278,3 +278,25 @@ def test_ip_scale_schedule_is_per_step_and_per_run(request):
     with pytest.raises(ValueError, match="needs a stepdiff run with an IP-Adapter image"):
         plain = stepdiff.StableDiffusionPipeline.from_pretrained(request.getfixturevalue("sd_folder"))
         plain("a cat", num_inference_steps=2, callback_on_step_end=IPAdapterScaleScheduleCallback([1.0, 1.0]))
+
+
+@pytest.mark.parametrize("policies", ["deepcache", "deepcache+tgate"])
+def test_step_caching_with_controlnet_and_ip_adapter_cutoffs_at_batch_2(request, policies):
+    """The compute policies compose with the official SDXL ControlNet and IP-Adapter cutoffs: rows and cached calls
+    counted, each prompt still gets its single-run image."""
+    from stepdiff.caching import DeepCacheCallback, TGateCallback
+
+    ours, _ = _pipes("sdxl", 2, request)
+
+    def cbs():
+        extra = [TGateCallback(gate_step=3)] if "tgate" in policies else []
+        return [SDXLControlnetCFGCutoffCallback(cutoff_step_ratio=0.5), IPAdapterScaleCutoffCallback(cutoff_step_index=2),
+                *extra, DeepCacheCallback(cache_interval=2, cache_branch_id=0)]
+
+    both = ours(**_kw(2, ["a cat", "a dog"], callback_on_step_end=cbs()))
+    r = both.record
+    assert r.rows_per_step == [4, 4, 4, 2]
+    assert r.cached_calls >= 2 and r.blocks_computed > 0 and r.blocks_skipped > 0
+    for i, prompt in enumerate(["a cat", "a dog"]):
+        alone = ours(**_kw(2, [prompt], generator=[gen(i)], callback_on_step_end=cbs())).images
+        assert np.abs(both.images[i] - alone[0]).max() <= 1e-4
