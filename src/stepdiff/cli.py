@@ -245,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per worker (default: 1 where the cluster has GPUs, else 0)")
 
     v = sub.add_parser("serve", help="a live studio in the browser: queue, previews, stop, steer guidance, history",
-                       description="Serve the studio (page, HTTP API, WebSocket events) on one model; prints the URL. "
-                                   "Needs the studio extra: pip install 'stepdiff[studio]'.")
+                       description="Serve the studio (page, HTTP API, WebSocket events) on one model; prints the URL.")
     v.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped shapes model)")
     v.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other address requires a token)")
@@ -1070,6 +1069,28 @@ def _stop_on_interrupt(stop):
     return _two_step_ctrl_c(stop.is_set, stop.set, "stopping after the images in flight")
 
 
+# What `stepdiff serve` imports (websockets: uvicorn's WebSocket protocol, which it picks at run time), as pyproject.toml's
+# base dependencies declare them
+STUDIO_REQUIREMENTS = {"starlette": "starlette>=0.40", "uvicorn": "uvicorn>=0.30", "websockets": "websockets>=12"}
+
+
+def _check_studio_modules() -> None:
+    """Base dependencies since the studio's extra was folded in; an environment without them (an older install, a
+    --no-deps install) gets one line saying what to install, before the model loads."""
+    import importlib
+
+    missing = []
+    for name in STUDIO_REQUIREMENTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        wanted = " ".join(f"'{STUDIO_REQUIREMENTS[name]}'" for name in STUDIO_REQUIREMENTS)
+        raise ValueError(f"serve needs {', '.join(missing)}, missing here (stepdiff depends on it; an older or a --no-deps "
+                         f"install may lack it): pip install {wanted}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.model is not None:
         _check_model_folder("--model", args.model)
@@ -1087,10 +1108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--data {str(args.data)!r} is a file, not a folder")
     _check_writable_dir("--data", args.data if args.data.is_dir() else args.data.parent)
     _check_device(args.device)
-    try:
-        from .studio.server import load_studio, serve
-    except ImportError as e:
-        raise ValueError(f"serve needs the studio extra ({e.name} is missing): pip install 'stepdiff[studio]'") from None
+    _check_studio_modules()
+    from .studio.server import load_studio, serve
+
     if args.threads is not None:
         import torch
 

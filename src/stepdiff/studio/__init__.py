@@ -1,7 +1,7 @@
 """``stepdiff serve``: a live studio in the browser (Starlette on uvicorn, history in SQLite).
 
-Install with ``pip install "stepdiff[studio]"``. The engine (``Studio``) is plain Python and threads; the
-HTTP layer (``create_app``) only maps requests onto it.
+Its dependencies (starlette, uvicorn, websockets) are stepdiff's own: the base install serves. The engine
+(``Studio``) is plain Python and threads; the HTTP layer (``create_app``) only maps requests onto it.
 """
 
 from .jobs import GuidancePlan, JobNotFound, QueueFull, Studio, WrongState
