@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --init-image: repaint only where this mask is white (inpainting); same size as the image")
     im.add_argument("--strength", type=float, default=None, metavar="S",
                     help="how much of --init-image to re-draw, in (0, 1] (default 0.6; 1.0 with --mask)")
+    im.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --mask: paste --init-image's own pixels back outside the mask, with a 2-pixel feathered "
+                         "edge (the default: inpainting re-draws the whole picture through the VAE, which changes the "
+                         "kept part); --no-keep-unmasked writes the model's pixels everywhere, as the library returns them")
     cn = g.add_argument_group("ControlNet: a structure picture decides where the shape goes")
     cn.add_argument("--control", type=Path, default=None, metavar="PATH",
                     help="control picture, the output size; for the shipped model: the shape's silhouette, white on black")
@@ -595,6 +599,9 @@ def _check_generate(args: argparse.Namespace):
     elif args.mask is not None or args.strength is not None:
         flag = "--mask" if args.mask is not None else "--strength"
         raise ValueError(f"{flag} needs --init-image (the picture to start from)")
+    if args.keep_unmasked is not None and args.mask is None:
+        flag = "--keep-unmasked" if args.keep_unmasked else "--no-keep-unmasked"
+        raise ValueError(f"{flag} needs --mask (it is about inpainting's kept region)")
     width, height = args.size if args.size is not None else (shape.native_size, shape.native_size)
     if args.size is not None:
         for name, v in zip(("width", "height"), args.size):
@@ -811,19 +818,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 callback_on_step_end=callbacks or None, cancel=token, **extra,
             )
 
-        # 3. Write the images, each with its metadata.
+        # 3. Write the images, each with its metadata; inpainting first gets the kept region's own pixels back.
         record = out.record.to_dict()
+        images, keep, feather = out.images, None, None
+        if kind == "inpaint":
+            from .images import KEEP_UNMASKED_FEATHER, keep_unmasked
+
+            keep = args.keep_unmasked is not False
+            if keep:
+                feather = KEEP_UNMASKED_FEATHER
+                images = keep_unmasked(args.init_picture, out.images, args.mask_picture, feather=feather)
         control_record = None if args.control_picture is None else {
             "control": str(args.control), "controlnet": str(args.controlnet_folder),
             "control_scale": extra["controlnet_conditioning_scale"], "control_end": extra["control_guidance_end"],
         }
-        for i, (image, path) in enumerate(zip(out.images, paths)):
+        for i, (image, path) in enumerate(zip(images, paths)):
             settings = ImageSettings(
                 prompt=args.prompt, negative_prompt=args.negative, seed=args.seed + i, steps=args.steps,
                 guidance_scale=guidance, model=str(folder), cfg_cutoff_ratio=args.cfg_cutoff,
                 cfg_cutoff_step=args.cfg_cutoff_step, strength=args.strength,
                 init_image=None if args.init_image is None else str(args.init_image),
-                mask=None if args.mask is None else str(args.mask), cache=cache,
+                mask=None if args.mask is None else str(args.mask), cache=cache, keep_unmasked=keep,
+                keep_unmasked_feather=feather,
             )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -30,6 +30,8 @@ class ImageSettings:
     init_image: str | None = None
     mask: str | None = None
     cache: str | None = None  # the step caching policies, as stepdiff.caching.describe writes them
+    keep_unmasked: bool | None = None  # inpainting: whether the init image's pixels were pasted back outside the mask
+    keep_unmasked_feather: float | None = None  # ... and the feather (pixels) of that paste
 
 
 def image_metadata(settings: ImageSettings, image, scheduler, output, extra: dict[str, Any] | None = None):
@@ -49,6 +51,8 @@ def image_metadata(settings: ImageSettings, image, scheduler, output, extra: dic
         "Stop reason": output.stop_reason if output.interrupted else None,
         "Denoising strength": s.strength,
         "Cache": None if s.cache is None else json.dumps(s.cache),  # quoted: the policies' own commas stay inside
+        "Keep unmasked": None if s.keep_unmasked is None else (
+            f"feather {s.keep_unmasked_feather:g}" if s.keep_unmasked else "no"),
         "Version": f"stepdiff {__version__}",
     }
     lines = [s.prompt]
@@ -63,6 +67,7 @@ def image_metadata(settings: ImageSettings, image, scheduler, output, extra: dic
         "record": output.record.to_dict(), "interrupted": output.interrupted,
         "steps_completed": output.steps_completed, "stop_reason": output.stop_reason,
         "init_image": s.init_image, "mask": s.mask, "strength": s.strength, "cache": s.cache,
+        "keep_unmasked": s.keep_unmasked, "keep_unmasked_feather": s.keep_unmasked_feather,
     }
     if extra:
         record.update(extra)
