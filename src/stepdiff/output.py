@@ -26,6 +26,12 @@ class RunRecord:
     cached_calls: int = 0  # model calls in which a compute policy reused cached work (stepdiff.caching)
     blocks_computed: int = 0  # the cached blocks or layers that ran, summed over model calls
     blocks_skipped: int = 0  # ... and those that returned cached work instead
+    # What an interrupted run returned (None for a completed run): "denoised" (the x0 estimate of the step
+    # reached), "latents" (its noisy latents) or "finish" (finishing steps down to t = 0, see stepdiff.finishing).
+    stop_output: str | None = None
+    finish_steps: int = 0  # the finishing steps that ran ...
+    finish_model_calls: int = 0  # ... their model calls (not in model_calls, which counts the run's own)
+    finish_model_rows: int = 0  # ... and their batch rows (not in model_rows)
 
     @property
     def full_model_calls(self) -> int:
@@ -46,6 +52,10 @@ class RunRecord:
             "cached_calls": self.cached_calls,
             "blocks_computed": self.blocks_computed,
             "blocks_skipped": self.blocks_skipped,
+            "stop_output": self.stop_output,
+            "finish_steps": self.finish_steps,
+            "finish_model_calls": self.finish_model_calls,
+            "finish_model_rows": self.finish_model_rows,
         }
 
 

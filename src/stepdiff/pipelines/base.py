@@ -47,6 +47,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..callbacks import MultiPipelineCallbacks, adapt_classic
 from ..control import CancelToken
+from ..finishing import parse_interrupt_output
 from ..guidance import ClassifierFreeGuidance, DistilledGuidance, Guidance, check_guidance_scale
 from ..loop import LoopState, scheduler_step_kwargs
 from ..output import RunRecord, StepDiffPipelineOutput
@@ -57,7 +58,6 @@ from .run import Run, current_run, remembered
 __all__ = ["StepDiffPipeline", "check_folder", "decode_with_vae"]
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-_INTERRUPT_OUTPUTS = ("denoised", "latents")
 
 
 @dataclass
@@ -266,8 +266,9 @@ class StepDiffPipeline(DiffusionPipeline):
     def stop(self, reason: str = "stopped by callback") -> None:
         """Stop the current run before its next model call (from a callback); ``_interrupt = True`` also works.
 
-        The image is decoded from the last x0 estimate (see ``interrupt_output``); ``output.stop_reason``
-        says why the run ended. To stop a run from another thread, pass it a ``CancelToken``.
+        The image is what ``interrupt_output`` says (by default the last x0 estimate; ``"finish"``: a few more
+        steps down to t = 0); ``output.stop_reason`` says why the run ended. To stop a run from another thread,
+        pass it a ``CancelToken``.
         """
         run = current_run(self)
         if run is None:
@@ -691,8 +692,7 @@ class StepDiffPipeline(DiffusionPipeline):
         if output_type not in _OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
         interrupt_output = args.pop("interrupt_output", "denoised")
-        if interrupt_output not in _INTERRUPT_OUTPUTS:
-            raise ValueError(f"interrupt_output must be one of {_INTERRUPT_OUTPUTS}, got {interrupt_output!r}")
+        parse_interrupt_output(interrupt_output)
         cancel = args.pop("cancel", None)
         if cancel is not None:
             if not isinstance(cancel, CancelToken):
@@ -769,16 +769,21 @@ class StepDiffPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def finish(self, run: Run) -> Any:
-        """Decode (the last x0 estimate when interrupted), build the record, return the output."""
+        """Decode (for an interrupted run: what ``interrupt_output`` says), build the record, return the output."""
         state = run.state
         interrupted = run.interrupted
         stop_reason = run.stop_reason
+        finished = run.finished
+        final, stop_output = state.latents, None
+        if finished is not None:  # interrupt_output="finish": the finishing steps' latents, as a completed run's
+            final, stop_output = finished.latents, "finish"
+        elif interrupted:
+            stop_output = "latents"
+            if run.output_type != "latent" and run.interrupt_output == "denoised" and state.denoised is not None:
+                final, stop_output = self.denoised_for_output(run, state.denoised), "denoised"
         if run.output_type == "latent":
-            images: Any = state.latents
+            images: Any = final
         else:
-            final = state.latents
-            if interrupted and run.interrupt_output == "denoised" and state.denoised is not None:
-                final = self.denoised_for_output(run, state.denoised)
             images = self.image_processor.postprocess(self.decode_latents(final), output_type=run.output_type)
         self.maybe_free_model_hooks()
         record = RunRecord(
@@ -787,6 +792,9 @@ class StepDiffPipeline(DiffusionPipeline):
             rows_per_step=list(state.rows_per_step), wall_seconds=time.perf_counter() - run.started,
             guidance=run.guidance.mode, cached_calls=run.compute.cached_calls,
             blocks_computed=run.compute.blocks_computed, blocks_skipped=run.compute.blocks_skipped,
+            stop_output=stop_output, finish_steps=0 if finished is None else finished.steps_completed,
+            finish_model_calls=0 if finished is None else finished.model_calls,
+            finish_model_rows=0 if finished is None else finished.model_rows,
         )
         remembered(self).update(
             guidance_scale=run.guidance.scale, guidance_rescale=run.guidance_rescale, num_timesteps=run.num_timesteps,

@@ -131,10 +131,12 @@ class Image2ImageRun:
             latents = encode_images(self.vae, image, generator)
         return _repeat_to(latents, rows, "image")
 
-    def noise_to(self, run: Run, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def noise_to(self, run: Run, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor,
+                 scheduler: Any = None) -> torch.Tensor:
+        scheduler = run.scheduler if scheduler is None else scheduler
         if self.flow_matching:
-            return run.scheduler.scale_noise(latents, timestep, noise)
-        return run.scheduler.add_noise(latents, noise, timestep)
+            return scheduler.scale_noise(latents, timestep, noise)
+        return scheduler.add_noise(latents, noise, timestep)
 
     def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
         init = self._image_latents(kind, rows, dtype, device, generator)
@@ -244,8 +246,9 @@ class InpaintRun(Image2ImageRun):
         if self.denoiser.config.in_channels == 4:
             proper = known
             i = state.step_index
-            if i < len(run.timesteps) - 1:
-                proper = self.noise_to(run, known, run.extras["noise"], torch.tensor([run.timesteps[i + 1]]))
+            scheduler, timesteps = run.schedule  # the finishing steps' own while they run
+            if i < len(timesteps) - 1:
+                proper = self.noise_to(run, known, run.extras["noise"], torch.tensor([timesteps[i + 1]]), scheduler)
             state.latents = (1 - mask) * proper + mask * state.latents
         state.denoised = (1 - mask) * known + mask * state.denoised
 

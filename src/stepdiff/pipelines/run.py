@@ -25,6 +25,7 @@ import torch
 
 from ..caching import RunCompute
 from ..control import CancelToken
+from ..finishing import check_finish_steps, finish_plan, parse_interrupt_output
 from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
 from ..loop import LoopState, denoise
 
@@ -101,7 +102,7 @@ class Run:
         self.tensor_names = tensor_names
         self.output_type = output_type
         self.return_dict = return_dict
-        self.interrupt_output = interrupt_output
+        self.interrupt_output = interrupt_output  # "denoised", "latents", "finish" or "finish:N" (see the property)
         self.step_kwargs = step_kwargs
         self.model_kwargs = model_kwargs  # per-call model arguments (cross_attention_kwargs, ...)
         self.started = started
@@ -115,6 +116,8 @@ class Run:
         self._loop_finished = False
         self._output: Any = None
         self._scratch: dict[int, dict] = {}
+        self._finishing: tuple[Any, torch.Tensor] | None = None  # (scheduler, timesteps) while finishing steps run
+        self.finished: LoopState | None = None  # the finishing steps' state, once they ran
 
     # ---------------------------------------------------------------- controls
 
@@ -142,8 +145,37 @@ class Run:
     def interrupt(self) -> bool:
         return self._interrupt
 
+    @property
+    def interrupt_output(self) -> str:
+        """What an interrupted run returns: ``"denoised"`` (the x0 estimate of the step reached), ``"latents"``
+        (the noisy latents, the classic library's) or ``"finish"`` (``finish_steps`` more steps on a re-timed
+        schedule down to t = 0, see ``stepdiff.finishing``). Settable until ``finish()``; ``"finish:N"`` sets
+        ``finish_steps`` too."""
+        return self._interrupt_output
+
+    @interrupt_output.setter
+    def interrupt_output(self, value: str) -> None:
+        self._interrupt_output, steps = parse_interrupt_output(value)
+        if value.startswith("finish") or not hasattr(self, "_finish_steps"):
+            self._finish_steps = steps
+
+    @property
+    def finish_steps(self) -> int:
+        """The most finishing steps an interrupted run with ``interrupt_output="finish"`` runs (default 3; fewer
+        when fewer steps of the run are left)."""
+        return self._finish_steps
+
+    @finish_steps.setter
+    def finish_steps(self, value: int) -> None:
+        self._finish_steps = check_finish_steps(value)
+
+    @property
+    def schedule(self) -> tuple[Any, torch.Tensor]:
+        """(scheduler, timesteps) of the steps being run: the run's, or the finishing steps' while they run."""
+        return self._finishing if self._finishing is not None else (self.scheduler, self.timesteps)
+
     def stop(self, reason: str = "stopped by callback") -> None:
-        """Stop before the next model call; the image is the last x0 estimate (see ``interrupt_output``)."""
+        """Stop before the next model call of the run; the image is as ``interrupt_output`` says."""
         self._stop_reason = reason
         self._interrupt = True
 
@@ -223,7 +255,7 @@ class Run:
         """Decode and return the output (once; later calls return the same object).
 
         A run abandoned before its last step (a ``break`` out of the iteration) counts as interrupted
-        and decodes its last x0 estimate.
+        and returns what ``interrupt_output`` says (``"finish"``: the finishing steps run here first).
         """
         if self._output is not None:
             return self._output
@@ -233,10 +265,38 @@ class Run:
         from .base import run_hooks
 
         self.compute.free()  # also for a run prepared but never iterated
+        if self.interrupted and self.interrupt_output == "finish" and self.finished is None:
+            self._run_finishing_steps()
         with self.bound():
             run_hooks(self.callback, "on_run_end", self.pipeline)
         self._output = self.pipeline.finish(self)
         return self._output
+
+    @torch.no_grad()
+    def _run_finishing_steps(self) -> None:
+        """``interrupt_output="finish"``: from the latents of the step reached, ``finish_steps`` steps down to t = 0
+        on a fresh scheduler (``stepdiff.finishing``), through the same loop, model calls and ``after_step``
+        (inpainting's known region), with the guidance the run had at the stop. No callback runs: the run
+        has stopped. ``run.state`` stays the state at the stop; the finishing steps' state is ``run.finished``."""
+        pipe, state = self.pipeline, self.state
+        done = state.steps_completed
+        plan = finish_plan(self.scheduler, self.timesteps, done, self.finish_steps, pipe.flow_matching,
+                           device=state.latents.device)
+        finished = LoopState(
+            latents=state.latents * plan.scale if plan.scale != 1.0 else state.latents,
+            cond=state.cond, uncond=state.uncond, guidance_scale=self.guidance.scale,
+        )
+        self._finishing = (plan.scheduler, plan.timesteps)
+        try:
+            for _ in () if len(plan.timesteps) == 0 else denoise(
+                finished, plan.timesteps, plan.scheduler, self._predict, {}, should_stop=lambda: False,
+                guidance=_GuidanceAt(self.guidance, done), inference_mode=pipe._model_calls_in_inference_mode(),
+                flow_matching=pipe.flow_matching, after_step=self.after_step, check_finite=pipe.check_finite,
+            ):
+                pass
+        finally:
+            self._finishing = None
+        self.finished = finished
 
     @property
     def wall_seconds(self) -> float:
@@ -245,3 +305,26 @@ class Run:
     def __repr__(self) -> str:
         done = 0 if self.state is None else self.state.steps_completed
         return f"Run({type(self.pipeline).__name__}, step {done}/{self.num_timesteps}, guidance {self.guidance.scale:g})"
+
+
+class _GuidanceAt(Guidance):
+    """The run's guidance, as it was at the stop, for the finishing steps: same scale, same sides (and per-image
+    state, e.g. adaptive guidance), and step-dependent refinements (skip-layer guidance) asked about the step
+    the run stopped before, whatever finishing step is running."""
+
+    def __init__(self, inner: Guidance, step_index: int) -> None:
+        self.inner, self.step_index = inner, step_index
+        self.mode = inner.mode
+
+    @property
+    def scale(self) -> float:  # type: ignore[override]
+        return self.inner.scale
+
+    def batches(self) -> tuple[str, ...]:
+        return self.inner.batches()
+
+    def combine(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.inner.combine(outputs)
+
+    def refine(self, step_index, guided, outputs, extra_call):
+        return self.inner.refine(self.step_index, guided, outputs, extra_call)

@@ -155,7 +155,8 @@ class StableDiffusionPipeline(
         every step with the tensors named in ``callback_on_step_end_tensor_inputs`` (default
         ``["latents"]``; allowed: ``_callback_tensor_inputs``). ``cancel``: a ``CancelToken`` another
         thread may trigger. ``interrupt_output``: what an interrupted run decodes, ``"denoised"`` (the last
-        x0 estimate, a clean image; default) or ``"latents"`` (the classic behaviour). Returns a
-        ``StepDiffPipelineOutput``.
+        x0 estimate, a clean image; default), ``"latents"`` (the classic behaviour) or ``"finish"`` /
+        ``"finish:N"`` (3 / N more steps on a re-timed schedule down to t = 0; ``stepdiff.finishing``).
+        Returns a ``StepDiffPipelineOutput``.
         """
         return self._call(locals())
