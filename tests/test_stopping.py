@@ -265,6 +265,13 @@ def test_first_ctrl_c_stops_gracefully_and_keeps_the_image(sd_folder, tmp_path):
     assert meta["interrupted"] is True and meta["stop_reason"] == "interrupted by Ctrl-C"
     assert 0 < meta["steps_completed"] < 4000
     assert f"Interrupted at step: {meta['steps_completed']}" in Image.open(out).text["parameters"]
+    # the picture is finished in up to 3 more steps down to t=0 (the CLI's default --stop-output), counted apart;
+    # fewer here: 4000 Euler steps of a 1000-step model repeat one timestep, so one noise level is left
+    record = meta["record"]
+    assert record["stop_output"] == "finish" and 1 <= record["finish_steps"] <= 3
+    assert record["finish_model_calls"] == record["finish_steps"] and record["model_calls"] == meta["steps_completed"]
+    assert f"Stop output: finish ({record['finish_steps']} step" in Image.open(out).text["parameters"]
+    assert "then finishing the picture in 3 steps at most (Ctrl-C again to abort)" in stderr
 
 
 def test_second_ctrl_c_aborts_leaving_no_files(sd_folder, tmp_path, monkeypatch, capsys):
@@ -290,3 +297,53 @@ def test_second_ctrl_c_aborts_leaving_no_files(sd_folder, tmp_path, monkeypatch,
     assert "aborted; nothing written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_second_ctrl_c_during_the_finishing_steps_aborts(sd_folder, tmp_path, monkeypatch, capsys):
+    """First Ctrl-C in the third model call: the run stops and its picture is being finished; a second Ctrl-C
+    in the second finishing call aborts, writing nothing."""
+    from diffusers import UNet2DConditionModel
+
+    from stepdiff.cli import main
+
+    forward = UNet2DConditionModel.forward
+    calls = []
+
+    def forward_with_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) in (3, 5):  # 3: a step of the run; 5: the second finishing step
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward_with_ctrl_c)
+    monkeypatch.chdir(tmp_path)
+    code = main(["generate", "a cat", "--model", str(sd_folder), "--steps", "50", "--output", str(tmp_path / "a.png")])
+    assert code == 130 and len(calls) == 5
+    assert "aborted; nothing written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags,stop_output,finish_calls", [
+    ([], "denoised", 0),  # --stop-at keeps its x0 picture unless told
+    (["--stop-output", "finish:2"], "finish", 2),
+    (["--stop-output", "latents"], "latents", 0),
+])
+def test_stop_output_flag(run_cli, sd_folder, tmp_path, flags, stop_output, finish_calls):
+    code, _, err = run_cli("generate", "a cat", "--model", sd_folder, "--steps", "8", "--stop-at", "2",
+                           "--output", tmp_path / "a.png", *flags)
+    assert code == 0, err
+    record = json.loads(Image.open(tmp_path / "a.png").text["stepdiff"])["record"]
+    assert record["stop_output"] == stop_output and record["finish_model_calls"] == finish_calls
+    assert record["model_calls"] == 3
+
+
+@pytest.mark.parametrize("value", ["finish:0", "finsh", "finish:two"])
+def test_bad_stop_output_flag_fails_before_loading(run_cli, sd_folder, monkeypatch, value):
+    def loads(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr("stepdiff.cli._load", loads)
+    code, _, err = run_cli("generate", "a cat", "--model", sd_folder, "--stop-output", value)
+    assert code == 2
+    assert f"--stop-output must be one of 'denoised', 'latents', 'finish' (3 finishing steps) or 'finish:N' " \
+           f"(N finishing steps, an int >= 1), got {value!r}" in err

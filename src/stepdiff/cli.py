@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once the x0 estimate changes by less than TOL (default 0.05) for --patience steps; "
                         "pair it with --scheduler euler (DDIM's estimate keeps drifting)")
     g.add_argument("--patience", type=int, default=3, metavar="N", help="steps for --stop-on-convergence (default 3)")
+    g.add_argument("--stop-output", default=None, metavar="WHAT",
+                   help="the picture of a run that stops early: finish (3 more steps on a re-timed schedule down to "
+                        "t=0), finish:N (N steps), denoised (the x0 estimate of the step reached) or latents (the noisy "
+                        "latents); default: finish, or denoised with --stop-at / --stop-on-convergence")
     g.add_argument("--verbose", action="store_true", help="print the run record (steps, model calls, rows, time)")
     _add_cache_flags(g)
     im = g.add_argument_group("image to image and inpainting")
@@ -590,6 +594,10 @@ def _check_generate(args: argparse.Namespace):
         _at_least("--cfg-cutoff-step", args.cfg_cutoff_step, 0)
     if args.stop_on_convergence is not None and not 0.0 < args.stop_on_convergence < math.inf:
         raise ValueError(f"--stop-on-convergence must be a number > 0, got {args.stop_on_convergence}")
+    if args.stop_output is not None:
+        from .finishing import parse_interrupt_output
+
+        parse_interrupt_output(args.stop_output, "--stop-output")
     try:
         shape = ModelShape.from_folder(folder)
     except ValueError as e:
@@ -811,11 +819,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 extra["image"] = args.init_picture
             extra.update(controlnet_conditioning_scale=1.0 if args.control_scale is None else args.control_scale,
                          control_guidance_end=1.0 if args.control_end is None else args.control_end)
-        with _graceful_interrupt(token):
+        stop_output = args.stop_output or (
+            "denoised" if args.stop_at is not None or args.stop_on_convergence is not None else "finish")
+        with _graceful_interrupt(token, stop_output):
             out = pipe(
                 prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                 guidance_scale=guidance, num_images_per_prompt=args.num_images, generator=generators,
-                callback_on_step_end=callbacks or None, cancel=token, **extra,
+                callback_on_step_end=callbacks or None, cancel=token, interrupt_output=stop_output, **extra,
             )
 
         # 3. Write the images, each with its metadata; inpainting first gets the kept region's own pixels back.
@@ -965,10 +975,16 @@ def _two_step_ctrl_c(stopping, stop, message: str):
     return _signal_handler(signal.SIGINT, handler)
 
 
-def _graceful_interrupt(token):
-    """First Ctrl-C: stop after the current step and keep the image. Second: abort, writing nothing."""
-    return _two_step_ctrl_c(lambda: token.cancelled, lambda: token.cancel("interrupted by Ctrl-C"),
-                            "stopping after this step")
+def _graceful_interrupt(token, stop_output: str = "denoised"):
+    """First Ctrl-C: stop after the current step and keep the image (finished in a few more steps with
+    ``--stop-output finish``, the default). Second: abort, writing nothing."""
+    from .finishing import parse_interrupt_output
+
+    policy, steps = parse_interrupt_output(stop_output)
+    message = "stopping after this step"
+    if policy == "finish":
+        message += f", then finishing the picture in {steps} step{'s' if steps > 1 else ''} at most"
+    return _two_step_ctrl_c(lambda: token.cancelled, lambda: token.cancel("interrupted by Ctrl-C"), message)
 
 
 def _terminate_aborts():

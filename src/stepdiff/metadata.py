@@ -49,6 +49,7 @@ def image_metadata(settings: ImageSettings, image, scheduler, output, extra: dic
         "Seed": s.seed, "Size": f"{image.width}x{image.height}", "Model": Path(s.model).name,
         "CFG cutoff": cutoff, "Interrupted at step": output.steps_completed if output.interrupted else None,
         "Stop reason": output.stop_reason if output.interrupted else None,
+        "Stop output": _stop_output(output) if output.interrupted else None,
         "Denoising strength": s.strength,
         "Cache": None if s.cache is None else json.dumps(s.cache),  # quoted: the policies' own commas stay inside
         "Keep unmasked": None if s.keep_unmasked is None else (
@@ -72,6 +73,15 @@ def image_metadata(settings: ImageSettings, image, scheduler, output, extra: dic
     if extra:
         record.update(extra)
     return "\n".join(lines), record
+
+
+def _stop_output(output) -> str | None:
+    """What an interrupted run's picture is: "finish (3 steps)", "denoised" or "latents"."""
+    record = getattr(output, "record", None)
+    what = getattr(record, "stop_output", None)
+    if what == "finish":
+        return f"finish ({record.finish_steps} step{'s' if record.finish_steps != 1 else ''})"
+    return what
 
 
 def write_image(path, settings: ImageSettings, image, scheduler, output, extra: dict[str, Any] | None = None) -> Path:
