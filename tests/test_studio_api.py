@@ -274,6 +274,9 @@ def test_cancel_running_stops_before_the_next_model_call(make_client):
     rec = done["record"]
     assert rec["interrupted"] and rec["steps_completed"] < LONG
     assert rec["model_calls"] - rec["model_calls_at_cancel"] <= 1  # at most the call in flight
+    # Stop finishes the picture: up to 3 more steps down to t=0, their calls counted apart from the run's
+    assert rec["stop_output"] == "finish" and 1 <= rec["finish_steps"] <= 3
+    assert rec["finish_model_calls"] == rec["finish_steps"]
     parameters, record = png_metadata(client, done["image"])  # the image of the step reached, marked so
     assert f"Interrupted at step: {rec['steps_completed']}" in parameters and record["stop_reason"] == "cancelled by user"
     assert wait(client, other["id"])["state"] == "finished"  # the other job ran on
@@ -460,6 +463,7 @@ def test_shutdown_interrupts_running_jobs_and_keeps_queued(tiny_pipe, sd_folder,
     try:
         job = again.get(running["id"])
         assert job["state"] == "interrupted" and job["record"]["stop_reason"] == "server shutdown"
+        assert job["record"]["stop_output"] == "denoised"  # a server going down does not finish pictures
         assert (tmp_path / "d" / "images" / f"{running['id']}.png").is_file()
         assert not list((tmp_path / "d" / "images").glob(".*.tmp"))  # no half-written file
         assert again.get(queued["id"])["state"] == "queued"

@@ -11,6 +11,7 @@ Routes (JSON unless said otherwise; every /api route needs the token when the se
     GET  /api/jobs?limit=&before=&state=   history, newest first; ``next`` is the ``before`` of the next page
     GET  /api/jobs/{id}            one job: state, step, parameters, run record, image URL
     POST /api/jobs/{id}/cancel     a queued job leaves the queue; a running one stops before its next model call
+                                   and its picture is finished in up to 3 more steps (interrupt_output="finish")
     POST /api/jobs/{id}/steer      {"guidance": 3.0, "cfg_cutoff": 0.5 | null}: from the next step on
     GET  /api/images/{id}.png      a job's image (PNG with the same metadata as ``stepdiff generate``)
     WS   /api/events               queued, started, step (with a preview frame), steered, finished, cancelled,

@@ -335,7 +335,7 @@ class Studio:
                 prompt=spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
                 guidance_scale=first, width=spec.width, height=spec.height,
                 generator=torch.Generator().manual_seed(spec.seed), cancel=live.token,
-                callback_on_step_end=policies or None,
+                callback_on_step_end=policies or None, interrupt_output="finish",  # Stop: a finished picture
             )
             live.run = run
             total = run.num_timesteps
@@ -358,6 +358,10 @@ class Studio:
                     ))
                     self.offer_seconds += time.perf_counter() - offered
                     self.offered_steps += 1
+            if live.token.cancelled and (live.token.reason == SHUTDOWN_REASON or run.state.steps_completed == 0):
+                # a server going down writes the step reached at once; a job stopped before its first step
+                # keeps no image, so there is nothing to finish
+                run.interrupt_output = "denoised"
             out = run.finish()
             final = self._stopped_state(live) if live.token.cancelled else "finished"
             if out.steps_completed == 0:  # stopped before its first step: only noise to show
