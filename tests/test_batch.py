@@ -144,8 +144,8 @@ def test_rows_with_unet_caching_are_refused_for_a_model_without_a_unet(sd3_folde
     good, errors = check_rows(rows, sd3_folder, "float32", strict=False, source="in")
     assert [r.prompt for r in good] == ["b"]
     assert [e.line for e in errors] == [1, 3]
-    assert str(errors[0]).startswith("in line 1: fast: TGateCallback and DeepCacheCallback cache a UNet's blocks")
-    assert str(errors[1]).startswith("in line 3: cache: TGateCallback cache a UNet's blocks")
+    assert str(errors[0]).startswith("in line 1: fast: DeepCacheCallback caches a UNet's blocks")
+    assert str(errors[1]).startswith("in line 3: cache: TGateCallback caches a UNet's blocks")
 
 
 def test_without_strict_bad_rows_are_reported_and_the_rest_kept():

@@ -27,13 +27,13 @@ def test_fast_reaches_the_run_says_what_it_is_and_is_recorded(run_cli, sd_folder
     code, out, err = run_cli("generate", "a cat", "--model", sd_folder, "--steps", 6, "--fast", "--output", target,
                              "--overwrite")
     assert code == 0, err
-    preset = describe(fast_preset(6))  # T-GATE at step round(0.4 * 6) = 2, DeepCache interval 3 branch 0
+    preset = describe(fast_preset(6))  # CFG cutoff after step int(0.3 * 6) = 1, DeepCache interval 3 branch 0
     assert f"stepdiff: --fast: {preset}\n" in err
-    assert "TGateCallback(gate_step=2" in preset and "DeepCacheCallback(cache_interval=3, cache_branch_id=0" in preset
+    assert "CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)" in preset and "DeepCacheCallback(cache_interval=3, cache_branch_id=0" in preset
     parameters, meta = metadata(target)
     record = meta["record"]
     assert record["cached_calls"] > 0 and record["blocks_skipped"] > 0
-    assert record["rows_per_step"] == [2, 2, 1, 1, 1, 1]  # T-GATE: guidance off from its gate
+    assert record["rows_per_step"] == [2, 2, 1, 1, 1, 1]  # guidance off after the cutoff step
     assert meta["cache"] == preset
     assert f"Cache: {json.dumps(preset)}" in parameters
 
@@ -65,7 +65,7 @@ def test_fast_gate_counts_the_steps_that_run_in_image_to_image(run_cli, sd_folde
     code, _, err = run_cli("generate", "a cat", "--model", sd_folder, "--steps", 10, "--init-image", tmp_path / "init.png",
                            "--strength", 0.5, "--fast", "--output", tmp_path / "i.png")
     assert code == 0, err
-    assert "TGateCallback(gate_step=2," in err  # 40% of the 5 steps that run, not of 10
+    assert "cutoff_step_index=1)" in err  # 30% of the 5 steps that run (int(1.5)), not of 10 (3)
     _, meta = metadata(tmp_path / "i.png")
     assert meta["record"]["rows_per_step"] == [2, 2, 1, 1, 1]
 
@@ -95,16 +95,16 @@ def test_fast_on_a_model_without_a_unet_fails_before_it_loads(run_cli, sd3_folde
     monkeypatch.setattr("stepdiff.cli._load", lambda *a: pytest.fail("the model must not load"))
     code, _, err = run_cli("generate", "a cat", "--model", sd3_folder, "--fast")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--fast: TGateCallback and DeepCacheCallback cache a UNet's blocks" in err and "fbc:THRESHOLD" in err
+    assert "--fast: DeepCacheCallback caches a UNet's blocks" in err and "fbc:THRESHOLD" in err
     code, _, err = run_cli("generate", "a cat", "--model", sd3_folder, "--cache", "deepcache:3")
-    assert code == 2 and "--cache: DeepCacheCallback cache a UNet's blocks" in err
+    assert code == 2 and "--cache: DeepCacheCallback caches a UNet's blocks" in err
 
 
 def test_help_explains_fast_and_cache(run_cli):
     code, out, _ = run_cli("generate", "--help")
     assert code == 0
     text = " ".join(out.split())
-    assert "--fast" in text and "the fast preset: T-GATE" in text and "40% of the steps" in text
+    assert "--fast" in text and "the fast preset: classifier-free guidance off after 30% of the steps" in text
     assert "--cache SPEC" in text and "deepcache:INTERVAL[:BRANCH]" in text and "fbc:THRESHOLD" in text
     code, out, _ = run_cli("batch", "--help")
     text = " ".join(out.split())

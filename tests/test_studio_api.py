@@ -160,10 +160,10 @@ def test_fast_job_runs_the_preset_as_the_library_does(make_client, tiny_pipe):
     assert done["state"] == "finished" and done["params"]["fast"] is True and done["params"]["cache"] is None
     rec = done["record"]
     assert rec["cached_calls"] > 0 and rec["blocks_skipped"] > 0
-    assert rec["rows_per_step"] == [2, 2, 1, 1, 1, 1]  # T-GATE turns guidance off from its gate (step 2 of 6)
+    assert rec["rows_per_step"] == [2, 2, 1, 1, 1, 1]  # the preset's cutoff: guidance off from step 2 of 6
     assert done["rows_saved"] == 4
     parameters, record = png_metadata(client, done["image"])
-    assert record["cache"] == describe(fast_preset(6)) and 'Cache: "TGateCallback(gate_step=2' in parameters
+    assert record["cache"] == describe(fast_preset(6)) and 'Cache: "CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)' in parameters
     import io
 
     served = Image.open(io.BytesIO(client.get(done["image"]).content)).convert("RGB").tobytes()
@@ -188,7 +188,7 @@ def test_unet_caching_is_refused_for_a_model_without_a_unet(sd3_pipe, sd3_folder
     with client:
         r = client.post("/api/jobs", json={"prompt": PROMPT, "fast": True})
         assert r.status_code == 422 and r.json()["field"] == "fast"
-        assert "cache a UNet's blocks" in r.json()["error"]
+        assert "DeepCacheCallback caches a UNet's blocks" in r.json()["error"]
         r = client.post("/api/jobs", json={"prompt": PROMPT, "cache": "tgate:3"})
         assert r.status_code == 422 and r.json()["field"] == "cache"
         assert client.post("/api/jobs", json={"prompt": PROMPT, "cache": "fbc:0.1"}).status_code == 201

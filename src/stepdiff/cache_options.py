@@ -45,9 +45,13 @@ def check_policies(policies: list[Any], name: str, unet: bool | None = None) -> 
 
 
 def gate_step(policies: list[Any]) -> int | None:
-    """The step from which T-GATE turns guidance off (None without T-GATE): a caller that sets the guidance
-    scale of every step itself (the studio) keeps it off from there, as the library's loop does."""
+    """The step from which a policy turns guidance off (T-GATE's gate, or the step after the ``--fast`` preset's
+    CFG cutoff index; None without either): a caller that sets the guidance scale of every step itself (the
+    studio) keeps it off from there, as the library's loop does."""
     from .caching import TGateCallback
+    from .callbacks import CFGCutoffCallback
 
     gates = [p.gate_step for p in policies if isinstance(p, TGateCallback)]
+    gates += [p.config.cutoff_step_index + 1 for p in policies
+              if isinstance(p, CFGCutoffCallback) and p.config.cutoff_step_index is not None]
     return min(gates) if gates else None

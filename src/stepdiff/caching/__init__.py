@@ -19,12 +19,12 @@ a batch gets exactly what it would get alone (decisions that depend on the pictu
 
 from .core import ComputePolicy, RunCompute, check_policies
 from .first_block import AdaptiveGuidanceCallback, FirstBlockCacheCallback
-from .presets import CACHE_GRAMMAR, FAST_GATE_RATIO, describe, fast_preset, parse_cache_spec
+from .presets import CACHE_GRAMMAR, FAST_CUTOFF_RATIO, describe, fast_preset, parse_cache_spec
 from .unet import DeepCacheCallback, TGateCallback
 
 __all__ = [
     "CACHE_GRAMMAR",
-    "FAST_GATE_RATIO",
+    "FAST_CUTOFF_RATIO",
     "AdaptiveGuidanceCallback",
     "ComputePolicy",
     "DeepCacheCallback",

@@ -220,7 +220,7 @@ class ComputePolicy:
         return None
 
 
-def check_policies(policies: list[ComputePolicy], name: str, unet: bool | None = None) -> None:
+def check_policies(policies: list[Any], name: str, unet: bool | None = None) -> None:
     """Refuse policies that cannot run together, naming ``name`` (the argument, flag or field that gave them): a
     policy given twice, two policies caching the same part of the denoiser, and, when ``unet`` is known,
     UNet policies (DeepCache, T-GATE) on a model without a UNet."""
@@ -230,13 +230,14 @@ def check_policies(policies: list[ComputePolicy], name: str, unet: bool | None =
             raise ValueError(f"{name}: {kind} is given twice; give each policy once")
     for k, a in enumerate(policies):
         for b in policies[k + 1:]:
-            shared = sorted(set(a.claims) & set(b.claims))
+            shared = sorted(set(getattr(a, "claims", ())) & set(getattr(b, "claims", ())))
             if shared:
                 raise ValueError(f"{name}: {type(a).__name__} and {type(b).__name__} both cache the denoiser's "
                                  f"{' and '.join(shared)}; use one of them")
-    unet_only = [type(p).__name__ for p in policies if p.needs_unet]
+    unet_only = [type(p).__name__ for p in policies if getattr(p, "needs_unet", False)]
     if unet_only and unet is False:
-        raise ValueError(f"{name}: {' and '.join(unet_only)} cache a UNet's blocks and this model has none (SD3 and "
+        verb = "caches" if len(unet_only) == 1 else "cache"
+        raise ValueError(f"{name}: {' and '.join(unet_only)} {verb} a UNet's blocks and this model has none (SD3 and "
                          "other transformer models): use fbc:THRESHOLD or adaptive:THRESHOLD")
 
 
