@@ -22,6 +22,7 @@ from stepdiff.callbacks import (
 )
 
 from .conftest import _load, gen, test_image
+from .test_runs import _in_threads
 
 STEPS = 6
 PROMPTS = ["a red circle", "a blue square on a green background"]
@@ -131,25 +132,13 @@ def test_two_threads_share_one_pipeline_without_seeing_each_others_cache(sd_pipe
         ([FirstBlockCacheCallback(0.5)], PROMPTS[1], 3),
     ]
     alone = [_run(sd_pipe, cbs, prompt=p, seed=s).images for cbs, p, s in settings]
-    results: dict[int, np.ndarray] = {}
-    errors: list[BaseException] = []
     start = threading.Barrier(len(settings))
 
-    def work(k):
-        try:
-            cbs, p, s = settings[k]
-            start.wait()
-            for _ in range(2):
-                results[k] = _run(sd_pipe, cbs, prompt=p, seed=s).images
-        except BaseException as e:  # reported below
-            errors.append(e)
+    def work(cbs, p, s):
+        start.wait()
+        return [_run(sd_pipe, cbs, prompt=p, seed=s).images for _ in range(2)][-1]
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(settings))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = _in_threads([lambda setting=setting: work(*setting) for setting in settings])
     for k in range(len(settings)):
         np.testing.assert_allclose(results[k], alone[k], atol=2e-5)
 
