@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
 import stepdiff
-from _common import describe_paired, paired_ratio, table, time_rounds
+from _common import describe_paired, paired_ratio, ratio_interval, table, time_rounds
 from stepdiff.caching import AdaptiveGuidanceCallback as Adaptive
 from stepdiff.caching import DeepCacheCallback as DeepCache
 from stepdiff.caching import FirstBlockCacheCallback as FirstBlock
@@ -81,7 +81,11 @@ SETTINGS = {
     "DeepCache 3/1 + T-GATE 10": lambda n: [TGate(10), DeepCache(3, 1)],
     "first-block 0.2 + cutoff 0.4": lambda n: [cut(0.4), FirstBlock(0.2)],
     "adaptive 0.999 + DeepCache 3/0": lambda n: [Adaptive(0.999), DeepCache(3, 0)],
-    "--fast (T-GATE 10 + DeepCache 3/0)": fast_preset,
+    "T-GATE 10 + DeepCache 3/0": lambda n: [TGate(10), DeepCache(3, 0)],
+    "T-GATE 10 (no self-attention reuse) + DeepCache 3/0": lambda n: [TGate(10, sp_interval=1, warm_up=0),
+                                                                       DeepCache(3, 0)],
+    "DeepCache 4/0 + cutoff 0.4": lambda n: [cut(0.4), DeepCache(4, 0)],
+    "--fast (DeepCache 3/0 + cutoff 0.3)": fast_preset,
 }
 
 
@@ -138,27 +142,37 @@ def shipped(args) -> dict:
     pairs = eval_pairs(args.seeds_per_combo)
     results: dict[str, dict] = {}
     reference = None
-    for name, make in SETTINGS.items():
+    settings = {k: v for k, v in SETTINGS.items() if k == "default" or not args.settings or k in args.settings}
+    known = dict(args.quality.get("shipped", {}))
+    if any(name not in known for name in settings):
+        known.pop("default", None)  # the images of the settings measured now are compared with a fresh default run
+    for name, make in settings.items():
+        if name in known:  # adherence, PSNR and rows of an earlier run (--quality-from): only time again
+            results[name] = {**known[name], "flops": flops(pipe, make)}
+            continue
         images, rows = generate(pipe, pairs, make, args.batch)
         if reference is None:
             reference = images
         results[name] = {"adherence": adherence(images, pairs), "psnr": psnr(images, reference),
                          "model_rows": rows, "flops": flops(pipe, make)}
         print(f"  {name}: adherence {results[name]['adherence']:.1%}", flush=True)
-        if name == "--fast (T-GATE 10 + DeepCache 3/0)":
+        if name.startswith("--fast"):
             picture_sheet(pairs, reference, images, ROOT / "docs/images/fast_pictures.png")
-    rounds = time_rounds({name: timed_batch(pipe, make) for name, make in SETTINGS.items()}, args.repeats)
+    rounds = time_rounds({name: timed_batch(pipe, make) for name, make in settings.items()}, args.repeats)
     base_flops = results["default"]["flops"]
     rows = []
     for name, r in results.items():
         r["time_ratio"] = paired_ratio(rounds, "default", name)  # > 1: faster than the default
+        low, high = ratio_interval(rounds, "default", name)
+        r["time_interval"] = [low, high]
         r["compute_ratio"] = base_flops / r["flops"]
         r["seconds"] = statistics.median(rounds[name])
-        rows.append((name, f"{r['time_ratio']:.2f}x", f"{r['compute_ratio']:.2f}x", f"{r['adherence']:.1%}",
+        rows.append((name, f"{r['time_ratio']:.2f}x ({low:.2f}-{high:.2f})", f"{r['compute_ratio']:.2f}x",
+                     f"{r['adherence']:.1%}",
                      "-" if name == "default" else f"{r['psnr']:.1f} dB", str(r["model_rows"])))
     print(f"\n(a) shipped model, {len(pairs)} held-out pairs, {STEPS} DDIM steps, guidance {GUIDANCE}; time: "
           f"{args.repeats} interleaved rounds of a 4-prompt batch\n")
-    print(table(rows, ("setting", "speed-up (wall)", "less compute (FLOPs)", "adherence", "PSNR vs default",
+    print(table(rows, ("setting", "speed-up (wall, 95% interval)", "less compute (FLOPs)", "adherence", "PSNR vs default",
                        "model rows")))
     pareto_plot(results, ROOT / "docs/images/fast_pareto.png", len(pairs))
     return results
@@ -259,19 +273,23 @@ def anchor_calls(gate: int = 10):
         "stepdiff default": stepdiff_(lambda: None),
         "stepdiff DeepCache 3/0": stepdiff_(lambda: [DeepCache(3, 0)]),
         "stepdiff T-GATE 10": stepdiff_(lambda: [TGate(gate)]),
+        "stepdiff T-GATE 10 + DeepCache 3/0": stepdiff_(lambda: [TGate(gate), DeepCache(3, 0)]),
         "stepdiff --fast": stepdiff_(lambda: fast_preset(STEPS)),
     }
 
 
 PAIRS_OF = {"deepcache 3/0 (package)": "stepdiff DeepCache 3/0", "tgate 10 (package)": "stepdiff T-GATE 10",
-            "tgate 10 + deepcache 3/0 (package)": "stepdiff --fast", "classic": "stepdiff default"}
+            "tgate 10 + deepcache 3/0 (package)": "stepdiff T-GATE 10 + DeepCache 3/0", "classic": "stepdiff default"}
 
 
 def anchors(args) -> dict:
     calls = anchor_calls()
     pairs = eval_pairs(args.seeds_per_combo)
     images = {}
+    known = args.quality.get("anchors", {})
     for name, fn in calls.items():
+        if known:
+            continue
         parts = []
         for start in range(0, len(pairs), args.batch):
             chunk = pairs[start : start + args.batch]
@@ -285,18 +303,22 @@ def anchors(args) -> dict:
     for name in calls:
         base = "classic" if name in PAIRS_OF else "stepdiff default"
         twin = PAIRS_OF.get(name)
-        r = results[name] = {
-            "time_ratio": paired_ratio(rounds, base, name), "adherence": adherence(images[name], pairs),
-            "psnr": psnr(images[name], images[base]),
+        r = results[name] = {"time_ratio": paired_ratio(rounds, base, name), **(known.get(name) or {
+            "adherence": adherence(images[name], pairs), "psnr": psnr(images[name], images[base]),
             "max_diff_to_stepdiff": None if twin is None else float(np.abs(images[name] - images[twin]).max()),
-        }
+        })}
         rows.append((name, f"{r['time_ratio']:.2f}x vs {base}", f"{r['adherence']:.1%}",
                      "-" if name == base else f"{r['psnr']:.1f} dB",
                      "-" if twin is None else f"{r['max_diff_to_stepdiff']:.2g}"))
     print(f"\n(b) anchors on the shipped model's weights, {len(pairs)} pairs; time: {args.repeats} interleaved rounds\n")
     print(table(rows, ("run", "speed-up (wall)", "adherence", "PSNR vs its plain run", "max |package - stepdiff|")))
-    print("\nstepdiff --fast vs tgate+deepcache package, per round:",
-          describe_paired(rounds, "tgate 10 + deepcache 3/0 (package)", "stepdiff --fast"))
+    print("\nstepdiff T-GATE 10 + DeepCache 3/0 / tgate+deepcache package, per round:",
+          describe_paired(rounds, "stepdiff T-GATE 10 + DeepCache 3/0", "tgate 10 + deepcache 3/0 (package)"))
+    print("stepdiff --fast / tgate+deepcache package, per round:",
+          describe_paired(rounds, "stepdiff --fast", "tgate 10 + deepcache 3/0 (package)"))
+    print("stepdiff DeepCache 3/0 / deepcache package, per round:",
+          describe_paired(rounds, "stepdiff DeepCache 3/0", "deepcache 3/0 (package)"))
+    print("stepdiff T-GATE 10 / tgate package, per round:", describe_paired(rounds, "stepdiff T-GATE 10", "tgate 10 (package)"))
     print("stepdiff default vs classic, per round:", describe_paired(rounds, "stepdiff default", "classic"))
     return results
 
@@ -501,12 +523,18 @@ def main() -> None:
     parser.add_argument("--seeds-per-combo", type=int, default=9, help="(a, b): 9 gives the 216 held-out pairs")
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=7, help="(a, b): timing rounds")
+    parser.add_argument("--settings", type=lambda v: v.split(";"), default=None,
+                        help="(a): only these settings (names as in the table, ';'-separated) beside the default")
     parser.add_argument("--real-steps", type=int, default=6)
     parser.add_argument("--real-repeats", type=int, default=2)
     parser.add_argument("--real-families", default="sd15,sdxl")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write every figure here")
+    parser.add_argument("--quality-from", default=None, metavar="JSON",
+                        help="(a, b): take adherence, PSNR and rows from this earlier --json and only measure time and "
+                             "FLOPs again (time on an idle machine after a long quality run)")
     args = parser.parse_args()
+    args.quality = json.loads(Path(args.quality_from).read_text()) if args.quality_from else {}
     torch.set_num_threads(args.threads)
     out = {}
     for part in args.only.split(","):
