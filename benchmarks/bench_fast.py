@@ -311,7 +311,8 @@ def anchors(args) -> dict:
                      "-" if name == base else f"{r['psnr']:.1f} dB",
                      "-" if twin is None else f"{r['max_diff_to_stepdiff']:.2g}"))
     print(f"\n(b) anchors on the shipped model's weights, {len(pairs)} pairs; time: {args.repeats} interleaved rounds\n")
-    print(table(rows, ("run", "speed-up (wall)", "adherence", "PSNR vs its plain run", "max |package - stepdiff|")))
+    print(table(rows, ("run", "speed-up (wall)", "adherence", "PSNR vs its plain run",
+                       "largest difference, package vs stepdiff")))
     print("\nstepdiff T-GATE 10 + DeepCache 3/0 / tgate+deepcache package, per round:",
           describe_paired(rounds, "stepdiff T-GATE 10 + DeepCache 3/0", "tgate 10 + deepcache 3/0 (package)"))
     print("stepdiff --fast / tgate+deepcache package, per round:",
@@ -356,9 +357,9 @@ def breaks(args) -> dict:
         return ours(p, num_inference_steps=STEPS, guidance_scale=1.0, generator=g, output_type="np",
                     callback_on_step_end=[TGate(10)]).images
 
-    attempt("tgate package, batch 2, guidance 1 (no CFG): max |batch - alone|",
+    attempt("tgate package, batch 2, guidance 1 (no CFG): largest difference, batch vs alone",
             lambda: f"{_alone_vs_batch(tgate_package, prompts):.3g}")
-    attempt("stepdiff T-GATE, batch 2, guidance 1: max |batch - alone|",
+    attempt("stepdiff T-GATE, batch 2, guidance 1: largest difference, batch vs alone",
             lambda: f"{_alone_vs_batch(tgate_ours, prompts):.3g}")
 
     deep = classic_pipe()
@@ -382,9 +383,9 @@ def breaks(args) -> dict:
             t.join()
         return f"{max(np.abs(got[k] - alone[k]).max() for k in range(2)):.3g}"
 
-    attempt("deepcache package, 2 threads on one pipeline: max |thread - alone|", lambda: threads(
+    attempt("deepcache package, 2 threads on one pipeline: largest difference, thread vs alone", lambda: threads(
         lambda p, g: deep(p, num_inference_steps=STEPS, generator=g, output_type="np").images))
-    attempt("stepdiff DeepCache, 2 threads on one pipeline: max |thread - alone|", lambda: threads(
+    attempt("stepdiff DeepCache, 2 threads on one pipeline: largest difference, thread vs alone", lambda: threads(
         lambda p, g: ours(p, num_inference_steps=STEPS, generator=g, output_type="np",
                           callback_on_step_end=[DeepCache(3, 0)]).images))
     helper.disable()
