@@ -118,7 +118,7 @@ def _add_cache_flags(p: argparse.ArgumentParser, note: str = "") -> None:
                           "fbc:THRESHOLD (First-Block-Cache: the rest of the denoiser skipped while its first block's "
                           "output changes by less than THRESHOLD, e.g. 0.1; not with deepcache or tgate), "
                           "adaptive:THRESHOLD (guidance ends per image once the guided and unguided predictions agree "
-                          "to cosine THRESHOLD, e.g. 0.99); e.g. deepcache:3,tgate:10. deepcache and tgate need a UNet "
+                          "to cosine THRESHOLD, e.g. 0.999); e.g. deepcache:3,tgate:10. deepcache and tgate need a UNet "
                           f"model (SD 1.x/2.x, SDXL); fbc and adaptive work on SD3 too{note}")
 
 

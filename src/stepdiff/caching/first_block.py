@@ -183,7 +183,7 @@ class AdaptiveGuidanceCallback(ComputePolicy):
     Per image; the unconditional rows stop being computed once every image of the batch is past it.
     ``threshold=1`` never ends guidance (the uncached run, exactly)."""
 
-    def __init__(self, threshold: float = 0.99) -> None:
+    def __init__(self, threshold: float = 0.999) -> None:
         self.threshold = _check_real("threshold", threshold, 0.0, 1.0)
 
     def on_run_start(self, pipeline: Any) -> None:
