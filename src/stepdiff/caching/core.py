@@ -124,7 +124,6 @@ class _Call:
 
     def __init__(self, compute: RunCompute, step: int, sides: tuple[str, ...], rows: int) -> None:
         self.compute, self.step, self.sides, self.rows = compute, step, sides, rows
-        self.plans: dict[int, Any] = {}  # id(policy state) -> its plan for this call
 
 
 class RunCompute:

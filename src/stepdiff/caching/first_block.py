@@ -15,6 +15,20 @@ __all__ = ["AdaptiveGuidanceCallback", "FirstBlockCacheCallback"]
 # ------------------------------------------------------------------ First-Block-Cache
 
 
+def _keep_rows(stored: dict[str, Any], per_side: dict[str, Any], sides: tuple[str, ...],
+               rows: torch.Tensor | None) -> None:
+    """Update ``stored`` (a value per side) with the rows of ``per_side`` marked in ``rows`` (all rows when None)."""
+    if rows is None:
+        stored.update(per_side)
+        return
+    for side, part in zip(sides, rows.chunk(len(sides))):
+        if side not in stored:
+            stored[side] = per_side[side]  # only reached for a side whose rows all computed
+        elif bool(part.any()):
+            stored[side] = _zip_map(lambda new, old, p=part: torch.where(
+                p.view(-1, *[1] * (new.ndim - 1)), new, old), per_side[side], stored[side])
+
+
 class _FirstBlockState(_PolicyState):
     """Per row: when the first block's output changed by less than ``threshold`` (relative L1) since the
     row's last full computation, the rest of the denoiser is not run for that row.
@@ -69,26 +83,11 @@ class _FirstBlockState(_PolicyState):
                 masks.append(_rel_change(per_side[side], ref) < self.threshold)
         skip = torch.cat(masks)
         self.skip_rows = skip if bool(skip.any()) else None
-        for side, part in zip(call.sides, skip.chunk(len(call.sides))):  # refresh the rows computed in full
-            keep = ~part
-            if bool(keep.all()) or side not in self.ref:
-                self.ref[side] = per_side[side]
-            elif bool(keep.any()):
-                self.ref[side] = torch.where(keep.view(-1, *[1] * (hidden.ndim - 1)), per_side[side], self.ref[side])
+        _keep_rows(self.ref, per_side, call.sides, ~skip)  # the reference follows the rows computed in full
 
     def _record(self, call: _Call, tag: Any, out: Any, rows: torch.Tensor | None) -> None:
         """Keep the rows computed in full (all, or ``rows``) of a block's output, per side."""
-        per_side = _split(out, call.sides)
-        if rows is None:
-            self.cache[tag] = {**self.cache.get(tag, {}), **per_side}
-            return
-        stored = self.cache.setdefault(tag, {})
-        for side, part in zip(call.sides, rows.chunk(len(call.sides))):
-            if side not in stored:
-                stored[side] = per_side[side]  # only reached for a side whose rows all computed
-            elif bool(part.any()):
-                stored[side] = _zip_map(lambda new, old, p=part: torch.where(
-                    p.view(-1, *[1] * (new.ndim - 1)), new, old), per_side[side], stored[side])
+        _keep_rows(self.cache.setdefault(tag, {}), _split(out, call.sides), call.sides, rows)
 
     def block(self, call: _Call, tag: Any, original: Callable, args: tuple, kwargs: dict) -> Any:
         if tag == "first":
