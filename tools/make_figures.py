@@ -69,19 +69,11 @@ def sheets(pipe, out: Path) -> None:
 
 
 def edit_masks(source: Image.Image) -> tuple[Image.Image, Image.Image]:
-    """(background mask, shape mask) of a rendered shape: white repaints. The background mask stops one pixel
-    short of the shape; the shape mask is the shape's bounding box grown by 4 pixels."""
-    from PIL import ImageFilter
+    """(background mask, shape mask) of a rendered shape: white repaints (``stepdiff.examples.edit_masks``, which
+    also makes the documentation's example masks)."""
+    from stepdiff.examples import edit_masks as masks
 
-    arr = np.asarray(source).astype(int)
-    background = arr[0, 0]
-    shape = Image.fromarray(((np.abs(arr - background).sum(-1) > 60) * 255).astype(np.uint8))
-    near_shape = shape.filter(ImageFilter.MaxFilter(3))
-    background_mask = Image.fromarray(255 - np.asarray(near_shape))
-    left, top, right, bottom = shape.getbbox()
-    box = Image.new("L", source.size, 0)
-    ImageDraw.Draw(box).rectangle((left - 4, top - 4, right + 3, bottom + 3), fill=255)
-    return background_mask, box
+    return masks(source)
 
 
 def edits(out: Path) -> None:
