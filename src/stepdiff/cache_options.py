@@ -33,7 +33,12 @@ def cache_policies(fast: bool, cache: str | None, steps: int, name: str = "--cac
 
 
 def has_unet(folder: str | Path) -> bool:
-    """Whether a model folder's denoiser is a UNet (SD 1.x/2.x, SDXL), from its layout only: no weights."""
+    """Whether a model folder's (or single-file checkpoint's) denoiser is a UNet (SD 1.x/2.x, SDXL), from its layout
+    only: no weights."""
+    if Path(folder).is_file():
+        from .single_file import config_folder
+
+        folder = config_folder(folder)
     return not (Path(folder) / "transformer").is_dir()
 
 

@@ -87,7 +87,9 @@ def _gib(text: str) -> float:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped shapes model)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model folder, single-file .safetensors checkpoint (SD 1.x/2.x, SDXL, SD3) or hub id owner/name "
+                        "(default: the shipped shapes model)")
     p.add_argument("--steps", type=int, default=25,
                    help=f"denoising steps, 1 to {MAX_STEPS} (DDIM, DDPM: to the model's training steps; default 25)")
     p.add_argument("--scheduler", default=None, help="scheduler: an alias (euler, euler-a, dpm++2m, unipc, ...) "
@@ -255,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="a live studio in the browser: queue, previews, stop, steer guidance, history",
                        description="Serve the studio (page, HTTP API, WebSocket events) on one model; prints the URL.")
-    v.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped shapes model)")
+    v.add_argument("--model", type=Path, default=None,
+                   help="model folder, single-file .safetensors checkpoint or hub id (default: the shipped shapes model)")
     v.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other address requires a token)")
     v.add_argument("--port", type=int, default=7860, help="port, 0 for any free one (default 7860)")
@@ -330,6 +333,29 @@ def _check_model_folder(flag: str, folder: Path) -> None:
         raise type(e)(f"{flag}: {e}") from None
 
 
+def _resolve_model(flag: str, model: Path, allow_pickle: bool = False) -> Path:
+    """--model as a local path: a model folder, a single-file checkpoint (header checked, configs derived) or a hub
+    id's snapshot folder (downloaded where a network is, else from the local hub cache)."""
+    from .single_file import config_folder, resolve_model
+
+    try:
+        path = resolve_model(model, allow_pickle)
+        if path.is_file():
+            config_folder(path, allow_pickle)  # derived once, before anything loads
+    except (OSError, ValueError) as e:
+        raise type(e)(f"{flag}: {e}") from None
+    return path
+
+
+def _configs(model: Path) -> Path:
+    """The folder that holds a model's configs: the model folder, or a single file's derived config folder."""
+    if Path(model).is_file():
+        from .single_file import config_folder
+
+        return config_folder(model)
+    return Path(model)
+
+
 def _folder(args: argparse.Namespace) -> Path:
     from .models import default_model
 
@@ -340,7 +366,7 @@ def _scheduler_config(folder: Path) -> dict:
     import json
 
     try:
-        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        config = json.loads((_configs(folder) / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -370,7 +396,7 @@ def _check_common(args: argparse.Namespace) -> Path:
     from .schedulers import karras_schedulers, scheduler_class, supports_karras
 
     if args.model is not None:
-        _check_model_folder("--model", args.model)
+        args.model = _resolve_model("--model", args.model, args.allow_pickle)
     folder = _folder(args)
     config = _scheduler_config(folder)
     if args.scheduler is not None:
@@ -439,6 +465,8 @@ def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
+    if Path(folder).is_file():
+        return _from_single_file(Path(folder), kwargs, allow_pickle, kind, controlnet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype; both spellings work
         if controlnet is not None:
@@ -447,6 +475,32 @@ def _from_pretrained(folder: Path, dtype: str = "float32", allow_pickle: bool = 
             kwargs["controlnet"] = ControlNetModel.from_pretrained(
                 controlnet, torch_dtype=kwargs.get("torch_dtype", torch.float32))
         return auto.from_pretrained(folder, allow_pickle=allow_pickle, **kwargs)
+
+
+def _from_single_file(path: Path, kwargs: dict, allow_pickle: bool, kind: str, controlnet: Path | None):
+    """A single-file checkpoint, offline: the family's pipeline of this kind, configs derived from the file."""
+    import torch
+
+    from .pipelines.registry import load, pipeline_for
+    from .single_file import inspect, offline_kwargs
+
+    info = inspect(path, allow_pickle)
+    entry = pipeline_for(info.family, kind, controlnet is not None)
+    if entry is None:
+        raise ValueError(f"{str(path)!r} is a {info.family} checkpoint, which stepdiff does not run as {kind}"
+                         f"{' with a ControlNet' if controlnet is not None else ''}")
+    cls = load(entry)
+    kwargs, notes = offline_kwargs(path, cls, kwargs, allow_pickle)
+    for note in notes:
+        _warn(note)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if controlnet is not None:
+            from diffusers import ControlNetModel
+
+            kwargs["controlnet"] = ControlNetModel.from_pretrained(
+                controlnet, torch_dtype=kwargs.get("torch_dtype", torch.float32))
+        return cls.from_single_file(str(path), allow_pickle=allow_pickle, **kwargs)
 
 
 def _kind(args: argparse.Namespace) -> str:
@@ -681,7 +735,7 @@ def _check_control(args: argparse.Namespace, folder: Path, width: int, height: i
     if config.get("_class_name") != "ControlNetModel":
         raise ValueError(f"--controlnet {str(args.controlnet)!r} holds a {config.get('_class_name')!r}, not a "
                          "ControlNetModel")
-    unet = json.loads((folder / "unet" / "config.json").read_text())
+    unet = json.loads((_configs(folder) / "unet" / "config.json").read_text())
     try:  # the configs decide whether the ControlNet fits, before any weights load
         check_controlnet_fits(SimpleNamespace(config=SimpleNamespace(**config)), SimpleNamespace(config=SimpleNamespace(**unet)))
     except ValueError as e:
@@ -1126,7 +1180,7 @@ def _check_studio_modules() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.model is not None:
-        _check_model_folder("--model", args.model)
+        args.model = _resolve_model("--model", args.model, getattr(args, "allow_pickle", False))
     folder = _folder(args)
     _at_least("--port", args.port, 0, 65535)
     _at_least("--workers", args.workers, 1, 64)
@@ -1188,18 +1242,28 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names_hub_id(args: argparse.Namespace) -> bool:
+    """--model names a hub id (owner/name that is no local path): the one case where the CLI may use the network
+    (unless HF_HUB_OFFLINE=1 is set), to download it through diffusers as the classic loader does."""
+    from .single_file import is_hub_id
+
+    model = getattr(args, "model", None)
+    return isinstance(model, Path) and not model.exists() and is_hub_id(str(model))
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only, never a hub
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors: already printed
         return int(e.code or 0)
+    if not _names_hub_id(args):  # (parsing imports no hub library, so this still decides its offline mode)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local models only: nothing reaches a hub by accident
     commands = {
         "generate": cmd_generate, "eval-shapes": cmd_eval_shapes, "fit-preview": cmd_fit_preview,
         "tiny-model": cmd_tiny_model, "batch": cmd_batch, "serve": cmd_serve,

@@ -48,6 +48,10 @@ class ModelShape:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> ModelShape:
         folder = Path(folder)
+        if folder.is_file():  # a single-file checkpoint: its derived configs, the file's size as the weights
+            from .single_file import model_shape
+
+            return model_shape(folder)
         vae = _config(folder, "vae")
         factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
         if (folder / "transformer").is_dir():

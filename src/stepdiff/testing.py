@@ -29,7 +29,7 @@ from .tokenizer import build_clip_tokenizer
 
 __all__ = [
     "TINY_WORDS", "make_tiny_controlnet", "make_tiny_ip_adapter", "make_tiny_preview_decoder", "make_tiny_sd",
-    "make_tiny_sd3", "make_tiny_sdxl", "save_single_file",
+    "make_tiny_sd3", "make_tiny_sdxl", "make_tiny_standard", "save_single_file",
 ]
 
 TINY_WORDS = "a photo of cat dog red blue car road croissant bear sports best quality high detail".split()
@@ -520,3 +520,95 @@ def save_single_file(folder: str | Path, path: str | Path) -> Path:
             raise RuntimeError(f"save_single_file: diffusers does not convert the {name} back: {wrong[:5]}")
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(path))
     return path
+
+
+# --- tiny models that load from a single file by convention -------------------------------------------------------
+
+
+def make_tiny_standard(out: str | Path, variant: str = "v1", seed: int = 0, with_t5: bool = True) -> Path:
+    """A tiny random pipeline folder built as the released models are, except for its sizes: ``variant`` "v1" (SD
+    1.x), "xl" (SDXL base) or "sd3"; OpenAI's CLIP tokenizer and 49408-token vocabulary, 64 channels per attention
+    head (8 heads per UNet attention for SD 1.x), the family's activations, VAE scaling and scheduler
+    (``stepdiff.single_file.conventions``). Written as one file by ``save_single_file``, it loads back with
+    ``from_single_file`` and no ``config=``: everything that its shapes do not say follows the conventions.
+    ``with_t5`` (SD3): a tiny T5 encoder and its tokenizer (stepdiff.testing's own word list)."""
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler as _Flow
+    from diffusers.schedulers import PNDMScheduler as _PNDM
+    from transformers import CLIPTokenizer
+
+    from .single_file import conventions, write_clip_tokenizer
+
+    if variant not in ("v1", "xl", "sd3"):
+        raise ValueError(f"variant must be one of 'v1', 'xl', 'sd3', got {variant!r}")
+    out = Path(out)
+    torch.manual_seed(seed)
+    conv = conventions(variant)
+
+    def clip(cls, hidden: int, name: str):
+        config = CLIPTextConfig(
+            vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=hidden // 64, max_position_embeddings=77, projection_dim=hidden, layer_norm_eps=1e-5,
+            bos_token_id=0, eos_token_id=2, pad_token_id=1, **conv[name],
+        )
+        return cls(config)
+
+    def tokenizer(name: str):
+        with tempfile.TemporaryDirectory() as tmp:
+            return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, **conv[name]))
+
+    latent = 16 if variant == "sd3" else 4
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32), in_channels=3, out_channels=3, latent_channels=latent, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        use_quant_conv=variant != "sd3", use_post_quant_conv=variant != "sd3", **conv["vae"],
+    )
+    schedulers = {"PNDMScheduler": _PNDM, "EulerDiscreteScheduler": EulerDiscreteScheduler,
+                  "FlowMatchEulerDiscreteScheduler": _Flow}
+    settings = dict(conv["scheduler"])
+    scheduler = schedulers[settings.pop("_class_name")].from_config(settings)
+    if variant == "v1":
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=conv["unet"]["sample_size"],
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=conv["unet"]["heads"], norm_num_groups=32,
+        )
+        pipe = _DiffusersSD(
+            vae=vae, text_encoder=clip(CLIPTextModel, 64, "text_encoder"), tokenizer=tokenizer("tokenizer"), unet=unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    elif variant == "xl":
+        unet = UNet2DConditionModel(
+            block_out_channels=(64, 128), layers_per_block=2, sample_size=conv["unet"]["sample_size"],
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(1, 2), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+            cross_attention_dim=64 + 128, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=128 + 6 * 8, norm_num_groups=32,
+        )  # the UNet attends to both encoders' hidden states; the pooled embedding is the second encoder's
+        pipe = _DiffusersSDXL(
+            vae=vae, text_encoder=clip(CLIPTextModel, 64, "text_encoder"), tokenizer=tokenizer("tokenizer"),
+            text_encoder_2=clip(CLIPTextModelWithProjection, 128, "text_encoder_2"), tokenizer_2=tokenizer("tokenizer_2"),
+            unet=unet, scheduler=scheduler,
+        )
+    else:
+        t5_width = 256  # the joint attention width: T5's, which CLIP's 64 + 128 are padded to
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=latent, num_layers=2, attention_head_dim=64, num_attention_heads=1,
+            joint_attention_dim=t5_width, caption_projection_dim=64, pooled_projection_dim=64 + 128,
+            out_channels=latent, pos_embed_max_size=16,
+        )
+        text_encoder = clip(CLIPTextModelWithProjection, 64, "text_encoder")
+        with torch.no_grad():  # the single-file layout has no CLIP-L projection: diffusers puts the identity there
+            text_encoder.text_projection.weight.copy_(torch.eye(64))
+        t5_tokenizer = _t5_tokenizer() if with_t5 else None
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tokenizer), d_model=t5_width, d_ff=128, d_kv=64, num_layers=1, num_heads=4,
+            feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0, tie_word_embeddings=False, **conv["text_encoder_3"],
+        )) if with_t5 else None
+        pipe = _DiffusersSD3(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+            tokenizer=tokenizer("tokenizer"), text_encoder_2=clip(CLIPTextModelWithProjection, 128, "text_encoder_2"),
+            tokenizer_2=tokenizer("tokenizer_2"), text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+        )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -380,12 +380,13 @@ def _cache(bad, value: Any, steps: int) -> str:
 
 
 def model_identity(folder: str | Path, dtype: str = "float32") -> str:
-    """A fingerprint of a model folder: every config file's bytes and each weight file's name, size and
-    first and last MiB (hashing whole multi-GB weights on every run would cost more than it protects)."""
+    """A fingerprint of a model folder (or single-file checkpoint): every config file's bytes and each weight file's
+    name, size and first and last MiB (hashing whole multi-GB weights on every run would cost more than it protects)."""
     folder = Path(folder)
     h = hashlib.sha256(f"dtype={dtype}\n".encode())
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        rel = path.name if path == folder else path.relative_to(folder).as_posix()
         if rel.startswith(".") or "/." in rel:
             continue
         size = path.stat().st_size

@@ -333,6 +333,11 @@ class StepDiffPipeline(DiffusionPipeline):
         /``.bin`` file is a pickle, which can run code when loaded, and is refused unless ``allow_pickle=True``.
         Only ``.safetensors`` and ``.gguf`` files load by default. Every model comes back in eval mode, as from
         ``from_pretrained`` (diffusers leaves a single-file T5 in training mode, with dropout on).
+
+        Without ``config=`` (and ``original_config=``), a local SD 1.x/2.x, SDXL or SD3 file loads offline: the
+        configs are derived from its tensor shapes and its family's conventions (``stepdiff.single_file``), the
+        CLIP tokenizers are built from the CLIP vocabulary stepdiff ships; an SD3 file's T5 is left out (with a
+        warning) unless ``tokenizer_3=`` is given. All models load in float32 unless ``torch_dtype`` says otherwise.
         """
         name = str(pretrained_model_link_or_path).split("?")[0].rstrip("/")
         if not allow_pickle and not name.endswith((".safetensors", ".gguf")):
@@ -341,6 +346,14 @@ class StepDiffPipeline(DiffusionPipeline):
                 "files as pickles, which can run code when loaded; stepdiff loads only safetensors by default. Pass "
                 "allow_pickle=True to from_single_file if you trust this file"
             )
+        if "config" not in kwargs and "original_config" not in kwargs and Path(name).exists():
+            from ..single_file import offline_kwargs
+
+            kwargs, notes = offline_kwargs(name, cls, kwargs, allow_pickle)
+            for note in notes:
+                warnings.warn(note, UserWarning, stacklevel=2)
+        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
+            kwargs["torch_dtype"] = torch.float32  # as from_pretrained: one dtype for every component
         pipe = super().from_single_file(str(pretrained_model_link_or_path), **kwargs)  # type: ignore[misc]
         for component in pipe.components.values():
             # diffusers leaves a single-file T5 (SD3's text_encoder_3) in training mode: its dropout would make
