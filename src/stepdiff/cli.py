@@ -186,13 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "0.5 saves the ControlNet's calls in the second half)")
     pv = g.add_argument_group("previews of intermediate steps")
     pv.add_argument("--preview-dir", type=Path, default=None, help="write a preview PNG per step here ({step}.png)")
-    pv.add_argument("--preview-every", type=int, default=1, metavar="N", help="preview every N steps (and the last)")
+    pv.add_argument("--preview-every", type=int, default=None, metavar="N",
+                    help="preview every N steps (and the last); default: every step, or with the tiny decoder of "
+                         "--preview-method auto, the steps chosen from the run's measured cost so that previews "
+                         "take at most 3%% of the run")
     pv.add_argument("--preview-source", choices=("denoised", "latents"), default="denoised",
                     help="denoised: the x0 estimate (clean early on, default); latents: the noisy latents")
     pv.add_argument("--preview-method", choices=("auto", "tiny", "linear", "vae"), default="auto",
                     help="tiny: the model's tiny preview decoder (close to the final image, cheap); linear: latent-to-RGB "
                          "table (cheapest, blotchy); vae: exact decode (slower); auto: tiny when the model folder has "
-                         "one or --preview-decoder is given, else linear (default)")
+                         "one or --preview-decoder is given, at most 3%% of the run, else linear (default)")
     pv.add_argument("--preview-decoder", type=Path, default=None, metavar="DIR",
                     help="a local AutoencoderTiny folder (TAESD, TAESDXL, TAESD3, TAEF1) for --preview-method tiny/auto")
     pv.add_argument("--animation", type=Path, default=None, metavar="PATH", help="write the trajectory as .gif or .webp")
@@ -641,7 +644,8 @@ def _check_generate(args: argparse.Namespace):
         raise ValueError(f"--seed {args.seed} with --num-images {args.num_images} runs past the largest seed, 2**64-1")
     if args.guidance is not None:
         _check_guidance("--guidance", args.guidance)
-    _at_least("--preview-every", args.preview_every, 1)
+    if args.preview_every is not None:
+        _at_least("--preview-every", args.preview_every, 1)
     _at_least("--patience", args.patience, 1)
     if args.stop_at is not None:
         _at_least("--stop-at", args.stop_at, 0)
@@ -914,6 +918,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             files.written.append(path)
             print(path, flush=True)
     if files.preview is not None:
+        print(f"stepdiff: previews: {files.preview.describe(out.record.steps_total)}", file=sys.stderr, flush=True)
         for extra in (args.animation, args.contact_sheet):
             if extra is not None:
                 print(extra)

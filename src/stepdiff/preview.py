@@ -10,13 +10,20 @@ A tiny decoder (``method="tiny"``) is a small convolutional decoder distilled fr
 loaded with diffusers' ``AutoencoderTiny``: the model folder's ``preview_decoder/`` subfolder, or any
 local TAESD / TAESDXL / TAESD3 / TAEF1 folder passed as ``tiny_decoder``. It takes the latents as the
 sampler sees them and undoes its own ``scaling_factor`` / ``shift_factor`` (1 and 0 for TAESD).
+
+``method="auto"`` (the default) is the tiny decoder when the model folder ships one (or one is given), at a
+cadence chosen from the run's own measurements so that previews take at most ``PREVIEW_SHARE`` (3%) of the
+run (``PreviewBudget``), and the linear table otherwise.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +41,9 @@ from .images import IMAGE_FORMATS, atomic_write, check_writable_dir
 __all__ = [
     "FITTED_TABLE_FILE",
     "PREVIEW_DECODER_DIR",
+    "PREVIEW_SHARE",
     "LatentRGBTable",
+    "PreviewBudget",
     "PreviewCallback",
     "builtin_tables",
     "contact_sheet",
@@ -50,6 +59,8 @@ FITTED_TABLE_FILE = "latent_rgb.json"
 PREVIEW_DECODER_DIR = "preview_decoder"
 _SOURCES = ("denoised", "latents")
 _METHODS = ("linear", "vae", "tiny", "auto")
+PREVIEW_SHARE = 0.03  # the most of a run's time that method="auto" lets the tiny decoder's previews take
+_RECENT = 9  # the estimates are medians of the latest step and frame times, so they follow the run
 
 
 @dataclass(frozen=True)
@@ -249,6 +260,14 @@ def contact_sheet(frames: Sequence[tuple[int, Image.Image]], columns: int = 8, s
     return sheet
 
 
+def _every(n: int) -> str:
+    """1 -> "every step", 2 -> "every 2nd step", 11 -> "every 11th step", 21 -> "every 21st step"."""
+    if n == 1:
+        return "every step"
+    suffix = "th" if 10 < n % 100 < 14 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"every {n}{suffix} step"
+
+
 def _save_image_atomic(image: Image.Image, path: Path, **kwargs: Any) -> None:
     fmt = {".gif": "GIF", **IMAGE_FORMATS}.get(path.suffix.lower(), "PNG")  # a .jpg contact sheet is a JPEG
     atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
@@ -264,24 +283,160 @@ def _check_output_file(name: str, path: Path | None, suffixes: tuple[str, ...]) 
     return path
 
 
+class PreviewBudget:
+    """Which steps of one run get a preview frame, so that previews take at most ``share`` of the run's time.
+
+    The rule works from the run's own measurements. The first step always gets a frame (it measures what a
+    frame costs), the last step too (the final preview). At every other step, with ``d`` the median cost of
+    the run's latest frames and ``s`` the median time of its latest steps without previews (the first frame
+    and the first step, which carry one-time costs, count only until there are others), the cadence ``k`` is
+    the smallest number of steps between frames for which the projected share of the whole run stays within
+    ``share``::
+
+        (spent + F(k) * d) / (steps_so_far + steps_left * s + spent + F(k) * d) <= share
+
+    where ``spent`` is the preview time so far and ``F(k)`` the frames still to come: one every ``k`` steps
+    after the latest frame, and the last step's; and that is no smaller than the steady cadence, the smallest
+    ``k`` with ``d / (k * s + d) <= share`` (about ``d / (share * s)``), so that time left over early is not
+    spent in a burst of frames at the end. A step gets a frame when ``k`` steps have passed since the
+    latest one. ``k`` is chosen again at every step, so it follows the run (a slow first frame spreads the
+    next ones out; a faster step than expected brings them closer). Only the first and last frames can take
+    the share over ``share``: a run too short to pay for them still gets them.
+
+    Frames may be made on another thread (the studio): ``wants`` promises a frame, ``frame_done`` reports
+    its cost later (``frame_skipped`` when it was never made). Until the first cost is known, no frame but
+    the last is promised; a promised frame whose cost is not in yet counts as ``d``.
+    """
+
+    def __init__(self, share: float = PREVIEW_SHARE) -> None:
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"share must be a number in (0, 1], got {share!r}")
+        self.share = float(share)
+        self.step_seconds: list[float] = []  # each step's time without preview work
+        self.frame_seconds: list[float] = []  # each frame's cost
+        self.frame_steps: list[int] = []  # the steps that got (were promised) a frame
+        self.cadence: int | None = None  # the latest chosen k (None before the second step)
+        self.spent = 0.0  # preview seconds so far
+        self.elapsed = 0.0  # step seconds so far, without previews
+        self._pending = 0  # promised frames whose cost is not in yet
+        self._lock = threading.Lock()
+
+    def step_done(self, seconds: float) -> None:
+        """A step's time without preview work."""
+        with self._lock:
+            self.step_seconds.append(max(float(seconds), 0.0))
+            self.elapsed += max(float(seconds), 0.0)
+
+    def spend(self, seconds: float) -> None:
+        """Preview time that is no frame (deciding, handing over): counted in the share, not in ``d``."""
+        with self._lock:
+            self.spent += max(float(seconds), 0.0)
+
+    def frame_done(self, seconds: float) -> None:
+        """The cost of a promised frame."""
+        with self._lock:
+            self._pending = max(self._pending - 1, 0)
+            self.frame_seconds.append(max(float(seconds), 0.0))
+            self.spent += max(float(seconds), 0.0)
+
+    def frame_skipped(self, step_index: int) -> None:
+        """The promised frame of ``step_index`` was not made after all (nobody watched, a newer one replaced it)."""
+        with self._lock:
+            self._pending = max(self._pending - 1, 0)
+            if step_index in self.frame_steps:
+                self.frame_steps.remove(step_index)
+
+    @staticmethod
+    def _estimate(samples: list[float]) -> float:
+        warm = samples[1:] or samples  # the first carries one-time costs (a cold decoder, the run's setup)
+        return statistics.median(warm[-_RECENT:])
+
+    def projected_share(self, k: int, step_index: int, total_steps: int) -> float:
+        """The share of the whole run that previews would take with cadence ``k`` from ``step_index`` on."""
+        d = self._estimate(self.frame_seconds)
+        s = self._estimate(self.step_seconds) if self.step_seconds else 0.0
+        nxt = max(self.frame_steps[-1] + k, step_index)
+        frames = len(range(nxt, total_steps - 1, k)) + 1  # the cadence's, then the last step's
+        preview = self.spent + (self._pending + frames) * d
+        run = self.elapsed + (total_steps - 1 - step_index) * s + preview
+        return preview / run if run > 0 else 0.0
+
+    def steady_cadence(self) -> int:
+        """The smallest ``k`` with ``d / (k * s + d) <= share``: what a frame every ``k`` steps costs in a long run."""
+        d = self._estimate(self.frame_seconds)
+        s = self._estimate(self.step_seconds) if self.step_seconds else 0.0
+        if d <= 0:
+            return 1
+        if s <= 0:
+            return 1 << 30
+        return max(1, math.ceil(d * (1 - self.share) / (self.share * s) - 1e-9))
+
+    def choose(self, step_index: int, total_steps: int) -> int:
+        """The smallest cadence whose projected share is within ``share`` (``total_steps`` if none is), and no
+        smaller than the steady cadence (so time left over early is not spent in a burst of frames at the end)."""
+        lo, hi = min(self.steady_cadence(), max(total_steps, 1)), max(total_steps, 1)
+        if self.projected_share(hi, step_index, total_steps) > self.share:
+            return hi
+        while lo < hi:  # the projected share falls as k grows
+            mid = (lo + hi) // 2
+            if self.projected_share(mid, step_index, total_steps) <= self.share:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def wants(self, step_index: int, total_steps: int) -> bool:
+        """Whether step ``step_index`` (of ``total_steps``) gets a frame; a yes is a promise (see ``frame_done``)."""
+        with self._lock:
+            if step_index >= total_steps - 1 or not self.frame_steps:
+                take = True
+            elif not self.frame_seconds:  # the first frame's cost is not in yet
+                take = False
+            else:
+                self.cadence = self.choose(step_index, total_steps)
+                take = self.frame_steps[-1] + self.cadence <= step_index
+            if take:
+                self.frame_steps.append(step_index)
+                self._pending += 1
+            return take
+
+    @property
+    def measured_share(self) -> float:
+        """Preview time over the run's time so far (steps and previews)."""
+        total = self.elapsed + self.spent
+        return self.spent / total if total > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"share": self.share, "cadence": self.cadence, "frame_steps": list(self.frame_steps),
+                "measured_share": round(self.measured_share, 5),
+                "frame_seconds": round(self._estimate(self.frame_seconds), 6) if self.frame_seconds else None,
+                "step_seconds": round(self._estimate(self.step_seconds), 6) if self.step_seconds else None}
+
+
 class PreviewCallback:
-    """Previews every ``every`` steps (and the last): PNG files, an animation, a contact sheet, a UI hook.
+    """Previews of the steps (and always of the last): PNG files, an animation, a contact sheet, a UI hook.
 
     ``source="denoised"`` (default) previews the x0 estimate, which is a clean picture early on;
     ``"latents"`` previews the noisy latents, as the seed document does. ``method="linear"`` uses a
     latent-to-RGB table (cheapest, blotchy); ``"tiny"`` a tiny distilled decoder (``tiny_decoder``: a
     local AutoencoderTiny folder or model; default: the model folder's ``preview_decoder/``), close to
     the final picture at a small cost; ``"vae"`` decodes with the pipeline's VAE (exact, slower);
-    ``"auto"`` is tiny when a decoder is given or the model folder has one, else linear. Previews
-    only observe: the callback never changes the run.
+    ``"auto"`` (default) is tiny when a decoder is given or the model folder has one, else linear.
+
+    ``every=N`` previews every N-th step and the last, whatever the method. Left out (``None``), it is
+    every step, except for ``"auto"`` with a tiny decoder: then the steps are chosen as the run goes,
+    from its own measured step and frame times, so that previews take at most 3% of the run
+    (``PreviewBudget``; the first and the last step always get a frame; steps between frames get none,
+    not a linear one). ``method``/``resolved_method``, ``cadence``, ``frame_steps`` and ``describe()``
+    say what a run got. Previews only observe: the callback never changes the run.
     """
 
     def __init__(
         self,
         folder: str | Path | None = None,
-        every: int = 1,
+        every: int | None = None,
         source: str = "denoised",
-        method: str = "linear",
+        method: str = "auto",
         animation: str | Path | None = None,
         contact_sheet: str | Path | None = None,
         on_image: Callable[[Image.Image, int, torch.Tensor], None] | None = None,
@@ -291,8 +446,9 @@ class PreviewCallback:
         frame_size: int | None = None,
         tiny_decoder: str | Path | Any | None = None,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be an int >= 1, got {every!r} (or None: every step; with method='auto', "
+                             "chosen from the run's measured cost)")
         if source not in _SOURCES:
             raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
         if method not in _METHODS:
@@ -325,7 +481,9 @@ class PreviewCallback:
         self.tiny_decoder = tiny_decoder
         self._tiny: Any = None
         self._tiny_source: Any = None  # what _tiny was loaded from, so a second run reuses it
+        self._warm: set[tuple] = set()  # (decoder, latent shape, dtype) already decoded once
         self.resolved_method: str | None = None  # "auto" resolved for the current run
+        self.budget: PreviewBudget | None = None  # the latest run's, when "auto" chose the steps
 
     @property
     def tensor_inputs(self) -> list[str]:
@@ -334,6 +492,7 @@ class PreviewCallback:
     def on_run_start(self, pipeline: Any) -> None:
         """Check the table against this model before generation starts."""
         self.frames, self.seconds, self._last = [], 0.0, -math.inf
+        self._start_budget(pipeline)
         method = self.method
         if method in ("tiny", "auto"):
             source = self.tiny_decoder if self.tiny_decoder is not None else tiny_decoder_folder(pipeline)
@@ -356,6 +515,45 @@ class PreviewCallback:
                     f"have {channels}; fit one with `stepdiff fit-preview MODEL_DIR`"
                 )
             self._table = table
+        if method == "tiny" and self.method == "auto" and self.every is None:
+            self.budget = self._run_state(pipeline)["budget"] = PreviewBudget()
+
+    def _run_state(self, pipeline: Any) -> dict:
+        from .callbacks import _per_run
+
+        return _per_run(pipeline, self)
+
+    def _start_budget(self, pipeline: Any) -> None:
+        """Per-run state: the budget (set once the method is known) and when the latest step began."""
+        self.budget = None
+        self._run_state(pipeline).update(budget=None, mark=time.perf_counter())
+
+    @property
+    def cadence(self) -> int | None:
+        """Steps between frames: ``every``, or the latest run's chosen cadence (None before it chose one)."""
+        if self.every is not None or self.budget is None:
+            return self.every or 1
+        return self.budget.cadence
+
+    @property
+    def frame_steps(self) -> list[int]:
+        return [step for step, _ in self.frames]
+
+    def describe(self, total_steps: int | None = None) -> str:
+        """What the latest run got, in words: method, frames, cadence (e.g. for a CLI line)."""
+        method = self.resolved_method or self.method
+        name = {"tiny": "tiny decoder", "linear": "linear table", "vae": "VAE"}.get(method, method)
+        of = f" of {total_steps}" if total_steps is not None else ""
+        text = f"{name}, {len(self.frames)}{of} steps"
+        if self.budget is not None:
+            steps = self.frame_steps
+            gaps = [b - a for a, b in itertools.pairwise(steps[:-1])]  # the cadence's, not the gap to the last step
+            cadence = f"{_every(round(statistics.median(gaps)))}, " if gaps else ""
+            text += (f" ({cadence}chosen from this run's step and frame times so that previews take <= "
+                     f"{self.budget.share:.0%} of it; measured {self.budget.measured_share:.1%})")
+        elif (self.every or 1) > 1:
+            text += f" ({_every(self.every)})"
+        return text
 
     def _load_tiny(self, pipeline: Any, source: Any) -> None:
         channels, factor = pipeline.latent_channels(), pipeline.vae_scale_factor
@@ -390,23 +588,54 @@ class PreviewCallback:
         return image
 
     def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
-        last = step_index == pipeline.num_timesteps - 1
-        if step_index % self.every and not last:
-            return None
         started = time.perf_counter()
-        if not last and started - self._last < self.min_interval:
-            return None
-        self._last = started
-        tensor = callback_kwargs[self.source]
-        index = min(self.batch_index, tensor.shape[0] - 1)
-        image = self._render(pipeline, tensor[index])
-        self.frames.append((step_index, image))
-        if self.folder is not None:
-            _save_image_atomic(image, self.folder / f"{step_index}.png")
-        if self.on_image is not None:
-            self.on_image(image, step_index, timestep)
-        self.seconds += time.perf_counter() - started
+        total = pipeline.num_timesteps
+        last = step_index == total - 1
+        state = self._run_state(pipeline)
+        budget = state.get("budget")
+        if budget is not None:
+            budget.step_done(started - state.get("mark", started))
+            wanted = budget.wants(step_index, total)
+        else:
+            wanted = last or step_index % (self.every or 1) == 0
+        if wanted and not last and started - self._last < self.min_interval:
+            wanted = False
+            if budget is not None:
+                budget.frame_skipped(step_index)
+        frame_seconds = 0.0
+        if wanted:
+            self._last = started
+            tensor = callback_kwargs[self.source]
+            latents = tensor[min(self.batch_index, tensor.shape[0] - 1)]
+            if budget is not None:
+                self._warm_up(latents, budget)
+            begun = time.perf_counter()
+            image = self._render(pipeline, latents)
+            self.frames.append((step_index, image))
+            if self.folder is not None:
+                _save_image_atomic(image, self.folder / f"{step_index}.png")
+            if self.on_image is not None:
+                self.on_image(image, step_index, timestep)
+            frame_seconds = time.perf_counter() - begun
+        ended = time.perf_counter()
+        if wanted or budget is not None:
+            self.seconds += ended - started
+        if budget is not None:
+            if wanted:
+                budget.frame_done(frame_seconds)
+            budget.spend(ended - started - frame_seconds)  # deciding, and a first decode's warm-up
+        state["mark"] = ended
         return None  # previews only observe
+
+    def _warm_up(self, latents: torch.Tensor, budget: PreviewBudget) -> None:
+        """A decoder's first call at a latent size carries one-time costs (memory, kernel choice) up to ~7x a
+        frame's: one untimed-as-a-frame decode first, so the budget's first measured frame is a typical one.
+        The warm-up counts in the share (``spend``), once per decoder and size."""
+        key = (id(self._tiny), tuple(latents.shape), latents.dtype)
+        if self.resolved_method != "tiny" or key in self._warm:
+            return
+        tiny_decode(self._tiny, latents[None])
+        self._warm.add(key)
 
     def on_run_end(self, pipeline: Any) -> None:
         """Write the animation and contact sheet (also after an interrupted run)."""

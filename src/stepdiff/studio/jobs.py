@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..control import CancelToken
+from ..preview import PreviewBudget
 from .events import EventHub
 from .previews import FrameMaker, Previewer, StepUpdate
 from .spec import UNSET, FieldError, JobSpec, Limits
@@ -331,6 +332,7 @@ class Studio:
             pipe = self._pipeline_for(spec.scheduler)
             with plan.lock:
                 first = plan.scale_at(0)
+            mark = time.perf_counter()  # the job's time so far, for the preview budget below
             run = pipe.steps(
                 prompt=spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
                 guidance_scale=first, width=spec.width, height=spec.height,
@@ -339,25 +341,39 @@ class Studio:
             )
             live.run = run
             total = run.num_timesteps
-            every = spec.preview.every
+            every = spec.preview.every or 1
+            # "auto" with the model's tiny decoder and no cadence asked: the frame steps are chosen from this job's
+            # measured step and frame times so that frames take at most 3% of it (the rule of stepdiff.preview)
+            budget = (PreviewBudget() if spec.preview.method == "auto" and spec.preview.every is None
+                      and self.frames.resolve("auto") == "tiny" else None)
             for state in run:
                 i = state.step_index
+                offered = time.perf_counter()
+                if budget is not None:
+                    budget.step_done(offered - mark)
                 with plan.lock:
                     live.steps_completed, live.model_rows = state.steps_completed, state.model_rows
                     if i + 1 < total:
                         run.guidance_scale = plan.scale_at(i + 1)
                 if self.hub.listening:
-                    offered = time.perf_counter()
-                    frame_step = i % every == 0 or i == total - 1
+                    if budget is not None:
+                        frame_step = budget.wants(i, total)
+                    else:
+                        frame_step = i % every == 0 or i == total - 1
                     tensor = getattr(state, spec.preview.source) if frame_step else None
                     self.previewer.offer(StepUpdate(
                         job=live.id, step=i, total=total, timestep=float(state.timestep), rows=state.rows_per_step[-1],
                         model_rows=state.model_rows, guidance=state.guidance_scale,
                         tensor=None if tensor is None else tensor[0].detach().float().cpu().clone(),
                         method=spec.preview.method, frame_step=i if frame_step else None,
+                        budget=budget if frame_step else None,
+                        cadence=every if budget is None else budget.cadence,
                     ))
                     self.offer_seconds += time.perf_counter() - offered
                     self.offered_steps += 1
+                mark = time.perf_counter()
+                if budget is not None:
+                    budget.spend(mark - offered)
             if live.token.cancelled and (live.token.reason == SHUTDOWN_REASON or run.state.steps_completed == 0):
                 # a server going down writes the step reached at once; a job stopped before its first step
                 # keeps no image, so there is nothing to finish

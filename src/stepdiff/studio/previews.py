@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..preview import load_tiny_decoder, rgb_to_image, table_for, tiny_decode, tiny_decoder_folder
+from ..preview import PreviewBudget, load_tiny_decoder, rgb_to_image, table_for, tiny_decode, tiny_decoder_folder
 from .events import EventHub
 
 __all__ = ["FrameMaker", "Previewer", "StepUpdate"]
@@ -40,6 +40,8 @@ class StepUpdate:
     tensor: torch.Tensor | None = None  # (C, h, w) on a frame step
     method: str = "auto"
     frame_step: int | None = None
+    budget: PreviewBudget | None = None  # the job's, when "auto" chooses its frame steps: told what frames cost
+    cadence: int | None = None  # steps between frames, as chosen so far (for the step event)
 
 
 class FrameMaker:
@@ -51,6 +53,8 @@ class FrameMaker:
         self._tiny = None
         self._tiny_folder = tiny_decoder_folder(pipeline)
         self._lock = threading.Lock()
+        self._warm: set[tuple] = set()  # latent sizes the tiny decoder has decoded once
+        self.warmup_seconds = 0.0  # of the latest frame: a first decode at its size (not a frame's typical cost)
 
     def resolve(self, method: str) -> str:
         if method == "auto":
@@ -69,6 +73,13 @@ class FrameMaker:
                 if self._tiny is None:
                     self._tiny = load_tiny_decoder(self._tiny_folder, self.pipeline.latent_channels(),
                                                    self.pipeline.vae_scale_factor)
+            self.warmup_seconds = 0.0
+            key = (tuple(latents.shape), latents.dtype)
+            if key not in self._warm:  # a first call at a size costs several frames' time (memory, kernel choice)
+                started = time.perf_counter()
+                tiny_decode(self._tiny, latents[None])
+                self._warm.add(key)
+                self.warmup_seconds = time.perf_counter() - started
             image = rgb_to_image(tiny_decode(self._tiny, latents[None])[0])
         elif method == "vae":
             from ..vae import decode_latents
@@ -106,6 +117,9 @@ class Previewer:
             old = self._pending.get(update.job)
             if update.tensor is None and old is not None and old.tensor is not None:
                 update.tensor, update.frame_step, update.method = old.tensor, old.frame_step, old.method
+                update.budget = old.budget
+            elif old is not None and old.tensor is not None and old.budget is not None:
+                old.budget.frame_skipped(old.frame_step)  # replaced by a newer frame before it was made
             self._pending[update.job] = update
             self._cond.notify()
 
@@ -141,13 +155,26 @@ class Previewer:
         frame = None
         if u.tensor is not None and self.hub.listening:
             started = time.perf_counter()
-            frame = data_url(self.frames.frame(u.tensor, u.method))
-            self.render_seconds += time.perf_counter() - started
+            try:
+                frame = data_url(self.frames.frame(u.tensor, u.method))
+            finally:
+                seconds = time.perf_counter() - started
+                if u.budget is not None:
+                    warmup = min(self.frames.warmup_seconds, seconds) if frame is not None else 0.0
+                    if frame is None:
+                        u.budget.frame_skipped(u.frame_step)
+                    else:
+                        u.budget.frame_done(seconds - warmup)
+                    u.budget.spend(warmup if frame is not None else seconds)
+            self.render_seconds += seconds
             self.rendered += 1
+        elif u.tensor is not None and u.budget is not None:
+            u.budget.frame_skipped(u.frame_step)  # nobody watches
         self.hub.publish({
             "type": "step", "job": u.job, "step": u.step, "total": u.total, "timestep": u.timestep, "rows": u.rows,
             "model_rows": u.model_rows, "guidance": u.guidance, "frame": frame,
             "frame_step": u.frame_step if frame is not None else None,
+            "frame_method": self.frames.resolve(u.method), "frame_every": u.cadence,
         })
 
     def close(self) -> None:

@@ -58,11 +58,13 @@ class Limits:
 
 @dataclass
 class PreviewSpec:
-    every: int = 1  # a frame every N steps (and the last)
+    # A frame every N steps (and the last); None: every step, or with the tiny decoder of "auto", the steps
+    # chosen from the job's measured step and frame times so that frames take at most 3% of it (PreviewBudget).
+    every: int | None = None
     source: str = "denoised"  # the x0 estimate, or the noisy latents
-    # The linear table by default: it keeps the streaming cost within 3% of a step; the tiny decoder
-    # ("tiny", or "auto" where the model has one) looks better but cost +18% on the 2-core machine (bench_studio.py).
-    method: str = "linear"
+    # "auto": the model's tiny decoder where it ships one, at that chosen cadence (at every step it cost +18% on
+    # the 2-core machine, bench_studio.py), else the linear table.
+    method: str = "auto"
 
 
 @dataclass

@@ -54,7 +54,7 @@ function useSettings(p) {
   $("scheduler").value = p.scheduler || "";
   $("cutoff").value = p.cfg_cutoff === null ? "" : p.cfg_cutoff;
   $("fast").checked = Boolean(p.fast);
-  $("preview-every").value = p.preview.every;
+  $("preview-every").value = p.preview.every ?? "";
   $("preview-method").value = p.preview.method;
   $("prompt").focus();
 }
@@ -107,7 +107,9 @@ function steer() {
 function onStep(e) {
   $("progress").max = e.total;
   $("progress").value = e.step + 1;
-  $("status").textContent = `step ${e.step + 1} / ${e.total} · guidance ${e.guidance}`;
+  let preview = "";
+  if (e.frame_method) preview = ` · preview ${e.frame_method}` + (e.frame_every > 1 ? ` every ${e.frame_every} steps` : "");
+  $("status").textContent = `step ${e.step + 1} / ${e.total} · guidance ${e.guidance}${preview}`;
   $("rows-saved").textContent = 2 * (e.step + 1) - e.model_rows;
   if (e.frame) $("preview").src = e.frame;
 }
