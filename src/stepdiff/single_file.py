@@ -213,7 +213,7 @@ def _variant(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
         raise ValueError(f"{_where(path)} {what}; {_EXPECTED}")
     vae = _vae_prefix(shapes)
     if vae is None:
-        raise ValueError(f"{_where(path)} holds a {_FAMILY_NAME[variant]} denoiser but no VAE (first_stage_model.*); "
+        raise ValueError(f"{_where(path)} holds an {_FAMILY_NAME[variant]} denoiser but no VAE (first_stage_model.*); "
                          "stepdiff loads single files that include their VAE")
     if variant == "sd3":
         missing = [name for name in ("clip_l", "clip_g") if not any(k.startswith(f"text_encoders.{name}.") for k in keys)]
@@ -267,7 +267,7 @@ def _shape(info: SingleFile, key: str) -> tuple[int, ...]:
     try:
         return info.shapes[key]
     except KeyError:
-        raise ValueError(f"{_where(info.path)} looks like a {_FAMILY_NAME[info.variant]} checkpoint but has no "
+        raise ValueError(f"{_where(info.path)} looks like an {_FAMILY_NAME[info.variant]} checkpoint but has no "
                          f"tensor {key!r}; the file is incomplete or not in the original layout") from None
 
 
@@ -618,7 +618,7 @@ def offline_kwargs(path: str | os.PathLike, pipeline_class: type, kwargs: dict[s
         kind = next((e.kind for e in REGISTRY if e.name == pipeline_class.__name__), "text2image")
         right = pipeline_for(info.family, kind) or pipeline_for(info.family, "text2image")
         raise ValueError(
-            f"{_where(info.path)} is a {_FAMILY_NAME[info.variant]} checkpoint, which {pipeline_class.__name__} cannot "
+            f"{_where(info.path)} is an {_FAMILY_NAME[info.variant]} checkpoint, which {pipeline_class.__name__} cannot "
             f"load: use stepdiff.{right.name if right else 'AutoPipelineForText2Image'}"
         )
     kwargs = dict(kwargs)
@@ -646,6 +646,15 @@ def is_hub_id(text: str) -> bool:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first error in the chain (a refused connection, a DNS failure), in a few words."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return f"{type(e).__name__}: {_one_line(e)[:120]}"
 
 
 def _hub_offline() -> bool:
@@ -680,7 +689,7 @@ def download_hub_id(repo_id: str, allow_pickle: bool = False) -> Path:
             raise OSError(f"{repo_id!r} on the hub has no safetensors weights ({_one_line(e)}); stepdiff loads only "
                           "safetensors by default: pass --allow-pickle if you trust its pickle files") from None
         raise OSError(
-            f"{repo_id!r} is a hub id, and the hub could not be reached to download it ({name}: {_one_line(e)}); "
+            f"{repo_id!r} is a hub id, and the hub could not be reached to download it ({_root_cause(e)}); "
             f"{local}, or set HF_HUB_OFFLINE=1 to use the local hub cache"
         ) from None
     return Path(folder)
