@@ -306,7 +306,8 @@ def test_cli_pickle_checkpoints_need_allow_pickle(run_cli, standard, tmp_path, c
 def test_cli_hub_ids_offline_without_a_cached_copy(run_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so that no local folder named like the id exists
     err = _one_line_error(run_cli, "--model", "someone/some-model")
-    assert "'someone/some-model' is a hub id, and stepdiff is offline here (HF_HUB_OFFLINE=1)" in err
+    assert ("'someone/some-model' is not a local folder or file; as a hub id it needs the hub, and stepdiff is offline "
+            "here (HF_HUB_OFFLINE=1) with no copy of it in the local hub cache") in err
     assert "local model folder" in err and ".safetensors" in err
     err = _one_line_error(run_cli, "--model", tmp_path / "nowhere" / "model")
     assert "is not a folder, a .safetensors file or a hub id (owner/name): it does not exist" in err
@@ -344,3 +345,19 @@ def test_library_family_mismatch_and_refusals(standard, tmp_path):
     with pytest.raises(ValueError, match=r"shapes\.safetensors': its text_encoder has a vocabulary of \d+ tokens, not "
                                          r"CLIP's 49408"):
         stepdiff.StableDiffusionPipeline.from_single_file(shapes_file)
+
+
+def test_cli_hub_id_with_no_reachable_hub(run_cli, tmp_path, monkeypatch):
+    """Online mode, but the hub cannot be reached (a closed port on this machine): one line with the first cause."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "5")
+    monkeypatch.chdir(tmp_path)
+    err = _one_line_error(run_cli, "--model", "someone/some-model")
+    assert "'someone/some-model' is not a local folder or file; as a hub id it needs the hub, which could not be " \
+           "reached (" in err
+    assert "Connection refused" in err  # the loopback port, not some other host
+    assert "local model folder" in err and "HF_HUB_OFFLINE=1" in err

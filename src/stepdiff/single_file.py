@@ -680,8 +680,9 @@ def download_hub_id(repo_id: str, allow_pickle: bool = False) -> Path:
         name = type(e).__name__
         if offline:
             raise OSError(
-                f"{repo_id!r} is a hub id, and stepdiff is offline here (HF_HUB_OFFLINE=1) with no copy of it in the "
-                f"local hub cache; run with HF_HUB_OFFLINE=0 where the hub is reachable, or {local}"
+                f"{repo_id!r} is not a local folder or file; as a hub id it needs the hub, and stepdiff is offline here "
+                f"(HF_HUB_OFFLINE=1) with no copy of it in the local hub cache; run with HF_HUB_OFFLINE=0 where the hub "
+                f"is reachable, or {local}"
             ) from None
         if "NotFound" in name or "GatedRepo" in name or "401" in str(e) or "404" in str(e):
             raise FileNotFoundError(f"{repo_id!r} is not a model on the hub that can be downloaded ({name}); {local}") from None
@@ -689,7 +690,8 @@ def download_hub_id(repo_id: str, allow_pickle: bool = False) -> Path:
             raise OSError(f"{repo_id!r} on the hub has no safetensors weights ({_one_line(e)}); stepdiff loads only "
                           "safetensors by default: pass --allow-pickle if you trust its pickle files") from None
         raise OSError(
-            f"{repo_id!r} is a hub id, and the hub could not be reached to download it ({_root_cause(e)}); "
+            f"{repo_id!r} is not a local folder or file; as a hub id it needs the hub, which could not be reached "
+            f"({_root_cause(e)}); "
             f"{local}, or set HF_HUB_OFFLINE=1 to use the local hub cache"
         ) from None
     return Path(folder)

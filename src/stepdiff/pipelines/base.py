@@ -354,7 +354,8 @@ class StepDiffPipeline(DiffusionPipeline):
                 warnings.warn(note, UserWarning, stacklevel=2)
         if "torch_dtype" not in kwargs and "dtype" not in kwargs:
             kwargs["torch_dtype"] = torch.float32  # as from_pretrained: one dtype for every component
-        pipe = super().from_single_file(str(pretrained_model_link_or_path), **kwargs)  # type: ignore[misc]
+        with _without_empty_fp32_note():
+            pipe = super().from_single_file(str(pretrained_model_link_or_path), **kwargs)  # type: ignore[misc]
         for component in pipe.components.values():
             # diffusers leaves a single-file T5 (SD3's text_encoder_3) in training mode: its dropout would make
             # every prompt encode differently; from_pretrained sets every model to eval mode, and so do we
@@ -899,6 +900,24 @@ def _check_generator(generator: object, rows: int, batch_size: int, per_prompt: 
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@contextlib.contextmanager
+def _without_empty_fp32_note() -> Iterator[None]:
+    """diffusers' single-file loader casts each model to ``torch_dtype`` with ``.to()``, and warns for every model that
+    "modules ... should be kept in float32: []" even when there are none; that empty note is dropped."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "should be kept in float32: []" not in record.getMessage()
+
+    logger, drop = logging.getLogger("diffusers.models.modeling_utils"), Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
