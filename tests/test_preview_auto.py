@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import stepdiff
-from stepdiff.preview import PREVIEW_DECODER_DIR, PREVIEW_SHARE, PreviewBudget, PreviewCallback
+from stepdiff.preview import PREVIEW_DECODER_DIR, PREVIEW_SHARE, PreviewBudget, PreviewCallback, steady_cadence
 
 from .conftest import gen
 
@@ -59,7 +59,8 @@ def test_cadence_follows_the_run_and_does_not_burst_at_the_end():
     # also in the last steps (time left over early is not spent in a burst of frames at the end).
     budget = simulate([0.028] * 1000, 0.0015)
     gaps = np.diff(budget.frame_steps[:-1])
-    assert set(gaps.tolist()) == {2} and budget.steady_cadence() == 2
+    assert set(gaps.tolist()) == {2} and budget.steady_cadence() == 2 == steady_cadence(0.0015, 0.028)
+    assert steady_cadence(1.0, 12.0) == 3 and steady_cadence(0.0, 0.028) == 1  # 1 * 0.97 / (0.03 * 12) = 2.7
     # Steps four times faster from step 12 on: frames now cost four times as much of a step, so they spread out.
     faster = simulate([0.028] * 12 + [0.007] * 38, 0.0015)
     early = [s for s in faster.frame_steps if s < 12]

@@ -50,6 +50,7 @@ __all__ = [
     "fit_latent_rgb",
     "load_tiny_decoder",
     "preview_psnr",
+    "steady_cadence",
     "table_for",
     "tiny_decode",
     "tiny_decoder_folder",
@@ -283,6 +284,16 @@ def _check_output_file(name: str, path: Path | None, suffixes: tuple[str, ...]) 
     return path
 
 
+def steady_cadence(frame_seconds: float, step_seconds: float, share: float = PREVIEW_SHARE) -> int:
+    """The smallest ``k`` with ``frame / (k * step + frame) <= share``: a frame every ``k`` steps of a long run
+    then takes at most ``share`` of it (about ``frame / (share * step)``)."""
+    if frame_seconds <= 0:
+        return 1
+    if step_seconds <= 0:
+        return 1 << 30
+    return max(1, math.ceil(frame_seconds * (1 - share) / (share * step_seconds) - 1e-9))
+
+
 class PreviewBudget:
     """Which steps of one run get a preview frame, so that previews take at most ``share`` of the run's time.
 
@@ -362,14 +373,9 @@ class PreviewBudget:
         return preview / run if run > 0 else 0.0
 
     def steady_cadence(self) -> int:
-        """The smallest ``k`` with ``d / (k * s + d) <= share``: what a frame every ``k`` steps costs in a long run."""
-        d = self._estimate(self.frame_seconds)
+        """``steady_cadence`` of this run's estimates of a frame's and a step's time."""
         s = self._estimate(self.step_seconds) if self.step_seconds else 0.0
-        if d <= 0:
-            return 1
-        if s <= 0:
-            return 1 << 30
-        return max(1, math.ceil(d * (1 - self.share) / (self.share * s) - 1e-9))
+        return steady_cadence(self._estimate(self.frame_seconds), s, self.share)
 
     def choose(self, step_index: int, total_steps: int) -> int:
         """The smallest cadence whose projected share is within ``share`` (``total_steps`` if none is), and no
