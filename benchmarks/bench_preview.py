@@ -1,9 +1,12 @@
-"""Issue 4 / issue 15 benchmarks: what previews cost, and how faithful the linear and tiny previews are.
+"""Issue 4 / issue 15 / issue 26 benchmarks: what previews cost, and how faithful the linear and tiny previews are.
 
-    python benchmarks/bench_preview.py [--model DIR] [--tiny-decoder DIR] [--repeats 7]
+    python benchmarks/bench_preview.py [--model DIR] [--tiny-decoder DIR] [--repeats 7] [--json FILE] [--cost-only]
 
 - cost of a preview at every step as a fraction of step time (linear and tiny goal <= 3%; vae for
-  reference), measured as the callback's own time over the run's time, and as run-time ratios;
+  reference), measured as the callback's own time over the run's time, and as run-time ratios; and the
+  default, ``method="auto"``: the tiny decoder on the steps its budget chooses (<= 3% of the run), with the
+  frames it made and the cadence it chose, once with one callback for all runs (a warm decoder) and once with
+  a new callback per run (a first decode's warm-up in every run, as in a fresh ``stepdiff generate``);
 - fidelity: PSNR against the full VAE decode of the same latents: the linear preview at latent
   resolution, for the model's fitted table and every built-in table with its channel count; the tiny
   decoder (when the model folder has preview_decoder/) at full resolution, on clean latents of held-out
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 
 import stepdiff
-from _common import table, time_interleaved
+from _common import table, time_rounds
 from stepdiff.preview import (
     PreviewCallback,
     builtin_tables,
@@ -47,6 +51,8 @@ def main() -> None:
     parser.add_argument("--tiny-decoder", default=None, help="an AutoencoderTiny folder (default: the model's own)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--json", type=Path, default=None, help="write the cost table here (merged into the file)")
+    parser.add_argument("--cost-only", action="store_true", help="skip the fidelity tables")
     args = parser.parse_args()
     torch.set_num_threads(2)
     folder = args.model or stepdiff.default_model()
@@ -61,29 +67,57 @@ def main() -> None:
     if tiny_folder is not None:
         previews["tiny"] = PreviewCallback(method="tiny", tiny_decoder=tiny_folder)
         previews["tiny, every 2nd step"] = PreviewCallback(method="tiny", tiny_decoder=tiny_folder, every=2)
+    previews["auto (default)"] = PreviewCallback(tiny_decoder=tiny_folder)
+    fresh = {"auto, new callback per run": lambda: PreviewCallback(tiny_decoder=tiny_folder)}
 
     def run(cb=None):
         return lambda: pipe(prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
                             callback_on_step_end=cb)
 
-    own: dict[str, list[float]] = {k: [] for k in previews}
+    names = [*previews, *fresh]
+    own: dict[str, list[float]] = {k: [] for k in names}
+    frames: dict[str, list[int]] = {k: [] for k in names}
+    cadence: dict[str, list[int | None]] = {k: [] for k in names}
 
     def timed(name):
-        cb = previews[name]
-
         def go():
+            cb = previews[name] if name in previews else fresh[name]()
             out = run(cb)()
             own[name].append(cb.seconds / out.record.wall_seconds)
+            frames[name].append(len(cb.frames))
+            cadence[name].append(cb.cadence)
 
         return go
 
-    t = time_interleaved({"none": run(), **{name: timed(name) for name in previews}}, repeats=args.repeats)
-    print(f"model {folder}, {args.steps} steps, median of {args.repeats}, torch threads 2\n")
-    print(table([
-        (name, f"{t[name]:.3f}", f"{t[name] / t['none'] - 1:+.1%}" if name != "none" else "",
-         f"{statistics.median(own[name]):.1%}" if name in own else "")
-        for name in ("none", *previews)
-    ], ("preview", "median s / image", "run time vs none", "preview's own share of run time")))
+    rounds = time_rounds({"none": run(), **{name: timed(name) for name in names}}, repeats=args.repeats)
+    for lists in (own, frames, cadence):  # the warm-up round's entries
+        for name in names:
+            del lists[name][0]
+    t = {name: statistics.median(v) for name, v in rounds.items()}
+    print(f"model {folder}, {args.steps} steps, median of {args.repeats} interleaved rounds, torch threads 2\n")
+    rows, record = [], {}
+    for name in ("none", *names):
+        share = sorted(own[name]) if name in own else []
+        rows.append((name, f"{t[name]:.3f}", f"{t[name] / t['none'] - 1:+.1%}" if name != "none" else "",
+                     f"{statistics.median(share):.1%} ({share[0]:.1%}-{share[-1]:.1%})" if share else "",
+                     f"{statistics.median(frames[name]):g}" if share else "",
+                     ", ".join(sorted({str(c) for c in cadence[name]})) if share else ""))
+        record[name] = {"seconds_per_image": rounds[name], "median_seconds": t[name],
+                        **({"own_share": own[name], "own_share_median": statistics.median(own[name]),
+                            "frames": frames[name], "cadence": cadence[name]} if share else {})}
+    print(table(rows, ("preview", "median s / image", "run time vs none",
+                       "preview's own share of run time, median (range)", "frames", "cadence (last chosen)")))
+    if args.json is not None:
+        data = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        data["shipped"] = {
+            "command": "python benchmarks/bench_preview.py " + " ".join(sys.argv[1:]), "model": str(folder),
+            "steps": args.steps, "rounds": args.repeats, "torch_threads": 2,
+            "load_average_at_end": os.getloadavg()[0], "previews": record,
+        }
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.cost_only:
+        return
 
     rng = np.random.default_rng(123)
     images = images_to_tensor([render(random_sample(rng, combo)) for combo, _ in eval_pairs(4)])
