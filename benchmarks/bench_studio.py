@@ -129,13 +129,14 @@ def step_seconds(job: dict) -> float:
 
 
 def bench_previews(rounds: int, steps: int) -> dict:
-    """Job time per step with 0, 1 and 10 clients watching every step, per preview method, interleaved by round."""
+    """Job time per step with 0, 1 and 10 clients watching, per preview method (tiny and linear at every step; auto:
+    the default, its own steps), interleaved by round."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(Path(tmp))
         try:
             server.wait(server.submit(steps=steps)["id"])  # warm-up (loads the tiny decoder lazily too)
-            for method in ("tiny", "linear"):
+            for method in ("auto", "tiny", "linear"):  # auto: the default, the tiny decoder on the steps its budget chooses
                 samples: dict[int, list[float]] = {0: [], 1: [], 10: []}
                 frames: dict[int, int] = {0: 0, 1: 0, 10: 0}
                 for r in range(rounds):
@@ -143,7 +144,8 @@ def bench_previews(rounds: int, steps: int) -> dict:
                     random.Random(r).shuffle(order)
                     for n in order:
                         watchers = Watchers(server.ws, n) if n else None
-                        job = server.wait(server.submit(steps=steps, seed=r, preview={"every": 1, "method": method})["id"])
+                        preview = {"method": method} if method == "auto" else {"every": 1, "method": method}
+                        job = server.wait(server.submit(steps=steps, seed=r, preview=preview)["id"])
                         if watchers is not None:
                             time.sleep(0.2)
                             watchers.close()
