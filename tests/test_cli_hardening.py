@@ -514,15 +514,15 @@ def test_long_prompt_warns_that_it_is_cut(run_cli, sd_folder, sd_pipe, tmp_path)
     assert "tokens" not in err
 
 
-# ------------------------------------------------------------------------------------------ README
+# ------------------------------------------------------------------------------------------ docs
 
 
-def test_readme_guidance_interval_example_counts_right(sd_pipe):
+def test_docs_guidance_interval_example_counts_right(sd_pipe):
     import re
 
     from stepdiff.callbacks import GuidanceIntervalCallback
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "callbacks.md").read_text()
     expr, claimed = re.search(r"rows_per_step +# (\[1\]\*5 \+ \[2\]\*15 \+ \[1\]\*5): (\d+) model rows", readme).groups()
     out = sd_pipe("a cat", guidance_scale=7.0, num_inference_steps=25, output_type="latent",
                   callback_on_step_end=GuidanceIntervalCallback(start_ratio=0.2, end_ratio=0.8))
