@@ -469,3 +469,15 @@ def test_shutdown_interrupts_running_jobs_and_keeps_queued(tiny_pipe, sd_folder,
         assert again.get(queued["id"])["state"] == "queued"
     finally:
         again.close()
+
+
+def test_words_names_the_unknown_words_and_a_too_long_prompt_is_a_422(make_client):
+    studio, client = make_client()
+    r = client.get("/api/words", params={"prompt": "A zebra on a blue car!"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["unknown"] == ["zebra", "on"] and body["ignored"] is False
+    assert body["message"] == "the model does not know zebra, on"
+    assert client.get("/api/words", params={"prompt": "A photo of a red car."}).json()["message"] == ""
+    r = client.get("/api/words", params={"prompt": "x" * 5000})
+    assert r.status_code == 422 and r.json()["field"] == "prompt"

@@ -157,3 +157,11 @@ def test_guidance_slider_steers_the_running_job(page, server):
     assert rows[:3] == [2, 2, 2] and rows[-1] == 1, rows
     assert done["steering"] and done["steering"][0]["guidance"] == 0.0
     assert int(page.text_content("#rows-saved")) == done["rows_saved"] >= 3
+
+
+def test_unknown_words_are_named_under_the_prompt_before_submit(page):
+    page.fill("#prompt", "a red circle on a blue background, high quality")
+    until(page, "document.getElementById('words').textContent.includes('high, quality')")
+    assert "does not know" in page.text_content("#words")
+    page.fill("#prompt", "a red circle on a blue background")
+    until(page, "document.getElementById('words').textContent === ''")

@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds-per-combo", type=int, default=9,
                    help=f"seeds per held-out combination, 1 to {MAX_SEEDS_PER_COMBO} (default 9: 216 pairs)")
     e.add_argument("--batch", type=int, default=24, help="images per pipeline call (default 24)")
+    e.add_argument("--varied", action="store_true",
+                   help="also judge each setting on captions as people write them (articles, capitals, punctuation, "
+                        "word order, 'a photo of', 'high quality', unknown words), one per pair")
     e.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
@@ -942,12 +945,12 @@ class _DecodeNotice:
 
 def _warn_about_prompt(pipe, prompt: str, negative: str | None, info: dict) -> None:
     """Words the model does not know, and prompts longer than its text encoder reads."""
-    from .vocabulary import prompt_tokens, unknown_words
+    from .vocabulary import prompt_tokens, unknown_words, unknown_words_note
 
-    unknown, known = unknown_words(pipe.tokenizer, prompt, info.get("vocabulary"))
-    if unknown:
-        hint = f"; it knows: {', '.join(known)}" if known else ""
-        _warn(f"the model does not know {', '.join(unknown)}{hint}")
+    note = unknown_words_note(*unknown_words(pipe.tokenizer, prompt, info.get("vocabulary")),
+                              ignored=bool(info.get("ignores_unknown_words")))
+    if note:
+        _warn(note)
     t5 = getattr(pipe, "tokenizer_3", None)
     for flag, text in (("the prompt", prompt), ("--negative", negative)):
         if text is None:
@@ -1087,7 +1090,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     default = _default_guidance(_model_info(folder))
     guidances = args.guidance if args.guidance is not None else sorted({1.0, default})
     rows = evaluate_table(pipe, guidances=guidances, default_guidance=default, cutoffs=args.cfg_cutoff,
-                          steps=args.steps, seeds_per_combo=args.seeds_per_combo, batch=args.batch)
+                          steps=args.steps, seeds_per_combo=args.seeds_per_combo, batch=args.batch,
+                          varied=args.varied)
     print(format_table(rows))
     for row in rows:  # where the misses are: per shape, per colour, and which shape was drawn instead
         print()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["prompt_tokens", "unknown_words"]
+__all__ = ["prompt_tokens", "unknown_words", "unknown_words_note"]
 
 _SMALL_VOCABULARY = 200  # list the known words only for small closed-vocabulary models
 # Words in any script (CJK included), and runs of non-ASCII symbols (emoji) as words of their own;
@@ -39,3 +39,14 @@ def unknown_words(tokenizer, prompt: str, vocabulary: list[str] | None = None) -
 def prompt_tokens(tokenizer, prompt: str) -> tuple[int, int]:
     """(tokens ``prompt`` makes with start and end, tokens the text encoder reads): a longer prompt is cut."""
     return len(tokenizer(prompt, truncation=False).input_ids), int(tokenizer.model_max_length)
+
+
+def unknown_words_note(unknown: list[str], known: list[str], ignored: bool = False) -> str:
+    """One line for the CLI and the studio: which words the model does not know (and, with ``ignored``, that it
+    ignores them: a closed-vocabulary model trained to), and the words it knows when that list is short; "" when
+    every word is known."""
+    if not unknown:
+        return ""
+    hint = f"; it knows: {', '.join(known)}" if known else ""
+    what = f" and ignores {'it' if len(unknown) == 1 else 'them'}" if ignored else ""
+    return f"the model does not know {', '.join(unknown)}{what}{hint}"

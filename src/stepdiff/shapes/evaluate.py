@@ -5,21 +5,26 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..callbacks import CFGCutoffCallback
 from .dataset import COLORS, SHAPES, caption, eval_pairs
 from .judge import judge
+from .varied import varied_caption
 
 __all__ = ["evaluate", "evaluate_table", "format_breakdown", "format_table"]
 
 
 def evaluate(
     pipe, guidance: float, steps: int = 25, seeds_per_combo: int = 9, batch: int = 24,
-    callback: Any = None, desc: str = "eval",
+    callback: Any = None, desc: str = "eval", varied: bool = False,
 ) -> dict[str, Any]:
     """Accuracy per attribute and all-three over the held-out (combo, seed) pairs.
+
+    ``varied``: each pair's prompt is a caption as people write it (:func:`~stepdiff.shapes.varied.varied_caption`,
+    evaluation split, drawn from the pair's seed) instead of the canonical template; ``prompts`` lists them.
 
     Also: ``per_color`` (shape colour right, per requested colour), ``per_color_all`` and ``per_shape_all``
     (all three right, per requested colour / shape), ``per_shape`` (shape type right, per requested shape),
@@ -37,9 +42,11 @@ def evaluate(
     model_rows = steps_done = 0
     started = time.perf_counter()
     pipe.set_progress_bar_config(disable=True)
+    all_prompts = [varied_caption(combo, np.random.default_rng(seed), "eval") if varied else caption(*combo)
+                   for combo, seed in pairs]
     for start in tqdm(range(0, len(pairs), batch), desc=desc, leave=False):
         chunk = pairs[start : start + batch]
-        prompts = [caption(*combo) for combo, _ in chunk]
+        prompts = all_prompts[start : start + batch]
         generators = [torch.Generator(pipe.device).manual_seed(seed) for _, seed in chunk]
         out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                    callback_on_step_end=callback)
@@ -75,18 +82,22 @@ def evaluate(
         "model_rows": model_rows,
         "mean_steps": steps_done / n,
         "seconds": time.perf_counter() - started,
+        "prompts": "varied" if varied else "canonical",
     }
 
 
 def evaluate_table(pipe, guidances, default_guidance: float, cutoffs, steps: int = 25,
-                   seeds_per_combo: int = 9, batch: int = 24) -> list[dict[str, Any]]:
+                   seeds_per_combo: int = 9, batch: int = 24, varied: bool = False) -> list[dict[str, Any]]:
+    """One row per guidance scale and per CFG cutoff ratio; with ``varied``, each setting also on varied captions
+    (the row after it, its setting ending in "varied captions")."""
     rows = []
-    for g in guidances:
-        rows.append({"setting": f"guidance {g:g}", **evaluate(pipe, g, steps, seeds_per_combo, batch, desc=f"g={g:g}")})
-    for ratio in cutoffs:
-        cb = CFGCutoffCallback(cutoff_step_ratio=ratio)
-        rows.append({"setting": f"guidance {default_guidance:g} + CFG cutoff {ratio:g}",
-                     **evaluate(pipe, default_guidance, steps, seeds_per_combo, batch, callback=cb, desc=f"cut={ratio:g}")})
+    settings = [(f"guidance {g:g}", g, None, f"g={g:g}") for g in guidances]
+    settings += [(f"guidance {default_guidance:g} + CFG cutoff {r:g}", default_guidance,
+                  CFGCutoffCallback(cutoff_step_ratio=r), f"cut={r:g}") for r in cutoffs]
+    for name, g, cb, desc in settings:
+        for v in (False, True) if varied else (False,):
+            rows.append({"setting": name + (", varied captions" if v else ""),
+                         **evaluate(pipe, g, steps, seeds_per_combo, batch, callback=cb, desc=desc, varied=v)})
     return rows
 
 

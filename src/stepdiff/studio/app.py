@@ -203,6 +203,12 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
         job = await run_in_threadpool(studio.submit, spec, isinstance(body, dict) and body.get("seed") is not None)
         return JSONResponse(job, status_code=201)
 
+    async def words(request: Request) -> Response:
+        prompt = request.query_params.get("prompt", "")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise FieldError("prompt", f"{len(prompt)} characters", f"at most {MAX_PROMPT_CHARS} characters")
+        return JSONResponse(await run_in_threadpool(studio.words, prompt))
+
     async def history(request: Request) -> Response:
         limit = _query_int(request, "limit", 1, 100, 20)
         before = _query_int(request, "before", 0, 2**62, None)
@@ -285,6 +291,7 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
     routes = [
         Route("/", index),
         Route("/api/info", info),
+        Route("/api/words", words),
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs", history, methods=["GET"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),

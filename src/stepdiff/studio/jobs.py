@@ -126,6 +126,22 @@ class Studio:
 
     # ------------------------------------------------------------------ API
 
+    def words(self, prompt: str) -> dict[str, Any]:
+        """The prompt's words the model does not know (for the page, before a job is submitted)."""
+        import json
+
+        from ..vocabulary import unknown_words, unknown_words_note
+
+        info_file = self.model / "stepdiff.json"
+        try:
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        except (OSError, ValueError):
+            info = {}
+        unknown, known = unknown_words(self.pipeline.tokenizer, prompt, info.get("vocabulary"))
+        ignored = bool(info.get("ignores_unknown_words"))
+        return {"unknown": unknown, "known": known, "ignored": ignored,
+                "message": unknown_words_note(unknown, known, ignored)}
+
     def check(self, spec: JobSpec) -> None:
         """What depends on the loaded model, before a job is accepted."""
         try:

@@ -57,6 +57,7 @@ function useSettings(p) {
   $("preview-every").value = p.preview.every ?? "";
   $("preview-method").value = p.preview.method;
   $("prompt").focus();
+  checkWords();
 }
 
 async function generate() {
@@ -227,6 +228,19 @@ document.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
   else if (e.key === "Escape") { e.preventDefault(); stop(); }
 });
+// Words the model does not know, under the prompt, as it is typed (the server asks the model's tokenizer).
+let wordsTimer = null;
+function checkWords() {
+  clearTimeout(wordsTimer);
+  wordsTimer = setTimeout(async () => {
+    const prompt = $("prompt").value;
+    try {
+      const w = await api(`/api/words?prompt=${encodeURIComponent(prompt)}`);
+      if ($("prompt").value === prompt) $("words").textContent = w.message ? `Note: ${w.message}.` : "";
+    } catch (e) { $("words").textContent = ""; }
+  }, 250);
+}
+$("prompt").addEventListener("input", checkWords);
 $("generate").addEventListener("click", generate);
 $("stop").addEventListener("click", stop);
 $("steer").addEventListener("input", steer);
