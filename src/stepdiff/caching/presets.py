@@ -22,8 +22,8 @@ FAST_CUTOFF_RATIO = 0.3  # the --fast preset's CFG cutoff, as a share of the ste
 def fast_preset(num_inference_steps: int) -> list[Any]:
     """The ``--fast`` preset for a run of ``num_inference_steps`` steps: classifier-free guidance off after 30% of
     the steps (``CFGCutoffCallback``) and DeepCache (interval 3, branch 0). Of the combinations measured in
-    benchmarks/bench_fast.py (README "Faster runs") on the shipped model, the one with the most saved compute that
-    keeps adherence on the 216 held-out pairs within a point of the default run (it measured 100.0%)."""
+    benchmarks/bench_fast.py (docs/faster.md; figures on docs/measured.md) on the shipped model, the one with the most
+    saved compute that keeps adherence on the 216 held-out pairs within a point of the default run (it measured 100.0%)."""
     from ..callbacks import CFGCutoffCallback  # stepdiff.callbacks re-exports this package's policies
 
     steps = _check_int("num_inference_steps", num_inference_steps, 1)
