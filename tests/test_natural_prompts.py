@@ -69,3 +69,17 @@ def test_distillation_smoke_run_writes_a_loadable_model_and_resumes(tmp_path):
     distil(cfg, stepdiff.default_model(), tmp_path / "run")  # finished: resumes at the end, trains nothing more
     again = [json.loads(line) for line in (tmp_path / "run" / "distil_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [0, 2, 4]
+
+
+def test_publish_writes_a_model_that_says_it_ignores_unknown_words(tmp_path):
+    from tools.train_text_encoder import DistilConfig, distil, publish
+
+    distil(DistilConfig().smoke_version(), stepdiff.default_model(), tmp_path / "run")
+    dest = publish(tmp_path / "run", tmp_path / "shapes-vX")
+    info = json.loads((dest / "stepdiff.json").read_text())
+    assert info["name"] == "shapes-vX" and info["ignores_unknown_words"] is True
+    assert set(info["text_encoder_distillation"]["held_out_loss"]) == {"0", "2", "4"}
+    config = json.loads((dest / "text_encoder" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    with pytest.raises(FileExistsError, match="already exists"):
+        publish(tmp_path / "run", dest)

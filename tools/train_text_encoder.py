@@ -2,6 +2,7 @@
 
     python -m tools.train_text_encoder src/stepdiff/models/shapes-v2 --out runs/te        # full run (settings below)
     python -m tools.train_text_encoder src/stepdiff/models/shapes-v2 --out runs/smoke --smoke
+    python -m tools.train_text_encoder src/stepdiff/models/shapes-v2 --out runs/te --publish src/stepdiff/models/shapes-v3
 
 The teacher is the model's own text encoder on the canonical caption ("a red circle on a blue background").
 The student is a CLIP text encoder of the same size that reads up to 77 tokens (the teacher reads 16), with
@@ -41,7 +42,7 @@ from stepdiff.shapes.dataset import caption, held_out_combos, random_sample, ren
 from stepdiff.shapes.varied import _ADJECTIVES, _FILLERS, varied_caption
 from tools.train_shapes import _Checkpoints, _cosine_lr, _to_tensor
 
-__all__ = ["DistilConfig", "distil"]
+__all__ = ["DistilConfig", "distil", "publish"]
 
 
 @dataclass
@@ -227,7 +228,9 @@ def distil(cfg: DistilConfig, model_dir: Path, out: Path) -> Path:
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(model_dir, model, ignore=shutil.ignore_patterns("text_encoder", "tokenizer"))
-    student.eval().to(torch.float16).save_pretrained(model / "text_encoder", safe_serialization=True)
+    # float32 (0.6 MB): diffusers' own loader keeps a transformers model in its saved dtype, and a float16 text
+    # encoder beside a float32 UNet fails on a CPU there.
+    student.eval().save_pretrained(model / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(model / "tokenizer")
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(out / "tokenizer_build" / name, model / "tokenizer" / name)
@@ -238,6 +241,37 @@ def distil(cfg: DistilConfig, model_dir: Path, out: Path) -> Path:
     return model
 
 
+def publish(run: Path, dest: Path, name: str | None = None, overwrite: bool = False) -> Path:
+    """Copy ``run``'s finished model to ``dest`` as a shipped model: its stepdiff.json names it, says that it ignores
+    words it does not know, and records the distillation's settings, time and held-out losses."""
+    if not (run / "model" / "model_index.json").is_file():
+        raise FileNotFoundError(f"run={str(run)!r} has no finished model/ folder; run the distillation first")
+    if dest.exists():
+        if not overwrite:
+            raise FileExistsError(f"dest={str(dest)!r} already exists; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(dest)
+    shutil.copytree(run / "model", dest)
+    encoder = CLIPTextModel.from_pretrained(dest / "text_encoder", torch_dtype=torch.float32)
+    shutil.rmtree(dest / "text_encoder")
+    encoder.save_pretrained(dest / "text_encoder", safe_serialization=True)
+    info = json.loads((dest / "stepdiff.json").read_text())
+    log = [json.loads(line) for line in (run / "distil_log.jsonl").read_text().splitlines()]
+    info.update(
+        name=name or dest.name,
+        ignores_unknown_words=True,
+        prompt_note="reads captions as people write them: articles, capitals, punctuation, word order, framing "
+                    "and filler; words outside the vocabulary are ignored",
+        text_encoder_distillation={
+            "teacher": info.get("name"),
+            "config": json.loads((run / "distil_config.json").read_text()),
+            "time": json.loads((run / "distil_time.json").read_text()),
+            "held_out_loss": {str(r["step"]): r["held_out_loss"] for r in log},
+        },
+    )
+    (dest / "stepdiff.json").write_text(json.dumps(info, indent=1) + "\n")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Distil a text encoder that reads natural captions for a shapes model.")
     parser.add_argument("model", type=Path, help="the shapes model folder (teacher text encoder, frozen UNet)")
@@ -245,7 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps only, to check the script runs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {DistilConfig.steps})")
+    parser.add_argument("--publish", type=Path, default=None, metavar="DEST",
+                        help="afterwards, copy the model to DEST as a shipped model (src/stepdiff/models/NAME)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --publish DEST if it exists")
     args = parser.parse_args(argv)
+    if args.publish is not None and args.publish.exists() and not args.overwrite:
+        parser.error(f"--publish {args.publish} already exists; pass --overwrite to replace it")
     cfg = DistilConfig()
     if args.smoke:
         cfg = cfg.smoke_version()
@@ -254,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     distil(cfg, args.model, args.out)
+    if args.publish is not None:
+        print(publish(args.out, args.publish, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":
