@@ -112,6 +112,15 @@ def test_csv_rows_with_header_empty_cells_and_quoted_newlines(tmp_path):
     ("csv", "prompt,colour\na,red\n", 1, ["unknown column 'colour'", "prompt"]),
     ("csv", "prompt,seed\na,1\nb,2,3\n", 3, ["3 cells", "2 columns"]),
     ("csv", "prompt,seed\na,x1\n", 2, ["seed", "whole number", "'x1'"]),
+    # issue 24: duplicates were merged (the last won), bad quoting was guessed at
+    ("jsonl", '{"prompt": "a", "seed": 1, "seed": 2}\n', 1, ["key 'seed' is given twice"]),
+    ("jsonl", '{"prompt": "a", "guidance_interval": {"x": 1, "x": 2}}\n', 1, ["key 'x' is given twice"]),
+    ("csv", "prompt,seed,seed\na,1,2\n", 1, ["column 'seed' twice"]),
+    ("csv", "prompt,negative,negative_prompt\na,b,\n", 1, ["'negative' and 'negative_prompt' (both negative_prompt)"]),
+    ("csv", 'prompt,seed\n"a" circle,1\n', 2, ["not valid CSV", 'write a quote as ""']),
+    ("csv", 'prompt\n"a red circle\nb\nc\n', 2, ["never closed", "lines 2-4", "rows in it lost"]),
+    ("csv", 'prompt,seed\n"a red\nb,2\n"c",3\n', 2, ["row starting on line 2 runs to line 4"]),
+    ("csv", '"prompt,seed\na,1\n', 1, ["never closed"]),
 ])
 def test_bad_rows_name_the_line_the_field_the_value_and_what_is_allowed(fmt, text, line, words):
     with pytest.raises(RowError) as info:
@@ -154,6 +163,81 @@ def test_without_strict_bad_rows_are_reported_and_the_rest_kept():
     assert [r.prompt for r in rows] == ["a", "c"]
     assert [e.line for e in errors] == [2, 3]
     assert [r.seed for r in rows] == [0, 3]  # a bad row still has its row number: seeds don't shift
+
+
+# The characters str.splitlines() breaks at besides \n, \r and \r\n: legal inside a JSON string and a prompt.
+_NOT_LINE_BREAKS = ["\u2028", "\u2029", "\x85", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e"]
+
+
+@pytest.mark.parametrize("char", _NOT_LINE_BREAKS, ids=[f"U+{ord(c):04X}" for c in _NOT_LINE_BREAKS])
+def test_only_newlines_end_a_row(char):
+    """Issue 24: input was split with str.splitlines(): valid JSONL rows refused, one prompt made two, lines shifted."""
+    prompt = f"a red{char}circle"
+    jsonl = f'{{"prompt": "{prompt}", "seed": 1}}\n{{"prompt": "b"}}\n'  # raw, as an editor saves it
+    text = f"{prompt}\nb\n"
+    csv_text = f"prompt,seed\n{prompt},1\nb,\n"
+    for fmt, source, lines in (("jsonl", jsonl, [1, 2]), ("text", text, [1, 2]), ("csv", csv_text, [2, 3])):
+        rows, errors = parse_rows(source, fmt, source="in", strict=False)
+        assert errors == [], (fmt, errors)
+        assert [(r.line, r.prompt) for r in rows] == [(lines[0], prompt), (lines[1], "b")], fmt
+    # \r\n and a lone \r still end lines, as in the csv module and Python's text files
+    rows, _ = parse_rows('{"prompt": "a"}\r\n{"prompt": "b"}\r{"prompt": "c"}\n', "jsonl")
+    assert [(r.line, r.prompt) for r in rows] == [(1, "a"), (2, "b"), (3, "c")]
+
+
+@pytest.mark.parametrize(("fmt", "row", "words"), [
+    ("jsonl", '{"prompt": "a", "guidance": %s}' % 10**400, ["guidance_scale must be a number in [0, 100]", "..."]),
+    ("jsonl", '{"prompt": "a", "cfg_cutoff": -%s}' % 10**400, ["cfg_cutoff must be a number in [0, 1]"]),
+    ("jsonl", '{"prompt": "a", "guidance_interval": [%s, 1]}' % 10**400, ["guidance_interval must be START,END"]),
+    ("jsonl", '{"prompt": "a", "steps": %s}' % 10**400, ["steps must be in [1, 10000]", "..."]),
+    ("jsonl", '{"prompt": "a", "width": %s}' % 10**400, ["width must be in [8, 65536]", "..."]),
+    ("jsonl", '{"prompt": "a", "seed": %s}' % ("9" * 5000), ["not valid JSON here (a number of more than 4300 digits)"]),
+    ("jsonl", '{"prompt": "a", "size": "%sx64"}' % ("9" * 5000), ["size '999", "far beyond any size"]),
+    ("jsonl", "[" * 100_000, ["not valid JSON (arrays or objects nested too deeply)"]),
+    ("csv", "a,%s," % ("9" * 5000), ["seed must be in [0, 2**64-1], got '999", "..."]),
+    ("csv", "a,1,%s" % ("9" * 5000), ["guidance_scale must be a number in [0, 100]", "..."]),
+], ids=["guidance", "cfg_cutoff", "interval", "steps", "width", "seed-digits", "size-digits", "nesting", "csv-seed",
+        "csv-guidance"])
+def test_a_number_too_big_for_python_is_a_row_error_not_the_end_of_the_batch(fmt, row, words):
+    """Issue 24: 10**400 in a row ended the whole batch (OverflowError, exit 1, no image)."""
+    text = row + "\n" + ('{"prompt": "b"}\n' if fmt == "jsonl" else "b,,\n")
+    if fmt == "csv":
+        text = "prompt,seed,guidance\n" + text
+    rows, errors = parse_rows(text, fmt, source="in", strict=False)
+    assert [r.prompt for r in rows] == ["b"]
+    (error,) = errors
+    assert error.line == (2 if fmt == "csv" else 1)
+    for word in words:
+        assert word in str(error)
+    assert len(str(error)) < 200  # the value is shortened, not printed in full
+
+
+def test_csv_bad_quotes_in_one_line_lose_only_that_row(tmp_path):
+    """Issue 24: the csv module's default quoting took '"b"x' as 'bx'; a csv.Error ended reading, losing every row after it."""
+    text = 'prompt,seed\na,1\n"b"x,2\n' + "x" * 140_000 + ',3\n"d",4\n'
+    rows, errors = read_rows(write(tmp_path / "p.csv", text), strict=False)
+    assert [(r.line, r.prompt, r.seed) for r in rows] == [(2, "a", 1), (5, "d", 4)]
+    assert [e.line for e in errors] == [3, 4]
+    assert "',' expected after '\"'" in str(errors[0])
+    assert "a cell is longer than 131072 characters" in str(errors[1])
+
+
+def test_cli_a_csv_quote_never_closed_exits_2_before_any_work(tmp_path, sd_folder, run_cli, monkeypatch):
+    """Issue 24: three rows, one image, exit 0."""
+    path = write(tmp_path / "p.csv", 'prompt\n"a red circle\na blue square\na green triangle\n')
+    monkeypatch.setattr("stepdiff.batch.runner._run_embedded", lambda *a: pytest.fail("no work for a broken file"))
+    code, _, err = run_cli("batch", path, "--out", tmp_path / "out", "--model", sd_folder)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{path} line 2: not valid CSV: a quoted cell opened on line 2 is never closed" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_a_huge_number_skips_its_row_and_makes_the_others(tmp_path, sd_folder, run_cli):
+    path = write(tmp_path / "p.jsonl", '{"prompt": "a", "guidance": %s}\n{"prompt": "b"}\n' % 10**400)
+    code, stdout, err = run_cli("batch", path, "--out", tmp_path / "out", "--model", sd_folder, "--steps", 1)
+    assert code == 0, err
+    assert "1 image(s) made" in stdout and "1 bad row(s) skipped" in stdout
+    assert f"{path} line 1: guidance_scale must be a number" in err
 
 
 @pytest.mark.parametrize(("name", "text", "words"), [

@@ -28,7 +28,9 @@ _SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jso
 MAX_SEED = 2**64 - 1
 MAX_STEPS = 10_000
 MAX_GUIDANCE = 100.0
+MAX_SIDE = 65536  # width and height; the model check refuses far less (8 times its native size)
 SIZE_LIMIT_RATIO = 8  # as generate's --size without --force
+_MAX_DIGITS = 30  # a whole number with more digits is beyond every limit here (seeds end at 2**64, 20 digits)
 
 # The fields a JSONL object or a CSV header may name (aliases map onto them).
 FIELDS = (
@@ -141,10 +143,11 @@ def read_rows(path: str | Path, defaults: BatchDefaults = BatchDefaults(), forma
     if not path.is_file():
         raise FileNotFoundError(f"INPUT {str(path)!r} does not exist" if not path.exists()
                                 else f"INPUT {str(path)!r} is not a file")
+    data = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = len(_LINE_BREAK_BYTES.findall(data[: e.start])) + 1
         raise ValueError(f"INPUT {str(path)!r} line {line}: not UTF-8 text ({e.reason})") from None
     return parse_rows(text, fmt, defaults, source=str(path), strict=strict)
 
@@ -170,47 +173,127 @@ def parse_rows(text: str, fmt: str, defaults: BatchDefaults = BatchDefaults(), s
     return rows, errors
 
 
+# Lines end at \n, \r\n or \r (as the csv module and Python's text files split them), never at the other
+# characters str.splitlines() also breaks at (U+2028, U+2029, U+0085, form feed, \x1c-\x1e, vertical tab):
+# those are legal inside a JSON string and a prompt, so splitting there refused valid rows and shifted line numbers.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
+_QUOTE_HINT = ('a cell that starts with " must end with it; inside such a cell write a quote as "", e.g. '
+               '"a ""big"" circle",3')
+
+
+def _lines(text: str) -> list[str]:
+    return _LINE_BREAK.split(text)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json.loads would keep the last one without a word)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def _json_row(source: str, n: int, line: str) -> dict[str, Any] | RowError:
+    try:
+        obj = json.loads(line, object_pairs_hook=_object, strict=False)  # strict=False: a raw tab or form feed in a string
+    except _DuplicateKey as e:
+        return RowError(source, n, f"key {e.args[0]!r} is given twice; give each field once")
+    except json.JSONDecodeError as e:
+        return RowError(source, n, f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
+    except ValueError:  # a number with more digits than Python converts (4300)
+        return RowError(source, n, "not valid JSON here (a number of more than 4300 digits)")
+    except RecursionError:
+        return RowError(source, n, "not valid JSON (arrays or objects nested too deeply)")
+    if not isinstance(obj, dict):
+        return RowError(source, n, f"must be a JSON object like {{\"prompt\": \"...\"}}, got {_short(obj)}")
+    return obj
+
+
 def _records(text: str, fmt: str, source: str) -> Iterable[tuple[int, dict[str, Any] | RowError]]:
     if fmt == "text":
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(_lines(text), 1):
             stripped = line.strip()
             if stripped and not stripped.startswith("#"):
                 yield n, {"prompt": stripped}
     elif fmt == "jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                yield n, RowError(source, n, f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                yield n, RowError(source, n, f"must be a JSON object like {{\"prompt\": \"...\"}}, got {_short(obj)}")
-                continue
-            yield n, obj
+        for n, line in enumerate(_lines(text), 1):
+            if line.strip():
+                yield n, _json_row(source, n, line)
     else:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        try:
-            header = next(reader)
-        except StopIteration:
-            return
-        header = [h.strip() for h in header]
-        for name in header:
-            if _canonical(name) not in FIELDS:
-                raise RowError(source, 1, f"unknown column {name!r}; columns may be: {', '.join(FIELDS)}")
-        start = reader.line_num
-        try:
-            for cells in reader:
-                n, start = start + 1, reader.line_num
-                if not any(c.strip() for c in cells):
-                    continue
-                if len(cells) != len(header):
-                    yield n, RowError(source, n, f"has {len(cells)} cells but the header has {len(header)} columns")
-                    continue
-                yield n, {h: c for h, c in zip(header, cells) if c.strip() != ""}  # an empty cell: the default
-        except csv.Error as e:
-            yield start + 1, RowError(source, start + 1, f"not valid CSV ({e})")
+        yield from _csv_records(text, source)
+
+
+def _csv_records(text: str, source: str) -> Iterable[tuple[int, dict[str, Any] | RowError]]:
+    """A CSV file's rows, read with strict quoting. A bad quote confined to one line is that row's error and
+    reading goes on at the next line; a quoted cell that is never closed, or a bad quote in a cell that spans
+    lines, leaves no way to tell where the rows after it begin, so the file is refused."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 0  # the line before the record being read
+
+    def records() -> Iterable[tuple[int, list[str] | csv.Error]]:
+        nonlocal start
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                first, last = start + 1, reader.line_num
+                start = reader.line_num
+                if "unexpected end of data" in str(e):
+                    where = f"line {first}" if last <= first else f"lines {first}-{last}"
+                    raise RowError(source, first, f"not valid CSV: a quoted cell opened on line {first} is never "
+                                   f"closed, so {where} would be read as one row and the rows in it lost; "
+                                   f"{_QUOTE_HINT}") from None
+                if last > first:  # the error ends a record that spans lines: where the next row begins is a guess
+                    raise RowError(source, first, f"not valid CSV: the row starting on line {first} runs to line "
+                                   f"{last} and breaks there ({_csv_problem(e)}); the rows in it would be lost"
+                                   ) from None
+                yield first, e
+                continue
+            first, start = start + 1, reader.line_num
+            yield first, cells
+
+    rows = records()
+    first = next(rows, None)
+    if first is None:
+        return
+    header = first[1]
+    if isinstance(header, csv.Error):
+        raise RowError(source, 1, f"not valid CSV header ({_csv_problem(header)})")
+    header = [h.strip() for h in header]
+    seen: dict[str, str] = {}
+    for name in header:
+        key = _canonical(name)
+        if key not in FIELDS:
+            raise RowError(source, 1, f"unknown column {name!r}; columns may be: {', '.join(FIELDS)}")
+        if key in seen:
+            twice = f"{name!r} twice" if seen[key] == name else f"{seen[key]!r} and {name!r} (both {key})"
+            raise RowError(source, 1, f"the header names column {twice}; give each column once")
+        seen[key] = name
+    for n, cells in rows:
+        if isinstance(cells, csv.Error):
+            yield n, RowError(source, n, f"not valid CSV ({_csv_problem(cells)})")
+            continue
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            yield n, RowError(source, n, f"has {len(cells)} cells but the header has {len(header)} columns")
+            continue
+        yield n, {h: c for h, c in zip(header, cells) if c.strip() != ""}  # an empty cell: the default
+
+
+def _csv_problem(e: csv.Error) -> str:
+    if "field larger than field limit" in str(e):
+        return f"a cell is longer than {csv.field_size_limit()} characters"
+    return f"{e}; {_QUOTE_HINT}"
 
 
 def _canonical(name: str) -> str:
@@ -257,8 +340,8 @@ def _row(raw: dict[str, Any], line: int, index: int, d: BatchDefaults, source: s
         if "width" in values or "height" in values:
             raise bad("give size or width/height, not both")
         width, height = _size(bad, values["size"])
-    width = _int(bad, values, "width", width, 8, None) if "width" in values else width
-    height = _int(bad, values, "height", height, 8, None) if "height" in values else height
+    width = _int(bad, values, "width", width, 8, MAX_SIDE) if "width" in values else width
+    height = _int(bad, values, "height", height, 8, MAX_SIDE) if "height" in values else height
     guidance = _number(bad, values, "guidance_scale", d.guidance_scale, 0.0, MAX_GUIDANCE,
                        " (far above 10 the images saturate to black or white)")
     cutoff, cutoff_step, interval = d.cfg_cutoff, d.cfg_cutoff_step, d.guidance_interval
@@ -270,7 +353,7 @@ def _row(raw: dict[str, Any], line: int, index: int, d: BatchDefaults, source: s
     if "cfg_cutoff" in values:
         cutoff = _number(bad, values, "cfg_cutoff", None, 0.0, 1.0)
     if "cfg_cutoff_step" in values:
-        cutoff_step = _int(bad, values, "cfg_cutoff_step", None, 0, None)
+        cutoff_step = _int(bad, values, "cfg_cutoff_step", None, 0, MAX_STEPS)
     if "guidance_interval" in values:
         interval = _interval(bad, values["guidance_interval"])
     scheduler = values.get("scheduler", d.scheduler)
@@ -304,50 +387,69 @@ def _check_text(bad, name: str, text: str) -> None:
         raise bad(f"{name} is not valid UTF-8 text: {text[:40]!r}") from None
 
 
-def _int(bad, values: dict, name: str, default: Any, low: int, high: int | None, high_text: str = "") -> Any:
+def _int(bad, values: dict, name: str, default: Any, low: int, high: int, high_text: str = "") -> Any:
     if name not in values:
         return default
-    value = values[name]
+    value = given = values[name]
+    allowed = f"in [{low}, {high_text or high}]"
     if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise bad(f"{name} must be a whole number, got {value!r}") from None
+        text = value.strip()
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise bad(f"{name} must be a whole number, got {_short(value)}")
+        if len(text.lstrip("+-0")) > _MAX_DIGITS:  # beyond every limit (and maybe Python's 4300-digit conversion)
+            raise bad(f"{name} must be {allowed}, got {_short(value)}")
+        value = int(text)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad(f"{name} must be a whole number, got {_short(value)}")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high_text or high}]"
-        raise bad(f"{name} must be {allowed}, got {value}")
+    if not low <= value <= high:
+        raise bad(f"{name} must be {allowed}, got {_short(given)}")
     return value
 
 
 def _number(bad, values: dict, name: str, default: Any, low: float, high: float, why: str = "") -> Any:
     if name not in values:
         return default
-    value = values[name]
+    value = given = values[name]
     if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise bad(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}") from None
+        value = _float(value)
+        if value is None:
+            raise bad(f"{name} must be a number in [{low:g}, {high:g}], got {_short(given)}")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = _float(value)  # 10**400 is out of range, not an OverflowError that ends the batch
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise bad(f"{name} must be a number in [{low:g}, {high:g}]{why}, got {_short(value)}")
+        raise bad(f"{name} must be a number in [{low:g}, {high:g}]{why}, got {_short(given)}")
     return float(value)
 
 
+def _float(value: str | int) -> float | None:
+    """``value`` as a float (huge numbers: infinity, so a range check refuses them); None if it is no number."""
+    try:
+        return float(value.strip() if isinstance(value, str) else value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf if value > 0 else -math.inf  # type: ignore[operator]
+    except ValueError:
+        return None
+
+
 def _size(bad, value: Any) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value) if isinstance(value, str) else None
+    m = re.fullmatch(r"\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*", value) if isinstance(value, str) else None
     if m is None:
         raise bad(f"size must look like WIDTHxHEIGHT, e.g. 64x64, got {_short(value)}")
+    if any(len(g.lstrip("0")) > _MAX_DIGITS for g in m.groups()):
+        raise bad(f"size {_short(value)} is far beyond any size a model takes")
     return int(m.group(1)), int(m.group(2))
 
 
 def _interval(bad, value: Any) -> tuple[float, float]:
     parts = value.split(",") if isinstance(value, str) else value
     try:
-        start, end = (float(p) for p in parts)
+        if isinstance(parts, (str, dict)) or any(isinstance(p, bool) for p in parts):
+            raise TypeError
+        start, end = (_float(p) if isinstance(p, (str, int)) else float(p) for p in parts)
+        if start is None or end is None:
+            raise ValueError
     except (TypeError, ValueError):
         raise bad(f"guidance_interval must be two ratios START,END in [0, 1], e.g. \"0.2,0.8\", got {_short(value)}") from None
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0) or start > end:
