@@ -371,6 +371,28 @@ def test_embedded_run_writes_one_image_per_row_with_metadata_and_manifest(tmp_pa
                                                                 ["manifest.jsonl", ".stepdiff-batch.lock"])
 
 
+def test_an_image_file_is_a_function_of_its_row_and_the_model(tmp_path, sd_folder, monkeypatch):
+    """Issue 24: the PNG carried the wall time and the worker, so a redone or Ray-made image had other bytes."""
+    cfg = config(tmp_path, sd_folder, write(tmp_path / "p.txt", "a red circle\na blue square\n"))
+    assert run_batch(cfg).made == 2
+    first = Manifest(cfg.out).read()
+    made = {e["key"]: (cfg.out / e["file"]).read_bytes() for e in first}
+    (cfg.out / first[0]["file"]).unlink()  # redone by the resume, by another worker
+    monkeypatch.setattr("stepdiff.batch.worker.embedded_label", lambda: "embedded:elsewhere:1")
+    assert run_batch(cfg).made == 1
+    assert run_batch(replace(cfg, out=tmp_path / "other")).made == 2
+    again = Manifest(cfg.out).read()[2:] + Manifest(tmp_path / "other").read()
+    for e in again:
+        folder = cfg.out if e in Manifest(cfg.out).read() else tmp_path / "other"
+        assert (folder / e["file"]).read_bytes() == made[e["key"]], e["prompt"]
+        assert e["sha256"] == next(f["sha256"] for f in first if f["key"] == e["key"])
+        # who made it and how long it took: in the manifest, not in the image
+        assert e["worker"] == "embedded:elsewhere:1" and e["record"]["wall_seconds"] > 0
+        meta = stepdiff_chunk(folder / e["file"])
+        assert "worker" not in meta and "wall_seconds" not in meta["record"]
+        assert meta["record"]["model_calls"] == e["record"]["model_calls"]
+
+
 def test_a_row_is_the_same_image_as_generate_makes(tmp_path, sd_folder, run_cli, monkeypatch):
     """Same prompt, seed, steps, guidance, cutoff: the batch image has generate's pixels (same thread count)."""
     cfg = config(tmp_path, sd_folder, write(tmp_path / "p.jsonl", '{"prompt": "a red circle", "seed": 5, "cfg_cutoff": 0.5}\n'),

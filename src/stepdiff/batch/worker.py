@@ -114,7 +114,11 @@ class ChunkWorker:
             guidance_scale=row.guidance_scale, model=self.config.model, cfg_cutoff_ratio=row.cfg_cutoff,
             cfg_cutoff_step=row.cfg_cutoff_step, cache=cache,
         )
-        extra = {"key": row.key, "worker": self.label, "guidance_interval": row.params()["guidance_interval"]}
+        # The file is a function of the row and the model alone: who made it and how long it took (the worker, the
+        # wall time) go to the manifest entry, never into the image, so a resumed or Ray-made image has the same bytes.
+        record = out.record.to_dict()
+        record.pop("wall_seconds", None)
+        extra = {"key": row.key, "guidance_interval": row.params()["guidance_interval"], "record": record}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             write_image(path, settings, image, self.pipe.scheduler, out, extra=extra)
