@@ -275,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, default=1, help="jobs run at once on the one loaded model (default 1)")
     v.add_argument("--queue-size", type=int, default=100, help="jobs that may wait; more get HTTP 429 (default 100)")
     v.add_argument("--max-steps", type=int, default=500, help="the most steps a job may ask for (default 500)")
+    v.add_argument("--request-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds a client has to send a request's headers, and then its body (default 10); slower "
+                        "connections are closed")
+    v.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="HTTP connections held at once (default 512, fewer under a low open-file limit); past it the "
+                        "connection that waited longest without a request is closed")
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps or xpu (default cpu)")
     v.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights dtype (default float32)")
@@ -756,19 +762,10 @@ def _check_control(args: argparse.Namespace, folder: Path, width: int, height: i
 
 
 def _read_picture(flag: str, path: Path, mode: str):
-    """A picture file, fully decoded now, so that a bad file fails before the model loads."""
-    from PIL import Image, UnidentifiedImageError
+    """A picture file, fully decoded now (stepdiff.images.read_image), so that a bad file fails before the model loads."""
+    from .images import read_image
 
-    if not path.exists():
-        raise ValueError(f"{flag} {str(path)!r} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a folder; give a picture file (PNG, JPEG, WebP)")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"{flag} {str(path)!r} is not a readable picture ({type(e).__name__}: {e})") from None
+    return read_image(path, what=flag, mode=mode)
 
 
 def _check_init_images(args: argparse.Namespace, shape) -> tuple[int, int]:
@@ -976,21 +973,16 @@ def cmd_fit_preview(args: argparse.Namespace) -> int:
         if len(files) < 4:
             raise FileNotFoundError(f"--images {str(args.images)!r} holds {len(files)} .png/.jpg/.webp images; "
                                     "at least 4 are needed (3 to fit, 1 to check)")
+        from .images import read_image
+        from .limits import ModelShape
+
+        size = ModelShape.from_folder(args.model).native_size  # the pipeline's default size; read before it loads
+        pictures = [read_image(p, what="--images:", mode="RGB").resize((size, size)) for p in files]
     else:
         _at_least("--count", args.count, 4, MAX_FIT_COUNT, " (3/4 fit the table, 1/4 check it)")
     pipe = _from_pretrained(args.model)
     if files is not None:
-        from PIL import Image, UnidentifiedImageError
-
-        size = pipe.default_size()
-        loaded = []
-        for p in files:
-            try:
-                with Image.open(p) as im:
-                    loaded.append(im.convert("RGB").resize((size, size)))
-            except (OSError, UnidentifiedImageError) as e:
-                raise ValueError(f"--images: {str(p)!r} is not a readable image ({e})") from None
-        images = images_to_tensor(loaded)
+        images = images_to_tensor(pictures)
     else:
         import numpy as np
 
@@ -1197,6 +1189,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _at_least("--max-steps", args.max_steps, 1, MAX_STEPS)
     if args.threads is not None:
         _at_least("--threads", args.threads, 1, 1024)
+    if not 0.1 <= args.request_timeout <= 3600:  # also refuses nan
+        raise ValueError(f"--request-timeout must be a number of seconds in [0.1, 3600], got {args.request_timeout}")
+    if args.max_connections is not None:
+        _at_least("--max-connections", args.max_connections, 8, 100_000)
     if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{8,256}", args.token):
         raise ValueError("--token must be 8 to 256 characters from A-Z a-z 0-9 . _ ~ -, got "
                          f"{len(args.token)} characters")
@@ -1214,7 +1210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     studio = load_studio(folder, args.data, workers=args.workers, queue_size=args.queue_size, max_steps=args.max_steps,
                          device=args.device, dtype=args.dtype)
     with contextlib.suppress(KeyboardInterrupt, Terminated):  # Ctrl-C and SIGTERM are how a server stops
-        serve(studio, host=args.host, port=args.port, token=args.token)
+        serve(studio, host=args.host, port=args.port, token=args.token, request_timeout=args.request_timeout,
+              max_connections=args.max_connections)
     return 0
 
 
