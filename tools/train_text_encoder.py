@@ -49,14 +49,15 @@ __all__ = ["DistilConfig", "distil", "publish"]
 class DistilConfig:
     seed: int = 0
     threads: int = 1
-    steps: int = 2500
+    steps: int = 1500
     batch: int = 48
-    lr: float = 3e-4
+    lr: float = 5e-4
     warmup: int = 100
     max_length: int = 77
     canonical_share: float = 0.2  # the canonical caption itself
     empty_share: float = 0.08  # "" or unknown words only -> the empty prompt
     latents_per_combo: int = 12
+    loss: str = "attention"  # LOSSES: "attention" (layer by layer) or "noise" (the first recipe's)
     checkpoint_every: int = 250
     eval_every: int = 250
     smoke: bool = False
@@ -143,16 +144,53 @@ class _Batches:
         return texts, targets, torch.stack(x0), torch.Generator().manual_seed(seed * 100_003 + step)
 
 
-def _loss(unet, scheduler, student, tokenizer, teacher_emb, texts, targets, x0, gen) -> torch.Tensor:
+def _noised(scheduler, x0, gen):
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
-    xt = scheduler.add_noise(x0, noise, t)
-    with torch.no_grad():
-        target = unet(xt, t, encoder_hidden_states=torch.cat([teacher_emb[c] for c in targets])).sample
+    return scheduler.add_noise(x0, noise, t), t
+
+
+def _student_embeddings(student, tokenizer, texts):
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    pred = unet(xt, t, encoder_hidden_states=student(ids)[0]).sample
+    return student(ids)[0]
+
+
+def noise_loss(unet, scheduler, student, tokenizer, teacher_emb, texts, targets, x0, gen) -> torch.Tensor:
+    """MSE between the UNet's noise predictions with the student's and the teacher's embeddings (first recipe)."""
+    xt, t = _noised(scheduler, x0, gen)
+    with torch.no_grad():
+        target = unet(xt, t, encoder_hidden_states=torch.cat([teacher_emb[c] for c in targets])).sample
+    pred = unet(xt, t, encoder_hidden_states=_student_embeddings(student, tokenizer, texts)).sample
     return F.mse_loss(pred, target)
+
+
+def attention_loss(unet, scheduler, student, tokenizer, teacher_emb, texts, targets, x0, gen) -> torch.Tensor:
+    """Mean over the UNet's cross-attention layers of MSE(layer(q, student), layer(q, teacher)) / Var(layer(q,
+    teacher)), with q each layer's input in the teacher's pass at a random noise level.
+
+    The text reaches an SD UNet only through its cross-attention layers, so when every layer's output matches, the
+    noise prediction is the teacher's. Matched layer by layer, the signal is dense: matched on the noise prediction
+    alone (``noise_loss``), text-dependent differences are a small part of the error (the whole conditional minus
+    unconditional difference is ~0.01 MSE on the shipped model) and the student learnt slowly.
+    """
+    xt, t = _noised(scheduler, x0, gen)
+    layers = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((args[0], out))) for m in layers]
+    try:
+        with torch.no_grad():
+            unet(xt, t, encoder_hidden_states=torch.cat([teacher_emb[c] for c in targets]))
+    finally:
+        for h in hooks:
+            h.remove()
+    emb = _student_embeddings(student, tokenizer, texts)
+    losses = [F.mse_loss(layer(q, encoder_hidden_states=emb), out) / out.var().clamp_min(1e-8)
+              for layer, (q, out) in zip(layers, seen)]
+    return torch.stack(losses).mean()
+
+
+LOSSES = {"attention": attention_loss, "noise": noise_loss}
 
 
 def distil(cfg: DistilConfig, model_dir: Path, out: Path) -> Path:
@@ -160,6 +198,9 @@ def distil(cfg: DistilConfig, model_dir: Path, out: Path) -> Path:
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     (out / "distil_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {cfg.loss!r}")
+    loss_fn = LOSSES[cfg.loss]
     ck = _Checkpoints(out / "checkpoints")
     started = time.time()
     teacher_tok = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
@@ -198,7 +239,7 @@ def distil(cfg: DistilConfig, model_dir: Path, out: Path) -> Path:
     def held_loss() -> float:
         student.eval()
         with torch.no_grad():
-            losses = [_loss(unet, scheduler, student, tokenizer, teacher_emb, *held_batches(k, 10_000 + cfg.seed)).item()
+            losses = [loss_fn(unet, scheduler, student, tokenizer, teacher_emb, *held_batches(k, 10_000 + cfg.seed)).item()
                       for k in range(2 if cfg.smoke else 8)]
         student.train()
         return float(np.mean(losses))
@@ -211,7 +252,7 @@ def distil(cfg: DistilConfig, model_dir: Path, out: Path) -> Path:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _cosine_lr(step, cfg.steps, cfg.warmup)
-        loss = _loss(unet, scheduler, student, tokenizer, teacher_emb, *batches(step, cfg.seed))
+        loss = loss_fn(unet, scheduler, student, tokenizer, teacher_emb, *batches(step, cfg.seed))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
