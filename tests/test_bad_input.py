@@ -87,3 +87,48 @@ def test_bad_callback_returns(sd_pipe, bad, error, message):
     # The pipeline object is still usable afterwards.
     out = sd_pipe("a cat", num_inference_steps=2, output_type="latent")
     assert out.steps_completed == 2
+
+
+@pytest.mark.parametrize("folder", ["sd_folder", "sd_inpaint_folder"])
+def test_more_masks_than_images_is_refused_before_model_work(request, folder, count_calls):
+    """mask_image=[mask, mask] for one image passed the checks and failed after two model calls (4-channel UNet:
+    the known region put back on two rows of latents). The number of masks (and of images) must be 1, one per
+    image of the call, or a number that divides it; checked before the text encoder runs."""
+    import stepdiff
+
+    from .conftest import test_image
+
+    pipe = stepdiff.StableDiffusionInpaintPipeline.from_pretrained(request.getfixturevalue(folder))
+    pipe.set_progress_bar_config(disable=True)
+    calls = count_calls(pipe)
+    encoded = []
+    handle = pipe.text_encoder.register_forward_pre_hook(lambda *a: encoded.append(1))
+    image, mask = test_image()
+    kw = dict(image=image, num_inference_steps=2, output_type="latent", generator=gen())
+    try:
+        with pytest.raises(ValueError, match=r"mask_image holds 2 masks but this call makes 1 image \(1 prompt x "
+                                             r"num_images_per_prompt=1\); give 1 mask"):
+            pipe("a cat", mask_image=[mask, mask], **kw)
+        with pytest.raises(ValueError, match=r"image holds 3 images but this call makes 2 images .*divides 2"):
+            pipe(["a cat", "a dog"], image=[image] * 3, mask_image=mask, num_inference_steps=2)
+        with pytest.raises(ValueError, match="masked_image_latents holds 2 latents but this call makes 1 image"):
+            pipe("a cat", mask_image=mask, masked_image_latents=torch.zeros(2, 4, 16, 16), **kw)
+        assert calls.calls == 0 and encoded == []
+    finally:
+        handle.remove()
+    # Two masks for two prompts (or one per image of num_images_per_prompt) are fine.
+    assert pipe(["a cat", "a dog"], mask_image=[mask, mask], **{**kw, "generator": None}).images.shape[0] == 2
+    assert pipe("a cat", mask_image=[mask, mask], num_images_per_prompt=2, **{**kw, "generator": None}).images.shape[0] == 2
+
+
+def test_more_images_than_the_call_makes_is_refused_for_image_to_image(sd_folder, count_calls):
+    import stepdiff
+
+    from .conftest import test_image
+
+    pipe = stepdiff.StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)
+    calls = count_calls(pipe)
+    image, _ = test_image()
+    with pytest.raises(ValueError, match=r"image holds 2 images but this call makes 1 image"):
+        pipe("a cat", image=[image, image], num_inference_steps=2)
+    assert calls.calls == 0

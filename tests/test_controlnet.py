@@ -243,6 +243,26 @@ def test_image_callback_tensor_is_one_row_per_image(request):
                    callback_on_step_end_tensor_inputs=["image"]))
 
 
+@pytest.mark.parametrize("nets", [1, 2])
+@pytest.mark.parametrize("bad,message", [
+    (lambda x: x.double(), r"'image' as torch.float64 on cpu at step 0(?: \(control image 0 of 2\))?; expected torch.float32 "
+     r"on cpu"),
+    (lambda x: torch.empty_like(x, device="meta"), r"'image' as torch.float32 on meta at step 0(?: \(control image 0 of "
+     r"2\))?; expected torch.float32 on cpu"),
+])
+def test_control_image_from_a_callback_on_another_dtype_or_device_is_refused(request, nets, bad, message):
+    """A callback returning the control image in float64 was converted silently, one on another device failed deep
+    in torch; both raise naming the key and the step (docs/callbacks.md), and change nothing of the run."""
+    ours, _ = _pipes("sd", nets, request)
+
+    def swap(pipe, i, t, kw):
+        images = kw["image"]
+        return {"image": bad(images) if nets == 1 else [bad(images[0]), images[1]]}
+
+    with pytest.raises(ValueError, match=message):
+        ours(**_kw(nets, ["a cat"], callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["image"]))
+
+
 def test_auto_pipeline_with_controlnet(request, sd_folder, sd_controlnet_folder):
     net = ControlNetModel.from_pretrained(sd_controlnet_folder)
     pipe = stepdiff.AutoPipelineForText2Image.from_pretrained(sd_folder, controlnet=net)

@@ -43,6 +43,7 @@ with quiet_transformers():
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import USE_PEFT_BACKEND, deprecate, scale_lora_layers, unscale_lora_layers
+from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..callbacks import MultiPipelineCallbacks, adapt_classic
@@ -56,6 +57,8 @@ from .registry import REGISTRY, entry_for_class_name, pipeline_for
 from .run import Run, current_run, remembered
 
 __all__ = ["StepDiffPipeline", "check_folder", "decode_with_vae"]
+
+_LOGGER = diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
 
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -313,17 +316,16 @@ class StepDiffPipeline(DiffusionPipeline):
         if "torch_dtype" not in kwargs and "dtype" not in kwargs:
             # One dtype for every component: transformers would otherwise keep the stored dtype (fp16 for
             # the shipped model) while diffusers upcasts, and the text encoder and UNet would disagree.
-            kwargs["torch_dtype"] = torch.float32
+            # ``dtype``, diffusers' current name: a caller's ``torch_dtype`` gets diffusers' own deprecation warning.
+            kwargs["dtype"] = torch.float32
         if allow_pickle:
             kwargs.setdefault("use_safetensors", None)  # diffusers: safetensors where present, else .bin
         else:
             kwargs.setdefault("use_safetensors", True)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            try:
-                return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-            except (ValueError, RuntimeError) as e:
-                raise _explain_mismatch(Path(pretrained_model_name_or_path), e) from e
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (ValueError, RuntimeError) as e:
+            raise _explain_mismatch(Path(pretrained_model_name_or_path), e) from e
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike, *, allow_pickle: bool = False,
@@ -393,14 +395,28 @@ class StepDiffPipeline(DiffusionPipeline):
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        vae = getattr(self, "vae", None)
+        if vae is None:  # a pipeline built without its VAE (text encoders only): the classic pipelines' 8
+            return 8
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def _vae_latent_channels(self) -> int:
+        vae = getattr(self, "vae", None)
+        return 4 if vae is None else vae.config.latent_channels
 
     @property
     def image_processor(self) -> VaeImageProcessor:
+        """Pre- and post-processing of images (made on first use; assignable, as the classic attribute)."""
         proc = self.__dict__.get("_image_processor")
         if proc is None:
-            proc = self.__dict__["_image_processor"] = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+            proc = self.__dict__["_image_processor"] = VaeImageProcessor(
+                vae_scale_factor=self.vae_scale_factor, vae_latent_channels=self._vae_latent_channels()
+            )
         return proc
+
+    @image_processor.setter
+    def image_processor(self, value: VaeImageProcessor) -> None:
+        self.__dict__["_image_processor"] = value
 
     def default_size(self) -> int:
         return self.denoiser.config.sample_size * self.vae_scale_factor
@@ -494,6 +510,10 @@ class StepDiffPipeline(DiffusionPipeline):
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
         """Pop and check what this kind of run adds (image, mask, strength); text-to-image adds nothing."""
         return {}
+
+    def check_kind_rows(self, kind: dict, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
+        """Once the call's size and number of images are known, before any model work: the kind's images against
+        them (image-to-image: as many images as the call makes, or a number that divides it; inpainting: masks too)."""
 
     def set_timesteps(self, run: Run, num_inference_steps: int | None, timesteps, sigmas, kind: dict) -> torch.Tensor:
         """Set the run's scheduler and return the timesteps the loop will run."""
@@ -683,6 +703,7 @@ class StepDiffPipeline(DiffusionPipeline):
         started = time.perf_counter()
         args = dict(args)
         # 1. Check every argument before any model work.
+        self._check_components(args)
         kind = self.check_kind_inputs(args)
         batch_size, encode_kwargs = self.check_prompts(args)
         self._check_embedding_widths(encode_kwargs)
@@ -719,6 +740,7 @@ class StepDiffPipeline(DiffusionPipeline):
         callback, tensor_names = self._resolve_callback(
             args.pop("callback_on_step_end", None), args.pop("callback_on_step_end_tensor_inputs", None)
         )
+        self.check_kind_rows(kind, rows, batch_size, num_images_per_prompt)
         device = self._execution_device
 
         # 2. The run, with its own scheduler and guidance; timesteps; then callbacks check their settings
@@ -761,6 +783,24 @@ class StepDiffPipeline(DiffusionPipeline):
             run.compute.free()  # a refused or failed start leaves no block of the model wrapped
             raise
         return run
+
+    def _check_components(self, args: dict[str, Any]) -> None:
+        """A pipeline built without a component a call needs (``unet=None`` to run ``encode_prompt`` alone, as the
+        classic pipelines allow) says which, instead of failing inside the run."""
+        needed = [self._denoiser_name, "scheduler", *self._call_components]
+        from .kinds import Image2ImageRun
+
+        if args.get("output_type", "pil") != "latent" or isinstance(self, Image2ImageRun):
+            needed.append("vae")
+        missing = [n for n in needed if getattr(self, n, None) is None]
+        if missing:
+            raise ValueError(
+                f"this {type(self).__name__} was built without {' and '.join(missing)}, which this call needs; "
+                "build it with every component (a pipeline without them can still run encode_prompt)"
+            )
+
+    _denoiser_name: ClassVar[str] = "unet"
+    _call_components: ClassVar[tuple[str, ...]] = ()  # further components every call needs (ControlNet: controlnet)
 
     def embedding_width(self) -> int | None:
         """The width the denoiser's cross-attention takes (what ``prompt_embeds`` must have)."""
@@ -973,12 +1013,23 @@ def run_hooks(callback: object, hook: str, pipeline: StepDiffPipeline) -> None:
             fn(pipeline)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int | None = None) -> torch.Tensor:
-    """CLIP-style tokens padded to the model length (or ``max_length``), as the classic pipelines do."""
-    return tokenizer(
-        texts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids
+def tokenize(tokenizer, texts: list[str], max_length: int | None = None, logger: Any = None) -> torch.Tensor:
+    """CLIP-style tokens padded to the model length (or ``max_length``), as the classic pipelines do; a text
+    longer than that is cut, with the classic warning on ``logger`` naming what was cut."""
+    length = max_length or tokenizer.model_max_length
+    ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    warn_truncated(tokenizer, texts, length, f"CLIP can only handle sequences up to {length} tokens", logger)
+    return ids
+
+
+def warn_truncated(tokenizer, texts: list[str], length: int, reason: str, logger: Any = None) -> None:
+    """The classic pipelines' warning for texts longer than ``length`` tokens, with the part that was cut (the tokens
+    past ``length - 1``, before the closing special token), on ``logger`` (the classic pipeline module's logger, under
+    diffusers' verbosity settings)."""
+    full = tokenizer(texts, truncation=False, verbose=False).input_ids
+    removed = [tokenizer.decode(ids[length - 1 : -1]) for ids in full if len(ids) > length]
+    if removed:
+        (logger or _LOGGER).warning(f"The following part of your input was truncated because {reason}: {removed}")
 
 
 def repeat_rows(tensor: torch.Tensor, n: int) -> torch.Tensor:

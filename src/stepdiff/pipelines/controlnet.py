@@ -36,8 +36,11 @@ __all__ = ["ControlNetRun", "ControlState", "as_controlnet", "check_controlnet_f
 _IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
 
 
-def as_controlnet(controlnet: Any) -> ControlNetModel | MultiControlNetModel:
-    """A ControlNetModel, or several (a list or tuple) as diffusers' MultiControlNetModel, as the classic pipelines."""
+def as_controlnet(controlnet: Any) -> ControlNetModel | MultiControlNetModel | None:
+    """A ControlNetModel, or several (a list or tuple) as diffusers' MultiControlNetModel, as the classic pipelines.
+    None is kept: a pipeline built with its text encoders only runs ``encode_prompt`` (a call says what is missing)."""
+    if controlnet is None:
+        return None
     if isinstance(controlnet, (list, tuple)):
         if not controlnet:
             raise ValueError("controlnet is an empty list; pass a ControlNetModel or a non-empty list of them")
@@ -59,6 +62,8 @@ def _nets(controlnet: Any) -> list[ControlNetModel]:
 
 def check_controlnet_fits(controlnet: Any, unet: Any) -> None:
     """A ControlNet made for another base model fails here, naming what differs, before any model work."""
+    if controlnet is None or unet is None:
+        return
     ucfg = unet.config
     for k, net in enumerate(_nets(controlnet)):
         which = "controlnet" if not isinstance(controlnet, MultiControlNetModel) else f"controlnet[{k}]"
@@ -144,6 +149,7 @@ class ControlNetRun:
     _control_tensor_names: ClassVar[tuple[str, ...]] = ("image",)
 
     controlnet_conditioning_scale = _scale_property()
+    _call_components: ClassVar[tuple[str, ...]] = ("controlnet",)
 
     @property
     def control_image_processor(self) -> VaeImageProcessor:
@@ -362,15 +368,24 @@ class ControlNetRun:
                 f"callback_on_step_end returned {name!r} as {type(value).__name__} at step {step}; expected "
                 + ("a tensor" if len(keys) == 1 else f"a list of {len(keys)} tensors")
             )
-        for key, v in zip(keys, values):
+        checked = []
+        for k, (key, v) in enumerate(zip(keys, values)):
             current = state.cond[key]
+            which = "" if len(keys) == 1 else f" (control image {k} of {len(keys)})"
             if not isinstance(v, torch.Tensor) or v.shape != current.shape:
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(
-                    f"callback_on_step_end returned {name!r} with shape {got} at step {step}; expected "
+                    f"callback_on_step_end returned {name!r} with shape {got} at step {step}{which}; expected "
                     f"{tuple(current.shape)} (one control image per image of the batch; nothing to slice)"
                 )
-            state.cond[key] = state.uncond[key] = v.to(current.dtype)
+            if v.dtype != current.dtype or v.device != current.device:
+                raise ValueError(
+                    f"callback_on_step_end returned {name!r} as {v.dtype} on {v.device} at step {step}{which}; "
+                    f"expected {current.dtype} on {current.device}"
+                )
+            checked.append((key, v))
+        for key, v in checked:  # all checked first: a refused list changes none of the images
+            state.cond[key] = state.uncond[key] = v
 
     def finish(self, run: Run) -> Any:
         out = super().finish(run)  # type: ignore[misc]

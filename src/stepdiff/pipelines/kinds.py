@@ -66,6 +66,26 @@ def _preprocess(processor: VaeImageProcessor, name: str, image: object, **kwargs
         raise type(e)(f"{name} could not be read as an image: {e}") from None
 
 
+def _check_count(name: str, what: str, count: int, rows: int, batch_size: int, per_prompt: int) -> None:
+    """An image argument holds as many images as the call makes, or a number that divides it (each then serves
+    ``rows // count`` images, the classic duplication); anything else is refused before any model work."""
+    if count < 1 or rows % count:
+        allowed = f"give 1 {what}" if rows == 1 else f"give 1 {what}, one per image ({rows}), or a number that divides {rows}"
+        raise ValueError(
+            f"{name} holds {count} {what}{'s' if count != 1 else ''} but this call makes {rows} image"
+            f"{'s' if rows != 1 else ''} ({batch_size} prompt{'s' if batch_size != 1 else ''} x num_images_per_prompt="
+            f"{per_prompt}); {allowed}"
+        )
+
+
+def _is_latents(image: object, channels: int) -> bool:
+    """An image argument given as VAE latents: a tensor (C, h, w) or (B, C, h, w) with the VAE's latent channels
+    (the image processor passes them through unchanged)."""
+    return isinstance(image, torch.Tensor) and (
+        (image.ndim == 4 and image.shape[1] == channels) or (image.ndim == 3 and image.shape[0] == channels)
+    )
+
+
 def _repeat_to(latents: torch.Tensor, rows: int, name: str) -> torch.Tensor:
     """The classic duplication: the whole batch again, until it has ``rows`` rows."""
     if rows > latents.shape[0]:
@@ -99,17 +119,28 @@ class Image2ImageRun:
                 kind["height"], kind["width"] = kind["image"].shape[-2:]
         return kind
 
+    def check_kind_rows(self, kind: dict, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
+        super().check_kind_rows(kind, rows, batch_size, num_images_per_prompt)  # type: ignore[misc]
+        if kind.get("image") is None:
+            kind["image"] = _preprocess(
+                self.image_processor, "image", kind["image_arg"], height=kind["height"], width=kind["width"]
+            )
+        _check_count("image", "image", kind["image"].shape[0], rows, batch_size, num_images_per_prompt)
+
     def start_index(self, num_inference_steps: int, strength: float) -> int:
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
         return max(num_inference_steps - init_timestep, 0)
 
     def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: dict) -> torch.Tensor:
         scheduler = run.scheduler
-        t_start = self.start_index(num_inference_steps, kind["strength"]) * scheduler.order
+        start = self.start_index(num_inference_steps, kind["strength"])
+        t_start = start * scheduler.order
         steps = scheduler.timesteps[t_start:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start)
-        if len(steps) == 0:
+        # Counted in steps, not timesteps: PNDM's schedule has one timestep more than it has steps, which would
+        # leave a lone timestep to run at a strength that leaves 0 steps (the classic pipelines raise there).
+        if len(steps) == 0 or num_inference_steps - start < 1:
             raise ValueError(
                 f"strength={kind['strength']} leaves no denoising step at num_inference_steps={num_inference_steps}; "
                 "raise strength or num_inference_steps"
@@ -166,12 +197,24 @@ class InpaintRun(Image2ImageRun):
 
     @property
     def mask_processor(self) -> VaeImageProcessor:
+        """Pre-processing of ``mask_image`` (made on first use; assignable, as the classic attribute)."""
         proc = self.__dict__.get("_mask_processor")
         if proc is None:
             proc = self.__dict__["_mask_processor"] = VaeImageProcessor(
-                vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+                vae_scale_factor=self.vae_scale_factor, vae_latent_channels=self._vae_latent_channels(),
+                do_normalize=False, do_binarize=True, do_convert_grayscale=True,
             )
         return proc
+
+    @mask_processor.setter
+    def mask_processor(self, value: VaeImageProcessor) -> None:
+        self.__dict__["_mask_processor"] = value
+
+    def takes_mask_channels(self) -> bool:
+        """An inpainting denoiser (SD's 9-channel UNets, SD3's 33-channel transformers): latents, mask and masked-image
+        latents as input channels. Otherwise (as many input channels as latent channels) the known region is put back
+        after every step."""
+        return self.denoiser.config.in_channels == 2 * self.latent_channels() + 1
 
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
         kind = super().check_kind_inputs(args)
@@ -179,47 +222,89 @@ class InpaintRun(Image2ImageRun):
         if mask is None:
             raise ValueError("mask_image is required for inpainting: white repaints, black keeps the image")
         _check_image("mask_image", mask)
-        image_size, mask_size = _image_size(kind["image_arg"]), _image_size(mask)
+        image, f = kind["image_arg"], self.vae_scale_factor
+        image_size, mask_size = _image_size(image), _image_size(mask)
+        kind["masked_image_latents"] = args.pop("masked_image_latents", None)
+        if _is_latents(image, self.latent_channels()):  # the image's latents: its picture is f times their size
+            image_size = tuple(s * f for s in image.shape[-2:])
+            if kind["masked_image_latents"] is None and self.takes_mask_channels():
+                raise ValueError(
+                    f"image is given as latents (shape {tuple(image.shape)}), so pass masked_image_latents too: this "
+                    "inpainting model takes the masked image's latents, which cannot be made from latents"
+                )
+            # Latents cannot be resized: the picture is their size unless height and width say otherwise (checked).
+            kind["height"], kind["width"] = image_size
+            for dim, value in (("height", args.get("height")), ("width", args.get("width"))):
+                if value is not None and value != kind[dim]:
+                    raise ValueError(
+                        f"image is given as latents of a {image_size[1]}x{image_size[0]} picture (width x height) but "
+                        f"{dim}={value!r}; latents cannot be resized: leave {dim} out or encode a picture of that size"
+                    )
         if image_size is not None and mask_size is not None and image_size != mask_size:
             raise ValueError(
                 f"mask_image is {mask_size[1]}x{mask_size[0]} but image is {image_size[1]}x{image_size[0]} (width x height); "
                 "they must be the same size"
             )
         kind["mask_arg"] = mask
-        kind["masked_image_latents"] = args.pop("masked_image_latents", None)
         if args.pop("padding_mask_crop", None) is not None:
             raise NotImplementedError("padding_mask_crop is not supported by stepdiff's inpainting pipelines yet")
-        channels = self.denoiser.config.in_channels
-        if channels not in (4, 9):
-            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {channels}")
+        channels, latent = self.denoiser.config.in_channels, self.latent_channels()
+        if channels not in (latent, 2 * latent + 1):
+            raise ValueError(
+                f"inpainting needs a denoiser with {latent} input channels (the VAE's latent channels) or {2 * latent + 1} "
+                f"(an inpainting model: latents, mask and masked image); this {type(self.denoiser).__name__} has {channels}"
+            )
         return kind
+
+    def check_kind_rows(self, kind: dict, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
+        height, width = kind["height"], kind["width"]
+        # As the classic pipelines: the image and the mask resized to the call's size (latents are kept as given).
+        kind["image"] = _preprocess(
+            self.image_processor, "image", kind["image_arg"], height=height, width=width
+        ).to(dtype=torch.float32)
+        super().check_kind_rows(kind, rows, batch_size, num_images_per_prompt)
+        kind["mask"] = _preprocess(self.mask_processor, "mask_image", kind["mask_arg"], height=height, width=width)
+        _check_count("mask_image", "mask", kind["mask"].shape[0], rows, batch_size, num_images_per_prompt)
+        masked = kind["masked_image_latents"]
+        if masked is not None:
+            if not isinstance(masked, torch.Tensor) or masked.ndim != 4:
+                raise TypeError(
+                    "masked_image_latents must be a 4-D tensor (batch, channels, height, width), got "
+                    + (f"shape {tuple(masked.shape)}" if isinstance(masked, torch.Tensor) else type(masked).__name__)
+                )
+            _check_count("masked_image_latents", "latent", masked.shape[0], rows, batch_size, num_images_per_prompt)
 
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
+    def _encode_vae_image(self, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None):
+        """Images in [-1, 1] -> scaled latents sampled with ``generator`` (one per row when a list): the classic
+        inpainting pipelines' private helper, kept for code that calls it."""
+        return encode_images(self.vae, image, generator)
+
     def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
-        # As the classic pipeline: image latents (4-channel UNets, or strength < 1), then noise, then the mask.
-        kind["image"] = _preprocess(
-            self.image_processor, "image", kind["image_arg"], height=height, width=width
-        ).to(dtype=torch.float32)
+        # As the classic pipeline: image latents (models without mask channels, or strength < 1), then noise, then
+        # the mask.
         strength_max = kind["strength"] == 1.0
-        nine = self.denoiser.config.in_channels == 9
         image_latents = None
-        if not nine or (latents is None and not strength_max):
+        if not self.takes_mask_channels() or (latents is None and not strength_max):
             image_latents = self._image_latents(kind, rows, dtype, device, generator)
         shape = (rows, self.latent_channels(), height // self.vae_scale_factor, width // self.vae_scale_factor)
+        init_sigma = getattr(run.scheduler, "init_noise_sigma", 1.0)  # flow matching (SD3) starts from plain noise
         if latents is None:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             if strength_max:
-                start = noise * run.scheduler.init_noise_sigma
+                start = noise * init_sigma
             else:
                 start = self.noise_to(run, image_latents, noise, run.timesteps[:1].repeat(rows))
         else:
             noise = latents.to(device)
-            start = noise * run.scheduler.init_noise_sigma
+            start = noise * init_sigma
         if image_latents is None:  # for the clean x0 estimate only: the posterior mode, no randomness used
             image = kind["image"].to(device=device, dtype=dtype)
-            image_latents = _repeat_to(encode_images(self.vae, image, sample=False), rows, "image")
+            if image.shape[1] != self.latent_channels():
+                image = encode_images(self.vae, image, sample=False)
+            image_latents = _repeat_to(image, rows, "image")
         kind.update(noise=noise, image_latents=image_latents)
         return start
 
@@ -227,12 +312,15 @@ class InpaintRun(Image2ImageRun):
         super().add_kind_conditioning(run, kind, dtype, device, generator)  # type: ignore[misc]  # ControlNet images
         rows = run.state.latents.shape[0]
         height, width = kind["height"], kind["width"]
-        mask = _preprocess(self.mask_processor, "mask_image", kind["mask_arg"], height=height, width=width)
+        mask = kind["mask"]
         masked = kind["masked_image_latents"]
-        if masked is None:
+        from_latents = masked is None and kind["image"].shape[1] == self.latent_channels()
+        if masked is None and not from_latents:
             masked = kind["image"] * (mask < 0.5)
         mask = torch.nn.functional.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor))
         mask = _repeat_to(mask.to(device=device, dtype=dtype), rows, "mask_image")
+        if from_latents:  # image given as latents (a model without mask channels): for callbacks only, never read
+            masked = kind["image_latents"] * (mask < 0.5)
         masked = masked.to(device=device, dtype=dtype)
         masked_latents = masked if masked.shape[1] == self.latent_channels() else encode_images(self.vae, masked, generator)
         masked_latents = _repeat_to(masked_latents, rows, "image").to(device=device, dtype=dtype)
@@ -243,7 +331,7 @@ class InpaintRun(Image2ImageRun):
 
     def _keep_known_region(self, run: Run, state) -> None:
         mask, known = state.cond["mask"], run.extras["image_latents"]
-        if self.denoiser.config.in_channels == 4:
+        if not self.takes_mask_channels():
             proper = known
             i = state.step_index
             scheduler, timesteps = run.schedule  # the finishing steps' own while they run
@@ -253,6 +341,6 @@ class InpaintRun(Image2ImageRun):
         state.denoised = (1 - mask) * known + mask * state.denoised
 
     def extend_model_input(self, latent_input: torch.Tensor, conditioning: dict) -> torch.Tensor:
-        if self.denoiser.config.in_channels == 9:
+        if self.takes_mask_channels():
             return torch.cat([latent_input, conditioning["mask"], conditioning["masked_image_latents"]], dim=1)
         return latent_input

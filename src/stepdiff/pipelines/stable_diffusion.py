@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .._quiet import quiet_transformers
@@ -20,6 +21,9 @@ from .ip_adapter import IPAdapterRun
 from .run import Run
 
 __all__ = ["StableDiffusionPipeline"]
+
+# The classic pipeline's logger: its warnings (a prompt cut at 77 tokens) follow diffusers' verbosity settings.
+_LOGGER = diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
 
 
 class StableDiffusionPipeline(
@@ -62,7 +66,7 @@ class StableDiffusionPipeline(
 
     def _embed(self, texts: list[str], device: torch.device, clip_skip: int | None, max_length: int | None = None):
         texts = self.maybe_convert_prompt(texts, self.tokenizer)  # textual-inversion multi-vector tokens
-        ids = tokenize(self.tokenizer, texts, max_length).to(device)
+        ids = tokenize(self.tokenizer, texts, max_length, _LOGGER).to(device)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = (ids != self.tokenizer.pad_token_id).long()
@@ -118,8 +122,10 @@ class StableDiffusionPipeline(
             prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
         ), device, num_images_per_prompt, lora_scale, None)
-        negative = c.uncond["encoder_hidden_states"] if do_classifier_free_guidance else None
-        return c.cond["encoder_hidden_states"], negative
+        prompt_embeds = c.cond["encoder_hidden_states"]
+        negative_prompt_embeds = c.uncond["encoder_hidden_states"] if do_classifier_free_guidance else None
+        # The classic names (tools that map the outputs to __call__ arguments read them from this line).
+        return prompt_embeds, negative_prompt_embeds
 
     def __call__(
         self,

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.utils import logging as diffusers_logging
 
 from .._quiet import quiet_transformers
 
@@ -18,10 +19,14 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..control import CancelToken
 from ..guidance import Guidance, SkipLayerGuidance, check_guidance_scale
-from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
+from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize, warn_truncated
 from .run import Run
 
 __all__ = ["StableDiffusion3Pipeline"]
+
+# The classic pipeline's logger: its warnings (a prompt cut at 77 CLIP / max_sequence_length T5 tokens) follow
+# diffusers' verbosity settings.
+_LOGGER = diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
 
 
 class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleFileMixin, SD3IPAdapterMixin):
@@ -45,6 +50,7 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
     }
     family = "sd3"
     flow_matching = True
+    _denoiser_name: ClassVar[str] = "transformer"
 
     def __init__(
         self,
@@ -131,7 +137,7 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
     def _clip(self, index: int, texts: list[str], device, clip_skip: int | None):
         tokenizer, encoder = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))[index]
         max_length = self.tokenizer.model_max_length if self.tokenizer is not None else 77
-        out = encoder(tokenize(tokenizer, texts, max_length).to(device), output_hidden_states=True)
+        out = encoder(tokenize(tokenizer, texts, max_length, _LOGGER).to(device), output_hidden_states=True)
         hidden = out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)]
         return hidden.to(dtype=self.text_encoder.dtype, device=device), out[0]
 
@@ -143,6 +149,8 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
             texts, padding="max_length", max_length=max_sequence_length, truncation=True, add_special_tokens=True,
             return_tensors="pt",
         ).input_ids
+        warn_truncated(self.tokenizer_3, texts, max_sequence_length,
+                       f"`max_sequence_length` is set to {max_sequence_length} tokens", _LOGGER)
         return self.text_encoder_3(ids.to(device))[0].to(dtype=self.text_encoder_3.dtype, device=device)
 
     def _embed(self, texts, texts_2, texts_3, device, clip_skip, max_sequence_length):
@@ -209,7 +217,8 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
 
     def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
         return self.transformer(
-            hidden_states=latent_input, timestep=timestep.expand(latent_input.shape[0]),
+            hidden_states=self.extend_model_input(latent_input, conditioning),
+            timestep=timestep.expand(latent_input.shape[0]),
             encoder_hidden_states=conditioning["encoder_hidden_states"],
             pooled_projections=conditioning["pooled_projections"],
             joint_attention_kwargs=run.model_kwargs["joint_attention_kwargs"], return_dict=False,
@@ -234,8 +243,11 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
             max_sequence_length=max_sequence_length,
         ), device, num_images_per_prompt, lora_scale, None)
         cfg = do_classifier_free_guidance
-        return (c.cond["encoder_hidden_states"], c.uncond["encoder_hidden_states"] if cfg else None,
-                c.cond["pooled_projections"], c.uncond["pooled_projections"] if cfg else None)
+        prompt_embeds, pooled_prompt_embeds = c.cond["encoder_hidden_states"], c.cond["pooled_projections"]
+        negative_prompt_embeds = c.uncond["encoder_hidden_states"] if cfg else None
+        negative_pooled_prompt_embeds = c.uncond["pooled_projections"] if cfg else None
+        # The classic names (tools that map the outputs to __call__ arguments read them from this line).
+        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
     def __call__(
         self,

@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .._quiet import quiet_transformers
@@ -25,6 +26,9 @@ from .ip_adapter import IPAdapterRun
 from .run import Run
 
 __all__ = ["StableDiffusionXLPipeline"]
+
+# The classic pipeline's logger: its warnings (a prompt cut at 77 tokens) follow diffusers' verbosity settings.
+_LOGGER = diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl")
 
 
 def _fraction(name: str, value: object) -> float | None:
@@ -100,7 +104,7 @@ class StableDiffusionXLPipeline(
             if encoder is None:
                 continue
             batch = self.maybe_convert_prompt(batch, tokenizer)  # textual-inversion multi-vector tokens
-            out = encoder(tokenize(tokenizer, batch, max_length).to(device), output_hidden_states=True)
+            out = encoder(tokenize(tokenizer, batch, max_length, _LOGGER).to(device), output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds come first
                 pooled = out[0]
             hidden.append(out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
@@ -159,25 +163,20 @@ class StableDiffusionXLPipeline(
             self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None
             else pooled_prompt_embeds.shape[-1]
         )
-        ids, neg_ids = self.time_id_lists(height, width, **time_args)
-        time_ids = self._time_ids(ids, dtype, projection_dim)
-        neg_time_ids = time_ids if neg_ids is None else self._time_ids(neg_ids, dtype, projection_dim)
         n = num_images_per_prompt
 
         def rows(t: torch.Tensor) -> torch.Tensor:
             return repeat_rows(t.to(device, dtype), n)
 
-        return Conditioning(
-            cond={
-                "encoder_hidden_states": rows(prompt_embeds), "text_embeds": rows(pooled_prompt_embeds),
-                "time_ids": time_ids.to(device).repeat(batch * n, 1),
-            },
-            uncond={
-                "encoder_hidden_states": rows(negative_prompt_embeds),
-                "text_embeds": rows(negative_pooled_prompt_embeds),
-                "time_ids": neg_time_ids.to(device).repeat(batch * n, 1),
-            },
-        )
+        cond = {"encoder_hidden_states": rows(prompt_embeds), "text_embeds": rows(pooled_prompt_embeds)}
+        uncond = {"encoder_hidden_states": rows(negative_prompt_embeds), "text_embeds": rows(negative_pooled_prompt_embeds)}
+        if height is not None:  # a run's micro-conditioning (encode_prompt, which may run without a UNet, has none)
+            ids, neg_ids = self.time_id_lists(height, width, **time_args)
+            time_ids = self._time_ids(ids, dtype, projection_dim)
+            neg_time_ids = time_ids if neg_ids is None else self._time_ids(neg_ids, dtype, projection_dim)
+            cond["time_ids"] = time_ids.to(device).repeat(batch * n, 1)
+            uncond["time_ids"] = neg_time_ids.to(device).repeat(batch * n, 1)
+        return Conditioning(cond=cond, uncond=uncond)
 
     _SIZE_ARGS = (
         "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
@@ -242,10 +241,13 @@ class StableDiffusionXLPipeline(
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             clip_skip=clip_skip,
-        ), device, num_images_per_prompt, lora_scale, self.default_size())
+        ), device, num_images_per_prompt, lora_scale, None)
         cfg = do_classifier_free_guidance
-        return (c.cond["encoder_hidden_states"], c.uncond["encoder_hidden_states"] if cfg else None,
-                c.cond["text_embeds"], c.uncond["text_embeds"] if cfg else None)
+        prompt_embeds, pooled_prompt_embeds = c.cond["encoder_hidden_states"], c.cond["text_embeds"]
+        negative_prompt_embeds = c.uncond["encoder_hidden_states"] if cfg else None
+        negative_pooled_prompt_embeds = c.uncond["text_embeds"] if cfg else None
+        # The classic names (tools that map the outputs to __call__ arguments read them from this line).
+        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
     def __call__(
         self,
