@@ -160,3 +160,188 @@ def test_sd3_skip_layer_guidance_matches(sd3_folder):
     assert out.record.rows_per_step == [2, 3, 3, 3, 3, 2, 2, 2, 2, 2] and out.record.guidance == "cfg+slg"
     with pytest.raises(ValueError, match=r"skip_guidance_layers must be a non-empty list of layer indices in \[0, 2\)"):
         ours("a cat", skip_guidance_layers=[5])
+
+
+# ---------------------------------------------------------------- gaps found by the classic library's own fast tests
+
+def _inpaint_inputs(size=32):
+    from .conftest import test_image
+
+    image, mask = test_image(size)
+    return image, mask
+
+
+@pytest.mark.parametrize("unet", ["4ch", "9ch"])
+def test_inpainting_image_given_as_latents(request, unet):
+    """(1) ``image`` as VAE latents (with ``masked_image_latents`` and a picture-size mask) was refused by the size
+    check (latent size against the mask's picture size); it equals the run from the picture, randomness included."""
+    folder = request.getfixturevalue("sd_folder" if unet == "4ch" else "sd_inpaint_folder")
+    pipe = stepdiff.StableDiffusionInpaintPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    image, mask_image = _inpaint_inputs()
+    kw = dict(prompt="a photo of a cat", num_inference_steps=3, strength=0.9, output_type="np")
+    from_picture = pipe(image=image, mask_image=mask_image, generator=gen(0), **kw).images
+    # As the classic test: the image's latents drawn with the generator, then the noise, then the masked image's.
+    picture = pipe.image_processor.preprocess(image)
+    mask = pipe.mask_processor.preprocess(mask_image)
+    g = gen(0)
+    latents = pipe._encode_vae_image(picture, g)
+    torch.randn((1, 4, 16, 16), generator=g)
+    masked = pipe._encode_vae_image(picture * (mask < 0.5), g)
+    g = gen(0)
+    torch.randn((1, 4, 16, 16), generator=g)  # the posterior sample the run from latents does not draw
+    from_latents = pipe(image=latents, mask_image=mask, masked_image_latents=masked, generator=g, **kw).images
+    assert np.abs(from_picture - from_latents).max() <= TOL
+    with pytest.raises(ValueError, match=r"latents cannot be resized"):
+        pipe(image=latents, mask_image=mask, masked_image_latents=masked, height=64, **kw)
+    if unet == "9ch":
+        with pytest.raises(ValueError, match="pass masked_image_latents too"):
+            pipe(image=latents, mask_image=mask, **kw)
+
+
+@pytest.mark.parametrize("cls", ["StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline"])
+def test_strength_leaving_no_step_raises_under_pndm(sd_folder, count_calls, cls):
+    """(2) PNDM's schedule has one timestep more than it has steps: a strength that leaves 0 steps ran that lone
+    timestep instead of raising, as the classic pipelines do."""
+    pipe = getattr(stepdiff, cls).from_pretrained(sd_folder)
+    pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    calls = count_calls(pipe)
+    image, mask = _inpaint_inputs()
+    extra = {"mask_image": mask} if "Inpaint" in cls else {}
+    with pytest.raises(ValueError, match="strength=0.01 leaves no denoising step at num_inference_steps=2"):
+        pipe("a cat", image=image, strength=0.01, num_inference_steps=2, **extra)
+    assert calls.calls == 0
+    out = pipe("a cat", image=image, strength=0.5, num_inference_steps=2, output_type="latent", **extra)
+    assert out.record.steps_total == 2  # 1 step left: PNDM's last two timesteps, as in the classic pipelines
+
+
+def test_image_processor_is_assignable(sd_folder):
+    """(3) ``pipe.image_processor = ...`` (the classic test_latents_input) failed: a read-only property."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    pipe = stepdiff.StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)
+    pipe.set_progress_bar_config(disable=True)
+    processor = VaeImageProcessor(do_resize=False, do_normalize=False)
+    pipe.image_processor = processor
+    assert pipe.image_processor is processor
+    picture = torch.rand(1, 3, 32, 32, generator=gen(3))
+    out = pipe("a cat", image=picture, num_inference_steps=2, generator=gen(0), output_type="np").images
+    g = gen(0)
+    latents = pipe.vae.encode(picture).latent_dist.sample(g) * pipe.vae.config.scaling_factor
+    same = pipe("a cat", image=latents, num_inference_steps=2, generator=g, output_type="np").images
+    assert np.abs(out - same).max() <= TOL
+    inpaint = stepdiff.StableDiffusionInpaintPipeline.from_pretrained(sd_folder)
+    inpaint.mask_processor = processor
+    assert inpaint.mask_processor is processor
+
+
+@pytest.mark.parametrize("family,cls", [
+    ("sd", "StableDiffusionInpaintPipeline"), ("sdxl", "StableDiffusionXLPipeline"),
+    ("sdxl", "StableDiffusionXLImg2ImgPipeline"), ("sd", "StableDiffusionControlNetPipeline"),
+    ("sdxl", "StableDiffusionXLControlNetPipeline"), ("sd3", "StableDiffusion3InpaintPipeline"),
+])
+def test_encode_prompt_on_a_pipeline_holding_only_its_text_encoders(request, family, cls, count_calls):
+    """(4) The classic test_encode_prompt_works_in_isolation: a pipeline built with its text encoders only (every other
+    component None, controlnet included) runs encode_prompt; SDXL read unet.config there, and the ControlNet
+    constructors refused controlnet=None. Its embeddings then drive a pipeline built without text encoders."""
+    from diffusers import ControlNetModel
+
+    folder = request.getfixturevalue(f"{family}_folder")
+    kwargs = {}
+    if "ControlNet" in cls:
+        kwargs["controlnet"] = ControlNetModel.from_pretrained(request.getfixturevalue(f"{family}_controlnet_folder"))
+    full = getattr(stepdiff, cls).from_pretrained(folder, **kwargs)
+    full.set_progress_bar_config(disable=True)
+    components = dict(full.components)
+    text_only = getattr(stepdiff, cls)(**{k: (v if ("text" in k or "tokenizer" in k) else None)
+                                          for k, v in components.items()})
+    encoded = text_only.encode_prompt("a photo of a cat", device="cpu", num_images_per_prompt=1,
+                                      do_classifier_free_guidance=True, negative_prompt="a dog")
+    expected = full.encode_prompt("a photo of a cat", device="cpu", num_images_per_prompt=1,
+                                  do_classifier_free_guidance=True, negative_prompt="a dog")
+    assert len(encoded) == len(expected) and all(torch.equal(a, b) for a, b in zip(encoded, expected))
+    denoiser = "transformer" if family == "sd3" else "unet"
+    with pytest.raises(ValueError, match=f"built without {denoiser}"):
+        text_only("a cat", num_inference_steps=2)
+    # The embeddings drive a pipeline without text encoders to the full pipeline's picture.
+    names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    no_text = getattr(stepdiff, cls)(**{k: (None if ("text" in k or "tokenizer" in k) else v)
+                                        for k, v in components.items()})
+    no_text.set_progress_bar_config(disable=True)
+    image, mask = _inpaint_inputs()
+    extra = {"sd": {}, "sdxl": {}, "sd3": {}}[family]
+    if "Inpaint" in cls:
+        extra.update(image=image, mask_image=mask, strength=1.0)
+    elif "Img2Img" in cls:
+        extra.update(image=image, strength=1.0)
+    if "ControlNet" in cls:
+        extra["image"] = torch.rand(1, 3, 32, 32, generator=gen(5))
+    kw = dict(num_inference_steps=2, output_type="np", negative_prompt=None, **extra)
+    a = no_text(**dict(zip(names, encoded)), generator=gen(0), **kw).images
+    b = full("a photo of a cat", negative_prompt="a dog", generator=gen(0),
+             **{k: v for k, v in kw.items() if k != "negative_prompt"}).images
+    assert np.abs(a - b).max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_prompt_over_77_tokens_warns_with_what_was_cut(request, family):
+    """(5) A prompt over 77 CLIP tokens is cut; the classic pipelines say so, with the cut part, on their module's
+    logger (so diffusers' verbosity settings apply); stepdiff said nothing."""
+    import logging
+
+    from diffusers.utils import logging as dlogging
+
+    name = {"sd": "stable_diffusion.pipeline_stable_diffusion", "sdxl": "stable_diffusion_xl.pipeline_stable_diffusion_xl",
+            "sd3": "stable_diffusion_3.pipeline_stable_diffusion_3"}[family]
+    logger = dlogging.get_logger(f"diffusers.pipelines.{name}")
+    cls = {"sd": stepdiff.StableDiffusionPipeline, "sdxl": stepdiff.StableDiffusionXLPipeline,
+           "sd3": stepdiff.StableDiffusion3Pipeline}[family]
+    pipe = cls.from_pretrained(request.getfixturevalue(f"{family}_folder"))
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        long = pipe.encode_prompt(" ".join(["cat"] * 100), device="cpu", num_images_per_prompt=1,
+                                  do_classifier_free_guidance=True)
+        clip = [r for r in records if "CLIP can only handle sequences up to 77 tokens" in r]
+        # 100 words + the start and end tokens: 102 tokens, of which the 77th to the 101st (25) are cut
+        assert len(clip) >= 1 and clip[0].rsplit(": ", 1)[1].count("cat") == 25, records
+        records.clear()
+        short = pipe.encode_prompt(" ".join(["cat"] * 25), device="cpu", num_images_per_prompt=1,
+                                   do_classifier_free_guidance=True)
+        assert records == [] and long[0].shape == short[0].shape
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_torch_dtype_deprecation_warning_reaches_the_caller(sd_folder):
+    """(6) diffusers deprecates ``torch_dtype`` for ``dtype`` with a FutureWarning, which from_pretrained swallowed;
+    stepdiff's own float32 default goes as ``dtype`` and warns about nothing."""
+    with pytest.warns(FutureWarning, match="Please use `dtype` instead"):
+        pipe = stepdiff.StableDiffusionPipeline.from_pretrained(sd_folder, torch_dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16  # still honoured
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert stepdiff.StableDiffusionPipeline.from_pretrained(sd_folder).unet.dtype == torch.float32
+        assert stepdiff.StableDiffusionPipeline.from_pretrained(sd_folder, dtype=torch.float16).unet.dtype == torch.float16
+
+
+@pytest.mark.parametrize("ours_name,folder", [
+    ("StableDiffusionInpaintPipeline", "sd_folder"), ("StableDiffusionXLInpaintPipeline", "sdxl_folder"),
+    ("StableDiffusion3InpaintPipeline", "sd3_folder"),
+])
+def test_encode_vae_image_as_the_classic_helper(request, ours_name, folder):
+    """(7) ``_encode_vae_image(image, generator)`` (private, but the classic tests and user code call it) was missing
+    on the inpainting pipelines; it gives the classic one's latents, one generator per row when a list."""
+    folder = request.getfixturevalue(folder)
+    ours = getattr(stepdiff, ours_name).from_pretrained(folder)
+    theirs = getattr(diffusers, ours_name).from_pretrained(folder)
+    images = torch.rand(2, 3, 32, 32, generator=gen(2)) * 2 - 1
+    for generator in (lambda: gen(0), lambda: [gen(0), gen(1)]):
+        a = ours._encode_vae_image(images, generator())
+        b = theirs._encode_vae_image(images, generator())
+        assert a.shape == b.shape and (a - b).abs().max() <= TOL

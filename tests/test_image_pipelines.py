@@ -149,8 +149,7 @@ def test_auto_pipelines_pick_the_kind(sd_folder, sdxl_folder, sd3_folder):
     assert type(stepdiff.AutoPipelineForImage2Image.from_pretrained(sd_folder)).__name__ == "StableDiffusionImg2ImgPipeline"
     assert type(stepdiff.AutoPipelineForInpainting.from_pretrained(sdxl_folder)).__name__ == "StableDiffusionXLInpaintPipeline"
     assert type(stepdiff.AutoPipelineForImage2Image.from_pretrained(sd3_folder)).__name__ == "StableDiffusion3Img2ImgPipeline"
-    with pytest.raises(ValueError, match="no inpaint pipeline"):
-        stepdiff.AutoPipelineForInpainting.from_pretrained(sd3_folder)
+    assert type(stepdiff.AutoPipelineForInpainting.from_pretrained(sd3_folder)).__name__ == "StableDiffusion3InpaintPipeline"
     text = _sd(stepdiff.StableDiffusionPipeline, sd_folder)
     img2img = stepdiff.AutoPipelineForImage2Image.from_pipe(text)
     assert type(img2img).__name__ == "StableDiffusionImg2ImgPipeline" and img2img.unet is text.unet

@@ -119,19 +119,22 @@ def _t5_tokenizer() -> T5Tokenizer:
 
 
 def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True, layers: int = 2, head_dim: int = 8,
-                  sample_size: int = 16, text_encoder_2_width: int = 32, identity_text_projection: bool = False) -> Path:
+                  sample_size: int = 16, text_encoder_2_width: int = 32, identity_text_projection: bool = False,
+                  latent_channels: int = 4, in_channels: int | None = None) -> Path:
     """A random SD3 pipeline folder (MMDiT transformer, CLIP-L, CLIP-G, optional T5, VAE with shift factor);
     ``layers`` and ``head_dim`` scale the transformer (benchmarks use a larger one so it dominates a step).
     For ``save_single_file``: ``text_encoder_2_width`` (CLIP-G's width) must differ from CLIP-L's 32, and
     ``identity_text_projection=True`` gives CLIP-L the identity projection that diffusers' single-file loader puts
-    there."""
+    there. ``latent_channels``: the VAE's (16 as real SD3, which the classic inpainting pipeline requires);
+    ``in_channels``: the transformer's (default the latent channels; ``2 * latent_channels + 1``: an inpainting one)."""
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
     transformer = SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=head_dim,
-        num_attention_heads=4,
-        caption_projection_dim=4 * head_dim, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        sample_size=sample_size, patch_size=1, in_channels=in_channels or latent_channels, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=4,
+        caption_projection_dim=4 * head_dim, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=latent_channels,
     )
     text_encoder = CLIPTextModelWithProjection(_text_config(len(tokenizer), tokenizer, 32, projection_dim=32))
     text_encoder_2 = CLIPTextModelWithProjection(
@@ -146,8 +149,9 @@ def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True, layers: 
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )) if with_t5 else None
     vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
-        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     )
     pipe = _DiffusersSD3(

@@ -53,6 +53,7 @@ REGISTRY: tuple[PipelineEntry, ...] = (
     ),
     PipelineEntry("StableDiffusion3Pipeline", ".stable_diffusion_3", "sd3", "text2image"),
     PipelineEntry("StableDiffusion3Img2ImgPipeline", ".stable_diffusion_3_img2img", "sd3", "image2image"),
+    PipelineEntry("StableDiffusion3InpaintPipeline", ".stable_diffusion_3_inpaint", "sd3", "inpaint"),
 )
 
 _BY_NAME = {e.name: e for e in REGISTRY}
