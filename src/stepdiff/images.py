@@ -25,8 +25,8 @@ from PIL import Image, ImageFilter, PngImagePlugin
 
 __all__ = [
     "IMAGE_FORMATS", "MAX_IMAGE_PIXELS", "a1111_parameters", "atomic_write", "check_writable_dir", "claim_free_paths",
-    "claim_paths", "image_format", "keep_unmasked", "next_free_path", "read_image", "release_claims", "save_image",
-    "save_png",
+    "claim_paths", "image_format", "keep_unmasked", "next_free_path", "read_image", "release_claims",
+    "remove_stale_temp_files", "save_image", "save_png",
 ]
 
 # Extensions --output accepts, and the Pillow format each one is written in.
@@ -56,6 +56,26 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# The temporary names atomic_write gives an image (mkstemp: ".NAME." + 8 random characters + ".tmp").
+_TEMP_NAME = re.compile(r"^\..+\.(?:png|jpe?g|webp)\.[a-z0-9_]{8}\.tmp$", re.IGNORECASE)
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that image writes killed midway (``kill -9``, a power cut) left in ``folder``, and
+    return them. Only for a caller that holds the folder's lock: a live write's temporary file looks the same."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except FileNotFoundError:
+        return removed
+    for path in entries:
+        if _TEMP_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def a1111_parameters(prompt: str, negative: str | None, fields: dict[str, Any]) -> str:

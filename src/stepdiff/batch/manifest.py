@@ -108,9 +108,11 @@ class Manifest:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path):
-    """Hold an exclusive lock on a batch output folder for the run; a second run there is refused at once."""
-    path = Path(folder) / LOCK_NAME
+def folder_lock(folder: str | Path, name: str = LOCK_NAME, busy: str | None = None):
+    """Hold an exclusive lock on a folder (a batch output folder for the run, by default) while in the block; a
+    second holder is refused at once with ``OSError(busy)``. The lock is the file ``name`` in the folder, held with
+    ``flock``: the system releases it when its process ends, however it ends (``kill -9`` too)."""
+    path = Path(folder) / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -121,8 +123,8 @@ def folder_lock(folder: str | Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OSError(f"--out {str(folder)!r} is in use by another stepdiff batch run; wait for it to finish "
-                               "or choose another folder") from None
+            raise OSError(busy or f"--out {str(folder)!r} is in use by another stepdiff batch run; wait for it to "
+                                   "finish or choose another folder") from None
         try:
             yield
         finally:

@@ -97,6 +97,7 @@ class BatchResult:
     seconds: float = 0.0
     startup_seconds: float = 0.0  # from the start to the first image (Ray start, model loads)
     workers: list[str] = field(default_factory=list)
+    removed_temp_files: list[Path] = field(default_factory=list)  # half-written images a killed run left
 
     def summary(self) -> str:
         parts = [f"{self.made} image(s) made", f"{self.skipped} already done"]
@@ -178,6 +179,9 @@ def run_batch(config: BatchConfig, stop: threading.Event | None = None,
     result = BatchResult(out=config.out, manifest=Manifest(config.out).path, skipped=len(plan.done), bad=plan.bad,
                          duplicates=plan.duplicates)
     with folder_lock(config.out), Manifest(config.out) as manifest:
+        from ..images import remove_stale_temp_files
+
+        result.removed_temp_files = remove_stale_temp_files(config.out)  # left by a run killed mid-write
         if not plan.chunks:
             result.seconds = time.perf_counter() - started
             return result
