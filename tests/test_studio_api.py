@@ -434,6 +434,7 @@ def test_restart_after_a_crash_keeps_history_interrupts_running_and_runs_queued(
     running, queued = crashed.submit(JobSpec(prompt=PROMPT, steps=2)), crashed.submit(JobSpec(prompt=PROMPT, steps=2))
     assert crashed.store.start(running["id"])
     crashed._threads.clear()  # abandon it without closing anything, as a killed process would
+    crashed._held.close()  # ... whose folder lock the system releases
     restarted = Studio(tiny_pipe, sd_folder, data, limits=limits)
     try:
         assert restarted.get(running["id"])["state"] == "interrupted"

@@ -18,8 +18,12 @@ Routes (JSON unless said otherwise; every /api route needs the token when the se
                                    failed, interrupted; starts with a ``hello`` snapshot of the live jobs
 
 Safe by default: cross-origin requests (an ``Origin`` that is not this server) are refused, a request
-body is at most ``MAX_BODY`` bytes, image names are checked before any file is touched, and on a
-loopback address only loopback host names are served (no DNS rebinding).
+body is at most ``MAX_BODY`` bytes and must arrive within ``body_timeout`` seconds, image names are checked before
+any file is touched, and on a loopback address only loopback host names are served (no DNS rebinding).
+
+Every answer is JSON, errors too (``{"error": ..., "field": ..., "value": ..., "allowed": ...}`` for a bad field):
+a job's text that JSON can carry but UTF-8 cannot (a lone surrogate) is escaped, never a 500; a storage failure is
+a 503 naming the file; anything unexpected is a 500 with a JSON body.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import secrets
 from pathlib import Path
@@ -36,7 +41,8 @@ from urllib.parse import parse_qs
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
+from starlette.responses import JSONResponse as _JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -44,11 +50,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..schedulers import scheduler_names
 from .jobs import JobNotFound, QueueFull, Studio, WrongState
 from .spec import MAX_PROMPT_CHARS, FieldError, parse_job, parse_steer
-from .store import STATES
+from .store import STATES, StoreError
 
-__all__ = ["MAX_BODY", "create_app"]
+__all__ = ["BODY_TIMEOUT", "MAX_BODY", "JSONResponse", "create_app"]
 
 MAX_BODY = 64 * 1024
+BODY_TIMEOUT = 10.0  # seconds a request body may take to arrive, whole
 STATIC = Path(__file__).parent / "static"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _IMAGE = re.compile(r"^[0-9a-f]{32}\.png$")
@@ -61,10 +68,31 @@ _CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+class JSONResponse(_JSONResponse):
+    """Starlette's JSONResponse that cannot fail: text with a lone surrogate (valid JSON, no UTF-8) is written
+    escaped (\\ud800) and a float that is not finite (a hand-edited row) as null, instead of a 500."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except (UnicodeEncodeError, ValueError):
+            return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, message: str, _close: bool = False, **extra: Any) -> None:
         super().__init__(message)
-        self.status, self.body = status, {"error": message, **extra}
+        self.status, self.body, self.close = status, {"error": message, **extra}, _close
 
 
 def _error(status: int, body: dict[str, Any]) -> JSONResponse:
@@ -74,8 +102,10 @@ def _error(status: int, body: dict[str, Any]) -> JSONResponse:
 class Guard:
     """ASGI middleware: host names, same origin, token, body size; the security headers on every response."""
 
-    def __init__(self, app: Any, token: str | None, trusted_hosts: set[str] | None, max_body: int) -> None:
+    def __init__(self, app: Any, token: str | None, trusted_hosts: set[str] | None, max_body: int,
+                 body_timeout: float = BODY_TIMEOUT) -> None:
         self.app, self.token, self.trusted_hosts, self.max_body = app, token, trusted_hosts, max_body
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -91,6 +121,9 @@ class Guard:
             await _error(status, {"error": message})(scope, receive, send)
             return
 
+        if scope["type"] == "http":
+            receive = self._timed(receive)
+
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
@@ -101,6 +134,30 @@ class Guard:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _timed(self, receive: Any) -> Any:
+        """``receive`` with a deadline: the whole body within ``body_timeout`` seconds of the first read, else a 408
+        (a client that sends its body a byte at a time holds no connection for long). Once the body is in, reads
+        (a response waiting for the client to go away) have no deadline."""
+        deadline: float | None = None
+        body_done = False
+
+        async def timed() -> dict:
+            nonlocal deadline, body_done
+            if body_done:
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.body_timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise HTTPError(408, f"the request body did not arrive within {self.body_timeout:g} seconds",
+                                _close=True) from None
+            body_done = message.get("type") != "http.request" or not message.get("more_body", False)
+            return message
+
+        return timed
 
     def _check(self, scope: dict) -> tuple[int, str] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -130,7 +187,7 @@ class Guard:
                 return 401, "wrong token"
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 return 400, f"Content-Length must be a number of bytes, got {length!r}"
             if int(length) > self.max_body:
                 return 413, f"request body is {int(length)} bytes; the limit is {self.max_body}"
@@ -155,6 +212,9 @@ async def _json(request: Request) -> Any:
         return json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise HTTPError(400, "the request body is JSON nested too deeply (a job is an object of a few levels)") \
+            from None
 
 
 def _no_constant(name: str) -> Any:
@@ -177,9 +237,10 @@ def _query_int(request: Request, name: str, low: int, high: int, default: int | 
     return int(value)
 
 
-def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[str] | None = None) -> Starlette:
+def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[str] | None = None,
+               body_timeout: float = BODY_TIMEOUT) -> Starlette:
     """The ASGI app. ``token``: required on every /api call and the WebSocket; ``trusted_hosts``: the Host names
-    served (None: any, for tests behind a test client)."""
+    served (None: any, for tests behind a test client); ``body_timeout``: seconds a request body may take."""
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
@@ -190,6 +251,7 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
             "model": studio.model.name, "workers": studio.workers, "queue_size": studio.queue_size,
             "schedulers": scheduler_names(), "max_prompt_chars": MAX_PROMPT_CHARS,
             "preview_methods": ["auto", "linear", "vae"] + (["tiny"] if studio.frames.resolve("auto") == "tiny" else []),
+            "problem": studio.problem,
             "limits": {"native_size": lim.native_size, "size_multiple": lim.size_multiple, "min_size": lim.min_size,
                        "max_size": lim.max_size, "max_steps": lim.max_steps},
             "defaults": {"steps": lim.default_steps, "guidance": lim.default_guidance,
@@ -256,6 +318,9 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
                     return
                 for text in sub.take(studio.hub.lock):
                     await ws.send_text(text)
+        except StoreError as e:
+            with contextlib.suppress(Exception):
+                await ws.close(code=1011, reason=str(e)[:120])
         except (WebSocketDisconnect, RuntimeError, OSError):
             return
         finally:
@@ -269,7 +334,16 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
         return _error(422, exc.to_dict())
 
     async def http_error(request: Request, exc: HTTPError) -> Response:
-        return _error(exc.status, exc.body)
+        response = _error(exc.status, exc.body)
+        if exc.close:  # the rest of the body is not read: the connection cannot serve another request
+            response.headers["connection"] = "close"
+        return response
+
+    async def store_error(request: Request, exc: StoreError) -> Response:
+        return _error(503, {"error": str(exc)})
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return _error(500, {"error": f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"[:500]})
 
     async def job_not_found(request: Request, exc: JobNotFound) -> Response:
         return _error(404, {"error": f"no job {exc.args[0]}", "field": "id", "value": exc.args[0]})
@@ -302,10 +376,11 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     handlers = {404: not_found, 405: method_not_allowed, FieldError: field_error, HTTPError: http_error,
-                JobNotFound: job_not_found, WrongState: wrong_state, QueueFull: queue_full}
+                JobNotFound: job_not_found, WrongState: wrong_state, QueueFull: queue_full, StoreError: store_error,
+                Exception: server_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.studio = studio
-    return Guard(app, token, trusted_hosts, MAX_BODY)  # type: ignore[return-value]
+    return Guard(app, token, trusted_hosts, MAX_BODY, body_timeout)  # type: ignore[return-value]
 
 
 async def _drain(ws: WebSocket) -> None:

@@ -3,15 +3,27 @@
 Each job is a run of the engine (``pipeline.steps(...)``) with its own ``CancelToken`` and guidance plan:
 cancelling or steering a job reaches exactly that run and nothing else. Workers share the pipeline
 (a run owns all per-call state), so ``workers=2`` runs two jobs at once.
+
+The queue never wedges: a worker survives anything a job raises, and a write to the data folder that fails for
+want of room or rights (a full disk, a read-only database) is tried again until it succeeds, the worker pausing
+meanwhile (``problem`` says why, ``/api/info`` shows it) rather than losing a computed picture or leaving its job
+``running``. One studio at a time on a data folder: it holds the folder's lock (``.stepdiff-studio.lock``) from
+start-up to ``close()``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import secrets
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +34,20 @@ from ..control import CancelToken
 from ..preview import PreviewBudget
 from .events import EventHub
 from .previews import FrameMaker, Previewer, StepUpdate
-from .spec import UNSET, FieldError, JobSpec, Limits
-from .store import FINAL_STATES, JobStore
+from .spec import UNSET, FieldError, JobSpec, Limits, parse_job
+from .store import FINAL_STATES, JobStore, StoreError
 
-__all__ = ["GuidancePlan", "JobNotFound", "QueueFull", "Studio", "WrongState"]
+__all__ = ["LOCK_NAME", "GuidancePlan", "JobNotFound", "QueueFull", "Studio", "WrongState"]
 
 SHUTDOWN_REASON = "server shutdown"
+LOCK_NAME = ".stepdiff-studio.lock"
+# An image write that fails with one of these waits for the disk (or its rights) to come back; others fail the job.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+class _Closing(Exception):
+    """The server closes while a storage write keeps failing: the job is left as the database has it (a row still
+    marked running is marked interrupted at the next start)."""
 
 
 class QueueFull(RuntimeError):
@@ -82,6 +102,7 @@ class _Live:
     model_rows: int = 0
     steering: list[dict[str, Any]] = field(default_factory=list)
     calls_at_cancel: int | None = None
+    waiting: str | None = None  # why its picture or its row is not written yet (a full disk), while that lasts
 
 
 class Studio:
@@ -97,32 +118,70 @@ class Studio:
         self.data = Path(data)
         self.images = self.data / "images"
         self.images.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(self.data / "studio.sqlite3")
+        self._held = contextlib.ExitStack()  # the data folder's lock, released by close()
+        self._held.enter_context(lock_data_folder(self.data))
+        try:
+            self._open(workers, queue_size, limits)
+        except BaseException:
+            self._held.close()
+            raise
+        if start:
+            self.start()
+
+    def _open(self, workers: int, queue_size: int, limits: Limits | None) -> None:
+        """Under the folder's lock: clear what a killed write left, open the history, recover, make the threads."""
+        from ..images import remove_stale_temp_files
+
+        self.removed_temp_files = remove_stale_temp_files(self.images)  # no other writer: the lock is ours
         self.limits = limits or Limits()
         self.queue_size, self.workers = queue_size, workers
-        self.hub = EventHub()
-        self.frames = FrameMaker(pipeline)
-        self.previewer = Previewer(self.hub, self.frames)
-        self._lock = threading.Condition()
         self._queue: deque[str] = deque()
         self._live: dict[str, _Live] = {}
-        self._pipes: dict[str | None, Any] = {None: pipeline}
+        self.store = JobStore(self.data / "studio.sqlite3")
+        try:
+            self.recovered_interrupted, queued = self.store.recover(self.images)
+            self.recovered_failed: list[dict[str, Any]] = []  # queued rows that could not be run (said why)
+            for row in queued:  # queued before a crash or a restart: they run, in their order
+                spec = self._stored_spec(row)
+                if spec is None:
+                    self.recovered_failed.append(row)
+                    continue
+                self._live[row["id"]] = _Live(row["id"], spec)
+                self._queue.append(row["id"])
+        except BaseException:
+            self.store.close()
+            raise
+        self.hub = EventHub()
+        self.frames = FrameMaker(self.pipeline)
+        self.previewer = Previewer(self.hub, self.frames)
+        self._lock = threading.Condition()
+        self._pipes: dict[str | None, Any] = {None: self.pipeline}
         self._closing = False
         self.offer_seconds = 0.0  # worker time spent handing steps to the previewer (benchmarks)
         self.offered_steps = 0
-        self.recovered_interrupted, queued = self.store.recover(self.images)
-        for row in queued:  # queued before a crash or a restart: they run, in their order
-            self._live[row["id"]] = _Live(row["id"], JobSpec.from_dict(row["params"]))
-            self._queue.append(row["id"])
+        self.problem: str | None = None  # why a storage write is failing now (a full disk); None when all is well
+        self.storage_retry_max = 2.0  # seconds between tries of a failing storage write, at most
+        self._stop = threading.Event()  # set by close(): ends the waits between storage retries
         self._threads = [threading.Thread(target=self._work, name=f"stepdiff-worker-{i}", daemon=True)
                          for i in range(workers)]
-        if start:
-            self.start()
 
     def start(self) -> None:
         for t in self._threads:
             if not t.is_alive():
                 t.start()
+
+    def _stored_spec(self, row: dict[str, Any]) -> JobSpec | None:
+        """A queued row's job as this server would accept it now; a row it would not (unreadable or changed by
+        hand, or beyond this server's limits) is marked failed, saying why, and not run."""
+        try:
+            if row.get("unreadable"):
+                raise ValueError(row["unreadable"])
+            return parse_job(row["params"], self.limits)
+        except (FieldError, ValueError, TypeError) as e:
+            why = " ".join(str(e).split())
+            self.store.end(row["id"], "failed", error=f"not run: its stored parameters are not a job this server "
+                                                        f"accepts ({why})")
+            return None
 
     # ------------------------------------------------------------------ API
 
@@ -193,15 +252,15 @@ class Studio:
 
     def history(self, limit: int = 20, before: int | None = None, state: str | None = None) -> dict[str, Any]:
         rows = self.store.page(limit, before, state)
-        return {"jobs": [self._view(r) for r in rows], "next": rows[-1]["seq"] if len(rows) == limit else None}
+        return {"jobs": [self._safe_view(r) for r in rows], "next": rows[-1]["seq"] if len(rows) == limit else None}
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """A queued job leaves the queue; a running one stops before its next model call. Only this job."""
         with self._lock:
             live = self._live.get(job_id)
             if live is not None and job_id in self._queue:
+                self.store.cancel_queued(job_id)  # first: a failing write leaves the job queued, as it was
                 self._queue.remove(job_id)
-                self.store.cancel_queued(job_id)
                 del self._live[job_id]
                 queued = True
             else:
@@ -253,7 +312,8 @@ class Studio:
         """Counters for monitoring and benchmarks."""
         with self._lock:
             queued, live = len(self._queue), len(self._live)
-        return {"queued": queued, "running": live - queued, "subscribers": len(self.hub._subscribers),
+        return {"queued": queued, "running": live - queued, "problem": self.problem,
+                "subscribers": len(self.hub._subscribers),
                 "preview_frames": self.previewer.rendered, "preview_render_seconds": round(self.previewer.render_seconds, 4),
                 "preview_offer_seconds": round(self.offer_seconds, 4), "preview_offered_steps": self.offered_steps,
                 "jobs": self.store.count()}
@@ -269,17 +329,33 @@ class Studio:
 
     # ------------------------------------------------------------------ views
 
+    def _safe_view(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``_view``, or for a row it cannot show, a view of the same shape saying so: one row never hides a page."""
+        try:
+            return self._view(row)
+        except Exception as e:
+            return {"id": str(row.get("id")), "seq": row.get("seq"), "state": str(row.get("state")), "params": {},
+                    "steps_completed": 0, "total": None, "created": None, "started": None, "finished": None,
+                    "record": None, "error": f"this row cannot be shown ({type(e).__name__}: {e})", "image": None,
+                    "steering": [], "guidance": None}
+
     def _view(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row as the API shows it. A row changed by hand or by another version (unreadable JSON, missing keys)
+        still makes a view of the same shape, its ``error`` saying what is wrong: it never breaks a page."""
         job_id = row["id"]
         live = self._live.get(job_id)
-        params = row["params"]
+        params = row["params"] if isinstance(row["params"], dict) else {}
+        record = row["record"] if isinstance(row["record"], dict) else None
+        error = row["error"]
+        if row.get("unreadable"):
+            error = f"{error}; {row['unreadable']}" if error else row["unreadable"]
         view = {
             "id": job_id, "seq": row["seq"], "state": row["state"], "params": params,
-            "steps_completed": row["steps_completed"], "total": params["steps"], "created": row["created"],
-            "started": row["started"], "finished": row["finished"], "record": row["record"], "error": row["error"],
+            "steps_completed": row["steps_completed"], "total": params.get("steps"), "created": row["created"],
+            "started": row["started"], "finished": row["finished"], "record": record, "error": error,
             "image": None if row["image"] is None else f"/api/images/{row['image']}",
-            "steering": row["steering"] or [],
-            "guidance": params["guidance"],
+            "steering": row["steering"] if isinstance(row["steering"], list) else [],
+            "guidance": params.get("guidance"),
         }
         if live is not None and row["state"] in ("queued", "running"):
             view["steps_completed"], view["steering"] = live.steps_completed, list(live.steering)
@@ -289,12 +365,13 @@ class Studio:
             if row["state"] == "queued":
                 with self._lock:
                     view["position"] = self._queue.index(job_id) + 1 if job_id in self._queue else None
-        rec = row["record"]
-        if rec is not None:
-            full = 2 * rec["steps_completed"]  # one image per job: two rows a guided step
-            view["rows_saved"] = full - rec["model_rows"]
+        if record is not None:
+            with contextlib.suppress(KeyError, TypeError, ValueError, OverflowError):  # two rows a guided step
+                view["rows_saved"] = 2 * int(record["steps_completed"]) - int(record["model_rows"])
         elif live is not None:
             view["rows_saved"] = 2 * live.steps_completed - live.model_rows
+        if live is not None and live.waiting is not None and row["state"] == "running":
+            view["waiting"] = live.waiting
         return view
 
     # ------------------------------------------------------------------ workers
@@ -322,16 +399,64 @@ class Studio:
             return self._live.get(job_id)
 
     def _work(self) -> None:
+        """One worker: takes jobs until the server closes. Nothing a job raises ends it."""
         while True:
             live = self._next()
             if live is None:
                 return
             try:
-                if self.store.start(live.id):
+                if self._keep_trying(live, "starting the job", functools.partial(self.store.start, live.id)):
                     self._run(live)
+            except _Closing:
+                pass  # the database keeps what it has: a job still queued runs after the next start
+            except Exception as e:  # a bug: it costs this job, never the worker
+                print(f"stepdiff serve: job {live.id} failed unexpectedly:", file=sys.stderr)
+                traceback.print_exc()
+                with contextlib.suppress(_Closing):
+                    self._fail(live, e, 0)
             finally:
                 with self._lock:
                     self._live.pop(live.id, None)
+
+    def _keep_trying(self, live: _Live | None, what: str, write: Callable[[], Any], image: bool = False) -> Any:
+        """``write()`` until it succeeds. A store write that fails (``StoreError``: a full disk, a read-only
+        database) or an image write that fails with one of ``STORAGE_ERRNOS`` is tried again, ever less often
+        (up to ``storage_retry_max`` s apart), ``problem`` and the job's ``waiting`` saying why meanwhile; any other
+        error is raised. Raises ``_Closing`` when the server closes first."""
+        delay = 0.05
+        while True:
+            try:
+                result = write()
+            except StoreError as e:
+                message = str(e)
+            except OSError as e:
+                if not image or e.errno not in STORAGE_ERRNOS:
+                    raise
+                message = f"the image cannot be written in {str(self.images)!r} ({e.strerror or e}); the job waits " \
+                          "until it can (free space on that disk, or make the folder writable)"
+            else:
+                if live is not None and live.waiting is not None:
+                    if self.problem == live.waiting:
+                        self.problem = None
+                        self.hub.publish({"type": "problem", "error": None})
+                    live.waiting = None
+                return result
+            if self.problem != message:
+                print(f"stepdiff serve: {what} for job {live.id if live else '-'}: {message}", file=sys.stderr)
+                self.hub.publish({"type": "problem", "error": message})
+            self.problem = message
+            if live is not None:
+                live.waiting = message
+            if self._stop.wait(delay):
+                raise _Closing(message)
+            delay = min(2 * delay, self.storage_retry_max)
+
+    def _fail(self, live: _Live, e: BaseException, done: int) -> None:
+        message = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        self._keep_trying(live, "recording the failure", lambda: self.store.end(
+            live.id, "failed", steps_completed=done, error=message, steering=live.steering))
+        self.previewer.flush(live.id)
+        self.hub.publish({"type": "failed", "job": live.id, "error": message})
 
     def _run(self, live: _Live) -> None:
         from ..cache_options import cache_policies, gate_step
@@ -410,21 +535,20 @@ class Studio:
             )
             extra = {"job_id": live.id, "guidance_interval": spec.to_dict()["guidance_interval"],
                      "steering": live.steering}
-            write_image(self.images / name, settings, out.images[0], run.scheduler, out, extra=extra)
-            self.store.end(live.id, final, steps_completed=out.steps_completed, record=record, image=name,
-                           steering=live.steering)
+            self._keep_trying(live, f"writing image {name}", lambda: write_image(
+                self.images / name, settings, out.images[0], run.scheduler, out, extra=extra), image=True)
+            self._keep_trying(live, "recording the job", lambda: self.store.end(
+                live.id, final, steps_completed=out.steps_completed, record=record, image=name, steering=live.steering))
             self.previewer.flush(live.id)
             self.hub.publish({"type": final, "job": live.id, "steps_completed": out.steps_completed,
                               "image": f"/api/images/{name}", "record": record})
+        except _Closing:
+            raise
         except Exception as e:
             if live.token.cancelled and state is None:  # cancelled while it was being prepared
                 self._end_without_image(live, self._stopped_state(live), None)
                 return
-            message = f"{type(e).__name__}: {' '.join(str(e).split())}"
-            done = 0 if state is None else state.steps_completed
-            self.store.end(live.id, "failed", steps_completed=done, error=message, steering=live.steering)
-            self.previewer.flush(live.id)
-            self.hub.publish({"type": "failed", "job": live.id, "error": message})
+            self._fail(live, e, 0 if state is None else state.steps_completed)
 
     @staticmethod
     def _stopped_state(live: _Live) -> str:
@@ -433,7 +557,8 @@ class Studio:
     def _end_without_image(self, live: _Live, final: str, record: dict | None) -> None:
         if record is not None and live.calls_at_cancel is not None:
             record["model_calls_at_cancel"] = live.calls_at_cancel
-        self.store.end(live.id, final, record=record, steering=live.steering)
+        self._keep_trying(live, "recording the job", lambda: self.store.end(
+            live.id, final, record=record, steering=live.steering))
         self.previewer.flush(live.id)
         self.hub.publish({"type": final, "job": live.id, "steps_completed": 0, "image": None, "record": record})
 
@@ -454,13 +579,25 @@ class Studio:
                 if live.plan is not None:
                     live.token.cancel(SHUTDOWN_REASON)
             self._lock.notify_all()
+        self._stop.set()  # a worker waiting for the disk gives up: its row says what the next start finds
         deadline = time.monotonic() + timeout
         for t in self._threads:
             if t.is_alive():
                 t.join(max(0.0, deadline - time.monotonic()))
         self.previewer.close()
         self.store.close()
+        self._held.close()
 
     def is_final(self, job_id: str) -> bool:
         row = self.store.get(job_id)
         return row is not None and row["state"] in FINAL_STATES
+
+
+def lock_data_folder(data: Path):
+    """The studio's lock on its data folder (``stepdiff batch``'s folder lock, under the studio's own name): a
+    second server on the same folder is refused at once, naming the folder and the fix."""
+    from ..batch.manifest import folder_lock
+
+    return folder_lock(data, LOCK_NAME, busy=f"--data {str(data)!r} is in use by another stepdiff serve (it holds "
+                                              f"{LOCK_NAME} there); stop that server first, or give this one another "
+                                              "--data folder")

@@ -33,9 +33,23 @@ class FieldError(ValueError):
         value = self.value
         if isinstance(value, float) and not math.isfinite(value):
             value = repr(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**80:
+            value = _show(value)  # an integer too large for a float field: its first digits, as text
+        elif isinstance(value, str) and not _is_unicode(value):
+            value = _show(value)  # a lone surrogate has no UTF-8 form: shown escaped, as repr writes it
         elif not isinstance(value, (int, float, bool, type(None))) and not (isinstance(value, str) and len(value) <= 80):
             value = _show(value)
         return {"error": str(self), "field": self.field, "value": value, "allowed": self.allowed}
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: JSON allows a lone surrogate escape (\\ud800) that no file,
+    database row or response body can hold as text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _show(value: Any) -> str:
@@ -111,10 +125,16 @@ def _int(name: str, value: Any, low: int, high: int) -> int:
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise FieldError(name, value, f"a number in [{low:g}, {high:g}]")
-    return float(value)
+    bad = FieldError(name, value, f"a number in [{low:g}, {high:g}]")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise bad
+    try:
+        number = float(value)  # an integer such as 10**400 has no float: OverflowError
+    except (OverflowError, ValueError):
+        raise bad from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise bad
+    return number
 
 
 def _text(name: str, value: Any, required: bool) -> str | None:
@@ -128,6 +148,8 @@ def _text(name: str, value: Any, required: bool) -> str | None:
         raise FieldError(name, f"<{len(value)} characters>", f"a string of at most {MAX_PROMPT_CHARS} characters")
     if "\x00" in value:
         raise FieldError(name, value, "text without NUL characters")
+    if not _is_unicode(value):
+        raise FieldError(name, value, "valid Unicode text (no lone surrogate such as \\ud800)")
     return value
 
 
