@@ -61,7 +61,7 @@ PREVIEW_DECODER_DIR = "preview_decoder"
 _SOURCES = ("denoised", "latents")
 _METHODS = ("linear", "vae", "tiny", "auto")
 PREVIEW_SHARE = 0.03  # the most of a run's time that method="auto" lets the tiny decoder's previews take
-_RECENT = 9  # the estimates are medians of the latest step and frame times, so they follow the run
+_RECENT = 9  # the estimates are means of the latest step and frame times, so they follow the run
 
 
 @dataclass(frozen=True)
@@ -298,8 +298,8 @@ class PreviewBudget:
     """Which steps of one run get a preview frame, so that previews take at most ``share`` of the run's time.
 
     The rule works from the run's own measurements. The first step always gets a frame (it measures what a
-    frame costs), the last step too (the final preview). At every other step, with ``d`` the median cost of
-    the run's latest frames and ``s`` the median time of its latest steps without previews (the first frame
+    frame costs), the last step too (the final preview). At every other step, with ``d`` the mean cost of
+    the run's latest 9 frames and ``s`` the mean time of its latest 9 steps without previews (the first frame
     and the first step, which carry one-time costs, count only until there are others), the cadence ``k`` is
     the smallest number of steps between frames for which the projected share of the whole run stays within
     ``share``::
@@ -359,8 +359,10 @@ class PreviewBudget:
 
     @staticmethod
     def _estimate(samples: list[float]) -> float:
-        warm = samples[1:] or samples  # the first carries one-time costs (a cold decoder, the run's setup)
-        return statistics.median(warm[-_RECENT:])
+        # The mean, not the median: the budget is a sum, and on a busy machine a frame or a step now and then
+        # takes many times its usual time. The first sample carries one-time costs (the run's setup).
+        warm = samples[1:] or samples
+        return statistics.fmean(warm[-_RECENT:])
 
     def projected_share(self, k: int, step_index: int, total_steps: int) -> float:
         """The share of the whole run that previews would take with cadence ``k`` from ``step_index`` on."""
