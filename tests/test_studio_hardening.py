@@ -275,6 +275,47 @@ def test_a_full_disk_pauses_the_queue_which_resumes_with_nothing_lost(make, monk
     until(lambda: client.get(f"/api/jobs/{again['id']}").json()["state"] == "finished", what="a new job")
 
 
+def test_cancelling_a_job_whose_picture_waits_for_space_drops_it_and_the_queue_goes_on(make, monkeypatch):
+    import stepdiff.images
+
+    studio, client = make(start=False)
+    studio.storage_retry_max = 0.02
+    full = threading.Event()
+    full.set()
+    real_atomic_write = stepdiff.images.atomic_write
+
+    def atomic_write(path, write):
+        if full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_atomic_write(path, write)
+
+    monkeypatch.setattr(stepdiff.images, "atomic_write", atomic_write)
+    stuck, after = (client.post("/api/jobs", json={"prompt": PROMPT, "steps": 2}).json() for _ in range(2))
+    studio.start()
+    until(lambda: client.get(f"/api/jobs/{stuck['id']}").json().get("waiting"), what="the picture to wait")
+    assert client.post(f"/api/jobs/{stuck['id']}/cancel").status_code == 200
+    dropped = until(lambda: client.get(f"/api/jobs/{stuck['id']}").json()["state"] == "cancelled" and
+                    client.get(f"/api/jobs/{stuck['id']}").json(), what="the job to be cancelled")
+    assert dropped["image"] is None and "waited to be written" in dropped["error"] and dropped["steps_completed"] == 2
+    until(lambda: client.get(f"/api/jobs/{after['id']}").json().get("waiting"), what="the next job to run")
+    full.clear()
+    until(lambda: client.get(f"/api/jobs/{after['id']}").json()["state"] == "finished", what="the next job")
+
+
+def test_event_clients_are_capped(make, monkeypatch):
+    import stepdiff.studio.app
+
+    monkeypatch.setattr(stepdiff.studio.app, "MAX_EVENT_CLIENTS", 2)
+    studio, client = make(start=False)
+    with client.websocket_connect("/api/events") as one, client.websocket_connect("/api/events") as two:
+        assert one.receive_json()["type"] == two.receive_json()["type"] == "hello"
+        with client.websocket_connect("/api/events") as three:
+            closed = three.receive()
+            assert closed["type"] == "websocket.close" and closed["code"] == 1013 and "too many" in closed["reason"]
+    with client.websocket_connect("/api/events") as again:  # room again once they left
+        assert again.receive_json()["type"] == "hello"
+
+
 def test_a_job_that_breaks_the_worker_costs_that_job_only(make, monkeypatch):
     studio, client = make(start=False)
 
@@ -406,6 +447,18 @@ def test_slow_requests_are_cut_off_with_a_json_408_and_malformed_ones_get_json(l
                 s.sendall(b"G")
                 time.sleep(0.2)
         assert time.monotonic() - started < 5
+    answer = _raw(port, b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and b"Sec-WebSocket-Key" in answer and b"application/json" in answer
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{port}/api/events", open_timeout=5) as ws:  # an upgraded connection is not cut off
+        assert json.loads(ws.recv(timeout=5))["type"] == "hello"
+        time.sleep(1.0)
+        body = b'{"prompt": "a red circle", "steps": 2}'
+        answer = _raw(port, b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert answer.startswith(b"HTTP/1.1 201")
+        assert json.loads(ws.recv(timeout=5))["type"] == "queued"
     assert b"200 OK" in _raw(port, b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
 
 
@@ -413,49 +466,48 @@ _FLOOD = r"""
 import json, resource, select, socket, sys, time
 port, n, files = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 resource.setrlimit(resource.RLIMIT_NOFILE, (files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))  # the client's own
+started = time.monotonic()
 slow = []
 for _ in range(n):  # half-sent requests that would hold their connections for ever
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
     s.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
     slow.append(s)
-started = time.monotonic()
-real = socket.create_connection(("127.0.0.1", port), timeout=10)
+real = socket.create_connection(("127.0.0.1", port), timeout=30)
 real.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
 try:
     answer = real.recv(100)
 except OSError as e:
     answer = repr(e).encode()
 seconds = time.monotonic() - started
-open_ = set(slow)
-deadline = time.monotonic() + 10
-while open_ and time.monotonic() < deadline:  # each slow connection is closed (after a JSON 408 or 503)
-    ready, _, _ = select.select(list(open_), [], [], 0.5)
-    for s in ready:
-        try:
-            s.recv(1000)  # a JSON 408 or 503 and the end, or the end
-        except OSError:
-            pass
-        open_.discard(s)
-print(json.dumps({"answer": answer.decode("latin-1"), "seconds": seconds, "closed": n - len(open_),
-                  "all_closed_after": time.monotonic() - started}))
+answers = []
+for s in select.select(slow, [], [], 1.0)[0]:  # the slow connections closed to make room, with a JSON 503
+    try:
+        answers.append(s.recv(1000).decode("latin-1"))
+    except OSError:
+        pass
+print(json.dumps({"answer": answer.decode("latin-1"), "seconds": seconds, "answers": answers}))
 """
 
 
 def test_a_flood_of_half_sent_requests_cannot_exhaust_the_server(live_server):
-    """Under a low open-file limit, as a few hundred slow connections would reach one: the server caps its
-    connections below the limit and closes the oldest idle ones, so a real request still gets through."""
+    """Under a low open-file limit, as a few hundred slow connections would reach one (uvicorn alone then stops
+    accepting: the real request below timed out): the server caps its connections below the limit and closes the
+    oldest idle ones, so a real request gets through at once, long before the slow ones time out."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = len(os.listdir("/proc/self/fd")) + 400
     resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
     try:
-        port, out = live_server(request_timeout=1.0)  # its connection cap follows the limit in force
+        port, out = live_server(request_timeout=20.0)  # its connection cap follows the limit in force
         flood = subprocess.run([sys.executable, "-c", _FLOOD, str(port), "600", str(soft)], capture_output=True,
-                               text=True, timeout=60)
+                               text=True, timeout=120)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert flood.returncode == 0, flood.stderr
     result = json.loads(flood.stdout)
-    assert result["answer"].startswith("HTTP/1.1 200"), result
-    assert result["seconds"] < 3 and result["closed"] == 600 and result["all_closed_after"] < 8, result
+    assert result["answer"].startswith("HTTP/1.1 200"), result["answer"]
+    assert result["seconds"] < 10, result["seconds"]  # 600 connections and the request, well inside the timeout
+    made_room = [a for a in result["answers"] if a.startswith("HTTP/1.1 503")]
+    assert len(made_room) >= 100 and all('"error"' in a and "waited longest" in a for a in made_room), \
+        result["answers"][:3]

@@ -56,6 +56,7 @@ __all__ = ["BODY_TIMEOUT", "MAX_BODY", "JSONResponse", "create_app"]
 
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 10.0  # seconds a request body may take to arrive, whole
+MAX_EVENT_CLIENTS = 100  # WebSocket subscribers at once (each holds a connection the connection cap cannot close)
 STATIC = Path(__file__).parent / "static"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _IMAGE = re.compile(r"^[0-9a-f]{32}\.png$")
@@ -302,6 +303,9 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
 
     async def events(ws: WebSocket) -> None:
         await ws.accept()
+        if studio.hub.count >= MAX_EVENT_CLIENTS:
+            await ws.close(code=1013, reason=f"too many event clients ({MAX_EVENT_CLIENTS}); try again later")
+            return
         loop = asyncio.get_running_loop()
         sub = studio.hub.subscribe(loop)
         listener = asyncio.ensure_future(_drain(ws))
@@ -328,7 +332,8 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
             listener.cancel()
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return _error(404, {"error": f"no route {request.method} {request.url.path}"})
+        path = request.url.path
+        return _error(404, {"error": f"no route {request.method} {path if len(path) <= 200 else path[:200] + '...'}"})
 
     async def field_error(request: Request, exc: FieldError) -> Response:
         return _error(422, exc.to_dict())

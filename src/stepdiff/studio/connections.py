@@ -58,6 +58,12 @@ def connection_limit(wanted: int | None = None) -> int:
     return max(16, min(wanted, soft - in_use - _RESERVED_FDS))
 
 
+def _closing(protocol: Any) -> bool:
+    """Whether a connection (HTTP or WebSocket: both are in uvicorn's set) is on its way out."""
+    transport = getattr(protocol, "transport", None)
+    return transport is None or transport.is_closing()
+
+
 def _json_response(status: int, reason: bytes, message: str) -> bytes:
     body = json.dumps({"error": message}).encode()
     return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
@@ -79,7 +85,7 @@ class StudioProtocol(H11Protocol):
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
-        if sum(1 for p in self.connections if not p.transport.is_closing()) > self.max_connections:
+        if sum(1 for p in self.connections if not _closing(p)) > self.max_connections:
             self._make_room()
 
     def _arm(self) -> None:
@@ -101,6 +107,12 @@ class StudioProtocol(H11Protocol):
 
     def handle_websocket_upgrade(self, event: Any) -> None:
         self._disarm()  # from here the WebSocket protocol owns the connection
+        headers = dict(self.headers)
+        if not headers.get(b"sec-websocket-key") or headers.get(b"sec-websocket-version") != b"13":
+            # the WebSocket library's own answer would be plain text
+            self._refuse(400, b"Bad Request", "a WebSocket upgrade needs Sec-WebSocket-Key and Sec-WebSocket-Version: "
+                                              "13")
+            return
         super().handle_websocket_upgrade(event)
 
     def on_response_complete(self) -> None:
@@ -127,7 +139,7 @@ class StudioProtocol(H11Protocol):
 
     def _make_room(self) -> None:
         waiting = [p for p in self.connections
-                   if p is not self and getattr(p, "_waiting_since", None) is not None and not p.transport.is_closing()]
+                   if p is not self and getattr(p, "_waiting_since", None) is not None and not _closing(p)]
         if waiting:
             oldest = min(waiting, key=lambda p: p._waiting_since)
             oldest._refuse(503, b"Service Unavailable", f"the server is at its limit of {self.max_connections} "
@@ -139,7 +151,7 @@ class StudioProtocol(H11Protocol):
     def _refuse(self, status: int, reason: bytes, message: str) -> None:
         """A JSON answer where no response has begun on this connection, then close it."""
         self._disarm()
-        if self.conn.our_state is h11.IDLE:
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # (SEND_RESPONSE: a refused WebSocket upgrade)
             self.transport.write(_json_response(status, reason, message))
         self.transport.close()
 

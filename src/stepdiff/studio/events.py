@@ -69,6 +69,10 @@ class EventHub:
     def listening(self) -> bool:
         return bool(self._subscribers)
 
+    @property
+    def count(self) -> int:
+        return len(self._subscribers)
+
     def subscribe(self, loop: asyncio.AbstractEventLoop, max_pending: int = 1000) -> Subscriber:
         sub = Subscriber(loop, max_pending)
         with self._lock:

@@ -50,6 +50,10 @@ class _Closing(Exception):
     marked running is marked interrupted at the next start)."""
 
 
+class _Dropped(Exception):
+    """The user cancelled a job whose picture was waiting to be written: it ends without it."""
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -422,7 +426,8 @@ class Studio:
         """``write()`` until it succeeds. A store write that fails (``StoreError``: a full disk, a read-only
         database) or an image write that fails with one of ``STORAGE_ERRNOS`` is tried again, ever less often
         (up to ``storage_retry_max`` s apart), ``problem`` and the job's ``waiting`` saying why meanwhile; any other
-        error is raised. Raises ``_Closing`` when the server closes first."""
+        error is raised. Raises ``_Closing`` when the server closes first, and for an image, ``_Dropped`` when the user
+        cancels the job meanwhile (the only way to drop a picture that cannot be written)."""
         delay = 0.05
         while True:
             try:
@@ -447,6 +452,8 @@ class Studio:
             self.problem = message
             if live is not None:
                 live.waiting = message
+                if image and live.token.cancelled and live.token.reason != SHUTDOWN_REASON:
+                    raise _Dropped(message)
             if self._stop.wait(delay):
                 raise _Closing(message)
             delay = min(2 * delay, self.storage_retry_max)
@@ -535,14 +542,19 @@ class Studio:
             )
             extra = {"job_id": live.id, "guidance_interval": spec.to_dict()["guidance_interval"],
                      "steering": live.steering}
-            self._keep_trying(live, f"writing image {name}", lambda: write_image(
-                self.images / name, settings, out.images[0], run.scheduler, out, extra=extra), image=True)
+            try:
+                self._keep_trying(live, f"writing image {name}", lambda: write_image(
+                    self.images / name, settings, out.images[0], run.scheduler, out, extra=extra), image=True)
+            except _Dropped as e:
+                self._end_without_image(live, "cancelled", record, f"cancelled while its picture waited to be "
+                                                                   f"written: {e}")
+                return
             self._keep_trying(live, "recording the job", lambda: self.store.end(
                 live.id, final, steps_completed=out.steps_completed, record=record, image=name, steering=live.steering))
             self.previewer.flush(live.id)
             self.hub.publish({"type": final, "job": live.id, "steps_completed": out.steps_completed,
                               "image": f"/api/images/{name}", "record": record})
-        except _Closing:
+        except (_Closing, _Dropped):
             raise
         except Exception as e:
             if live.token.cancelled and state is None:  # cancelled while it was being prepared
@@ -554,11 +566,12 @@ class Studio:
     def _stopped_state(live: _Live) -> str:
         return "interrupted" if live.token.reason == SHUTDOWN_REASON else "cancelled"
 
-    def _end_without_image(self, live: _Live, final: str, record: dict | None) -> None:
+    def _end_without_image(self, live: _Live, final: str, record: dict | None, error: str | None = None) -> None:
         if record is not None and live.calls_at_cancel is not None:
             record["model_calls_at_cancel"] = live.calls_at_cancel
         self._keep_trying(live, "recording the job", lambda: self.store.end(
-            live.id, final, record=record, steering=live.steering))
+            live.id, final, steps_completed=0 if record is None else record.get("steps_completed", 0), record=record,
+            error=error, steering=live.steering))
         self.previewer.flush(live.id)
         self.hub.publish({"type": final, "job": live.id, "steps_completed": 0, "image": None, "record": record})
 

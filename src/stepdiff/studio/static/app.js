@@ -54,8 +54,9 @@ function useSettings(p) {
   $("scheduler").value = p.scheduler || "";
   $("cutoff").value = p.cfg_cutoff === null ? "" : p.cfg_cutoff;
   $("fast").checked = Boolean(p.fast);
-  $("preview-every").value = p.preview.every ?? "";
-  $("preview-method").value = p.preview.method;
+  const preview = p.preview || {};
+  $("preview-every").value = preview.every ?? "";
+  $("preview-method").value = preview.method || "auto";
   $("prompt").focus();
   checkWords();
 }
@@ -131,7 +132,7 @@ function finished(job) {
 }
 
 function card(job) {
-  const p = job.params;
+  const p = job.params || {};  // a row the server could not read still has a card (its error says why)
   const div = document.createElement("div");
   div.className = "card";
   div.dataset.job = job.id;
@@ -188,6 +189,7 @@ async function resync() {
   if (!current) return;
   const job = await api(`/api/jobs/${current}`);
   if (FINAL.has(job.state) && !$("stop").disabled) finished(job);
+  else if (job.waiting) $("status").textContent = `waiting: ${job.waiting}`;  // e.g. a full disk
 }
 
 function connect() {
