@@ -385,6 +385,17 @@ def test_batch_resume_removes_half_written_images(tmp_path, sd_folder):
 # ----------------------------------------------------------------------------------------------- slow clients (uvicorn)
 
 
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--request-timeout", "0"], "--request-timeout must be a number of seconds in [0.1, 3600], got 0.0"),
+    (["--request-timeout", "nan"], "--request-timeout must be a number of seconds in [0.1, 3600], got nan"),
+    (["--max-connections", "2"], "--max-connections must be in [8, 100000], got 2"),
+])
+def test_bad_connection_flags(run_cli, tmp_path, argv, needle):
+    code, out, err = run_cli("serve", "--data", tmp_path / "d", *argv)
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.fixture
 def live_server(tiny_pipe, sd_folder, tmp_path, monkeypatch):
     """``serve()`` on a free port in a thread (a real uvicorn): yields (port, output); stops it after."""
