@@ -83,3 +83,30 @@ def test_publish_writes_a_model_that_says_it_ignores_unknown_words(tmp_path):
     assert config.get("dtype", config.get("torch_dtype")) == "float32"
     with pytest.raises(FileExistsError, match="already exists"):
         publish(tmp_path / "run", dest)
+
+
+def test_attention_loss_is_zero_for_the_teacher_itself_and_not_for_another_encoder():
+    """Each layer is compared with itself: the teacher reading the canonical captions scores 0 (a layer matched
+    with another layer's queries, as named_modules' order would pair them, does not)."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from stepdiff.shapes.dataset import caption
+    from tools.train_text_encoder import attention_loss
+
+    folder = stepdiff.default_model()
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    teacher = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    texts = [caption(*c) for c in held_out_combos()[:4]]
+    with torch.no_grad():
+        emb = teacher(tok(texts, padding="max_length", max_length=16, return_tensors="pt").input_ids)[0]
+        teacher_emb = {t: emb[i : i + 1] for i, t in enumerate(texts)}
+        x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        same = attention_loss(unet, scheduler, teacher, tok, teacher_emb, texts, texts, x0,
+                              torch.Generator().manual_seed(1))
+        other = attention_loss(unet, scheduler, teacher, tok, teacher_emb, texts[::-1], texts, x0,
+                               torch.Generator().manual_seed(1))
+    assert same.item() < 1e-10 and other.item() > 1e-3

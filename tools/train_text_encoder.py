@@ -49,7 +49,7 @@ __all__ = ["DistilConfig", "distil", "publish"]
 class DistilConfig:
     seed: int = 0
     threads: int = 1
-    steps: int = 1500
+    steps: int = 1000
     batch: int = 48
     lr: float = 5e-4
     warmup: int = 100
@@ -176,8 +176,9 @@ def attention_loss(unet, scheduler, student, tokenizer, teacher_emb, texts, targ
     """
     xt, t = _noised(scheduler, x0, gen)
     layers = [m for name, m in unet.named_modules() if name.endswith("attn2")]
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((args[0], out))) for m in layers]
+    # (layer, its input, its output) in the order the layers run (named_modules lists the mid block last)
+    seen: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod, args[0], out))) for m in layers]
     try:
         with torch.no_grad():
             unet(xt, t, encoder_hidden_states=torch.cat([teacher_emb[c] for c in targets]))
@@ -186,7 +187,7 @@ def attention_loss(unet, scheduler, student, tokenizer, teacher_emb, texts, targ
             h.remove()
     emb = _student_embeddings(student, tokenizer, texts)
     losses = [F.mse_loss(layer(q, encoder_hidden_states=emb), out) / out.var().clamp_min(1e-8)
-              for layer, (q, out) in zip(layers, seen)]
+              for layer, q, out in seen]
     return torch.stack(losses).mean()
 
 
