@@ -10,6 +10,18 @@ from collections.abc import Callable
 # The tiny SD3 of the SD3 speed benchmarks (bench_guidance.py, bench_model_calls.py): big enough that the
 # transformer dominates a step. Arguments of stepdiff.testing.make_tiny_sd3.
 TINY_SD3 = {"layers": 4, "head_dim": 32, "sample_size": 32}
+TINY_SD3_SMOKE = {"layers": 1, "head_dim": 8, "sample_size": 8}  # --smoke: the smallest that runs
+def smoke_config(config: dict) -> dict:
+    """--smoke: a real UNet config's layout (its blocks, attention, conditioning) at 32 channels a block, one layer
+    a block and one attention layer each: the same code runs, in a fraction of a second."""
+    blocks = len(config["block_out_channels"])
+    narrow = {"block_out_channels": (32,) * blocks, "layers_per_block": 1, "attention_head_dim": 1, "norm_num_groups": 8}
+    if "transformer_layers_per_block" in config:
+        narrow["transformer_layers_per_block"] = 1
+    return {**config, **narrow}
+
+
+SMOKE = "smallest settings, a few seconds: checks that the script runs (tests/test_benchmarks.py); measures nothing"
 
 
 def time_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:

@@ -1,6 +1,7 @@
 """stepdiff batch on the shipped model: 64 prompts, embedded against Ray with 1 and 2 workers.
 
     python benchmarks/bench_batch.py [--rows 64] [--steps 10] [--only embedded,batched,ray1,ray2,resume,load]
+    python benchmarks/bench_batch.py --smoke   # resume and manifest on 2 rows of 1 step: checks the script runs
 
 Each configuration runs in its own Python process (a fresh Ray, a fresh model load), and a sampler reads
 the resident memory of that process and all its descendants (the Ray processes and actors) every 0.2 s:
@@ -45,8 +46,8 @@ def prompts_file(folder: Path, rows: int) -> Path:
     return path
 
 
-def one(name: str, rows: int, steps: int, folder: Path) -> dict:
-    """One configuration, in this process."""
+def one(name: str, rows: int, steps: int, folder: Path, smoke: bool = False) -> dict:
+    """One configuration, in this process (``smoke``: the manifest measure on 20 entries and 100 rows)."""
     from stepdiff.batch import BatchConfig, BatchDefaults, run_batch
 
     prompts = prompts_file(folder, rows)
@@ -67,17 +68,19 @@ def one(name: str, rows: int, steps: int, folder: Path) -> dict:
 
         entry = json.loads(json.dumps({"key": "0" * 64, "file": "x.png", "record": {"rows_per_step": [2] * 25},
                                        "prompt": "a red circle on a blue background " * 3, "seed": 1, "steps": 25}))
+        appends, planned = (20, 100) if smoke else (1000, 10_000)
         with Manifest(folder) as m:
             started = time.perf_counter()
-            for i in range(1000):
+            for i in range(appends):
                 entry["key"] = f"{i:064d}"
                 m.append(entry)
-            result["manifest_appends_per_second"] = 1000 / (time.perf_counter() - started)
-        big = prompts_file(folder, 10_000)
+            result["manifest_appends_per_second"] = appends / (time.perf_counter() - started)
+        big = prompts_file(folder, planned)
         for _ in range(2):  # the second: without the first's imports (torch, diffusers)
             started = time.perf_counter()
             plan_batch(BatchConfig(input=big, out=folder / "empty", defaults=BatchDefaults(steps=steps)))
-            result["plan_rows_per_second"] = 10_000 / (time.perf_counter() - started)
+            result["plan_rows_per_second"] = planned / (time.perf_counter() - started)
+        result["planned_rows"] = planned
         return result
     if name.startswith("ray"):
         import ray
@@ -134,11 +137,12 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure(name: str, rows: int, steps: int) -> dict:
+def measure(name: str, rows: int, steps: int, smoke: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent / "src")}
         proc = subprocess.Popen([sys.executable, __file__, "--one", name, "--rows", str(rows), "--steps", str(steps),
-                                 "--folder", tmp], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+                                 "--folder", tmp, *(["--smoke"] if smoke else [])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         peak = [0]
         done = threading.Event()
 
@@ -149,11 +153,11 @@ def measure(name: str, rows: int, steps: int) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        stdout, _ = proc.communicate()
+        stdout, stderr = proc.communicate()
         done.set()
         sampler.join()
         if proc.returncode != 0:
-            raise SystemExit(f"{name}: exit {proc.returncode}")
+            raise SystemExit(f"{name}: exit {proc.returncode}\n{stderr[-3000:]}")
         result = json.loads(stdout.strip().splitlines()[-1])
         result["peak_memory_mib"] = peak[0] / 2**20
         return result
@@ -167,13 +171,21 @@ def main() -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="smallest settings, a few seconds: checks that the script runs (tests/test_benchmarks.py)")
     args = parser.parse_args()
+    if args.smoke and args.one is None:
+        args.rows, args.steps, args.only = 2, 1, "resume,manifest"
     if args.one is not None:
-        print(json.dumps(one(args.one, args.rows, args.steps, args.folder)))
+        print(json.dumps(one(args.one, args.rows, args.steps, args.folder, args.smoke)))
         return
     results = []
     for name in args.only.split(","):
-        r = measure(name, args.rows, args.steps)
+        if args.smoke and name == "manifest":  # in this process: the subprocess and the sampler ran for "resume"
+            with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+                r = {**one(name, args.rows, args.steps, Path(tmp), smoke=True), "peak_memory_mib": 0.0}
+        else:
+            r = measure(name, args.rows, args.steps, args.smoke)
         results.append(r)
         print(json.dumps(r), flush=True)
     print(f"\n{args.rows} rows, {args.steps} steps, shipped model (64x64), 1 torch thread per pipeline, os.cpu_count()="
@@ -191,7 +203,7 @@ def main() -> None:
                   f"{min(r['noop_resume_verify']):.2f} s (--verify: SHA-256 of every image); best of 3, in-process")
         if "manifest_appends_per_second" in r:
             print(f"\nmanifest: {r['manifest_appends_per_second']:.0f} fsync'ed appends/s (this disk); planning "
-                  f"{r['plan_rows_per_second']:.0f} rows/s (read, check, key; 10,000 rows, no manifest)")
+                  f"{r['plan_rows_per_second']:.0f} rows/s (read, check, key; {r['planned_rows']:,} rows, no manifest)")
         if "load_seconds" in r:
             print(f"\nmodel load (one pipeline): {min(r['load_seconds']):.2f} s best of 3 "
                   f"({', '.join(f'{x:.2f}' for x in r['load_seconds'])})")

@@ -5,6 +5,7 @@
     python benchmarks/bench_control.py --only speed          # (b) ControlNet call: stepdiff vs diffusers (+ noise floor)
     python benchmarks/bench_control.py --only rows           # (c) model rows saved by a CFG cutoff of 0.4
     python benchmarks/bench_control.py --only sdxl-inpaint   # (d) SDXL ControlNet inpainting: stepdiff vs diffusers
+    python benchmarks/bench_control.py --smoke               # all four at the smallest settings: checks it runs
 
 (a) Held-out prompts (combinations training never saw) with held-out silhouettes (positions and sizes drawn from
 the evaluation seeds), judged from the pixels: the IoU of the generated shape (the largest region of the shape's
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 import stepdiff
-from _common import describe_paired, medians, table, time_rounds
+from _common import SMOKE, describe_paired, medians, table, time_rounds
 from stepdiff.models import default_controlnet, default_model
 from stepdiff.shapes.dataset import eval_pairs, random_sample, silhouette
 from stepdiff.shapes.judge import judge, shape_mask
@@ -43,10 +44,10 @@ from stepdiff.shapes.judge import judge, shape_mask
 STEPS = 25
 
 
-def held_out(n_per_combo: int):
+def held_out(n_per_combo: int, limit: int | None = None):
     """(prompt, control picture, silhouette mask, combo, seed) for held-out combos and held-out silhouettes."""
     items = []
-    for combo, seed in eval_pairs(n_per_combo):
+    for combo, seed in eval_pairs(n_per_combo)[:limit]:
         sample = random_sample(np.random.default_rng(seed), combo)
         picture = silhouette(sample)
         items.append((sample.caption, picture, np.asarray(picture)[..., 0] > 127, combo, seed))
@@ -64,7 +65,7 @@ def _correct(image, combo) -> bool:
 
 
 def quality(args, pipe, plain) -> None:
-    items = held_out(args.seeds_per_combo)
+    items = held_out(args.seeds_per_combo, args.pairs)
     guidance = json.loads((default_model() / "stepdiff.json").read_text())["guidance_scale"]
     rows, results = [], {}
     for label, end in (("no control", None), ("control, end 1.0", 1.0), ("control, end 0.5", 0.5)):
@@ -190,6 +191,7 @@ def rows_saved(args, pipe) -> None:
 
 
 def main() -> None:
+    global STEPS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="quality,speed,rows",
                         help="comma-separated: quality, speed, rows, sdxl-inpaint")
@@ -200,7 +202,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21, help="(b): rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="(a): also write the figures here")
+    parser.add_argument("--pairs", type=int, default=None, help="(a): only the first N held-out pairs")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
+    if args.smoke:
+        args.only, args.seeds_per_combo, args.pairs, args.batch = "quality,speed,rows,sdxl-inpaint", 1, 2, 2
+        args.repeats, args.threads, args.steps = 1, 1, 2
+    STEPS = args.steps
     torch.set_num_threads(args.threads)
     folder = args.model or default_model()
     controlnet_folder = args.controlnet or default_controlnet()

@@ -1,6 +1,6 @@
 """Issue 2 benchmarks: stepdiff against diffusers on identical tiny-SDXL weights, in one process.
 
-    python benchmarks/bench_core.py [--repeats 5] [--width 128] [--latent 64] [--only a,b,c]
+    python benchmarks/bench_core.py [--repeats 5] [--width 128] [--latent 64] [--only a,b,c] [--smoke]
 
 The default configuration (UNet base width 128, 64x64 latents = 128x128 output) is compute-bound
 enough on a 2-core CPU that one UNet row costs about half of two, as on a GPU; at 32x32 latents a
@@ -25,7 +25,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import ModelClock, describe_paired, medians, table, time_rounds
+from _common import SMOKE, ModelClock, describe_paired, medians, table, time_rounds
 from stepdiff.testing import make_tiny_sdxl
 
 SHARED = "stepdiff on diffusers' modules"
@@ -38,8 +38,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--latent", type=int, default=64, help="latent side (the output is twice as large)")
     parser.add_argument("--only", default="a,b,c", help="which measures to run, e.g. 'a' or 'a,c'")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.smoke:
+        args.repeats, args.width, args.latent, args.steps = 1, 32, 8, 2
+    torch.set_num_threads(1 if args.smoke else 2)
     diffusers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny_sdxl(tmp, width=args.width, sample_size=args.latent)

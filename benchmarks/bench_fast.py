@@ -5,6 +5,7 @@
     python benchmarks/bench_fast.py --only anchors       # (b) the deepcache and tgate packages, same weights
     python benchmarks/bench_fast.py --only breaks        # (c) where the packages break and stepdiff does not
     python benchmarks/bench_fast.py --only real          # (d) SD 1.5- and SDXL-size UNets, random weights
+    python benchmarks/bench_fast.py --smoke              # all four at the smallest settings: checks it runs
 
 (a) The shipped model at the CLI's defaults (25 DDIM steps, guidance 7.5). For each policy and combination:
 wall time against the default run (interleaved rounds of a 4-prompt batch, median per-round ratio), model compute
@@ -43,7 +44,7 @@ from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
 import stepdiff
-from _common import describe_paired, paired_ratio, ratio_interval, table, time_rounds
+from _common import SMOKE, describe_paired, paired_ratio, ratio_interval, smoke_config, table, time_rounds
 from stepdiff.caching import AdaptiveGuidanceCallback as Adaptive
 from stepdiff.caching import DeepCacheCallback as DeepCache
 from stepdiff.caching import FirstBlockCacheCallback as FirstBlock
@@ -139,7 +140,7 @@ def timed_batch(pipe, make):
 
 def shipped(args) -> dict:
     pipe = load()
-    pairs = eval_pairs(args.seeds_per_combo)
+    pairs = eval_pairs(args.seeds_per_combo)[: args.pairs]
     results: dict[str, dict] = {}
     reference = None
     settings = {k: v for k, v in SETTINGS.items() if k == "default" or not args.settings or k in args.settings}
@@ -157,8 +158,9 @@ def shipped(args) -> dict:
                          "model_rows": rows, "flops": flops(pipe, make)}
         print(f"  {name}: adherence {results[name]['adherence']:.1%}", flush=True)
         if name.startswith("--fast"):
-            picture_sheet(pairs, reference, images, ROOT / "docs/images/fast_pictures.png")
-    rounds = time_rounds({name: timed_batch(pipe, make) for name, make in settings.items()}, args.repeats)
+            picture_sheet(pairs, reference, images, args.figures / "fast_pictures.png")
+    rounds = time_rounds({name: timed_batch(pipe, make) for name, make in settings.items()}, args.repeats,
+                         warmup=0 if args.smoke else 1)
     base_flops = results["default"]["flops"]
     rows = []
     for name, r in results.items():
@@ -174,7 +176,7 @@ def shipped(args) -> dict:
           f"{args.repeats} interleaved rounds of a 4-prompt batch\n")
     print(table(rows, ("setting", "speed-up (wall, 95% interval)", "less compute (FLOPs)", "adherence", "PSNR vs default",
                        "model rows")))
-    pareto_plot(results, ROOT / "docs/images/fast_pareto.png", len(pairs))
+    pareto_plot(results, args.figures / "fast_pareto.png", len(pairs))
     return results
 
 
@@ -284,7 +286,7 @@ PAIRS_OF = {"deepcache 3/0 (package)": "stepdiff DeepCache 3/0", "tgate 10 (pack
 
 def anchors(args) -> dict:
     calls = anchor_calls()
-    pairs = eval_pairs(args.seeds_per_combo)
+    pairs = eval_pairs(args.seeds_per_combo)[: args.pairs]
     images = {}
     known = args.quality.get("anchors", {})
     for name, fn in calls.items():
@@ -298,7 +300,7 @@ def anchors(args) -> dict:
         print(f"  {name}: done", flush=True)
     prompts = [caption(*c) for c, _ in eval_pairs(1)[:4]]
     rounds = time_rounds({name: (lambda fn=fn: fn(prompts, [torch.Generator().manual_seed(k) for k in range(4)]))
-                          for name, fn in calls.items()}, args.repeats)
+                          for name, fn in calls.items()}, args.repeats, warmup=0 if args.smoke else 1)
     results, rows = {}, []
     for name in calls:
         base = "classic" if name in PAIRS_OF else "stepdiff default"
@@ -394,8 +396,9 @@ def breaks(args) -> dict:
     from diffusers import StableDiffusionControlNetPipeline as ClassicControl
 
     net = ControlNetModel.from_pretrained(default_controlnet())
-    control = Image.new("RGB", (128, 128), "black")
-    ImageDraw.Draw(control).ellipse([32, 32, 96, 96], fill="white")
+    side = 64 if args.smoke else 128
+    control = Image.new("RGB", (side, side), "black")
+    ImageDraw.Draw(control).ellipse([side // 4, side // 4, 3 * side // 4, 3 * side // 4], fill="white")
     cc = ClassicControl.from_pretrained(default_model(), controlnet=net, safety_checker=None,
                                         requires_safety_checker=False, torch_dtype=torch.float32)
     cc.set_progress_bar_config(disable=True)
@@ -415,19 +418,19 @@ def breaks(args) -> dict:
     sc.set_progress_bar_config(disable=True)
     for mode in ("reuse", "run"):
         attempt(f"stepdiff DeepCache on the ControlNet pipeline, controlnet={mode!r}: PSNR vs plain, speed-up",
-                lambda mode=mode: _control_case(sc, prompts[0], control, mode))
+                lambda mode=mode: _control_case(sc, prompts[0], control, mode, args.repeats))
     print("\n(c) where the packages break\n")
     print(table([(k, v) for k, v in found.items()], ("case", "result")))
     return found
 
 
-def _control_case(pipe, prompt, control, mode) -> str:
+def _control_case(pipe, prompt, control, mode, repeats: int = 7) -> str:
     def call(cbs):
         return lambda: pipe(prompt, image=control, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                             output_type="np", callback_on_step_end=cbs()).images
 
     plain, cached = call(lambda: None), call(lambda: [DeepCache(3, 0, controlnet=mode)])
-    rounds = time_rounds({"plain": plain, "cached": cached}, 7)
+    rounds = time_rounds({"plain": plain, "cached": cached}, repeats)
     return f"{psnr(cached(), plain()):.1f} dB, {paired_ratio(rounds, 'plain', 'cached'):.2f}x"
 
 
@@ -447,9 +450,9 @@ SDXL_UNET = dict(
 )
 
 
-def real_pipe(family: str, folder: Path):
+def real_pipe(family: str, folder: Path, smoke: bool = False):
     """A pipeline folder with the real UNet config (random weights) and tiny text encoders and VAE whose widths fit
-    it: make the tiny model of the family, then swap in the full-size UNet."""
+    it: make the tiny model of the family, then swap in the full-size UNet (``smoke``: the same layout, narrow)."""
     from diffusers import UNet2DConditionModel
 
     from stepdiff.testing import make_tiny_sd, make_tiny_sdxl
@@ -462,7 +465,7 @@ def real_pipe(family: str, folder: Path):
         config, cls = SDXL_UNET, stepdiff.StableDiffusionXLPipeline
     pipe = cls.from_pretrained(folder)
     torch.manual_seed(0)
-    pipe.unet = UNet2DConditionModel(**config).eval()
+    pipe.unet = UNet2DConditionModel(**(smoke_config(config) if smoke else config)).eval()
     pipe.set_progress_bar_config(disable=True)
     _fit_text_width(pipe, family)
     return pipe
@@ -498,8 +501,8 @@ def real(args) -> dict:
     results = {}
     for family in args.real_families.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            pipe = real_pipe(family, Path(tmp) / family)
-            size = 64 * pipe.vae_scale_factor  # 64x64 latents
+            pipe = real_pipe(family, Path(tmp) / family, args.smoke)
+            size = (8 if args.smoke else 64) * pipe.vae_scale_factor  # 64x64 latents
 
             def call(make, pipe=pipe, size=size):
                 return lambda: pipe("a cat", height=size, width=size, num_inference_steps=n, guidance_scale=GUIDANCE,
@@ -519,8 +522,10 @@ def real(args) -> dict:
 
 
 def main() -> None:
+    global STEPS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="shipped,anchors,breaks", help="comma-separated: shipped, anchors, breaks, real")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated: shipped, anchors, breaks, real (default: the first three; --smoke: all)")
     parser.add_argument("--seeds-per-combo", type=int, default=9, help="(a, b): 9 gives the 216 held-out pairs")
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=7, help="(a, b): timing rounds")
@@ -531,10 +536,23 @@ def main() -> None:
     parser.add_argument("--real-families", default="sd15,sdxl")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write every figure here")
+    parser.add_argument("--pairs", type=int, default=None, help="(a, b): only the first N held-out pairs")
+    parser.add_argument("--steps", type=int, default=STEPS, help="(a, b, c): steps per image")
+    parser.add_argument("--figures", type=Path, default=ROOT / "docs/images",
+                        help="(a): where the Pareto plot and the picture sheet go")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     parser.add_argument("--quality-from", default=None, metavar="JSON",
                         help="(a, b): take adherence, PSNR and rows from this earlier --json and only measure time and "
                              "FLOPs again (time on an idle machine after a long quality run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.only = args.only or "shipped,anchors,breaks,real"
+        args.seeds_per_combo, args.pairs, args.batch, args.repeats = 1, 2, 2, 1
+        args.settings, args.steps, args.real_steps, args.real_repeats = ["--fast (DeepCache 3/0 + cutoff 0.3)"], 3, 2, 1
+        figures = tempfile.TemporaryDirectory(prefix="bench-fast-")  # removed when the run ends
+        args.threads, args.figures = 1, Path(figures.name)
+    STEPS = args.steps
+    args.only = args.only or "shipped,anchors,breaks"
     args.quality = json.loads(Path(args.quality_from).read_text()) if args.quality_from else {}
     torch.set_num_threads(args.threads)
     out = {}

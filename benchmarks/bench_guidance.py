@@ -1,6 +1,6 @@
 """Issue 6 benchmarks: guidance schedules save what they promise, and SD3 against diffusers.
 
-    python benchmarks/bench_guidance.py [--repeats 5]
+    python benchmarks/bench_guidance.py [--repeats 5] [--smoke]
 
 (1) On a tiny SDXL whose UNet dominates a step: time of CFG cutoff 0.4, guidance interval [0.2, 0.8)
     and a linear ramp 7.5 -> 0, each against full CFG, beside the ratio of model rows computed
@@ -22,14 +22,14 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import TINY_SD3, ModelClock, describe_paired, medians, table, time_interleaved, time_rounds
+from _common import SMOKE, TINY_SD3, TINY_SD3_SMOKE, ModelClock, describe_paired, medians, table, time_interleaved, time_rounds
 from stepdiff.callbacks import CFGCutoffCallback, GuidanceIntervalCallback, GuidanceScheduleCallback, linear_ramp
 from stepdiff.testing import make_tiny_sd3, make_tiny_sdxl
 
 
 def schedules(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = stepdiff.StableDiffusionXLPipeline.from_pretrained(make_tiny_sdxl(tmp, width=128, sample_size=32))
+        pipe = stepdiff.StableDiffusionXLPipeline.from_pretrained(make_tiny_sdxl(tmp, width=args.width, sample_size=32))
     pipe.set_progress_bar_config(disable=True)
     settings = {
         "full CFG": None,
@@ -60,7 +60,7 @@ def schedules(args) -> None:
 
 def sd3(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_tiny_sd3(tmp, **TINY_SD3)
+        folder = make_tiny_sd3(tmp, **args.sd3)
         ours = stepdiff.StableDiffusion3Pipeline.from_pretrained(folder)
         theirs = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
     for p in (ours, theirs):
@@ -94,8 +94,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--only", choices=("schedules", "sd3"), default=None, help="run one part only")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    args.width, args.sd3 = 128, TINY_SD3
+    if args.smoke:
+        args.repeats, args.steps, args.width, args.sd3 = 1, 2, 32, TINY_SD3_SMOKE
+    torch.set_num_threads(1 if args.smoke else 2)
     diffusers.utils.logging.disable_progress_bar()
     if args.only != "sd3":
         schedules(args)

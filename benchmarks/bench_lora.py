@@ -26,7 +26,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 import stepdiff
-from _common import describe_paired, medians, table, time_rounds
+from _common import SMOKE, describe_paired, medians, table, time_rounds
 
 PROMPT = "a red circle on a blue background"
 
@@ -35,7 +35,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.threads, args.steps = 1, 1, 2
     torch.set_num_threads(args.threads)
     folder = stepdiff.default_model()
     ours = stepdiff.StableDiffusionPipeline.from_pretrained(folder)
@@ -67,12 +71,12 @@ def main() -> None:
             p.load_lora_weights(tmp, adapter_name="x")
 
         def call(p):
-            return lambda: p(PROMPT, num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+            return lambda: p(PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
 
         rounds = time_rounds({"stepdiff": call(ours), "diffusers": call(theirs), "diffusers again": call(theirs)},
                              args.repeats)
         m = medians(rounds)
-        print(table([("25 steps, LoRA loaded, not fused", f"{m['stepdiff']:.3f}", f"{m['diffusers']:.3f}",
+        print(table([(f"{args.steps} steps, LoRA loaded, not fused", f"{m['stepdiff']:.3f}", f"{m['diffusers']:.3f}",
                       f"{m['stepdiff'] / m['diffusers']:.3f}", describe_paired(rounds, "stepdiff", "diffusers"),
                       f"{m['diffusers again'] / m['diffusers']:.3f}")],
                     ("call", "stepdiff s", "diffusers s", "ratio of medians", "per-round ratio", "noise floor")))

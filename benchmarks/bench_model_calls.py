@@ -1,6 +1,6 @@
 """What running a model call under torch.inference_mode saves, call by call.
 
-    python benchmarks/bench_model_calls.py [--repeats 300]
+    python benchmarks/bench_model_calls.py [--repeats 300] [--smoke]
 
 stepdiff runs each denoiser call under ``torch.inference_mode`` where diffusers uses ``no_grad``; the
 calls are otherwise identical. This replays one real guided call of (1) the shipped model's UNet and
@@ -23,7 +23,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import TINY_SD3, describe_paired, medians, table, time_rounds
+from _common import SMOKE, TINY_SD3, TINY_SD3_SMOKE, describe_paired, medians, table, time_rounds
 from stepdiff.testing import make_tiny_sd3
 
 
@@ -57,8 +57,11 @@ def ab(name: str, model: torch.nn.Module, inputs, repeats: int) -> tuple[str, ..
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.smoke:
+        args.repeats = 1
+    torch.set_num_threads(1 if args.smoke else 2)
     diffusers.utils.logging.disable_progress_bar()
 
     rows = []
@@ -69,7 +72,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         sd3 = stepdiff.StableDiffusion3Pipeline.from_pretrained(
-            make_tiny_sd3(tmp, **TINY_SD3))
+            make_tiny_sd3(tmp, **(TINY_SD3_SMOKE if args.smoke else TINY_SD3)))
     sd3.set_progress_bar_config(disable=True)
     inputs = captured_call(sd3, sd3.transformer, prompt="a red car", guidance_scale=7.0)
     rows.append(ab("tiny SD3 transformer, guided batch of 2", sd3.transformer, inputs, args.repeats))

@@ -1,6 +1,7 @@
 """Issue 4 / issue 15 / issue 26 benchmarks: what previews cost, and how faithful the linear and tiny previews are.
 
     python benchmarks/bench_preview.py [--model DIR] [--tiny-decoder DIR] [--repeats 7] [--json FILE] [--cost-only]
+                                       [--smoke]
 
 - cost of a preview at every step as a fraction of step time (linear and tiny goal <= 3%; vae for
   reference), measured as the callback's own time over the run's time, and as run-time ratios; and the
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 import stepdiff
-from _common import table, time_rounds
+from _common import SMOKE, table, time_rounds
 from stepdiff.preview import (
     PreviewCallback,
     builtin_tables,
@@ -53,8 +54,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--json", type=Path, default=None, help="write the cost table here (merged into the file)")
     parser.add_argument("--cost-only", action="store_true", help="skip the fidelity tables")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.smoke:
+        args.repeats, args.steps = 1, 3
+    torch.set_num_threads(1 if args.smoke else 2)
     folder = args.model or stepdiff.default_model()
     pipe = stepdiff.AutoPipelineForText2Image.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
@@ -120,7 +124,7 @@ def main() -> None:
         return
 
     rng = np.random.default_rng(123)
-    images = images_to_tensor([render(random_sample(rng, combo)) for combo, _ in eval_pairs(4)])
+    images = images_to_tensor([render(random_sample(rng, combo)) for combo, _ in eval_pairs(4)[: 4 if args.smoke else None]])
     with torch.no_grad():
         latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
     rows = [("model's table: " + table_for(pipe).name, f"{preview_psnr(pipe.vae, table_for(pipe), latents):.2f}")]
@@ -131,12 +135,13 @@ def main() -> None:
     print(table(rows, (f"latent-to-RGB table on {len(images)} held-out shapes images", "PSNR vs VAE decode (dB)")))
     if tiny_folder is not None:
         tiny = load_tiny_decoder(tiny_folder, pipe.latent_channels(), pipe.vae_scale_factor)
-        x0 = held_out_x0(pipe, runs=8, steps=args.steps)
-        per_step = x0.unflatten(0, (8, args.steps))
+        runs = 2 if args.smoke else 8
+        x0 = held_out_x0(pipe, runs=runs, steps=args.steps)
+        per_step = x0.unflatten(0, (runs, args.steps))
         thirds = [per_step[:, : args.steps // 3], per_step[:, args.steps // 3: 2 * args.steps // 3],
                   per_step[:, 2 * args.steps // 3:]]
         rows = [(f"clean latents of {len(images)} held-out renders", f"{tiny_vs_vae_db(pipe.vae, tiny, latents):.2f}"),
-                (f"x0 estimates, every step of 8 held-out runs ({len(x0)})", f"{tiny_vs_vae_db(pipe.vae, tiny, x0):.2f}")]
+                (f"x0 estimates, every step of {runs} held-out runs ({len(x0)})", f"{tiny_vs_vae_db(pipe.vae, tiny, x0):.2f}")]
         rows += [(f"  x0 estimates, {name} third of the steps", f"{tiny_vs_vae_db(pipe.vae, tiny, part.flatten(0, 1)):.2f}")
                  for name, part in zip(("first", "middle", "last"), thirds)]
         linear = table_for(pipe)

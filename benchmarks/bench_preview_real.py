@@ -1,6 +1,7 @@
 """Issue 26 item 7: what a tiny-decoder preview costs against a real-size UNet step.
 
     python benchmarks/bench_preview_real.py [--families sd15,sdxl] [--repeats 5] [--json docs/preview_cost.json]
+    python benchmarks/bench_preview_real.py --smoke   # the same code on narrow UNets at 8x8 latents: checks it runs
 
 A TAESD-size decoder (diffusers' default ``AutoencoderTiny`` config: TAESD's layout, 64 channels, random weights,
 channels-last as ``load_tiny_decoder`` loads it) decodes one latent through ``stepdiff.preview.tiny_decode`` and
@@ -31,10 +32,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
 
-from _common import table
+from _common import SMOKE, smoke_config, table
 from bench_fast import SD15_UNET, SDXL_UNET
 from stepdiff.preview import PREVIEW_SHARE, builtin_tables, rgb_to_image, steady_cadence, tiny_decode
 
+SMOKE_SIDE = 8  # --smoke: latent side
 FAMILIES = {
     # latent side, UNet config, cross-attention width, built-in linear table
     "sd15": (64, SD15_UNET, 768, "sd15"),
@@ -49,11 +51,13 @@ def taesd():
     return AutoencoderTiny().eval().to(memory_format=torch.channels_last)
 
 
-def unet_step(family: str):
+def unet_step(family: str, smoke: bool = False):
     """One guided step: a UNet call on a batch of 2 (unconditional and conditional rows)."""
     from diffusers import UNet2DConditionModel
 
     side, config, width, _ = FAMILIES[family]
+    if smoke:
+        side, config = SMOKE_SIDE, smoke_config(config)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config).eval()
     params = sum(p.numel() for p in unet.parameters())
@@ -86,9 +90,10 @@ def rounds(fns: dict, repeats: int) -> dict[str, list[float]]:
     return out
 
 
-def measure(family: str, repeats: int, decoder) -> dict:
+def measure(family: str, repeats: int, decoder, smoke: bool = False) -> dict:
     side, _, _, table_name = FAMILIES[family]
-    step, params = unet_step(family)
+    side = SMOKE_SIDE if smoke else side
+    step, params = unet_step(family, smoke)
     latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(2))
     linear = builtin_tables()[table_name]
     fns = {
@@ -122,13 +127,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the results here (merged into the file)")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.threads = 1, 1
     torch.set_num_threads(args.threads)
     decoder = taesd()
     results = {}
     for family in args.families.split(","):
         print(f"{family}: building the UNet and timing {args.repeats} rounds ...", flush=True)
-        results[family] = measure(family, args.repeats, decoder)
+        results[family] = measure(family, args.repeats, decoder, args.smoke)
         r = results[family]
         print(table([
             ("UNet step, CFG (batch 2)", f"{r['step_median']:.2f} s",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import stepdiff
-from _common import describe_paired, medians, table, time_rounds
+from _common import SMOKE, describe_paired, medians, table, time_rounds
 from stepdiff.shapes.dataset import Sample, render
 
 PROMPT = "a green square on a yellow background"
@@ -65,7 +65,7 @@ def image_pipelines(args, folder) -> None:
         ours, theirs = _load(ours_cls, theirs_cls, folder)
 
         def call(p, extra=extra):
-            return lambda: p(PROMPT, num_inference_steps=25, generator=torch.Generator().manual_seed(0), **extra)
+            return lambda: p(PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), **extra)
 
         rounds = time_rounds(
             {"stepdiff": call(ours), "diffusers": call(theirs), "diffusers again": call(theirs)}, args.repeats
@@ -83,10 +83,10 @@ def step_iterator(args, folder) -> None:
     pipe.set_progress_bar_config(disable=True)
 
     def call():
-        return pipe(PROMPT, num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+        return pipe(PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
 
     def steps():
-        run = pipe.steps(PROMPT, num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+        run = pipe.steps(PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
         for _ in run:
             pass
         return run.finish()
@@ -106,7 +106,8 @@ def finite(args, folder) -> None:
     def call(check):
         def run():
             pipe.check_finite = check
-            return pipe(PROMPT, num_inference_steps=25, generator=torch.Generator().manual_seed(0), output_type="latent")
+            return pipe(PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
+                        output_type="latent")
         return run
 
     rounds = time_rounds({"checked": call(True), "unchecked": call(False)}, args.repeats)
@@ -114,14 +115,15 @@ def finite(args, folder) -> None:
     # The check alone (what the loop adds per step: two isfinite reductions), against the time of one step.
     latents = torch.randn(1, 4, 16, 16)
     per_check = []
+    checks = 100 if args.smoke else 10_000
     for _ in range(5):
         start = time.perf_counter()
-        for _ in range(10_000):
+        for _ in range(checks):
             bool(torch.isfinite(latents).all()) and bool(torch.isfinite(latents).all())
-        per_check.append((time.perf_counter() - start) / 10_000)
-    check, step = statistics.median(per_check), m["unchecked"] / 25
+        per_check.append((time.perf_counter() - start) / checks)
+    check, step = statistics.median(per_check), m["unchecked"] / args.steps
     print(f"the check alone: {check * 1e6:.1f} us per step = {100 * check / step:.3f}% of a {step * 1e3:.1f} ms step")
-    print(table([("check_finite on / off (25 steps, latent output)", f"{m['checked']:.4f}", f"{m['unchecked']:.4f}",
+    print(table([(f"check_finite on / off ({args.steps} steps, latent output)", f"{m['checked']:.4f}", f"{m['unchecked']:.4f}",
                   f"{m['checked'] / m['unchecked']:.4f}", describe_paired(rounds, "checked", "unchecked"))],
                 ("measure", "on s", "off s", "ratio of medians", "per-round ratio")))
 
@@ -135,7 +137,8 @@ def threads(args, folder) -> None:
 
     def work(pipe, seeds, out):
         for s in seeds:
-            out[s] = np.asarray(pipe(PROMPT, num_inference_steps=25, generator=torch.Generator().manual_seed(s)).images[0])
+            out[s] = np.asarray(pipe(PROMPT, num_inference_steps=args.steps,
+                                     generator=torch.Generator().manual_seed(s)).images[0])
 
     solo: dict[int, np.ndarray] = {}
     work(shared, range(2 * n), solo)
@@ -165,7 +168,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=6, help="images per thread in the threads benchmark")
     parser.add_argument("--only", default="image,steps,threads,finite")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.images, args.threads, args.steps = 1, 1, 1, 2
     torch.set_num_threads(args.threads)
     folder = args.model or stepdiff.default_model()
     only = set(args.only.split(","))

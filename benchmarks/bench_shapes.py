@@ -3,6 +3,8 @@
     python benchmarks/bench_shapes.py speed        # one 64x64 image, 25 steps: stepdiff vs diffusers; CLI start-up
     python benchmarks/bench_shapes.py schedulers   # adherence at 25 steps per scheduler (picks the default)
     python benchmarks/bench_shapes.py convergence  # StopOnConvergence: steps saved vs adherence lost
+    python benchmarks/bench_shapes.py models       # seconds per image, shapes-v1 against shapes-v2
+    python benchmarks/bench_shapes.py speed --smoke  # (any of them) smallest settings: checks the script runs
 
 CLI start-up is measured with `--cli-python` (default: this interpreter). Run it with the python of a
 fresh environment made by the README's quick start to see what a newcomer gets: transformers imports
@@ -29,7 +31,7 @@ import diffusers
 import torch
 
 import stepdiff
-from _common import ModelClock, describe_paired, medians, table, time_rounds
+from _common import SMOKE, ModelClock, describe_paired, medians, table, time_rounds
 from stepdiff.callbacks import StopOnConvergence
 from stepdiff.schedulers import make_scheduler
 from stepdiff.shapes.evaluate import evaluate
@@ -54,8 +56,8 @@ def speed(args) -> None:
     clocks = {id(p): ModelClock(p.unet) for p in (ours, theirs)}
 
     def run(p):
-        return clocks[id(p)].wrap(
-            lambda: p(PROMPT, num_inference_steps=25, guidance_scale=guidance, generator=torch.Generator().manual_seed(0)))
+        return clocks[id(p)].wrap(lambda: p(PROMPT, num_inference_steps=args.steps, guidance_scale=guidance,
+                                            generator=torch.Generator().manual_seed(0)))
 
     # "diffusers again" runs the same diffusers pipeline as a third contender: its ratio to "diffusers"
     # shows how far two runs of identical work land apart in this run (the noise floor).
@@ -65,24 +67,28 @@ def speed(args) -> None:
     t = medians(rounds)
     out_ours, out_theirs = (clocks[id(p)].median_outside() for p in (ours, theirs))
     startup = []
-    for _ in range(5):
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            [args.cli_python, "-m", "stepdiff.cli", "generate", PROMPT, "--steps", "25", "--output",
-             os.path.join(tempfile.gettempdir(), "stepdiff-bench.png"), "--model", str(folder)],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        )
-        buf = ""
-        while not re.search(r"\b\d+/25\b", buf):  # the progress bar's first draw: the loop has started
-            ch = proc.stderr.read(1)
-            if not ch:  # the CLI ended without showing a first step: a failure, not a fast start
-                raise RuntimeError(f"CLI did not reach its first step:\n{buf}")
-            buf += ch
-        startup.append(time.perf_counter() - started)
-        proc.wait()
+    for _ in range(args.startups):
+        with tempfile.TemporaryDirectory(prefix="stepdiff-bench-") as tmp:  # a new output each run: none is overwritten
+            started = time.perf_counter()
+            proc = subprocess.Popen(
+                [args.cli_python, "-m", "stepdiff.cli", "generate", PROMPT, "--steps", str(args.steps), "--output",
+                 os.path.join(tmp, "image.png"), "--model", str(folder)],
+                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            )
+            buf = ""
+            while not re.search(rf"\b\d+/{args.steps}\b", buf):  # the progress bar's first draw: the loop has started
+                ch = proc.stderr.read(1)
+                if not ch:  # the CLI ended without showing a first step: a failure, not a fast start
+                    raise RuntimeError(f"CLI did not reach its first step:\n{buf}")
+                buf += ch
+            startup.append(time.perf_counter() - started)
+            rest = proc.stderr.read()
+            if proc.wait() != 0:
+                raise RuntimeError(f"CLI failed after its first step:\n{buf}{rest}")
     startup.sort()
     print(f"CLI interpreter: {args.cli_python}")
-    print(f"model {folder}: one 64x64 image, 25 steps, guidance {guidance}, median of {args.repeats}, torch threads 2\n")
+    print(f"model {folder}: one 64x64 image, {args.steps} steps, guidance {guidance}, median of {args.repeats}, "
+          f"torch threads {torch.get_num_threads()}\n")
     print(table([
         ("stepdiff", f"{t['stepdiff']:.3f}", "<= 1.5 s"),
         ("diffusers (same weights)", f"{t['diffusers']:.3f}", ""),
@@ -91,7 +97,7 @@ def speed(args) -> None:
         ("seconds outside the UNet, stepdiff / diffusers", f"{out_ours:.3f} / {out_theirs:.3f}", ""),
         ("noise floor: diffusers again / diffusers", f"{t['diffusers again'] / t['diffusers']:.3f}", ""),
         ("    median of the per-round ratios", describe_paired(rounds, 'diffusers again', 'diffusers'), ""),
-        ("CLI start-up to first step (median of 5)", f"{startup[2]:.2f}", "<= 5 s"),
+        (f"CLI start-up to first step (median of {len(startup)})", f"{startup[len(startup) // 2]:.2f}", "<= 5 s"),
     ], ("measure", "seconds", "goal")))
 
 
@@ -102,10 +108,10 @@ def schedulers(args) -> None:
     for name in args.schedulers:
         karras = name.endswith("-karras")
         pipe.scheduler = make_scheduler(name.removesuffix("-karras"), base, karras=karras)
-        r = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, desc=name)
+        r = evaluate(pipe, args.guidance, steps=args.steps, seeds_per_combo=args.seeds, desc=name, limit=args.pairs)
         rows.append((name, f"{r['all']:.1%}", f"{r['background']:.1%}", f"{r['color']:.1%}", f"{r['shape']:.1%}",
                      f"{r['seconds']:.0f}"))
-    print(f"guidance {args.guidance}, 25 steps, {args.seeds * 24} held-out pairs\n")
+    print(f"guidance {args.guidance}, {args.steps} steps, {r['n']} held-out pairs\n")
     print(table(rows, ("scheduler", "all three", "background", "shape colour", "shape type", "seconds")))
 
 
@@ -113,15 +119,17 @@ def convergence(args) -> None:
     pipe, _ = _pipes(args.model or stepdiff.default_model())
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    full = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, batch=1, desc="full")
-    rows = [("full run", "25.0", "0%", f"{full['all']:.1%}", "")]
+    full = evaluate(pipe, args.guidance, steps=args.steps, seeds_per_combo=args.seeds, batch=1, desc="full",
+                    limit=args.pairs)
+    rows = [("full run", f"{args.steps:.1f}", "0%", f"{full['all']:.1%}", "")]
     for tol in args.tolerances:
         cb = StopOnConvergence(tolerance=tol, patience=args.patience)
-        r = evaluate(pipe, args.guidance, steps=25, seeds_per_combo=args.seeds, batch=1, callback=cb, desc=f"tol={tol:g}")
-        saved = 1 - r["mean_steps"] / 25
+        r = evaluate(pipe, args.guidance, steps=args.steps, seeds_per_combo=args.seeds, batch=1, callback=cb,
+                     desc=f"tol={tol:g}", limit=args.pairs)
+        saved = 1 - r["mean_steps"] / args.steps
         rows.append((f"StopOnConvergence(tolerance={tol:g}, patience={args.patience})", f"{r['mean_steps']:.1f}", f"{saved:.0%}",
                      f"{r['all']:.1%}", f"{(r['all'] - full['all']) * 100:+.1f} pts"))
-    print(f"{type(pipe.scheduler).__name__}, guidance {args.guidance}, 25 steps, {args.seeds * 24} held-out pairs, "
+    print(f"{type(pipe.scheduler).__name__}, guidance {args.guidance}, {args.steps} steps, {full['n']} held-out pairs, "
           "one image per call\n")
     print(table(rows, ("setting", "mean steps", "steps saved", "all three", "vs full")))
 
@@ -139,12 +147,12 @@ def models(args) -> None:
         p.set_progress_bar_config(disable=True)
 
     def run(p):
-        return lambda: p(PROMPT, num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+        return lambda: p(PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
 
     rounds = time_rounds({"v1": run(pipes["v1"]), "v2": run(pipes["v2"]), "v2 again": run(pipes["v2"])},
                          repeats=args.repeats)
     t = medians(rounds)
-    print(f"seconds per image, 25 steps: {', '.join(f'{k} {v:.3f}' for k, v in t.items())}")
+    print(f"seconds per image, {args.steps} steps: {', '.join(f'{k} {v:.3f}' for k, v in t.items())}")
     print(table([("v2 / v1", f"{t['v2'] / t['v1']:.3f}", describe_paired(rounds, "v2", "v1")),
                  ("noise floor: v2 again / v2", f"{t['v2 again'] / t['v2']:.3f}", describe_paired(rounds, "v2 again", "v2"))],
                 ("", "ratio of medians", "per-round ratio")))
@@ -158,14 +166,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seeds", type=int, default=9, help="seeds per held-out combination (24 combinations)")
+    parser.add_argument("--pairs", type=int, default=None, help="schedulers, convergence: only the first N pairs")
     parser.add_argument("--schedulers", nargs="+",
                         default=["euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "ddim", "heun"])
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.04, 0.05])
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--scheduler", default=None, help="convergence: scheduler name or alias (default: the model's)")
     parser.add_argument("--cli-python", default=sys.executable, help="interpreter that runs the CLI for start-up timing")
+    parser.add_argument("--startups", type=int, default=5, help="speed: CLI start-ups timed")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.smoke:
+        args.repeats, args.startups, args.steps, args.seeds, args.pairs, args.tolerances = 1, 1, 2, 1, 4, [0.05]
+        args.schedulers = args.schedulers[-1:]
+    torch.set_num_threads(1 if args.smoke else 2)
     {"speed": speed, "schedulers": schedulers, "convergence": convergence, "models": models}[args.what](args)
 
 

@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="2 pairs, 10 steps, no sheet: a few seconds")
     args = parser.parse_args()
     if args.smoke:
-        args.pairs, args.steps, args.sheet, args.seeds_per_combo = 2, 10, None, 1
+        args.pairs, args.steps, args.sheet, args.seeds_per_combo, args.threads = 2, 10, None, 1, 1
     result = run(args)
     print(table(result))
     print(f"({result['seconds']:.0f} s)")

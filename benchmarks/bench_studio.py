@@ -10,6 +10,7 @@ them over HTTP and WebSockets from this process, as browsers would.
     python benchmarks/bench_studio.py workers                  # 1 vs 2 workers, jobs per second
     python benchmarks/bench_studio.py screenshot               # docs/images/studio.png
     python benchmarks/bench_studio.py all
+    python benchmarks/bench_studio.py previews --smoke         # (any of them) smallest settings: checks it runs
 """
 
 from __future__ import annotations
@@ -406,7 +407,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--load-steps", type=int, default=4)
     parser.add_argument("--screenshot", type=Path, default=ROOT / "docs" / "images" / "studio.png")
+    parser.add_argument("--smoke", action="store_true",
+                        help="smallest settings, a few seconds: checks that the script runs (tests/test_benchmarks.py)")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.steps, args.trials, args.clients, args.jobs, args.load_steps = 1, 2, 1, 2, 2, 1
+        if args.what in ("screenshot", "all"):
+            parser.error("--smoke runs one measure (previews, stop, load, faults or workers), not the screenshot")
     todo = ["previews", "stop", "load", "faults", "workers"] if args.what == "all" else [args.what]
     for what in todo:
         started = time.perf_counter()

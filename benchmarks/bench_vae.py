@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL
 
 import stepdiff
-from _common import table, time_interleaved
+from _common import SMOKE, table, time_interleaved
 from stepdiff.shapes.dataset import EVAL_SEED_BASE, all_combos, random_sample, render
 
 
@@ -76,7 +76,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=51, help="decode timings per VAE (interleaved)")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.threads, args.repeats = 2, 1, 1
     torch.set_num_threads(args.threads)
     folders = args.model or [str(stepdiff.default_model())]
     images = held_out_renders(args.images)

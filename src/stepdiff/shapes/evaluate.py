@@ -19,9 +19,10 @@ __all__ = ["evaluate", "evaluate_table", "format_breakdown", "format_table"]
 
 def evaluate(
     pipe, guidance: float, steps: int = 25, seeds_per_combo: int = 9, batch: int = 24,
-    callback: Any = None, desc: str = "eval", varied: bool = False,
+    callback: Any = None, desc: str = "eval", varied: bool = False, limit: int | None = None,
 ) -> dict[str, Any]:
-    """Accuracy per attribute and all-three over the held-out (combo, seed) pairs.
+    """Accuracy per attribute and all-three over the held-out (combo, seed) pairs (``limit``: the first N only, a
+    quick check such as a benchmark's smoke run).
 
     ``varied``: each pair's prompt is a caption as people write it (:func:`~stepdiff.shapes.varied.varied_caption`,
     evaluation split, drawn from the pair's seed) instead of the canonical template; ``prompts`` lists them.
@@ -31,7 +32,7 @@ def evaluate(
     ``per_combo`` (all three right, per held-out combination) and ``confusion`` (requested shape -> judged
     shape -> count; "none" when the judge finds no shape).
     """
-    pairs = eval_pairs(seeds_per_combo)
+    pairs = eval_pairs(seeds_per_combo)[:limit]
     hits = {"background": 0, "color": 0, "shape": 0, "all": 0}
     per_color = {c: [0, 0] for c in COLORS}  # colour -> [correct shape colour, total]
     per_color_all = {c: [0, 0] for c in COLORS}
