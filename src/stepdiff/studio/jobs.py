@@ -416,7 +416,7 @@ class Studio:
             except Exception as e:  # a bug: it costs this job, never the worker
                 print(f"stepdiff serve: job {live.id} failed unexpectedly:", file=sys.stderr)
                 traceback.print_exc()
-                with contextlib.suppress(_Closing):
+                with contextlib.suppress(Exception):  # (_Closing too): recording it must not end the worker either
                     self._fail(live, e, 0)
             finally:
                 with self._lock:
