@@ -212,6 +212,13 @@ def test_a_number_too_big_for_python_is_a_row_error_not_the_end_of_the_batch(fmt
     assert len(str(error)) < 200  # the value is shortened, not printed in full
 
 
+def test_whole_numbers_read_as_before():
+    """The digit-count guard above keeps what int() reads: full-width digits (as --size takes them), underscores."""
+    rows, _ = parse_rows('{"prompt": "a", "seed": "\uff17", "size": "\uff16\uff14x64"}\n{"prompt": "b", "seed": '
+                         '" 1_000 ", "steps": "+3"}\n', "jsonl")
+    assert [(r.seed, r.width, r.height, r.steps) for r in rows] == [(7, 64, 64, 25), (1000, None, None, 3)]
+
+
 def test_csv_bad_quotes_in_one_line_lose_only_that_row(tmp_path):
     """Issue 24: the csv module's default quoting took '"b"x' as 'bx'; a csv.Error ended reading, losing every row after it."""
     text = 'prompt,seed\na,1\n"b"x,2\n' + "x" * 140_000 + ',3\n"d",4\n'

@@ -183,6 +183,7 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
     ("empty.png", ValueError, "is empty (0 bytes)"),
     ("notes.png", ValueError, "is not a readable picture (not a picture format Pillow knows)"),
     ("cut.png", ValueError, "is not a readable picture (OSError: image file is truncated"),
+    ("a\x00b.png", ValueError, "is not a valid path (embedded null byte)"),
 ])
 def test_bad_files_name_the_argument_the_path_and_the_problem(tmp_path, name, error, words):
     Image.new("RGB", (8, 8)).save(tmp_path / "picture.png")

@@ -308,6 +308,8 @@ def _open_regular(path: Path, name: str) -> int:
         raise FileNotFoundError(f"{name} does not exist (a part of the path is not a folder)") from None
     except OSError as e:
         raise type(e)(f"{name} cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # a NUL character in the path
+        raise ValueError(f"{name} is not a valid path ({e})") from None
     if stat.S_ISDIR(info.st_mode):
         raise IsADirectoryError(f"{name} is a folder; {_FORMATS_HINT}")
     _check_regular(info, name)

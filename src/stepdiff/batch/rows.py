@@ -394,11 +394,13 @@ def _int(bad, values: dict, name: str, default: Any, low: int, high: int, high_t
     allowed = f"in [{low}, {high_text or high}]"
     if isinstance(value, str):
         text = value.strip()
-        if not re.fullmatch(r"[+-]?[0-9]+", text):
-            raise bad(f"{name} must be a whole number, got {_short(value)}")
-        if len(text.lstrip("+-0")) > _MAX_DIGITS:  # beyond every limit (and maybe Python's 4300-digit conversion)
+        digits = text.lstrip("+-").replace("_", "").lstrip("0")
+        if digits.isdecimal() and len(digits) > _MAX_DIGITS:  # beyond every limit (and maybe int()'s 4300 digits)
             raise bad(f"{name} must be {allowed}, got {_short(value)}")
-        value = int(text)
+        try:
+            value = int(text)  # as before: any Unicode digits ("７"), "1_000"
+        except ValueError:
+            raise bad(f"{name} must be a whole number, got {_short(value)}") from None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -434,7 +436,7 @@ def _float(value: str | int) -> float | None:
 
 
 def _size(bad, value: Any) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*", value) if isinstance(value, str) else None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value) if isinstance(value, str) else None
     if m is None:
         raise bad(f"size must look like WIDTHxHEIGHT, e.g. 64x64, got {_short(value)}")
     if any(len(g.lstrip("0")) > _MAX_DIGITS for g in m.groups()):
