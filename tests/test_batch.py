@@ -121,6 +121,8 @@ def test_csv_rows_with_header_empty_cells_and_quoted_newlines(tmp_path):
     ("csv", 'prompt\n"a red circle\nb\nc\n', 2, ["never closed", "lines 2-4", "rows in it lost"]),
     ("csv", 'prompt,seed\n"a red\nb,2\n"c",3\n', 2, ["row starting on line 2 runs to line 4"]),
     ("csv", '"prompt,seed\na,1\n', 1, ["never closed"]),
+    ("csv", "prompt;seed\na;1\n", 1, ["unknown column 'prompt;seed' (the columns of a CSV file are separated by commas"]),
+    ("csv", "prompt,seed,\na,1,\n", 1, ["unknown column '' (an empty column name: a comma too many"]),
 ])
 def test_bad_rows_name_the_line_the_field_the_value_and_what_is_allowed(fmt, text, line, words):
     with pytest.raises(RowError) as info:

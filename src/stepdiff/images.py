@@ -268,6 +268,9 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 _FILE_KINDS = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"),
                (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
 _FORMATS_HINT = "give a picture file (PNG, JPEG, WebP, ...)"
+# Formats whose later frames are not a sequence: a camera's multi-picture JPEG (the photo, then previews or depth)
+# and Photoshop's PSD (the merged picture, then its layers).
+_FIRST_FRAME_IS_THE_PICTURE = {"MPO", "PSD"}
 
 
 def read_image(path: str | Path, what: str = "image", mode: str = "RGB", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -279,7 +282,8 @@ def read_image(path: str | Path, what: str = "image", mode: str = "RGB", max_pix
       an alpha channel is dropped for "RGB" and "L";
     - the EXIF orientation is applied: a phone photo comes out as it is displayed (and a mask drawn on it fits);
     - an animated or multi-page picture (GIF, APNG, WebP, TIFF) is refused: which frame to use is the caller's
-      choice, so none is guessed (a camera's multi-picture JPEG, MPO, is its first picture, the photo);
+      choice, so none is guessed (a camera's multi-picture JPEG, MPO, is its first picture, the photo; a layered
+      PSD its merged picture);
     - a picture of more than ``max_pixels`` pixels is refused from its header, before it is decoded;
     - only a regular file is read: a folder, a FIFO (which would block forever) or a device is refused unopened.
 
@@ -371,7 +375,7 @@ def _decode(f: BinaryIO, name: str, max_pixels: int) -> Image.Image:
                 raise
             except Exception as e:
                 raise _unreadable(name, e) from None
-            if frames > 1 and image.format != "MPO":
+            if frames > 1 and image.format not in _FIRST_FRAME_IS_THE_PICTURE:
                 kind = "multi-page" if image.format == "TIFF" else "animated"
                 raise ValueError(f"{name} is an {kind} {image.format} of {frames} frames; give a still picture "
                                  "(save the frame you want as PNG)")

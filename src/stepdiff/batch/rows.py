@@ -273,7 +273,12 @@ def _csv_records(text: str, source: str) -> Iterable[tuple[int, dict[str, Any] |
     for name in header:
         key = _canonical(name)
         if key not in FIELDS:
-            raise RowError(source, 1, f"unknown column {name!r}; columns may be: {', '.join(FIELDS)}")
+            hint = ""
+            if not name:
+                hint = " (an empty column name: a comma too many in the header?)"
+            elif any(c in name for c in ";\t|"):
+                hint = " (the columns of a CSV file are separated by commas, not ';', tabs or '|')"
+            raise RowError(source, 1, f"unknown column {name!r}{hint}; columns may be: {', '.join(FIELDS)}")
         if key in seen:
             twice = f"{name!r} twice" if seen[key] == name else f"{seen[key]!r} and {name!r} (both {key})"
             raise RowError(source, 1, f"the header names column {twice}; give each column once")
