@@ -498,7 +498,7 @@ def test_unknown_words_include_emoji_and_cjk(sd_pipe):
 def test_cli_warns_about_emoji_and_cjk(run_cli, tmp_path):
     code, _, err = run_cli("generate", "a red circle 🐱 on a blue background 猫", "--steps", "1", "--output", tmp_path / "c.png")
     assert code == 0, err
-    assert "warning: the model does not know 🐱, 猫; it knows:" in err
+    assert "warning: the model does not know 🐱, 猫 and ignores them; it knows:" in err
 
 
 def test_long_prompt_warns_that_it_is_cut(run_cli, sd_folder, sd_pipe, tmp_path):

@@ -96,14 +96,14 @@ def test_cli_uses_shipped_model_by_default(tmp_path, capsys):
     assert main(["generate", "a green triangle on a white background", "--steps", "10", "--output", str(out)]) == 0
     image = Image.open(out)
     assert image.size == (64, 64)
-    assert "Model: shapes-v2" in image.text["parameters"] and "Sampler: DDIM" in image.text["parameters"]
+    assert "Model: shapes-v3" in image.text["parameters"] and "Sampler: DDIM" in image.text["parameters"]
     assert "CFG scale: 7.5" in image.text["parameters"]
 
 
 def test_cli_warns_with_known_words(tmp_path, capsys):
     assert main(["generate", "a pink circle", "--steps", "2", "--output", str(tmp_path / "x.png")]) == 0
     err = capsys.readouterr().err
-    assert "does not know pink; it knows: a, background, black, blue, circle" in err
+    assert "does not know pink and ignores it; it knows: a, background, black, blue, circle" in err
 
 
 def test_cli_size_too_small_for_model(capsys):

@@ -12,6 +12,8 @@ from stepdiff.shapes.dataset import COLORS, SHAPES, held_out_combos
 from stepdiff.shapes.evaluate import evaluate
 from stepdiff.shapes.varied import varied_caption
 
+TEACHER = stepdiff.default_model().parent / "shapes-v2"  # the recipe's teacher: the model before natural prompts
+
 
 def test_varied_captions_are_deterministic_and_mean_their_combination():
     combo = ("orange", "triangle", "blue")
@@ -58,7 +60,7 @@ def test_distillation_smoke_run_writes_a_loadable_model_and_resumes(tmp_path):
     from tools.train_text_encoder import DistilConfig, distil
 
     cfg = DistilConfig().smoke_version()
-    model = distil(cfg, stepdiff.default_model(), tmp_path / "run")
+    model = distil(cfg, TEACHER, tmp_path / "run")
     log = [json.loads(line) for line in (tmp_path / "run" / "distil_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 2, 4] and all(np.isfinite(r["held_out_loss"]) for r in log)
     pipe = stepdiff.StableDiffusionPipeline.from_pretrained(model)
@@ -66,7 +68,7 @@ def test_distillation_smoke_run_writes_a_loadable_model_and_resumes(tmp_path):
     assert pipe.tokenizer.convert_tokens_to_ids(",</w>") != pipe.tokenizer.unk_token_id  # punctuation is read
     out = pipe("A Red circle, on an orange background.", num_inference_steps=2, output_type="np")
     assert out.images.shape == (1, 64, 64, 3)
-    distil(cfg, stepdiff.default_model(), tmp_path / "run")  # finished: resumes at the end, trains nothing more
+    distil(cfg, TEACHER, tmp_path / "run")  # finished: resumes at the end, trains nothing more
     again = [json.loads(line) for line in (tmp_path / "run" / "distil_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [0, 2, 4]
 
@@ -74,7 +76,7 @@ def test_distillation_smoke_run_writes_a_loadable_model_and_resumes(tmp_path):
 def test_publish_writes_a_model_that_says_it_ignores_unknown_words(tmp_path):
     from tools.train_text_encoder import DistilConfig, distil, publish
 
-    distil(DistilConfig().smoke_version(), stepdiff.default_model(), tmp_path / "run")
+    distil(DistilConfig().smoke_version(), TEACHER, tmp_path / "run")
     dest = publish(tmp_path / "run", tmp_path / "shapes-vX")
     info = json.loads((dest / "stepdiff.json").read_text())
     assert info["name"] == "shapes-vX" and info["ignores_unknown_words"] is True
@@ -95,7 +97,7 @@ def test_attention_loss_is_zero_for_the_teacher_itself_and_not_for_another_encod
     from stepdiff.shapes.dataset import caption
     from tools.train_text_encoder import attention_loss
 
-    folder = stepdiff.default_model()
+    folder = TEACHER
     tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     teacher = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).eval()
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()

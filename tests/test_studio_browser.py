@@ -106,7 +106,7 @@ def submit_from_page(page, steps, guidance=None):
 
 def test_page_loads(page):
     assert page.title() == "stepdiff studio"
-    assert "shapes-v2" in page.text_content("#model")
+    assert "shapes-v3" in page.text_content("#model")
     for selector in ("#prompt", "#generate", "#stop", "#steer", "#progress", "#preview", "#rows-saved", "#history"):
         assert page.is_visible(selector), selector
     assert page.locator("#scheduler option").count() > 5

@@ -296,6 +296,11 @@ def publish(run: Path, dest: Path, name: str | None = None, overwrite: bool = Fa
     encoder = CLIPTextModel.from_pretrained(dest / "text_encoder", torch_dtype=torch.float32)
     shutil.rmtree(dest / "text_encoder")
     encoder.save_pretrained(dest / "text_encoder", safe_serialization=True)
+    table = dest / "latent_rgb.json"  # the same VAE, so the same fitted preview table, under the new name
+    if table.is_file():
+        data = json.loads(table.read_text())
+        data["name"] = f"fitted:{name or dest.name}"
+        table.write_text(json.dumps(data, indent=1) + "\n")
     info = json.loads((dest / "stepdiff.json").read_text())
     log = [json.loads(line) for line in (run / "distil_log.jsonl").read_text().splitlines()]
     info.update(

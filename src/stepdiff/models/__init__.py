@@ -6,7 +6,7 @@ from pathlib import Path
 
 __all__ = ["DEFAULT_CONTROLNET_NAME", "DEFAULT_MODEL_NAME", "default_controlnet", "default_model"]
 
-DEFAULT_MODEL_NAME = "shapes-v2"
+DEFAULT_MODEL_NAME = "shapes-v3"
 # The ControlNet trained for the shipped model (condition: the shape's silhouette, white on black).
 DEFAULT_CONTROLNET_NAME = "shapes-control-v1"
 
