@@ -118,6 +118,7 @@ def test_previews_stream_before_the_final_image(page, server):
         const img = document.getElementById('preview');
         new MutationObserver(() => window.seen.push(img.src)).observe(img, {attributes: true, attributeFilter: ['src']});
     }""")
+    page.fill("#preview-every", "1")  # a frame at every step: auto's own cadence may skip most steps of a short job
     submit_from_page(page, steps=30)
     job = newest_job(server)
     page.wait_for_selector(f".card[data-job='{job['id']}'] img", timeout=60_000)
