@@ -55,6 +55,10 @@ CASES = [
      "sdxl_folder", dict(image=IMAGE, mask_image=MASK)),
     ("sdxl-inpaint-9ch", stepdiff.StableDiffusionXLInpaintPipeline, diffusers.StableDiffusionXLInpaintPipeline,
      "sdxl_inpaint_folder", dict(image=IMAGE, mask_image=MASK, strength=0.7)),
+    ("sdxl-inpaint-4ch-start", stepdiff.StableDiffusionXLInpaintPipeline, diffusers.StableDiffusionXLInpaintPipeline,
+     "sdxl_folder", dict(image=IMAGE, mask_image=MASK, denoising_start=0.5)),
+    ("sdxl-inpaint-9ch-start", stepdiff.StableDiffusionXLInpaintPipeline, diffusers.StableDiffusionXLInpaintPipeline,
+     "sdxl_inpaint_folder", dict(image=IMAGE, mask_image=MASK, denoising_start=0.3)),
 ]
 
 
@@ -84,14 +88,23 @@ def test_num_images_per_prompt_parity(sd_folder):
     assert a.shape[0] == 2 and np.abs(a - b).max() <= TOL
 
 
-def test_base_to_refiner_hand_off_matches_the_classic_pipelines(sdxl_folder):
+REFINERS = {
+    "img2img": (stepdiff.StableDiffusionXLImg2ImgPipeline, diffusers.StableDiffusionXLImg2ImgPipeline, {}),
+    "inpaint": (stepdiff.StableDiffusionXLInpaintPipeline, diffusers.StableDiffusionXLInpaintPipeline,
+                dict(mask_image=MASK)),
+}
+
+
+@pytest.mark.parametrize("refiner_kind", list(REFINERS))
+def test_base_to_refiner_hand_off_matches_the_classic_pipelines(sdxl_folder, refiner_kind):
     """denoising_end on the base, denoising_start on the refiner: the "mixture of denoisers" recipe."""
     base, base_d = _pair(stepdiff.StableDiffusionXLPipeline, diffusers.StableDiffusionXLPipeline, sdxl_folder)
-    refiner, refiner_d = _pair(stepdiff.StableDiffusionXLImg2ImgPipeline, diffusers.StableDiffusionXLImg2ImgPipeline,
-                               sdxl_folder)
-    kw = dict(prompt="a photo of a cat", num_inference_steps=10)
-    ours_latents = base(**kw, denoising_end=0.7, output_type="latent", generator=gen(0))
-    theirs_latents = base_d(**kw, denoising_end=0.7, output_type="latent", generator=gen(0)).images
+    ours_cls, theirs_cls, extra = REFINERS[refiner_kind]
+    refiner, refiner_d = _pair(ours_cls, theirs_cls, sdxl_folder)
+    kw = dict(prompt="a photo of a cat", num_inference_steps=10, **extra)
+    base_kw = dict(prompt=kw["prompt"], num_inference_steps=10)
+    ours_latents = base(**base_kw, denoising_end=0.7, output_type="latent", generator=gen(0))
+    theirs_latents = base_d(**base_kw, denoising_end=0.7, output_type="latent", generator=gen(0)).images
     assert ours_latents.record.steps_total == 7 and torch.allclose(ours_latents.images, theirs_latents, atol=TOL)
     a = refiner(**kw, denoising_start=0.7, image=ours_latents.images, output_type="np", generator=gen(1))
     b = refiner_d(**kw, denoising_start=0.7, image=theirs_latents, output_type="np", generator=gen(1)).images

@@ -76,7 +76,7 @@ BAD = [
     (dict(control_image=None), ValueError, r"control_image \(the control image\) is required"),
     (dict(mask_image=None), ValueError, "mask_image"),
     (dict(strength=1.5), ValueError, "strength"),
-    (dict(denoising_start=0.5), NotImplementedError, "denoising_start is not supported"),
+    (dict(denoising_start=1.5), ValueError, "denoising_start must be None or a number strictly between 0 and 1"),
 ]
 
 
@@ -89,9 +89,12 @@ def test_bad_input_fails_before_model_work(kwargs, error, message, request, coun
     assert calls.calls == 0
 
 
-def test_sdxl_inpainting_without_controlnet_refuses_denoising_start_too(sdxl_folder, count_calls):
-    pipe = stepdiff.StableDiffusionXLInpaintPipeline.from_pretrained(sdxl_folder)
-    calls = count_calls(pipe)
-    with pytest.raises(NotImplementedError, match="denoising_start is not supported by stepdiff's SDXL inpainting"):
-        pipe("a cat", image=IMAGE, mask_image=MASK, denoising_start=0.5, num_inference_steps=STEPS)
-    assert calls.calls == 0
+@pytest.mark.parametrize("unet", ["4ch", "9ch"])
+def test_refiner_hand_off_matches_the_classic_controlnet_inpainting(unet, request):
+    """denoising_start on SDXL ControlNet inpainting: the image's latents continued without new noise, as the classic
+    pipeline (which takes the image as pixels only)."""
+    ours, theirs = _pipes(unet, 1, request)
+    kw = dict(denoising_start=0.6, num_inference_steps=5)
+    a = ours(**_kw(1, ["a cat"], **kw, generator=[gen(1)]))
+    b = theirs(**_kw(1, ["a cat"], **kw, generator=[gen(1)])).images
+    assert a.record.steps_total == 2 and np.abs(a.images - b).max() <= 1e-4

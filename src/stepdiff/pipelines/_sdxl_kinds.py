@@ -1,5 +1,5 @@
 """What SDXL's image-to-image and inpainting pipelines share: aesthetic-score micro-conditioning and
-``denoising_start``, the refiner side of the base -> refiner hand-off; and, for their ControlNet variants,
+``denoising_start``, the refiner side of the base -> refiner hand-off (inpainting included); and, for their ControlNet variants,
 the ControlNet pipeline's constructor and the classic name of the control images."""
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ class SDXLImageMixin:
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
         **StableDiffusionXLPipeline._callback_names, "add_neg_time_ids": ("uncond", "time_ids"),
     }
-    _takes_denoising_start: ClassVar[bool] = True  # the inpainting pipelines refuse it (not supported yet)
 
     def __init__(
         self,
@@ -76,8 +75,6 @@ class SDXLImageMixin:
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
         kind = super().check_kind_inputs(args)  # type: ignore[misc]
         kind["denoising_start"] = _fraction("denoising_start", args.pop("denoising_start", None))
-        if kind["denoising_start"] is not None and not self._takes_denoising_start:
-            raise NotImplementedError("denoising_start is not supported by stepdiff's SDXL inpainting yet; use strength")
         kind["add_noise"] = kind["denoising_start"] is None
         return kind
 

@@ -286,12 +286,16 @@ class InpaintRun(Image2ImageRun):
         # As the classic pipeline: image latents (models without mask channels, or strength < 1), then noise, then
         # the mask.
         strength_max = kind["strength"] == 1.0
+        refiner = not kind.get("add_noise", True)  # SDXL's denoising_start: continue a base run's latents as they are
         image_latents = None
-        if not self.takes_mask_channels() or (latents is None and not strength_max):
+        if refiner or not self.takes_mask_channels() or (latents is None and not strength_max):
             image_latents = self._image_latents(kind, rows, dtype, device, generator)
         shape = (rows, self.latent_channels(), height // self.vae_scale_factor, width // self.vae_scale_factor)
         init_sigma = getattr(run.scheduler, "init_noise_sigma", 1.0)  # flow matching (SD3) starts from plain noise
-        if latents is None:
+        if refiner:  # as the classic pipeline: noise drawn (for the known region), the image's latents kept as given
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            start = image_latents
+        elif latents is None:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             if strength_max:
                 start = noise * init_sigma

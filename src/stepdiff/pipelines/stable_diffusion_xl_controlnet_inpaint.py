@@ -29,7 +29,6 @@ class StableDiffusionXLControlNetInpaintPipeline(SDXLControlNetImageMixin, Inpai
         **StableDiffusionXLControlNetPipeline._callback_names, **SDXLImageMixin._callback_names,
         **INPAINT_CALLBACK_NAMES,
     }
-    _takes_denoising_start: ClassVar[bool] = False
 
     def __call__(
         self,

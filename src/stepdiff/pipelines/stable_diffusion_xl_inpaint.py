@@ -22,7 +22,6 @@ class StableDiffusionXLInpaintPipeline(SDXLImageMixin, InpaintRun, StableDiffusi
         **SDXLImageMixin._callback_names,
         **INPAINT_CALLBACK_NAMES,
     }
-    _takes_denoising_start: ClassVar[bool] = False
 
     def __call__(
         self,
