@@ -15,14 +15,12 @@ from collections.abc import Callable
 import torch
 
 from ._quiet import quiet_transformers
+from .limits import MAX_GUIDANCE_SCALE  # the library's limit; requests have a tighter one (limits.MAX_GUIDANCE)
 
 with quiet_transformers():
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 __all__ = ["ClassifierFreeGuidance", "DistilledGuidance", "Guidance", "SkipLayerGuidance", "check_guidance_scale"]
-
-# Far above any useful setting (SD is used at 1-20); higher scales only overflow into black images.
-MAX_GUIDANCE_SCALE = 1000.0
 
 
 def check_guidance_scale(value: object, name: str = "guidance_scale") -> float:

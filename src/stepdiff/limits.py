@@ -1,4 +1,5 @@
-"""What a run will need, known before any weights load: the model's native size and a memory estimate.
+"""What a run may ask for and what it will need, known before any weights load: the limits every caller
+checks a request against (defined here once), the model's native size and a memory estimate.
 
 Everything here reads only the JSON configs and file sizes of a model folder, so the CLI can refuse a
 size or a batch that cannot work before it allocates anything.
@@ -11,7 +12,23 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ModelShape", "device_memory", "estimate_memory", "format_bytes"]
+__all__ = [
+    "DEFAULT_GUIDANCE", "MAX_CONTROL_SCALE", "MAX_GUIDANCE", "MAX_GUIDANCE_SCALE", "MAX_SEED", "MAX_STEPS",
+    "SIZE_LIMIT_RATIO", "SIZE_WARN_RATIO", "ModelShape", "device_memory", "estimate_memory", "format_bytes",
+]
+
+# What a request (CLI flags, batch rows, studio jobs: stepdiff.request) may ask for.
+MAX_GUIDANCE = 100.0  # beyond this the guided prediction saturates: black or white images, or NaN
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+MAX_STEPS = 10_000
+MAX_CONTROL_SCALE = 10.0
+SIZE_WARN_RATIO = 2  # a size above this many times the native size (per side): a warning
+SIZE_LIMIT_RATIO = 8  # ... above this: refused (the CLI's --force lets it through)
+DEFAULT_GUIDANCE = 7.5  # a model folder that recommends none (its stepdiff.json) gets the convention's scale
+# What the library's pipelines accept (stepdiff.guidance.check_guidance_scale): far above any useful setting (SD is
+# used at 1-20); higher scales only overflow into black images. Wider than MAX_GUIDANCE: a library call is refused
+# only where it cannot work, a request where it cannot look right.
+MAX_GUIDANCE_SCALE = 1000.0
 
 # Peak bytes per pixel of one image, in units of (channels x bytes per element) at the denoiser's widest
 # level and at the VAE decoder's full-resolution level. Measured on the shipped model (torch 2.13, CPU,
