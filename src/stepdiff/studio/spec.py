@@ -11,6 +11,7 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..request import FieldError
 from ..schedulers import scheduler_class, scheduler_names
 
 __all__ = ["MAX_PROMPT_CHARS", "FieldError", "JobSpec", "Limits", "PreviewSpec", "parse_job", "parse_steer"]
@@ -20,26 +21,6 @@ MAX_GUIDANCE = 100.0  # as the CLI: beyond this the guided prediction saturates
 MAX_SEED = 2**64 - 1
 _SOURCES = ("denoised", "latents")
 _METHODS = ("auto", "tiny", "linear", "vae")
-
-
-class FieldError(ValueError):
-    """A bad field in a request: ``field`` (dotted path), the bad ``value`` and what is ``allowed``."""
-
-    def __init__(self, field: str, value: Any, allowed: str, message: str | None = None) -> None:
-        self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(message or f"{field} must be {allowed}, got {_show(value)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        value = self.value
-        if isinstance(value, float) and not math.isfinite(value):
-            value = repr(value)
-        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**80:
-            value = _show(value)  # an integer too large for a float field: its first digits, as text
-        elif isinstance(value, str) and not _is_unicode(value):
-            value = _show(value)  # a lone surrogate has no UTF-8 form: shown escaped, as repr writes it
-        elif not isinstance(value, (int, float, bool, type(None))) and not (isinstance(value, str) and len(value) <= 80):
-            value = _show(value)
-        return {"error": str(self), "field": self.field, "value": value, "allowed": self.allowed}
 
 
 def _is_unicode(text: str) -> bool:
