@@ -244,7 +244,7 @@ def test_a_full_disk_pauses_the_queue_which_resumes_with_nothing_lost(make, monk
             for seed, extra in ((0, {"scheduler": "ddim"}), (1, {}), (2, {}))]
     assert [r.status_code for r in jobs] == [201, 201, 201]
     filler, first, second = (r.json() for r in jobs)
-    monkeypatch.setattr(studio, "_pipeline_for", lambda name: Filler() if name == "ddim" else real_pipeline_for(name))
+    monkeypatch.setattr(studio, "_pipeline_for", lambda name, *a, **k: Filler() if name == "ddim" else real_pipeline_for(name, *a, **k))
     studio.start()
 
     problem = until(lambda: client.get("/api/info").json()["problem"], what="the problem to be reported")

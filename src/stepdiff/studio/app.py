@@ -31,176 +31,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import re
-import secrets
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.responses import JSONResponse as _JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..schedulers import scheduler_names
+from .guard import BODY_TIMEOUT, UPLOAD_PATH, Guard, HTTPError, JSONResponse, _error
 from .jobs import JobNotFound, QueueFull, Studio, WrongState
-from .spec import MAX_PROMPT_CHARS, FieldError, parse_job, parse_steer
+from .spec import MAX_PROMPT_CHARS, FieldError, parse_job
+from .steering import parse_steer
 from .store import STATES, StoreError
+from .uploads import MAX_UPLOAD_BYTES, UploadError, image_from_multipart
 
 __all__ = ["BODY_TIMEOUT", "MAX_BODY", "JSONResponse", "create_app"]
 
 MAX_BODY = 64 * 1024
-BODY_TIMEOUT = 10.0  # seconds a request body may take to arrive, whole
 MAX_EVENT_CLIENTS = 100  # WebSocket subscribers at once (each holds a connection the connection cap cannot close)
 STATIC = Path(__file__).parent / "static"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_IMAGE = re.compile(r"^[0-9a-f]{32}\.png$")
-_SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"x-frame-options", b"DENY"),
-]
-_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-
-class JSONResponse(_JSONResponse):
-    """Starlette's JSONResponse that cannot fail: text with a lone surrogate (valid JSON, no UTF-8) is written
-    escaped (\\ud800) and a float that is not finite (a hand-edited row) as null, instead of a 500."""
-
-    def render(self, content: Any) -> bytes:
-        try:
-            return super().render(content)
-        except (UnicodeEncodeError, ValueError):
-            return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, _close: bool = False, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.body, self.close = status, {"error": message, **extra}, _close
-
-
-def _error(status: int, body: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(body, status_code=status)
-
-
-class Guard:
-    """ASGI middleware: host names, same origin, token, body size; the security headers on every response."""
-
-    def __init__(self, app: Any, token: str | None, trusted_hosts: set[str] | None, max_body: int,
-                 body_timeout: float = BODY_TIMEOUT) -> None:
-        self.app, self.token, self.trusted_hosts, self.max_body = app, token, trusted_hosts, max_body
-        self.body_timeout = body_timeout
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        problem = self._check(scope)
-        if problem is not None:
-            status, message = problem
-            if scope["type"] == "websocket":
-                await receive()  # websocket.connect
-                await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
-                return
-            await _error(status, {"error": message})(scope, receive, send)
-            return
-
-        if scope["type"] == "http":
-            receive = self._timed(receive)
-
-        async def send_with_headers(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.extend(_SECURITY_HEADERS)
-                if scope["path"] == "/":
-                    headers.append((b"content-security-policy", _CSP.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-    def _timed(self, receive: Any) -> Any:
-        """``receive`` with a deadline: the whole body within ``body_timeout`` seconds of the first read, else a 408
-        (a client that sends its body a byte at a time holds no connection for long). Once the body is in, reads
-        (a response waiting for the client to go away) have no deadline."""
-        deadline: float | None = None
-        body_done = False
-
-        async def timed() -> dict:
-            nonlocal deadline, body_done
-            if body_done:
-                return await receive()
-            loop = asyncio.get_running_loop()
-            if deadline is None:
-                deadline = loop.time() + self.body_timeout
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise HTTPError(408, f"the request body did not arrive within {self.body_timeout:g} seconds",
-                                _close=True) from None
-            body_done = message.get("type") != "http.request" or not message.get("more_body", False)
-            return message
-
-        return timed
-
-    def _check(self, scope: dict) -> tuple[int, str] | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        host = headers.get("host", "")
-        if self.trusted_hosts is not None and _hostname(host) not in self.trusted_hosts:
-            return 403, f"host {host!r} is not served here (allowed: {', '.join(sorted(self.trusted_hosts))})"
-        origin = headers.get("origin")
-        if origin is not None:
-            scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
-            if origin != f"{scheme}://{host}":
-                return 403, f"cross-origin request refused: Origin {origin!r} is not this server ({scheme}://{host})"
-        if headers.get("sec-fetch-site") == "cross-site":
-            return 403, "cross-origin request refused (Sec-Fetch-Site: cross-site)"
-        path = scope["path"]
-        if self.token is not None and path.startswith("/api/"):
-            given = None
-            auth = headers.get("authorization", "")
-            if auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            given = given or headers.get("x-stepdiff-token")
-            if given is None:
-                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-                given = (query.get("token") or [None])[0]
-            if given is None:
-                return 401, "this server needs its token: send 'Authorization: Bearer TOKEN' (or ?token=TOKEN)"
-            if not secrets.compare_digest(given.encode(), self.token.encode()):
-                return 401, "wrong token"
-        length = headers.get("content-length")
-        if length is not None:
-            if not (length.isascii() and length.isdigit()):
-                return 400, f"Content-Length must be a number of bytes, got {length!r}"
-            if int(length) > self.max_body:
-                return 413, f"request body is {int(length)} bytes; the limit is {self.max_body}"
-        return None
-
-
-def _hostname(host: str) -> str:
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
+_IMAGE = re.compile(r"^[0-9a-f]{32}(-[2-8])?\.png$")
+_UPLOAD = re.compile(r"^[0-9a-f]{32}\.png$")
 async def _json(request: Request) -> Any:
     body = b""
     async for chunk in request.stream():
@@ -288,8 +146,45 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
 
     async def steer(request: Request) -> Response:
         job_id = _job_id(request)
-        guidance, cutoff = parse_steer(await _json(request))
-        return JSONResponse(await run_in_threadpool(studio.steer, job_id, guidance, cutoff))
+        changes = parse_steer(await _json(request))
+        return JSONResponse(await run_in_threadpool(studio.steer, job_id, changes))
+
+    async def delete_job(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(studio.delete, _job_id(request)))
+
+    async def upload(request: Request) -> Response:
+        kind = request.headers.get("content-type", "")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_UPLOAD_BYTES:
+                raise HTTPError(413, f"an upload is at most {MAX_UPLOAD_BYTES} bytes", _close=True)
+        base = kind.split(";")[0].strip().lower()
+        if base == "multipart/form-data":
+            data = image_from_multipart(kind, bytes(body))
+        elif base.startswith("image/") or base in ("application/octet-stream", ""):
+            data = bytes(body)
+        else:
+            raise HTTPError(415, f"an upload is a picture: send it as the body with an image/* Content-Type, or as "
+                                 f"one multipart/form-data file part; got Content-Type {kind[:80]!r}")
+        return JSONResponse(await run_in_threadpool(studio.upload, data), status_code=201)
+
+    async def upload_file(request: Request) -> Response:
+        name = request.path_params["name"]
+        if not _UPLOAD.match(name):
+            raise FieldError("upload", name, "an upload's name: 32 hexadecimal characters and .png")
+        path = studio.uploads.path(name[:-4])
+        if path is None:
+            raise HTTPError(404, f"no upload {name!r}")
+        return FileResponse(path, media_type="image/png", headers={"cache-control": "private, max-age=31536000"})
+
+    async def models(request: Request) -> Response:
+        pool = studio.pool
+        return JSONResponse({"models": [{"name": n, "default": n == pool.default, "loaded": n in pool.loaded()}
+                                        for n in pool.names], "max_loaded": pool.max_loaded})
+
+    async def loras(request: Request) -> Response:
+        return JSONResponse({"loras": [{"name": n} for n in studio.pool.loras]})
 
     async def image(request: Request) -> Response:
         name = request.path_params["name"]
@@ -356,6 +251,9 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
     async def wrong_state(request: Request, exc: WrongState) -> Response:
         return _error(409, {"error": str(exc)})
 
+    async def upload_error(request: Request, exc: UploadError) -> Response:
+        return _error(exc.status, {"error": str(exc), "field": "upload"})
+
     async def queue_full(request: Request, exc: QueueFull) -> Response:
         return _error(429, {"error": str(exc)})
 
@@ -374,6 +272,11 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs", history, methods=["GET"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/api/jobs/{job_id}", delete_job, methods=["DELETE"]),
+        Route(UPLOAD_PATH, upload, methods=["POST"]),
+        Route("/api/uploads/{name}", upload_file),
+        Route("/api/models", models),
+        Route("/api/loras", loras),
         Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"]),
         Route("/api/jobs/{job_id}/steer", steer, methods=["POST"]),
         Route("/api/images/{name}", image),
@@ -381,11 +284,11 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     handlers = {404: not_found, 405: method_not_allowed, FieldError: field_error, HTTPError: http_error,
-                JobNotFound: job_not_found, WrongState: wrong_state, QueueFull: queue_full, StoreError: store_error,
-                Exception: server_error}
+                JobNotFound: job_not_found, WrongState: wrong_state, QueueFull: queue_full, UploadError: upload_error,
+                StoreError: store_error, Exception: server_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.studio = studio
-    return Guard(app, token, trusted_hosts, MAX_BODY, body_timeout)  # type: ignore[return-value]
+    return Guard(app, token, trusted_hosts, MAX_BODY, body_timeout, MAX_UPLOAD_BYTES)  # type: ignore[return-value]
 
 
 async def _drain(ws: WebSocket) -> None:

@@ -14,111 +14,47 @@ start-up to ``close()``.
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import secrets
-import sys
 import threading
 import time
-import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..control import CancelToken
-from ..preview import PreviewBudget
 from .events import EventHub
-from .previews import FrameMaker, Previewer, StepUpdate
-from .spec import UNSET, FieldError, JobSpec, Limits, parse_job
-from .store import FINAL_STATES, JobStore, StoreError
+from .execute import SHUTDOWN_REASON, JobInputs, image_names
+from .intake import check_job, read_inputs
+from .pool import PipelinePool
+from .previews import FrameMaker, Previewer
+from .spec import FieldError, JobSpec, Limits, parse_job
+from .state import JobNotFound, QueueFull, WrongState, _Live
+from .steering import GuidancePlan
+from .store import FINAL_STATES, JobStore
+from .uploads import Uploads
+from .worker import STORAGE_ERRNOS, Workers
 
-__all__ = ["LOCK_NAME", "GuidancePlan", "JobNotFound", "QueueFull", "Studio", "WrongState"]
+__all__ = ["LOCK_NAME", "STORAGE_ERRNOS", "GuidancePlan", "JobNotFound", "QueueFull", "Studio", "WrongState"]
 
-SHUTDOWN_REASON = "server shutdown"
 LOCK_NAME = ".stepdiff-studio.lock"
-# An image write that fails with one of these waits for the disk (or its rights) to come back; others fail the job.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 
-class _Closing(Exception):
-    """The server closes while a storage write keeps failing: the job is left as the database has it (a row still
-    marked running is marked interrupted at the next start)."""
-
-
-class _Dropped(Exception):
-    """The user cancelled a job whose picture was waiting to be written: it ends without it."""
-
-
-class QueueFull(RuntimeError):
-    pass
-
-
-class JobNotFound(LookupError):
-    pass
-
-
-class WrongState(RuntimeError):
-    pass
-
-
-class GuidancePlan:
-    """The guidance scale of every step of one job, steerable while it runs.
-
-    ``cfg_cutoff``: guided up to and including step ``int(steps * ratio)``, as ``CFGCutoffCallback``;
-    ``interval``: guided on steps in ``[int(steps * start), int(steps * end))``, as ``GuidanceIntervalCallback``
-    (Kynkäänniemi et al. 2024); ``gate``: unguided from this step on whatever the steering says, as
-    ``TGateCallback`` (its cross-attention is cached from there). Off-guidance steps compute only the
-    conditional rows.
-    """
-
-    def __init__(self, scale: float, total: int, cfg_cutoff: float | None = None,
-                 interval: tuple[float, float] | None = None, gate: int | None = None) -> None:
-        self.lock = threading.Lock()
-        self.scale, self.total, self.cfg_cutoff, self.interval = scale, total, cfg_cutoff, interval
-        self.gate = gate
-
-    def scale_at(self, step: int) -> float:
-        if self.gate is not None and step >= self.gate:
-            return 0.0
-        if self.interval is not None:
-            start, end = (int(self.total * r) for r in self.interval)
-            return self.scale if start <= step < end else 0.0
-        if self.cfg_cutoff is not None and step > int(self.total * self.cfg_cutoff):
-            return 0.0
-        return self.scale
-
-
-@dataclass
-class _Live:
-    """A job the server holds in memory: queued or running."""
-
-    id: str
-    spec: JobSpec
-    token: CancelToken = field(default_factory=CancelToken)
-    plan: GuidancePlan | None = None
-    run: Any = None
-    steps_completed: int = 0
-    model_rows: int = 0
-    steering: list[dict[str, Any]] = field(default_factory=list)
-    calls_at_cancel: int | None = None
-    waiting: str | None = None  # why its picture or its row is not written yet (a full disk), while that lasts
-
-
-class Studio:
+class Studio(Workers):
     """Jobs in, images and events out. Thread-safe; the HTTP layer (``app.py``) only calls these methods."""
 
     def __init__(self, pipeline: Any, model: str | Path, data: str | Path, *, workers: int = 1, queue_size: int = 100,
-                 limits: Limits | None = None, start: bool = True) -> None:
+                 limits: Limits | None = None, start: bool = True, pool: PipelinePool | None = None,
+                 ray: Any = None) -> None:
+        """``pool``: the served models (``serve --models``/``--loras``; default: ``pipeline`` alone, named as its
+        folder); ``ray``: a ``ray_workers.RayWorkers`` that runs the jobs on Ray actors, one worker thread each."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.pipeline, self.model = pipeline, Path(model)
+        self.pool = pool or PipelinePool({self.model.name: self.model}, self.model.name, _no_loader,
+                                         preloaded={self.model.name: pipeline})
+        self.ray = ray
         self.data = Path(data)
         self.images = self.data / "images"
         self.images.mkdir(parents=True, exist_ok=True)
@@ -157,9 +93,10 @@ class Studio:
             raise
         self.hub = EventHub()
         self.frames = FrameMaker(self.pipeline)
+        self._frame_makers: dict[str, FrameMaker] = {}
         self.previewer = Previewer(self.hub, self.frames)
+        self.uploads = Uploads(self.data / "uploads")
         self._lock = threading.Condition()
-        self._pipes: dict[str | None, Any] = {None: self.pipeline}
         self._closing = False
         self.offer_seconds = 0.0  # worker time spent handing steps to the previewer (benchmarks)
         self.offered_steps = 0
@@ -206,28 +143,14 @@ class Studio:
                 "message": unknown_words_note(unknown, known, ignored)}
 
     def check(self, spec: JobSpec) -> None:
-        """What depends on the loaded model, before a job is accepted."""
-        try:
-            self.frames.check(spec.preview.method)
-        except ValueError as e:
-            raise FieldError("preview.method", spec.preview.method, "auto, linear or vae for this model "
-                             f"({e})") from None
-        if spec.scheduler is not None:
-            try:
-                self._pipeline_for(spec.scheduler).scheduler.set_timesteps(spec.steps)
-            except ValueError as e:
-                raise FieldError("steps", spec.steps, f"allowed by scheduler {spec.scheduler} ({e})") from None
-        if spec.fast or spec.cache is not None:
-            from ..cache_options import CACHE_GRAMMAR, cache_policies, check_policies
+        """What depends on the loaded model and the uploads, before a job is accepted (``intake.check_job``)."""
+        check_job(self, spec)
 
-            name = "fast" if spec.fast else "cache"
-            try:
-                check_policies(cache_policies(spec.fast, spec.cache, spec.steps, name), name,
-                               unet=hasattr(getattr(self.pipeline, "unet", None), "up_blocks"))
-            except ValueError as e:
-                allowed = "false for this model" if spec.fast else f"{CACHE_GRAMMAR}, fbc or adaptive for this model"
-                raise FieldError(name, spec.fast if spec.fast else spec.cache, allowed,
-                                 " ".join(str(e).split())) from None
+    def read_inputs(self, spec: JobSpec) -> JobInputs:
+        return read_inputs(self.uploads, spec)
+
+    def upload(self, data: bytes) -> dict[str, Any]:
+        return self.uploads.add(data)
 
     def submit(self, spec: JobSpec, seed_given: bool = True) -> dict[str, Any]:
         if not seed_given:
@@ -281,15 +204,18 @@ class Studio:
             raise WrongState(f"job {job_id} is {row['state']}; only a queued or running job can be cancelled")
         if not live.token.cancelled:
             state = live.run.state if live.run is not None else None
-            live.calls_at_cancel = state.model_calls if state is not None else 0
+            live.calls_at_cancel = state.model_calls if state is not None else live.model_calls
             live.token.cancel("cancelled by user")
+            if self.ray is not None:
+                self.ray.cancel(live)
         return self.get(job_id)
 
-    def steer(self, job_id: str, guidance: float | None, cfg_cutoff: Any = UNSET) -> dict[str, Any]:
-        """From the next step on: the guidance scale, and the cutoff (a ratio, or None for none).
+    def steer(self, job_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """From the next step on: ``changes`` checked by ``steering.parse_steer`` (guidance, cfg_cutoff,
+        guidance_interval, control_scale, ip_adapter_scale). A field the job does not use is a ``FieldError``.
 
         The steering record's ``step`` is the first step not yet done when the request came: it gets the new
-        scale unless its model call had already begun, in which case the step after it does.
+        values unless its model call had already begun, in which case the step after it does.
         """
         live = self._live.get(job_id)
         if live is None or live.plan is None:
@@ -299,18 +225,38 @@ class Studio:
             raise WrongState(f"job {job_id} is {row['state']}; only a running job can be steered")
         plan = live.plan
         with plan.lock:
-            if guidance is not None:
-                plan.scale = guidance
-            if cfg_cutoff is not UNSET:
-                plan.cfg_cutoff = cfg_cutoff
-                plan.interval = None if cfg_cutoff is not None else plan.interval
+            plan.change(changes)
             step = live.steps_completed
-            if live.run is not None and step < plan.total:
-                live.run.guidance_scale = plan.scale_at(step)
-            live.steering.append({"step": step, "guidance": plan.scale, "cfg_cutoff": plan.cfg_cutoff})
-        self.hub.publish({"type": "steered", "job": job_id, "step": step, "guidance": plan.scale,
-                          "cfg_cutoff": plan.cfg_cutoff})
+            if live.run is not None:
+                plan.apply(live.run, step)
+            values = plan.values()
+            entry = {"step": step, **values, "changed": sorted(changes)}
+            live.steering.append(entry)
+        if self.ray is not None:
+            self.ray.steer(live, changes)
+        self.hub.publish({"type": "steered", "job": job_id, **entry})
         return self.get(job_id)
+
+    def delete(self, job_id: str) -> dict[str, Any]:
+        """Remove a finished (cancelled, failed, interrupted) job: its row and its images. A queued or running
+        job is refused (``WrongState``): cancel it first. Its uploads stay (other jobs may use them)."""
+        with self._lock:
+            if job_id in self._live:
+                state = "queued" if job_id in self._queue else "running"
+                raise WrongState(f"job {job_id} is {state}; cancel it first (POST /api/jobs/{job_id}/cancel), then "
+                                 "delete it")
+            row = self.store.get(job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            self.store.delete(job_id)
+        removed = []
+        count = row["params"].get("num_images", 1) if isinstance(row["params"], dict) else 1
+        for name in image_names(job_id, max(1, int(count) if isinstance(count, int) else 1)):
+            with contextlib.suppress(FileNotFoundError):
+                (self.images / name).unlink()
+                removed.append(name)
+        self.hub.publish({"type": "deleted", "job": job_id})
+        return {"id": job_id, "deleted": True, "images_removed": removed}
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring and benchmarks."""
@@ -358,14 +304,20 @@ class Studio:
             "steps_completed": row["steps_completed"], "total": params.get("steps"), "created": row["created"],
             "started": row["started"], "finished": row["finished"], "record": record, "error": error,
             "image": None if row["image"] is None else f"/api/images/{row['image']}",
+            "images": [] if row["image"] is None else [f"/api/images/{n}" for n in image_names(job_id, _count(params))],
             "steering": row["steering"] if isinstance(row["steering"], list) else [],
             "guidance": params.get("guidance"),
         }
+        if isinstance(params.get("strength"), (int, float)) and isinstance(params.get("steps"), int) \
+                and params.get("init_image") is not None:
+            view["total"] = max(1, min(params["steps"], int(params["steps"] * params["strength"])))
         if live is not None and row["state"] in ("queued", "running"):
             view["steps_completed"], view["steering"] = live.steps_completed, list(live.steering)
             view["model_rows"] = live.model_rows
             if live.plan is not None:
                 view["guidance"] = live.plan.scale
+                with live.plan.lock:
+                    view["steer"] = live.plan.values()
             if row["state"] == "queued":
                 with self._lock:
                     view["position"] = self._queue.index(job_id) + 1 if job_id in self._queue else None
@@ -380,200 +332,19 @@ class Studio:
 
     # ------------------------------------------------------------------ workers
 
-    def _pipeline_for(self, scheduler: str | None) -> Any:
-        """The loaded pipeline, or a view of it with another scheduler (the same modules; nothing is copied)."""
-        from ..schedulers import make_scheduler
+    def _pipeline_for(self, scheduler: str | None, kind: str = "text2image", control: bool = False,
+                      model: Any = None) -> Any:
+        """The pipeline a job runs on: a view of its model's modules for its kind and scheduler (nothing copied)."""
+        return self.pool.view(model if model is not None else self.pool.peek(), scheduler, kind, control)
 
-        with self._lock:
-            pipe = self._pipes.get(scheduler)
-            if pipe is None:
-                base = self.pipeline
-                pipe = type(base)(**{**base.components, "scheduler": make_scheduler(scheduler, base.scheduler.config)})
-                pipe.set_progress_bar_config(disable=True)
-                self._pipes[scheduler] = pipe
-            return pipe
-
-    def _next(self) -> _Live | None:
-        with self._lock:
-            while not self._queue and not self._closing:
-                self._lock.wait()
-            if self._closing:
-                return None
-            job_id = self._queue.popleft()
-            return self._live.get(job_id)
-
-    def _work(self) -> None:
-        """One worker: takes jobs until the server closes. Nothing a job raises ends it."""
-        while True:
-            live = self._next()
-            if live is None:
-                return
-            try:
-                if self._keep_trying(live, "starting the job", functools.partial(self.store.start, live.id)):
-                    self._run(live)
-            except _Closing:
-                pass  # the database keeps what it has: a job still queued runs after the next start
-            except Exception as e:  # a bug: it costs this job, never the worker
-                print(f"stepdiff serve: job {live.id} failed unexpectedly:", file=sys.stderr)
-                traceback.print_exc()
-                with contextlib.suppress(Exception):  # (_Closing too): recording it must not end the worker either
-                    self._fail(live, e, 0)
-            finally:
-                with self._lock:
-                    self._live.pop(live.id, None)
-
-    def _keep_trying(self, live: _Live | None, what: str, write: Callable[[], Any], image: bool = False) -> Any:
-        """``write()`` until it succeeds. A store write that fails (``StoreError``: a full disk, a read-only
-        database) or an image write that fails with one of ``STORAGE_ERRNOS`` is tried again, ever less often
-        (up to ``storage_retry_max`` s apart), ``problem`` and the job's ``waiting`` saying why meanwhile; any other
-        error is raised. Raises ``_Closing`` when the server closes first, and for an image, ``_Dropped`` when the user
-        cancels the job meanwhile (the only way to drop a picture that cannot be written)."""
-        delay = 0.05
-        while True:
-            try:
-                result = write()
-            except StoreError as e:
-                message = str(e)
-            except OSError as e:
-                if not image or e.errno not in STORAGE_ERRNOS:
-                    raise
-                message = f"the image cannot be written in {str(self.images)!r} ({e.strerror or e}); the job waits " \
-                          "until it can (free space on that disk, or make the folder writable)"
-            else:
-                if live is not None and live.waiting is not None:
-                    if self.problem == live.waiting:
-                        self.problem = None
-                        self.hub.publish({"type": "problem", "error": None})
-                    live.waiting = None
-                return result
-            if self.problem != message:
-                print(f"stepdiff serve: {what} for job {live.id if live else '-'}: {message}", file=sys.stderr)
-                self.hub.publish({"type": "problem", "error": message})
-            self.problem = message
-            if live is not None:
-                live.waiting = message
-                if image and live.token.cancelled and live.token.reason != SHUTDOWN_REASON:
-                    raise _Dropped(message)
-            if self._stop.wait(delay):
-                raise _Closing(message)
-            delay = min(2 * delay, self.storage_retry_max)
-
-    def _fail(self, live: _Live, e: BaseException, done: int) -> None:
-        message = f"{type(e).__name__}: {' '.join(str(e).split())}"
-        self._keep_trying(live, "recording the failure", lambda: self.store.end(
-            live.id, "failed", steps_completed=done, error=message, steering=live.steering))
-        self.previewer.flush(live.id)
-        self.hub.publish({"type": "failed", "job": live.id, "error": message})
-
-    def _run(self, live: _Live) -> None:
-        from ..cache_options import cache_policies, gate_step
-        from ..caching import describe
-        from ..metadata import ImageSettings, write_image
-
-        spec = live.spec
-        self.hub.publish({"type": "started", "job": live.id, "total": spec.steps})
-        state = None
-        try:
-            policies = cache_policies(spec.fast, spec.cache, spec.steps, "cache")  # new objects: per-run state
-            plan = live.plan = GuidancePlan(spec.guidance, spec.steps, spec.cfg_cutoff, spec.guidance_interval,
-                                            gate_step(policies))
-            pipe = self._pipeline_for(spec.scheduler)
-            with plan.lock:
-                first = plan.scale_at(0)
-            mark = time.perf_counter()  # the job's time so far, for the preview budget below
-            run = pipe.steps(
-                prompt=spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
-                guidance_scale=first, width=spec.width, height=spec.height,
-                generator=torch.Generator().manual_seed(spec.seed), cancel=live.token,
-                callback_on_step_end=policies or None, interrupt_output="finish",  # Stop: a finished picture
-            )
-            live.run = run
-            total = run.num_timesteps
-            every = spec.preview.every or 1
-            # "auto" with the model's tiny decoder and no cadence asked: the frame steps are chosen from this job's
-            # measured step and frame times so that frames take at most 3% of it (the rule of stepdiff.preview)
-            budget = (PreviewBudget() if spec.preview.method == "auto" and spec.preview.every is None
-                      and self.frames.resolve("auto") == "tiny" else None)
-            for state in run:
-                i = state.step_index
-                offered = time.perf_counter()
-                if budget is not None:
-                    budget.step_done(offered - mark)
-                with plan.lock:
-                    live.steps_completed, live.model_rows = state.steps_completed, state.model_rows
-                    if i + 1 < total:
-                        run.guidance_scale = plan.scale_at(i + 1)
-                if self.hub.listening:
-                    if budget is not None:
-                        frame_step = budget.wants(i, total)
-                    else:
-                        frame_step = i % every == 0 or i == total - 1
-                    tensor = getattr(state, spec.preview.source) if frame_step else None
-                    self.previewer.offer(StepUpdate(
-                        job=live.id, step=i, total=total, timestep=float(state.timestep), rows=state.rows_per_step[-1],
-                        model_rows=state.model_rows, guidance=state.guidance_scale,
-                        tensor=None if tensor is None else tensor[0].detach().float().cpu().clone(),
-                        method=spec.preview.method, frame_step=i if frame_step else None,
-                        budget=budget if frame_step else None,
-                        cadence=every if budget is None else budget.cadence,
-                    ))
-                    self.offer_seconds += time.perf_counter() - offered
-                    self.offered_steps += 1
-                mark = time.perf_counter()
-                if budget is not None:
-                    budget.spend(mark - offered)
-            if live.token.cancelled and (live.token.reason == SHUTDOWN_REASON or run.state.steps_completed == 0):
-                # a server going down writes the step reached at once; a job stopped before its first step
-                # keeps no image, so there is nothing to finish
-                run.interrupt_output = "denoised"
-            out = run.finish()
-            final = self._stopped_state(live) if live.token.cancelled else "finished"
-            if out.steps_completed == 0:  # stopped before its first step: only noise to show
-                self._end_without_image(live, final, out.record.to_dict())
-                return
-            record = out.record.to_dict()
-            if live.calls_at_cancel is not None:
-                record["model_calls_at_cancel"] = live.calls_at_cancel
-            name = f"{live.id}.png"
-            settings = ImageSettings(
-                prompt=spec.prompt, negative_prompt=spec.negative_prompt, seed=spec.seed, steps=spec.steps,
-                guidance_scale=spec.guidance, model=str(self.model), cfg_cutoff_ratio=spec.cfg_cutoff,
-                cache=describe(policies) or None,
-            )
-            extra = {"job_id": live.id, "guidance_interval": spec.to_dict()["guidance_interval"],
-                     "steering": live.steering}
-            try:
-                self._keep_trying(live, f"writing image {name}", lambda: write_image(
-                    self.images / name, settings, out.images[0], run.scheduler, out, extra=extra), image=True)
-            except _Dropped as e:
-                self._end_without_image(live, "cancelled", record, f"cancelled while its picture waited to be "
-                                                                   f"written: {e}")
-                return
-            self._keep_trying(live, "recording the job", lambda: self.store.end(
-                live.id, final, steps_completed=out.steps_completed, record=record, image=name, steering=live.steering))
-            self.previewer.flush(live.id)
-            self.hub.publish({"type": final, "job": live.id, "steps_completed": out.steps_completed,
-                              "image": f"/api/images/{name}", "record": record})
-        except (_Closing, _Dropped):
-            raise
-        except Exception as e:
-            if live.token.cancelled and state is None:  # cancelled while it was being prepared
-                self._end_without_image(live, self._stopped_state(live), None)
-                return
-            self._fail(live, e, 0 if state is None else state.steps_completed)
-
-    @staticmethod
-    def _stopped_state(live: _Live) -> str:
-        return "interrupted" if live.token.reason == SHUTDOWN_REASON else "cancelled"
-
-    def _end_without_image(self, live: _Live, final: str, record: dict | None, error: str | None = None) -> None:
-        if record is not None and live.calls_at_cancel is not None:
-            record["model_calls_at_cancel"] = live.calls_at_cancel
-        self._keep_trying(live, "recording the job", lambda: self.store.end(
-            live.id, final, steps_completed=0 if record is None else record.get("steps_completed", 0), record=record,
-            error=error, steering=live.steering))
-        self.previewer.flush(live.id)
-        self.hub.publish({"type": final, "job": live.id, "steps_completed": 0, "image": None, "record": record})
+    def frame_maker(self, model: Any) -> FrameMaker:
+        """The preview frames of ``model`` (a ``pool.LoadedModel``); the default model's are ``self.frames``."""
+        if model.pipe is self.pipeline:
+            return self.frames
+        maker = getattr(model, "frames", None)
+        if maker is None:
+            maker = model.frames = FrameMaker(model.pipe)  # goes with the model when the pool unloads it
+        return maker
 
     # ------------------------------------------------------------------ shutdown
 
@@ -604,6 +375,15 @@ class Studio:
     def is_final(self, job_id: str) -> bool:
         row = self.store.get(job_id)
         return row is not None and row["state"] in FINAL_STATES
+
+
+def _count(params: dict[str, Any]) -> int:
+    count = params.get("num_images", 1)
+    return count if isinstance(count, int) and 1 <= count <= 8 else 1
+
+
+def _no_loader(folder: Path) -> Any:
+    raise RuntimeError(f"the studio serves one model, loaded at start; it cannot load {str(folder)!r}")
 
 
 def lock_data_folder(data: Path):

@@ -42,6 +42,8 @@ class StepUpdate:
     frame_step: int | None = None
     budget: PreviewBudget | None = None  # the job's, when "auto" chooses its frame steps: told what frames cost
     cadence: int | None = None  # steps between frames, as chosen so far (for the step event)
+    maker: FrameMaker | None = None  # the job's model's frame maker (serve --models); None: the previewer's
+    extra: dict | None = None  # more fields for the step event (the job's steerable values)
 
 
 class FrameMaker:
@@ -153,14 +155,15 @@ class Previewer:
 
     def _publish(self, u: StepUpdate) -> None:
         frame = None
+        maker = u.maker or self.frames
         if u.tensor is not None and self.hub.listening:
             started = time.perf_counter()
             try:
-                frame = data_url(self.frames.frame(u.tensor, u.method))
+                frame = data_url(maker.frame(u.tensor, u.method))
             finally:
                 seconds = time.perf_counter() - started
                 if u.budget is not None:
-                    warmup = min(self.frames.warmup_seconds, seconds) if frame is not None else 0.0
+                    warmup = min(maker.warmup_seconds, seconds) if frame is not None else 0.0
                     if frame is None:
                         u.budget.frame_skipped(u.frame_step)
                     else:
@@ -174,7 +177,7 @@ class Previewer:
             "type": "step", "job": u.job, "step": u.step, "total": u.total, "timestep": u.timestep, "rows": u.rows,
             "model_rows": u.model_rows, "guidance": u.guidance, "frame": frame,
             "frame_step": u.frame_step if frame is not None else None,
-            "frame_method": self.frames.resolve(u.method), "frame_every": u.cadence,
+            "frame_method": maker.resolve(u.method), "frame_every": u.cadence, **(u.extra or {}),
         })
 
     def close(self) -> None:

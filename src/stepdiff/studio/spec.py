@@ -14,7 +14,7 @@ from typing import Any
 from ..request import FieldError
 from ..schedulers import scheduler_class, scheduler_names
 
-__all__ = ["MAX_PROMPT_CHARS", "FieldError", "JobSpec", "Limits", "PreviewSpec", "parse_job", "parse_steer"]
+__all__ = ["MAX_PROMPT_CHARS", "FieldError", "JobSpec", "Limits", "PreviewSpec", "parse_job"]
 
 MAX_PROMPT_CHARS = 2000  # far more than any text encoder reads (77 tokens); keeps requests and the database small
 MAX_GUIDANCE = 100.0  # as the CLI: beyond this the guided prediction saturates
@@ -49,6 +49,8 @@ class Limits:
     max_steps: int = 500
     default_steps: int = 25
     default_guidance: float = 7.5
+    models: tuple[str, ...] = ()  # the model names a job may ask for (serve --models); () : the one model
+    loras: tuple[str, ...] = ()  # the LoRA names a job may ask for (serve --loras)
 
 
 @dataclass
@@ -77,6 +79,30 @@ class JobSpec:
     cache: str | None = None  # step caching policies (stepdiff.caching.parse_cache_spec), normalized
     fast: bool = False  # the fast preset (stepdiff.caching.fast_preset); not with cache
     preview: PreviewSpec = field(default_factory=PreviewSpec)
+    # pictures (upload ids) and what goes with them, as the CLI flags (studio/fields.py checks them)
+    init_image: str | None = None
+    strength: float | None = None  # with init_image: 0.6, with mask 1.0
+    mask: str | None = None
+    control: str | None = None
+    control_scale: float | None = None  # with control: 1.0
+    control_end: float | None = None  # with control: 1.0
+    num_images: int = 1
+    model: str | None = None  # serve --models: the folder's name; None: the default model
+    loras: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "scale"}]
+
+    @property
+    def kind(self) -> str:
+        """The kind of run: text2image, image2image or inpaint (a ControlNet rides on any of them)."""
+        if self.init_image is None:
+            return "text2image"
+        return "image2image" if self.mask is None else "inpaint"
+
+    @property
+    def run_steps(self) -> int:
+        """Denoising steps that run: image to image runs int(steps * strength) of them, as the classic pipelines."""
+        if self.init_image is None or self.strength is None:
+            return self.steps
+        return max(1, min(self.steps, int(self.steps * self.strength)))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -95,7 +121,8 @@ class JobSpec:
 
 
 _FIELDS = {"prompt", "negative_prompt", "seed", "steps", "width", "height", "size", "guidance", "scheduler",
-           "cfg_cutoff", "guidance_interval", "cache", "fast", "preview"}
+           "cfg_cutoff", "guidance_interval", "cache", "fast", "preview", "init_image", "strength", "mask", "control",
+           "control_scale", "control_end", "num_images", "model", "loras"}
 _PREVIEW_FIELDS = {"every", "source", "method"}
 
 
@@ -217,6 +244,9 @@ def parse_job(body: Any, limits: Limits) -> JobSpec:
             if preview["method"] not in _METHODS:
                 raise FieldError("preview.method", preview["method"], f"one of {', '.join(_METHODS)}")
             p.method = preview["method"]
+    from .fields import parse_inputs
+
+    parse_inputs(body, spec, limits)
     return spec
 
 
@@ -241,23 +271,3 @@ def _cache(value: Any, steps: int) -> str:
     except ValueError as e:
         raise FieldError("cache", value, CACHE_GRAMMAR, " ".join(str(e).split())) from None
     return normalize_spec(value)
-
-
-_UNSET: Any = object()
-
-
-def parse_steer(body: Any) -> tuple[float | None, Any]:
-    """``(guidance or None, cfg_cutoff)`` from a steer request; cfg_cutoff is ``_UNSET`` when left out, None to remove."""
-    if not isinstance(body, dict):
-        raise FieldError("body", body, "a JSON object")
-    _unknown("", body, {"guidance", "cfg_cutoff"})
-    if "guidance" not in body and "cfg_cutoff" not in body:
-        raise FieldError("body", body, "an object with guidance and/or cfg_cutoff")
-    guidance = None if body.get("guidance") is None else _number("guidance", body["guidance"], 0.0, MAX_GUIDANCE)
-    cutoff = _UNSET
-    if "cfg_cutoff" in body:
-        cutoff = None if body["cfg_cutoff"] is None else _number("cfg_cutoff", body["cfg_cutoff"], 0.0, 1.0)
-    return guidance, cutoff
-
-
-UNSET = _UNSET

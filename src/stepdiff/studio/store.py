@@ -158,6 +158,9 @@ class JobStore:
              None if steering is None else json.dumps(steering), job_id),
         )
 
+    def delete(self, job_id: str) -> bool:
+        return self._write("DELETE FROM jobs WHERE id=?", (job_id,)) == 1
+
     def recover(self, images: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """After a restart: jobs left running become interrupted (keeping an image that was written before the
         crash); returns (those jobs, the queued jobs oldest first)."""

@@ -1,0 +1,118 @@
+"""What a running job can be steered by, from its next step on: the guidance scale, its CFG cutoff or guidance
+interval, the ControlNet scale and the IP-Adapter scale.
+
+A ``GuidancePlan`` holds a job's values; the worker (or the Ray actor) asks it before every step
+(``plan.apply(run, step)``), and ``POST /api/jobs/{id}/steer`` changes it under its lock. Every change is recorded
+with the first step it can reach.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .fields import check_control_scale, check_ip_adapter_scale
+from .spec import MAX_GUIDANCE, FieldError, _interval, _number, _unknown
+
+__all__ = ["STEER_FIELDS", "GuidancePlan", "parse_steer"]
+
+STEER_FIELDS = ("guidance", "cfg_cutoff", "guidance_interval", "control_scale", "ip_adapter_scale")
+
+
+class GuidancePlan:
+    """The guidance scale of every step of one job, steerable while it runs (and the ControlNet and IP-Adapter
+    scales, for a job that has them).
+
+    ``cfg_cutoff``: guided up to and including step ``int(steps * ratio)``, as ``CFGCutoffCallback``;
+    ``interval``: guided on steps in ``[int(steps * start), int(steps * end))``, as ``GuidanceIntervalCallback``
+    (Kynkäänniemi et al. 2024); ``gate``: unguided from this step on whatever the steering says, as
+    ``TGateCallback`` (its cross-attention is cached from there). Off-guidance steps compute only the
+    conditional rows. ``control_scale`` / ``ip_adapter_scale``: None for a job without a ControlNet / IP-Adapter.
+    """
+
+    def __init__(self, scale: float, total: int, cfg_cutoff: float | None = None,
+                 interval: tuple[float, float] | None = None, gate: int | None = None,
+                 control_scale: float | None = None, ip_adapter_scale: float | None = None) -> None:
+        self.lock = threading.Lock()
+        self.scale, self.total, self.cfg_cutoff, self.interval = scale, total, cfg_cutoff, interval
+        self.gate = gate
+        self.control_scale, self.ip_adapter_scale = control_scale, ip_adapter_scale
+
+    def scale_at(self, step: int) -> float:
+        if self.gate is not None and step >= self.gate:
+            return 0.0
+        if self.interval is not None:
+            start, end = (int(self.total * r) for r in self.interval)
+            return self.scale if start <= step < end else 0.0
+        if self.cfg_cutoff is not None and step > int(self.total * self.cfg_cutoff):
+            return 0.0
+        return self.scale
+
+    def apply(self, run: Any, step: int) -> None:
+        """Set ``run``'s values for ``step`` (the next one); call under ``lock``."""
+        if step >= self.total:
+            return
+        run.guidance_scale = self.scale_at(step)
+        control = run.extras.get("control")
+        if control is not None and self.control_scale is not None:
+            control.scales = [self.control_scale] * len(control.scales)
+        if self.ip_adapter_scale is not None and "ip_adapter_scales" in run.extras:
+            run.extras["ip_adapter_scales"] = {n: [self.ip_adapter_scale] * len(v)
+                                               for n, v in run.extras["ip_adapter_scales"].items()}
+
+    def change(self, changes: dict[str, Any]) -> None:
+        """Apply checked ``changes`` (``parse_steer``); call under ``lock``. A field the job does not use is a
+        ``FieldError``, and nothing is changed."""
+        for name in ("control_scale", "ip_adapter_scale"):
+            if name in changes and getattr(self, name) is None:
+                what = "ControlNet (no control picture)" if name == "control_scale" else "IP-Adapter"
+                raise FieldError(name, changes[name], f"left out: this job uses no {what}")
+        if "guidance" in changes:
+            self.scale = changes["guidance"]
+        if "cfg_cutoff" in changes:
+            self.cfg_cutoff = changes["cfg_cutoff"]
+            if self.cfg_cutoff is not None:
+                self.interval = None
+        if "guidance_interval" in changes:
+            self.interval = changes["guidance_interval"]
+            if self.interval is not None:
+                self.cfg_cutoff = None
+        for name in ("control_scale", "ip_adapter_scale"):
+            if name in changes:
+                setattr(self, name, changes[name])
+
+    def values(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"guidance": self.scale, "cfg_cutoff": self.cfg_cutoff,
+                               "guidance_interval": None if self.interval is None else list(self.interval)}
+        if self.control_scale is not None:
+            out["control_scale"] = self.control_scale
+        if self.ip_adapter_scale is not None:
+            out["ip_adapter_scale"] = self.ip_adapter_scale
+        return out
+
+
+def parse_steer(body: Any) -> dict[str, Any]:
+    """The changes a steer request asks for, each checked: ``guidance``, ``cfg_cutoff`` (null removes it),
+    ``guidance_interval`` (``[start, end]``, null removes it), ``control_scale``, ``ip_adapter_scale``."""
+    if not isinstance(body, dict):
+        raise FieldError("body", body, "a JSON object")
+    _unknown("", body, set(STEER_FIELDS))
+    if not body:
+        raise FieldError("body", body, f"an object with at least one of {', '.join(STEER_FIELDS)}")
+    if "cfg_cutoff" in body and "guidance_interval" in body and None not in (body["cfg_cutoff"],
+                                                                             body["guidance_interval"]):
+        raise FieldError("guidance_interval", body["guidance_interval"], "left out when cfg_cutoff is given")
+    changes: dict[str, Any] = {}
+    if "guidance" in body:
+        if body["guidance"] is None:
+            raise FieldError("guidance", None, f"a number in [0, {MAX_GUIDANCE:g}]")
+        changes["guidance"] = _number("guidance", body["guidance"], 0.0, MAX_GUIDANCE)
+    if "cfg_cutoff" in body:
+        changes["cfg_cutoff"] = None if body["cfg_cutoff"] is None else _number("cfg_cutoff", body["cfg_cutoff"], 0.0, 1.0)
+    if "guidance_interval" in body:
+        changes["guidance_interval"] = None if body["guidance_interval"] is None else _interval(body["guidance_interval"])
+    if "control_scale" in body:
+        changes["control_scale"] = check_control_scale(body["control_scale"])
+    if "ip_adapter_scale" in body:
+        changes["ip_adapter_scale"] = check_ip_adapter_scale(body["ip_adapter_scale"])
+    return changes
