@@ -4,43 +4,34 @@ validator per field, each raising ``FieldError(field, value, allowed)``.
 Named as the CLI flags (``init_image``, ``strength``, ``mask``, ``control``, ``control_scale``, ``control_end``,
 ``num_images``). A picture field holds the id of an upload (``POST /api/uploads``); what depends on the picture
 itself (its size against the model's, the mask's size against the init image's) is checked when the job is
-submitted (``Studio.check``), before any model work. Kept apart from ``spec.py`` so that each validator can move
-into a shared request module unchanged.
+submitted (``Studio.check``), before any model work. The validators the CLI shares live in ``stepdiff.request``;
+the studio's own (uploads, models, LoRAs, the IP-Adapter steer) are here, one per field.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from typing import Any
 
-from .spec import FieldError
+from ..request import (
+    FieldError,
+    _real,
+    check_control_end,
+    check_control_scale,
+    check_num_images,
+    check_strength,
+    default_strength,
+)
 
-__all__ = ["MAX_CONTROL_SCALE", "MAX_IMAGES", "MAX_LORAS", "check_control_end", "check_control_scale",
-           "check_ip_adapter_scale", "check_lora_list", "check_model_name", "check_num_images", "check_strength",
-           "check_upload_id", "default_strength"]
+__all__ = ["MAX_IMAGES", "MAX_LORAS", "check_ip_adapter_scale", "check_lora_list", "check_model_name",
+           "check_upload_id", "parse_inputs"]
 
 MAX_IMAGES = 8  # images of one job (one run, one batch of rows)
-MAX_CONTROL_SCALE = 10.0  # as --control-scale
 MAX_IP_ADAPTER_SCALE = 10.0
 MAX_LORAS = 8
 MAX_LORA_SCALE = 10.0
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
-
-
-def _real(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
-    allowed = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise FieldError(name, value, allowed)
-    try:
-        number = float(value)
-    except (OverflowError, ValueError):
-        raise FieldError(name, value, allowed) from None
-    if not math.isfinite(number) or not (low < number if low_open else low <= number) or number > high:
-        raise FieldError(name, value, allowed)
-    return number
 
 
 def check_upload_id(name: str, value: Any) -> str:
@@ -50,31 +41,8 @@ def check_upload_id(name: str, value: Any) -> str:
     return value
 
 
-def check_strength(value: Any) -> float:
-    """``strength``: how much of the init image is re-drawn, as ``--strength``."""
-    return _real("strength", value, 0.0, 1.0, low_open=True)
-
-
-def default_strength(mask: str | None) -> float:
-    return 1.0 if mask is not None else 0.6  # as the CLI
-
-
-def check_control_scale(value: Any, name: str = "control_scale") -> float:
-    return _real(name, value, 0.0, MAX_CONTROL_SCALE)
-
-
-def check_control_end(value: Any) -> float:
-    return _real("control_end", value, 0.0, 1.0, low_open=True)
-
-
 def check_ip_adapter_scale(value: Any) -> float:
-    return _real("ip_adapter_scale", value, 0.0, MAX_IP_ADAPTER_SCALE)
-
-
-def check_num_images(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_IMAGES:
-        raise FieldError("num_images", value, f"an integer in [1, {MAX_IMAGES}]")
-    return int(value)
+    return _real(value, "ip_adapter_scale", 0.0, MAX_IP_ADAPTER_SCALE)
 
 
 def check_model_name(value: Any, names: list[str]) -> str:
@@ -99,7 +67,7 @@ def check_lora_list(value: Any, names: list[str]) -> list[dict[str, Any]]:
             raise FieldError(f"loras[{i}].name", name, offered)
         if any(o["name"] == name for o in out):
             raise FieldError(f"loras[{i}].name", name, "each LoRA at most once")
-        scale = 1.0 if item.get("scale") is None else _real(f"loras[{i}].scale", item["scale"], -MAX_LORA_SCALE,
+        scale = 1.0 if item.get("scale") is None else _real(item["scale"], f"loras[{i}].scale", -MAX_LORA_SCALE,
                                                              MAX_LORA_SCALE)
         out.append({"name": name, "scale": scale})
     return out
@@ -145,7 +113,7 @@ def parse_inputs(body: dict[str, Any], spec: Any, limits: Any) -> None:
         spec.control_scale = 1.0 if spec.control_scale is None else spec.control_scale
         spec.control_end = 1.0 if spec.control_end is None else spec.control_end
     if get("num_images") is not None:
-        spec.num_images = check_num_images(get("num_images"))
+        spec.num_images = check_num_images(get("num_images"), most=MAX_IMAGES)
         if spec.seed + spec.num_images - 1 > MAX_SEED:
             raise FieldError("num_images", spec.num_images, f"at most {MAX_SEED - spec.seed + 1} with seed {spec.seed} "
                              "(image k has seed + k - 1, at most 2**64-1)")

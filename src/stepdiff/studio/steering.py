@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .fields import check_control_scale, check_ip_adapter_scale
+from ..request import check_control_scale
+from .fields import check_ip_adapter_scale
 from .spec import MAX_GUIDANCE, FieldError, _interval, _number, _unknown
 
 __all__ = ["STEER_FIELDS", "GuidancePlan", "parse_steer"]
