@@ -105,6 +105,22 @@ def sd3_pipe(sd3_folder):
 
 
 @pytest.fixture(scope="session")
+def flux_folder(tmp_path_factory):
+    """The classic library's tiny Flux test config, guidance-distilled (FLUX.1-dev style: guidance_embeds=True)."""
+    from stepdiff.testing import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny-flux"), guidance_embeds=True)
+
+
+@pytest.fixture(scope="session")
+def flux_plain_folder(tmp_path_factory):
+    """The same config without the guidance embedding (FLUX.1-schnell style)."""
+    from stepdiff.testing import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny-flux-plain"), guidance_embeds=False)
+
+
+@pytest.fixture(scope="session")
 def sd_inpaint_folder(tmp_path_factory):
     """A 9-channel (inpainting) UNet."""
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd-inpaint"), in_channels=9)

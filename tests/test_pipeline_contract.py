@@ -15,7 +15,7 @@ from stepdiff.pipelines.registry import REGISTRY, load
 from .conftest import control_image, gen, test_image
 
 IMAGE, MASK = test_image()
-FOLDERS = {"sd": "sd_folder", "sdxl": "sdxl_folder", "sd3": "sd3_folder"}
+FOLDERS = {"sd": "sd_folder", "sdxl": "sdxl_folder", "sd3": "sd3_folder", "flux": "flux_folder"}
 EXTRA = {"text2image": {}, "image2image": {"image": IMAGE, "strength": 1.0}, "inpaint": {"image": IMAGE, "mask_image": MASK, "strength": 1.0}}
 STEPS = 4
 
@@ -40,6 +40,9 @@ def case(request):
 
 def _call(pipe, extra, prompt="a photo of a cat", **kw):
     kw = {"generator": gen(0), "output_type": "np", "num_inference_steps": STEPS, **extra, **kw}
+    if pipe.family == "flux":  # Flux's classifier-free guidance is true CFG: a scale > 1 and a negative prompt
+        kw = {"true_cfg_scale": 4.0, "max_sequence_length": 48,
+              "negative_prompt": "blurry" if isinstance(prompt, str) else ["blurry"] * len(prompt), **kw}
     return pipe(prompt, **kw)
 
 

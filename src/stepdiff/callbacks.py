@@ -24,6 +24,7 @@ __all__ = [
     "ControlNetScaleScheduleCallback",
     "DeepCacheCallback",
     "FirstBlockCacheCallback",
+    "FluxCFGCutoffCallback",
     "GuidanceIntervalCallback",
     "GuidanceScheduleCallback",
     "IPAdapterScaleCutoffCallback",
@@ -133,18 +134,34 @@ class MultiPipelineCallbacks(_classic.MultiPipelineCallbacks):
         return callback_kwargs
 
 
+def _cfg_scale(pipeline: Any) -> float:
+    """The classifier-free guidance scale of the current run: the run's own where there is one (on Flux that is
+    ``true_cfg_scale``; its ``guidance_scale`` is the distilled embedding), else the classic attribute."""
+    run = getattr(pipeline, "current_run", None)
+    return run.guidance_scale if run is not None else pipeline.guidance_scale
+
+
+def _set_cfg_scale(pipeline: Any, value: float) -> None:
+    run = getattr(pipeline, "current_run", None)
+    if run is not None:
+        run.guidance_scale = value
+    else:
+        pipeline.guidance_scale = value
+
+
 class CFGCutoffCallback(PipelineCallback):
     """Switch classifier-free guidance off after the cutoff step, on every stepdiff pipeline.
 
     After the cutoff the model computes only the conditional rows; the unconditional conditioning is
-    kept, so a later callback can turn guidance back on. Works for any batch size.
+    kept, so a later callback can turn guidance back on. Works for any batch size. On Flux it is true
+    CFG that ends (``true_cfg_scale``); the distilled guidance embedding is left as it is.
     """
 
     tensor_inputs: list[str] = []  # noqa: RUF012
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
         if step_index == self.cutoff_step(pipeline):
-            pipeline.guidance_scale = 0.0
+            _set_cfg_scale(pipeline, 0.0)
         return callback_kwargs
 
 
@@ -188,6 +205,14 @@ class IPAdapterScaleCutoffCallback(PipelineCallback):
 
 class SD3CFGCutoffCallback(CFGCutoffCallback):
     """CFG cutoff for Stable Diffusion 3 (the classic name; same behaviour as CFGCutoffCallback)."""
+
+    tensor_inputs = ["prompt_embeds", "pooled_prompt_embeds"]  # noqa: RUF012
+
+
+class FluxCFGCutoffCallback(CFGCutoffCallback):
+    """True-CFG cutoff for Flux (the classic library has none: its true CFG is a local flag of ``__call__``).
+    After the cutoff the transformer runs the conditional rows only; the negative conditioning is kept, so a
+    later callback can turn true CFG back on. Batch-safe: nothing is sliced."""
 
     tensor_inputs = ["prompt_embeds", "pooled_prompt_embeds"]  # noqa: RUF012
 
@@ -348,13 +373,19 @@ class _ScheduledGuidance:
     def scale_at(self, pipeline: Any, step_index: int) -> float:
         raise NotImplementedError
 
+    def get_scale(self, pipeline: Any) -> float:
+        return pipeline.guidance_scale
+
+    def set_scale(self, pipeline: Any, value: float) -> None:
+        pipeline.guidance_scale = value
+
     def on_run_start(self, pipeline: Any) -> None:
-        _per_run(pipeline, self)["base"] = pipeline.guidance_scale  # the call's own scale
-        pipeline.guidance_scale = self.scale_at(pipeline, 0)
+        _per_run(pipeline, self)["base"] = self.get_scale(pipeline)  # the call's own scale
+        self.set_scale(pipeline, self.scale_at(pipeline, 0))
 
     def __call__(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> None:
         if step_index + 1 < pipeline.num_timesteps:
-            pipeline.guidance_scale = self.scale_at(pipeline, step_index + 1)
+            self.set_scale(pipeline, self.scale_at(pipeline, step_index + 1))
         return None
 
 
@@ -364,8 +395,11 @@ class GuidanceIntervalCallback(_ScheduledGuidance):
     Guidance interval: Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves
     sample and distribution quality". Give ratios of the step count (``start_ratio``, ``end_ratio``)
     or step indices (``start_step``, ``end_step``). Inside the interval the scale is ``scale``, or the
-    call's ``guidance_scale`` when ``scale`` is None.
+    call's ``guidance_scale`` when ``scale`` is None. On Flux the interval is true CFG's (``true_cfg_scale``).
     """
+
+    get_scale = staticmethod(_cfg_scale)
+    set_scale = staticmethod(_set_cfg_scale)
 
     def __init__(
         self, start_ratio: float | None = None, end_ratio: float | None = None, *,
@@ -405,7 +439,12 @@ class GuidanceIntervalCallback(_ScheduledGuidance):
 
 
 class GuidanceScheduleCallback(_ScheduledGuidance):
-    """A guidance scale per step: a list with one scale per step, or ``fn(step_index, num_steps, timestep)``."""
+    """A guidance scale per step: a list with one scale per step, or ``fn(step_index, num_steps, timestep)``.
+
+    It sets the pipeline's ``guidance_scale``: classifier-free guidance on SD, SDXL and SD3, the distilled guidance
+    embedding on Flux (guidance-distilled transformers; true CFG there is ``GuidanceIntervalCallback``'s and the
+    cutoffs')."""
+
 
     def __init__(self, schedule: Sequence[float] | ScheduleFn) -> None:
         if callable(schedule):

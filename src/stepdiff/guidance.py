@@ -15,12 +15,17 @@ from collections.abc import Callable
 import torch
 
 from ._quiet import quiet_transformers
-from .limits import MAX_GUIDANCE_SCALE  # the library's limit; requests have a tighter one (limits.MAX_GUIDANCE)
 
 with quiet_transformers():
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 __all__ = ["ClassifierFreeGuidance", "DistilledGuidance", "Guidance", "SkipLayerGuidance", "check_guidance_scale"]
+
+# What a library call accepts: far above any useful setting (SD is used at 1-20); higher scales only overflow into
+# black images. A request from the CLI, a batch row or the studio has a tighter limit, stepdiff.limits.MAX_GUIDANCE
+# (100): a library call is refused only where it cannot work, a request where it cannot look right. (Kept here, not
+# in limits.py, so that the engine imports nothing from the callers' side.)
+MAX_GUIDANCE_SCALE = 1000.0
 
 
 def check_guidance_scale(value: object, name: str = "guidance_scale") -> float:

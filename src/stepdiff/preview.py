@@ -614,6 +614,9 @@ class PreviewCallback:
         if wanted:
             self._last = started
             tensor = callback_kwargs[self.source]
+            spatial = getattr(pipeline, "spatial_latents", None)  # Flux: packed tokens back to (B, C, h, w)
+            if spatial is not None:
+                tensor = spatial(tensor)
             latents = tensor[min(self.batch_index, tensor.shape[0] - 1)]
             if budget is not None:
                 self._warm_up(latents, budget)

@@ -17,9 +17,11 @@ from diffusers import (
     ControlNetModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
+from diffusers import FluxPipeline as _DiffusersFlux
 from diffusers import StableDiffusion3Pipeline as _DiffusersSD3
 from diffusers import StableDiffusionPipeline as _DiffusersSD
 from diffusers import StableDiffusionXLPipeline as _DiffusersSDXL
@@ -28,8 +30,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .tokenizer import build_clip_tokenizer
 
 __all__ = [
-    "TINY_WORDS", "make_tiny_controlnet", "make_tiny_ip_adapter", "make_tiny_preview_decoder", "make_tiny_sd",
-    "make_tiny_sd3", "make_tiny_sdxl", "make_tiny_standard", "save_single_file",
+    "TINY_WORDS", "make_tiny_controlnet", "make_tiny_flux", "make_tiny_ip_adapter", "make_tiny_preview_decoder",
+    "make_tiny_sd", "make_tiny_sd3", "make_tiny_sdxl", "make_tiny_standard", "save_single_file",
 ]
 
 TINY_WORDS = "a photo of cat dog red blue car road croissant bear sports best quality high detail".split()
@@ -158,6 +160,48 @@ def make_tiny_sd3(out: str | Path, seed: int = 0, with_t5: bool = True, layers: 
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
         text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_tiny_flux(out: str | Path, seed: int = 0, guidance_embeds: bool = False, layers: int = 1,
+                   single_layers: int = 1, head_dim: int = 16, heads: int = 2, latent_channels: int = 1,
+                   vae_width: int = 4, dynamic_shifting: bool = False) -> Path:
+    """A random Flux pipeline folder. The defaults are the classic library's own fast-test config
+    (tests/pipelines/flux/test_pipeline_flux.py: a 1 + 1 block transformer over 2x2-packed latents, CLIP pooled
+    embeddings, a 5-layer T5, a one-level VAE with 1 latent channel and a shift factor), with stepdiff's offline
+    tokenizers. ``guidance_embeds``: a guidance-distilled transformer (FLUX.1-dev style) that takes the guidance
+    value as an embedding; ``dynamic_shifting``: FLUX.1-dev's resolution-dependent scheduler shift. ``layers`` /
+    ``single_layers`` / ``head_dim`` scale the transformer (benchmarks use more blocks so that it dominates a step)."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, head_dim - 8], guidance_embeds=guidance_embeds,
+    )
+    tokenizer = _tokenizer()
+    config = _text_config(len(tokenizer), tokenizer, 32)
+    config.num_hidden_layers = 5
+    text_encoder = CLIPTextModel(config)
+    t5_tokenizer = _t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=32, d_ff=37, d_kv=8, num_layers=5, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(vae_width,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+        shift=3.0,
+    ) if dynamic_shifting else FlowMatchEulerDiscreteScheduler()
+    pipe = _DiffusersFlux(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer, transformer=transformer,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out

@@ -29,12 +29,18 @@ def _keep_rows(stored: dict[str, Any], per_side: dict[str, Any], sides: tuple[st
                 p.view(-1, *[1] * (new.ndim - 1)), new, old), per_side[side], stored[side])
 
 
+def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """A transformer's blocks in call order: SD3's joint blocks; Flux's joint (double-stream) blocks, then its single-stream
+    ones (both take and return (context, hidden) separately, so one residual spans them)."""
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+
+
 class _FirstBlockState(_PolicyState):
     """Per row: when the first block's output changed by less than ``threshold`` (relative L1) since the
     row's last full computation, the rest of the denoiser is not run for that row.
 
     UNet: the first down block decides; the deeper blocks return their last full outputs and the last up
-    block (the full-resolution one) is computed on fresh skip connections. Transformers (SD3): the first
+    block (the full-resolution one) is computed on fresh skip connections. Transformers (SD3, Flux): the first
     block decides; the later blocks are skipped and their residual from the last full step is added."""
 
     def __init__(self, policy: FirstBlockCacheCallback, pipeline: Any) -> None:
@@ -46,9 +52,9 @@ class _FirstBlockState(_PolicyState):
             self.tagged = [(denoiser.down_blocks[0], "first")]
             rest = [*denoiser.down_blocks[1:], denoiser.mid_block, *denoiser.up_blocks[:-1]]
             self.tagged += [(m, ("rest", k)) for k, m in enumerate(rest)]
-        elif hasattr(denoiser, "transformer_blocks") and len(denoiser.transformer_blocks) > 1:
+        elif hasattr(denoiser, "transformer_blocks") and len(_blocks(denoiser)) > 1:
             self.kind = "transformer"
-            blocks = denoiser.transformer_blocks
+            blocks = _blocks(denoiser)
             self.tagged = [(blocks[0], "first")]
             self.tagged += [(m, ("rest", k)) for k, m in enumerate(blocks[1:-1])]
             self.tagged.append((blocks[-1], "last"))
@@ -156,7 +162,7 @@ class FirstBlockCacheCallback(ComputePolicy):
     """Adaptive reuse (First-Block-Cache, as in ParaAttention and the classic library's hooks): each step
     runs the denoiser's first block; an image whose first-block output changed by less than
     ``threshold`` (relative L1) since its last full step skips the rest. For SD 1.x/2.x and SDXL UNets
-    and SD3's transformer. ``threshold=0`` is the uncached run, exactly. Decisions are per image, so a
+    and SD3's and Flux's transformers. ``threshold=0`` is the uncached run, exactly. Decisions are per image, so a
     batch gives each image what it gets alone."""
 
     # the attention layers too: an image that is computed while another skips runs the blocks on a subset of the

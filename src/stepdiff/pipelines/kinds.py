@@ -210,11 +210,15 @@ class InpaintRun(Image2ImageRun):
     def mask_processor(self, value: VaeImageProcessor) -> None:
         self.__dict__["_mask_processor"] = value
 
+    def denoiser_channels(self) -> int:
+        """Input channels of the denoiser per latent position (Flux overrides it: its tokens are 2x2 patches)."""
+        return self.denoiser.config.in_channels
+
     def takes_mask_channels(self) -> bool:
         """An inpainting denoiser (SD's 9-channel UNets, SD3's 33-channel transformers): latents, mask and masked-image
         latents as input channels. Otherwise (as many input channels as latent channels) the known region is put back
         after every step."""
-        return self.denoiser.config.in_channels == 2 * self.latent_channels() + 1
+        return self.denoiser_channels() == 2 * self.latent_channels() + 1
 
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
         kind = super().check_kind_inputs(args)
@@ -248,7 +252,7 @@ class InpaintRun(Image2ImageRun):
         kind["mask_arg"] = mask
         if args.pop("padding_mask_crop", None) is not None:
             raise NotImplementedError("padding_mask_crop is not supported by stepdiff's inpainting pipelines yet")
-        channels, latent = self.denoiser.config.in_channels, self.latent_channels()
+        channels, latent = self.denoiser_channels(), self.latent_channels()
         if channels not in (latent, 2 * latent + 1):
             raise ValueError(
                 f"inpainting needs a denoiser with {latent} input channels (the VAE's latent channels) or {2 * latent + 1} "

@@ -19,7 +19,7 @@ KINDS = ("text2image", "image2image", "inpaint")
 class PipelineEntry:
     name: str  # the class name, the same as the classic library's
     module: str  # relative to stepdiff.pipelines
-    family: str  # "sd", "sdxl", "sd3": folders of one family load into any of its kinds
+    family: str  # "sd", "sdxl", "sd3", "flux": folders of one family load into any of its kinds
     kind: str  # one of KINDS
     controlnet: bool = False  # takes a ``controlnet`` component and control images
 
@@ -54,6 +54,9 @@ REGISTRY: tuple[PipelineEntry, ...] = (
     PipelineEntry("StableDiffusion3Pipeline", ".stable_diffusion_3", "sd3", "text2image"),
     PipelineEntry("StableDiffusion3Img2ImgPipeline", ".stable_diffusion_3_img2img", "sd3", "image2image"),
     PipelineEntry("StableDiffusion3InpaintPipeline", ".stable_diffusion_3_inpaint", "sd3", "inpaint"),
+    PipelineEntry("FluxPipeline", ".flux", "flux", "text2image"),
+    PipelineEntry("FluxImg2ImgPipeline", ".flux_img2img", "flux", "image2image"),
+    PipelineEntry("FluxInpaintPipeline", ".flux_inpaint", "flux", "inpaint"),
 )
 
 _BY_NAME = {e.name: e for e in REGISTRY}

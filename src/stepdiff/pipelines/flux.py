@@ -1,0 +1,521 @@
+"""Flux: a flow-matching transformer over 2x2-packed latents, with CLIP (pooled) and T5 text encoders.
+
+Two kinds of guidance, as in the classic pipeline: the guidance-distilled models (FLUX.1-dev) take
+``guidance_scale`` as an input embedding (one value per row, ``guidance`` in the step payload), and true
+classifier-free guidance (``true_cfg_scale`` > 1 with a ``negative_prompt``) runs unconditional rows. Here both
+are per step: the distilled value follows ``pipeline.guidance_scale`` (``GuidanceScheduleCallback`` schedules it),
+and true CFG is the run's classifier-free guidance (``FluxCFGCutoffCallback``, ``GuidanceIntervalCallback``,
+``AdaptiveGuidanceCallback`` steer it; its unconditional rows are batched with the conditional ones, not run in a
+second call). The loop's latents are packed, as the classic pipeline's: (B, h/2 * w/2, 4C).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.torch_utils import randn_tensor
+
+from .._quiet import quiet_transformers
+
+with quiet_transformers():
+    from diffusers.loaders import FluxLoraLoaderMixin, FromSingleFileMixin
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..control import CancelToken
+from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
+from ..loop import LoopState
+from .base import Conditioning, StepDiffPipeline, _check_int, pop_prompts, remembered, repeat_rows, tokenize, warn_truncated
+from .run import Run, current_run
+
+__all__ = ["FluxGuidance", "FluxPipeline", "pack_latents", "unpack_latents"]
+
+# The classic pipeline's logger: its warnings (a prompt cut at 77 CLIP / max_sequence_length T5 tokens, a size
+# rounded down to a multiple of 16) follow diffusers' verbosity settings.
+_LOGGER = diffusers_logging.get_logger("diffusers.pipelines.flux.pipeline_flux")
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): each 2x2 patch one token, as Flux's transformer takes them."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w), ``height`` x ``width`` the latent size (h, w); also one row (N, 4C)."""
+    if latents.ndim == 2:
+        return unpack_latents(latents[None], height, width)[0]
+    b, _, c4 = latents.shape
+    return latents.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
+        b, c4 // 4, height, width)
+
+
+def _latent_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """(h/2 * w/2, 3) positions of the packed image tokens for the rotary embedding: (0, row, column)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] += torch.arange(height // 2)[:, None]
+    ids[..., 2] += torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxGuidance(ClassifierFreeGuidance):
+    """Flux's two guidances in one object the loop asks.
+
+    ``scale`` is true classifier-free guidance (the classic ``true_cfg_scale``): unconditional rows run only while
+    it is > 1 and the run has negative conditioning (``negative_prompt`` or ``negative_prompt_embeds``), as in the
+    classic pipeline. ``embedded`` is the distilled guidance value (the classic ``guidance_scale``) that
+    guidance-distilled transformers take as an input; None for a transformer without ``guidance_embeds``. Setting
+    it writes the per-row ``guidance`` tensor (B,) of the run's conditioning, so it applies from the next model call.
+    """
+
+    def __init__(self, true_cfg_scale: float, embedded: float | None, negatives: bool) -> None:
+        super().__init__(true_cfg_scale)
+        self.negatives = negatives
+        self._embedded = embedded
+        self._rows: tuple[dict[str, torch.Tensor], ...] = ()  # the run's cond / uncond dicts, once they exist
+        self.mode = "+".join(m for m, on in (("distilled", embedded is not None), ("true-cfg", negatives)) if on) or "none"
+
+    def batches(self) -> tuple[str, ...]:
+        return super().batches() if self.negatives else ("cond",)
+
+    @property
+    def enabled(self) -> bool:
+        return self.negatives and self.scale > 1.0
+
+    @property
+    def embedded(self) -> float | None:
+        return self._embedded
+
+    @embedded.setter
+    def embedded(self, value: float) -> None:
+        value = check_guidance_scale(value, "guidance_scale")
+        if self._embedded is None:
+            return  # the transformer has no guidance embedding: the value changes nothing (as in the classic pipeline)
+        self._embedded = value
+        self._write()
+
+    def attach(self, *sides: dict[str, torch.Tensor]) -> None:
+        """Hold the run's conditioning dicts and write the guidance rows into them."""
+        self._rows = sides
+        self._write()
+
+    def _write(self) -> None:
+        if self._embedded is None or not self._rows:
+            return
+        like = self._rows[0]["encoder_hidden_states"]
+        # float32 whatever the model's dtype, as the classic pipeline; a new tensor, so the loop re-batches it
+        rows = torch.full((like.shape[0],), self._embedded, device=like.device, dtype=torch.float32)
+        for side in self._rows:
+            if side:
+                side["guidance"] = rows
+
+
+def _routed_flux(name: str, doc: str) -> property:
+    """A classic Flux attribute: the current run's (inside its callbacks), else what this thread's last run left."""
+
+    def get(self: FluxPipeline) -> Any:
+        run = current_run(self)
+        if run is None:
+            return remembered(self).get(name)
+        return {"guidance_scale": run.guidance.embedded, "true_cfg_scale": run.guidance.scale,
+                "joint_attention_kwargs": run.model_kwargs.get("joint_attention_kwargs"),
+                "current_timestep": None if run.state is None else run.state.timestep}[name]
+
+    def set_(self: FluxPipeline, value: Any) -> None:
+        run = current_run(self)
+        if run is None:
+            remembered(self)[name] = value
+        elif name == "guidance_scale":
+            run.guidance.embedded = value
+        elif name == "true_cfg_scale":
+            run.guidance_scale = value
+        else:
+            raise AttributeError(f"{name} is read-only during a run")
+
+    return property(get, set_, doc=doc)
+
+
+class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin):
+    """Text-to-image with Flux (FLUX.1-dev, -schnell and their fine-tunes), on stepdiff's shared denoising loop.
+
+    ``denoised`` is the flow-matching x0 estimate (latents - sigma * velocity), packed like the latents;
+    ``guidance`` the distilled guidance value per row (guidance-distilled transformers only). Previews unpack the
+    latents themselves (``spatial_latents``). IP-Adapters are not supported yet.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
+    _optional_components: ClassVar[list[str]] = ["image_encoder", "feature_extractor"]
+    _callback_tensor_inputs: ClassVar[list[str]] = [
+        "latents", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+        "negative_pooled_prompt_embeds", "guidance", "denoised",
+    ]
+    _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
+        "prompt_embeds": ("cond", "encoder_hidden_states"),
+        "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
+        "pooled_prompt_embeds": ("cond", "pooled_projections"),
+        "negative_pooled_prompt_embeds": ("uncond", "pooled_projections"),
+        "guidance": ("cond", "guidance"),
+    }
+    family = "flux"
+    flow_matching = True
+    _denoiser_name: ClassVar[str] = "transformer"
+    default_sample_size = 128
+
+    # The classic Flux meanings: guidance_scale is the distilled guidance (the embedding), true_cfg_scale the CFG.
+    guidance_scale = _routed_flux("guidance_scale", "Distilled guidance value of the current run; applies from the "
+                                  "next step (guidance-distilled transformers only).")
+    _guidance_scale = guidance_scale
+    true_cfg_scale = _routed_flux("true_cfg_scale", "True CFG scale of the current run; applies from the next step.")
+    joint_attention_kwargs = _routed_flux("joint_attention_kwargs", "The current run's joint_attention_kwargs.")
+    _joint_attention_kwargs = joint_attention_kwargs
+    current_timestep = _routed_flux("current_timestep", "The timestep of the current run's latest step.")
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: Any,
+        tokenizer_2: Any,
+        transformer: FluxTransformer2DModel,
+        image_encoder: Any = None,
+        feature_extractor: Any = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, transformer=transformer, scheduler=scheduler, image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+
+    # ------------------------------------------------------------ family rules
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def tokenizer_max_length(self) -> int:
+        return self.tokenizer.model_max_length if getattr(self, "tokenizer", None) is not None else 77
+
+    @property
+    def image_processor(self) -> VaeImageProcessor:
+        """Pre- and post-processing at multiples of twice the VAE factor (a packed token is 2x2 latents)."""
+        proc = self.__dict__.get("_image_processor")
+        if proc is None:
+            proc = self.__dict__["_image_processor"] = VaeImageProcessor(
+                vae_scale_factor=self.vae_scale_factor * 2, vae_latent_channels=self._vae_latent_channels()
+            )
+        return proc
+
+    @image_processor.setter
+    def image_processor(self, value: VaeImageProcessor) -> None:
+        self.__dict__["_image_processor"] = value
+
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def denoiser_channels(self) -> int:
+        """Latent channels the transformer takes per position (its in_channels are packed 2x2 patches)."""
+        return self.transformer.config.in_channels // 4
+
+    def default_size(self) -> int:
+        return self.default_sample_size * self.vae_scale_factor
+
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    def min_size(self) -> int:
+        return self.size_multiple()
+
+    def _check_size(self, name: str, value: object) -> int:
+        # As the classic pipeline: a size that is not a multiple of 2x the VAE factor is rounded down, with its warning.
+        value = _check_int(name, value, self.min_size())
+        multiple = self.size_multiple()
+        if value % multiple:
+            _LOGGER.warning(f"`{name}` has to be divisible by {multiple} but is {value}. Dimensions will be resized "
+                            f"accordingly (to {value - value % multiple})")
+        return value - value % multiple
+
+    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+        kind = super().check_kind_inputs(args)
+        for name in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
+                     "negative_ip_adapter_image_embeds"):
+            if args.pop(name, None) is not None:
+                raise NotImplementedError(f"{name}: stepdiff's Flux pipelines do not support IP-Adapters yet")
+        kind["true_cfg_scale"] = check_guidance_scale(args.pop("true_cfg_scale", 1.0), "true_cfg_scale")
+        embeds, negative = args.get("prompt_embeds"), args.get("negative_prompt_embeds")
+        if isinstance(embeds, torch.Tensor) and isinstance(negative, torch.Tensor) and embeds.shape != negative.shape:
+            if kind["true_cfg_scale"] > 1:
+                raise ValueError(
+                    "`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed directly, but"
+                    f" got: `prompt_embeds` {tuple(embeds.shape)} != `negative_prompt_embeds` {tuple(negative.shape)}"
+                )
+            # As the classic pipeline: without true CFG the negatives are not used (and here, of another length,
+            # they cannot be batched with the prompts, so a callback cannot turn true CFG on for this run).
+            args.pop("negative_prompt_embeds")
+            args.pop("negative_pooled_prompt_embeds", None)
+        kind["negatives"] = args.get("negative_prompt") is not None or (
+            args.get("negative_prompt_embeds") is not None and args.get("negative_pooled_prompt_embeds") is not None
+        )
+        return kind
+
+    def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: dict | None = None) -> Guidance:
+        kind = kind or {}
+        embedded = guidance_scale if self.transformer.config.guidance_embeds else None
+        return FluxGuidance(kind.get("true_cfg_scale", 1.0), embedded, kind.get("negatives", False))
+
+    def scheduler_kwargs(self, height: int, width: int, kind: dict | None = None) -> dict[str, Any]:
+        cfg = self.scheduler.config
+        seq_len = (height // self.vae_scale_factor // 2) * (width // self.vae_scale_factor // 2)
+        mu = calculate_shift(  # resolution-dependent shift, used by schedulers with use_dynamic_shifting
+            seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
+        )
+        return {"mu": mu}
+
+    def set_timesteps(self, run: Run, num_inference_steps: int | None, timesteps, sigmas, kind: dict) -> torch.Tensor:
+        # The classic pipeline's default: sigmas spaced evenly from 1 to 1/n (shifted by the scheduler).
+        if run.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = None
+        elif sigmas is None and num_inference_steps is not None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        return super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)
+
+    # ----------------------------------------------------------------- encode
+
+    def _embed(self, texts: list[str], texts_2: list[str], device, max_sequence_length: int):
+        """(T5 hidden states (B, max_sequence_length, 4096), CLIP pooled (B, 768))."""
+        clip = self.text_encoder(tokenize(self.tokenizer, texts, self.tokenizer_max_length, _LOGGER).to(device),
+                                 output_hidden_states=False)
+        pooled = clip.pooler_output.to(dtype=self.text_encoder.dtype, device=device)
+        ids = self.tokenizer_2(
+            texts_2, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt",
+        ).input_ids
+        warn_truncated(self.tokenizer_2, texts_2, max_sequence_length,
+                       f"`max_sequence_length` is set to {max_sequence_length} tokens", _LOGGER)
+        t5 = self.text_encoder_2(ids.to(device), output_hidden_states=False)[0]
+        return t5.to(dtype=self.text_encoder_2.dtype, device=device), pooled
+
+    def encode(
+        self, *, device, num_images_per_prompt, height, width, prompt, prompt_2, negative_prompt, negative_prompt_2,
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
+        max_sequence_length,
+    ) -> Conditioning:
+        negatives = negative_prompt is not None or negative_prompt_embeds is not None
+        if prompt_embeds is None and negative_prompt is not None:
+            # Prompts and negatives through each encoder in one call.
+            both, pooled = self._embed(prompt + negative_prompt, (prompt_2 or prompt) + (negative_prompt_2 or negative_prompt),
+                                       device, max_sequence_length)
+            prompt_embeds, negative_prompt_embeds = both.split(len(prompt))
+            pooled_prompt_embeds, negative_pooled_prompt_embeds = pooled.split(len(prompt))
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = self._embed(prompt, prompt_2 or prompt, device, max_sequence_length)
+        if negatives and negative_prompt_embeds is None:
+            negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed(
+                negative_prompt, negative_prompt_2 or negative_prompt, device, max_sequence_length)
+        n = num_images_per_prompt
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return repeat_rows(t.to(device), n)
+
+        cond = {"encoder_hidden_states": rows(prompt_embeds), "pooled_projections": rows(pooled_prompt_embeds)}
+        uncond = {} if not negatives else {
+            "encoder_hidden_states": rows(negative_prompt_embeds),
+            "pooled_projections": rows(negative_pooled_prompt_embeds),
+        }
+        return Conditioning(cond=cond, uncond=uncond)
+
+    def check_prompts(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        batch, kwargs = pop_prompts(args, extra=("prompt_2", "negative_prompt_2"), pooled=True)
+        msl = args.pop("max_sequence_length", 512)
+        if isinstance(msl, bool) or not isinstance(msl, int) or not 1 <= msl <= 512:
+            raise ValueError(f"max_sequence_length must be an int in [1, 512], got {msl!r}")
+        kwargs["max_sequence_length"] = msl
+        return batch, kwargs
+
+    def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
+        kwargs = args.pop("joint_attention_kwargs", None)
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"joint_attention_kwargs must be a dict or None, got {type(kwargs).__name__}")
+        return {"joint_attention_kwargs": kwargs}
+
+    # ------------------------------------------------------------ the packed layout
+
+    @torch.no_grad()
+    def prepare(self, args: dict[str, Any]) -> Run:
+        """The shared prepare (latents and a kind's tensors made as (B, C, h, w)), then Flux's layout: everything
+        the loop steps on packed into tokens, the token positions and the guidance rows."""
+        run = super().prepare(args)
+        try:
+            self._pack_run(run)
+        except BaseException:
+            run.compute.free()
+            raise
+        return run
+
+    def _pack_run(self, run: Run) -> None:
+        state = run.state
+        latents = state.latents  # (B, C, h, w)
+        _, channels, height, width = latents.shape
+        run.extras["latent_size"] = (height, width)
+        state.latents = pack_latents(latents)
+        for key in ("mask", "masked_image_latents"):  # inpainting's per-row conditioning
+            if key in state.cond:
+                value = state.cond[key]
+                if key == "mask":
+                    value = value.repeat(1, channels // value.shape[1], 1, 1)
+                packed = pack_latents(value)
+                for side in (state.cond, state.uncond):
+                    if key in side:
+                        side[key] = packed
+        for key in ("noise", "image_latents"):  # inpainting's known region, put back after each step
+            if key in run.extras:
+                run.extras[key] = pack_latents(run.extras[key])
+        embeds = state.cond["encoder_hidden_states"]
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
+        run.extras["txt_ids"] = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=dtype)
+        run.extras["img_ids"] = _latent_ids(height, width, latents.device, latents.dtype)
+        run.guidance.attach(state.cond, state.uncond)
+        self._check_tensor_names(run)
+
+    def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
+        """Noise (B, C, h, w), or the caller's ``latents`` in the classic packed shape (B, h/2 * w/2, 4C)."""
+        shape = (rows, self.latent_channels(), height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return self._unpack_given(latents, shape).to(device=device, dtype=dtype)
+
+    def _unpack_given(self, latents: object, shape: tuple[int, int, int, int]) -> torch.Tensor:
+        b, c, h, w = shape
+        packed = (b, (h // 2) * (w // 2), c * 4)
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        if tuple(latents.shape) != packed:
+            raise ValueError(f"latents must have the packed shape {packed} for this call (batch, tokens, 4 x latent "
+                             f"channels), got {tuple(latents.shape)}")
+        return unpack_latents(latents, h, w)
+
+    def spatial_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed latents of the current run (B, N, 4C) or one row (N, 4C) -> (B, C, h, w) / (C, h, w), for previews
+        (call it from a step callback, where the run is known)."""
+        run = current_run(self)
+        if run is None or "latent_size" not in run.extras:
+            raise RuntimeError("spatial_latents needs the current run: call it from a step callback")
+        return unpack_latents(latents, *run.extras["latent_size"])
+
+    @staticmethod
+    def _pack_latents(latents, batch_size, num_channels_latents, height, width):
+        """The classic helper, kept for code that calls it."""
+        return pack_latents(latents.view(batch_size, num_channels_latents, height, width))
+
+    @staticmethod
+    def _unpack_latents(latents, height, width, vae_scale_factor):
+        """The classic helper (``height`` and ``width`` in pixels), kept for code that calls it."""
+        return unpack_latents(latents, 2 * (int(height) // (vae_scale_factor * 2)), 2 * (int(width) // (vae_scale_factor * 2)))
+
+    # ----------------------------------------------------------------- steps
+
+    def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
+        rows = latent_input.shape[0]
+        return self.transformer(
+            hidden_states=latent_input,
+            timestep=timestep.expand(rows).to(latent_input.dtype) / 1000,
+            guidance=conditioning.get("guidance"),
+            pooled_projections=conditioning["pooled_projections"],
+            encoder_hidden_states=conditioning["encoder_hidden_states"],
+            txt_ids=run.extras["txt_ids"], img_ids=run.extras["img_ids"],
+            joint_attention_kwargs=run.model_kwargs["joint_attention_kwargs"], return_dict=False,
+        )[0]
+
+    def _check_tensor_names(self, run: Run) -> None:
+        """Tensors this run does not have: negatives without a negative prompt, guidance without guidance_embeds."""
+        missing = [n for n in run.tensor_names if n in self._callback_names and self._callback_names[n][1] not in
+                   getattr(run.state, self._callback_names[n][0])]
+        if missing:
+            why = {"guidance": "this transformer has no guidance embedding (guidance_embeds=False)"}
+            reasons = sorted({why.get(n, "this call has no negative_prompt or negative_prompt_embeds") for n in missing})
+            raise ValueError(f"callback_on_step_end_tensor_inputs has {missing}, which this run does not have: "
+                             f"{'; '.join(reasons)}")
+
+    def _apply_callback_result(self, state: LoopState, result: object, step: int) -> None:
+        super()._apply_callback_result(state, result, step)
+        if "guidance" in state.uncond and state.uncond["guidance"] is not state.cond["guidance"]:
+            state.uncond["guidance"] = state.cond["guidance"]  # one guidance value per image, both sides
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        run = current_run(self)
+        if run is None:
+            raise RuntimeError("decode_latents needs the run's latent size (it runs inside finish)")
+        return super().decode_latents(unpack_latents(latents, *run.extras["latent_size"]))
+
+    @torch.no_grad()
+    def finish(self, run: Run) -> Any:
+        with run.bound():  # decode_latents unpacks with the run's latent size
+            out = super().finish(run)
+        remembered(self).update(guidance_scale=run.guidance.embedded, true_cfg_scale=run.guidance.scale,
+                                joint_attention_kwargs=run.model_kwargs.get("joint_attention_kwargs"))
+        return out
+
+    # ------------------------------------------------------------ classic API
+
+    def encode_prompt(
+        self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int = 512, lora_scale: float | None = None,
+    ):
+        """The classic signature and 3-tuple (prompt_embeds, pooled_prompt_embeds, text_ids), through the pipeline's
+        own encoding."""
+        c = self._encode_classic(dict(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+        ), device, num_images_per_prompt, lora_scale, None)
+        prompt_embeds, pooled_prompt_embeds = c.cond["encoder_hidden_states"], c.cond["pooled_projections"]
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3).to(device=prompt_embeds.device, dtype=dtype)
+        # The classic names (tools that map the outputs to __call__ arguments read them from this line).
+        return prompt_embeds, pooled_prompt_embeds, text_ids
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_ip_adapter_image: Any = None,
+        negative_ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int = 512,
+        cancel: CancelToken | None = None,
+        interrupt_output: str = "denoised",
+    ):
+        """Generate images. Arguments and defaults follow the classic FluxPipeline: ``guidance_scale`` is the
+        distilled guidance (guidance-distilled transformers), ``true_cfg_scale`` > 1 with a ``negative_prompt`` runs
+        true classifier-free guidance. See ``StableDiffusionPipeline.__call__`` for the callback protocol; returns a
+        ``StepDiffPipelineOutput``."""
+        return self._call(locals())
