@@ -38,12 +38,17 @@ def case(request):
     return pipe, extra
 
 
-def _call(pipe, extra, prompt="a photo of a cat", **kw):
-    kw = {"generator": gen(0), "output_type": "np", "num_inference_steps": STEPS, **extra, **kw}
+def _kwargs(pipe, extra, prompt="a photo of a cat", **kw):
+    kw = {"prompt": prompt, "generator": gen(0), "output_type": "np", "num_inference_steps": STEPS, **extra, **kw}
     if pipe.family == "flux":  # Flux's classifier-free guidance is true CFG: a scale > 1 and a negative prompt
-        kw = {"true_cfg_scale": 4.0, "max_sequence_length": 48,
+        kw = {"true_cfg_scale": 4.0, "max_sequence_length": 48, "height": 16, "width": 16,
               "negative_prompt": "blurry" if isinstance(prompt, str) else ["blurry"] * len(prompt), **kw}
-    return pipe(prompt, **kw)
+    return kw
+
+
+def _call(pipe, extra, prompt="a photo of a cat", **kw):
+    kw = _kwargs(pipe, extra, prompt, **kw)
+    return pipe(**kw)
 
 
 def test_every_tensor_input_reaches_the_callback(case):
@@ -112,7 +117,7 @@ def test_cancel_from_another_thread(case):
 
 def test_step_iterator_matches_call(case):
     pipe, extra = case
-    run = pipe.steps("a photo of a cat", num_inference_steps=STEPS, output_type="np", generator=gen(0), **extra)
+    run = pipe.steps(**_kwargs(pipe, extra))
     assert sum(1 for _ in run) == STEPS
     assert np.array_equal(run.finish().images, _call(pipe, extra).images)
 

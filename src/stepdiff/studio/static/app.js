@@ -37,9 +37,21 @@ function formJob() {
     prompt: $("prompt").value, negative_prompt: $("negative").value || null, seed: numberOrNull("seed"),
     steps: numberOrNull("steps"), width: w, height: h, guidance: numberOrNull("guidance"),
     scheduler: $("scheduler").value || null, cfg_cutoff: numberOrNull("cutoff"), fast: $("fast").checked,
+    num_images: numberOrNull("num-images") || 1,
     preview: { every: numberOrNull("preview-every"), method: $("preview-method").value, source: "denoised" },
   };
+  if (!$("model-label").hidden) job.model = $("model-select").value;
   return job;
+}
+
+async function upload(blob) {
+  // A picture for a job: the canvas as PNG, read by the server as the CLI reads a file.
+  const headers = { "content-type": "image/png" };
+  if (token) headers.authorization = "Bearer " + token;
+  const response = await fetch("/api/uploads", { method: "POST", body: blob, headers });
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
 }
 
 function useSettings(p) {
@@ -57,6 +69,13 @@ function useSettings(p) {
   const preview = p.preview || {};
   $("preview-every").value = preview.every ?? "";
   $("preview-method").value = preview.method || "auto";
+  $("num-images").value = p.num_images || 1;
+  $("strength").value = p.strength ?? "";
+  if (p.control_scale != null) $("control-scale").value = p.control_scale;
+  if (p.control_end != null) $("control-end").value = p.control_end;
+  if (p.model && [...$("model-select").options].some((o) => o.value === p.model)) $("model-select").value = p.model;
+  Inputs.setMode(p.control ? "control" : p.mask ? "inpaint" : p.init_image ? "image" : Inputs.mode());
+  if (p.init_image || p.control) Inputs.load(withToken(`/api/uploads/${p.init_image || p.control}.png`)).catch(() => {});
   $("prompt").focus();
   checkWords();
 }
@@ -64,8 +83,12 @@ function useSettings(p) {
 async function generate() {
   showError("");
   try {
-    const job = await api("/api/jobs", { method: "POST", body: JSON.stringify(formJob()) });
-    follow(job);
+    const job = formJob();
+    const inputs = await Inputs.fields(upload);
+    if (inputs.init_image) { delete job.width; delete job.height; }
+    const made = await api("/api/jobs", { method: "POST", body: JSON.stringify({ ...job, ...inputs }) });
+    follow(made);
+    return;
   } catch (e) {
     showError(e.message);
   }
@@ -78,6 +101,11 @@ function follow(job) {
   $("progress").value = job.steps_completed;
   $("steer").value = job.guidance;
   $("steer-value").textContent = job.guidance;
+  const p = job.params || {};
+  $("steer-cutoff").value = p.cfg_cutoff ?? 1;
+  $("steer-cutoff-value").textContent = p.cfg_cutoff ?? "none";
+  $("steer-control-box").hidden = !p.control;
+  if (p.control) { $("steer-control").value = p.control_scale; $("steer-control-value").textContent = p.control_scale; }
   $("rows-saved").textContent = job.rows_saved || 0;
   setRunning(!FINAL.has(job.state));
   $("status").textContent = job.state === "queued" ? `queued (position ${job.position})` : job.state;
@@ -86,7 +114,7 @@ function follow(job) {
 
 function setRunning(running) {
   $("stop").disabled = !running;
-  $("steer").disabled = !running;
+  for (const id of ["steer", "steer-cutoff", "steer-control"]) $(id).disabled = !running;
   document.body.classList.toggle("running", running);
 }
 
@@ -95,13 +123,15 @@ async function stop() {
   try { await api(`/api/jobs/${current}/cancel`, { method: "POST" }); } catch (e) { showError(e.message); }
 }
 
-function steer() {
-  $("steer-value").textContent = $("steer").value;
+// Each slider steers the running job from its next step; the server records every change.
+const steerFields = { steer: "guidance", "steer-cutoff": "cfg_cutoff", "steer-control": "control_scale" };
+function steer(e) {
+  const id = current, slider = e.target.id, field = steerFields[slider];
+  $(`${slider}-value`).textContent = $(slider).value;
   clearTimeout(steerTimer);
-  const id = current;
   steerTimer = setTimeout(async () => {
     try {
-      await api(`/api/jobs/${id}/steer`, { method: "POST", body: JSON.stringify({ guidance: Number($("steer").value) }) });
+      await api(`/api/jobs/${id}/steer`, { method: "POST", body: JSON.stringify({ [field]: Number($(slider).value) }) });
     } catch (e) { if (e.status !== 409) showError(e.message); }
   }, 40);
 }
@@ -113,7 +143,7 @@ function onStep(e) {
   if (e.frame_method) preview = ` · preview ${e.frame_method}` + (e.frame_every > 1 ? ` every ${e.frame_every} steps` : "");
   $("status").textContent = `step ${e.step + 1} / ${e.total} · guidance ${e.guidance}${preview}`;
   $("rows-saved").textContent = 2 * (e.step + 1) - e.model_rows;
-  if (e.frame) $("preview").src = e.frame;
+  if (e.frame) { $("preview").src = e.frame; $("preview").hidden = false; }
 }
 
 function finished(job) {
@@ -127,8 +157,17 @@ function finished(job) {
     $("progress").value = rec.steps_completed;
     $("rows-saved").textContent = job.rows_saved;
   }
-  if (job.image) $("preview").src = withToken(job.image);
+  if (job.image) { $("preview").src = withToken(job.image); $("preview").hidden = false; }
   addCard(job, true);
+}
+
+function button(text, cls, onClick) {
+  const b = document.createElement("button");
+  b.className = cls;
+  b.type = "button";
+  b.textContent = text;
+  b.addEventListener("click", onClick);
+  return b;
 }
 
 function card(job) {
@@ -137,21 +176,26 @@ function card(job) {
   div.className = "card";
   div.dataset.job = job.id;
   div.dataset.state = job.state;
+  const images = job.images && job.images.length ? job.images : job.image ? [job.image] : [];
   const thumb = document.createElement("div");
-  thumb.className = "thumb";
-  if (job.image) {
+  thumb.className = "thumb" + (images.length > 1 ? " many" : "");
+  for (const url of images) {
     const img = document.createElement("img");
-    img.src = withToken(job.image);
     img.alt = p.prompt;
-    img.loading = "lazy";
+    img.className = "loading";  // shown once loaded: no black or broken card meanwhile
+    img.addEventListener("load", () => img.classList.remove("loading"));
+    img.addEventListener("click", () => openViewer(url));
+    img.src = withToken(url);
     thumb.appendChild(img);
   }
   div.appendChild(thumb);
   const meta = document.createElement("div");
   meta.className = "meta";
   const rec = job.record;
-  meta.textContent = `${p.prompt} · seed ${p.seed} · ${p.steps} steps · guidance ${p.guidance}` +
-    (p.cfg_cutoff !== null ? ` · cutoff ${p.cfg_cutoff}` : "") + (p.fast ? " · fast" : "") +
+  const kind = p.control ? " · control" : p.mask ? " · inpaint" : p.init_image ? ` · image ${p.strength}` : "";
+  meta.textContent = `${p.prompt} · seed ${p.seed} · ${p.steps} steps · guidance ${p.guidance}` + kind +
+    (p.cfg_cutoff != null ? ` · cutoff ${p.cfg_cutoff}` : "") + (p.fast ? " · fast" : "") +
+    (p.num_images > 1 ? ` · ${p.num_images} images` : "") + (p.model ? ` · ${p.model}` : "") +
     (p.cache ? ` · cache ${p.cache}` : "") + (rec ? ` · ${rec.model_rows} rows` : "");
   div.appendChild(meta);
   if (job.state !== "finished") {
@@ -160,13 +204,44 @@ function card(job) {
     tag.textContent = rec && rec.interrupted ? `${job.state} at step ${rec.steps_completed}` : job.state;
     div.appendChild(tag);
   }
-  const use = document.createElement("button");
-  use.className = "use";
-  use.textContent = "Use these settings";
-  use.addEventListener("click", () => useSettings(p));
-  div.appendChild(use);
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  actions.appendChild(button("Use these settings", "use", () => useSettings(p)));
+  if (images.length) {
+    actions.appendChild(button("Use as input", "use-input", () => useAsInput(images[0])));
+    actions.appendChild(button("Open", "open", () => openViewer(images[0])));
+    const a = document.createElement("a");
+    a.className = "download";
+    a.textContent = "Download";
+    a.href = withToken(images[0]);
+    a.download = `${job.id}.png`;
+    actions.appendChild(a);
+  }
+  actions.appendChild(button("Delete", "delete", () => removeJob(job.id)));
+  div.appendChild(actions);
   return div;
 }
+
+function useAsInput(url) {
+  if (Inputs.mode() === "text") Inputs.setMode("image");
+  Inputs.load(withToken(url)).catch((e) => showError(e.message));
+}
+
+async function removeJob(id) {
+  try {
+    await api(`/api/jobs/${id}`, { method: "DELETE" });
+    const old = document.querySelector(`.card[data-job="${id}"]`);
+    if (old) old.remove();
+  } catch (e) { showError(e.message); }
+}
+
+function openViewer(url) {
+  $("viewer-image").src = withToken(url);
+  $("viewer-download").href = withToken(url);
+  $("viewer").hidden = false;
+}
+
+function closeViewer() { $("viewer").hidden = true; }
 
 function addCard(job, front) {
   if (!FINAL.has(job.state)) return;
@@ -202,6 +277,11 @@ function connect() {
   };
   socket.onmessage = (message) => {
     const e = JSON.parse(message.data);
+    if (e.type === "deleted") {
+      const old = document.querySelector(`.card[data-job="${e.job}"]`);
+      if (old) old.remove();
+      return;
+    }
     if (e.type === "hello" || e.job !== current) return;
     if (e.type === "started") { $("status").textContent = "started"; setRunning(true); }
     else if (e.type === "step") onStep(e);
@@ -222,13 +302,17 @@ async function init() {
   $("prompt").maxLength = info.max_prompt_chars;
   for (const name of info.schedulers) $("scheduler").add(new Option(name, name));
   if (!info.preview_methods.includes("tiny")) $("preview-method").querySelector('option[value="tiny"]').disabled = true;
+  Inputs.resize();
+  const models = (await api("/api/models")).models;
+  for (const m of models) $("model-select").add(new Option(m.name, m.name, m.default, m.default));
+  $("model-label").hidden = models.length < 2;
   await loadHistory();
   connect();
 }
 
 document.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
-  else if (e.key === "Escape") { e.preventDefault(); stop(); }
+  else if (e.key === "Escape") { e.preventDefault(); if (!$("viewer").hidden) closeViewer(); else stop(); }
 });
 // Words the model does not know, under the prompt, as it is typed (the server asks the model's tokenizer).
 let wordsTimer = null;
@@ -245,7 +329,9 @@ function checkWords() {
 $("prompt").addEventListener("input", checkWords);
 $("generate").addEventListener("click", generate);
 $("stop").addEventListener("click", stop);
-$("steer").addEventListener("input", steer);
+for (const id of Object.keys(steerFields)) $(id).addEventListener("input", steer);
+$("viewer-close").addEventListener("click", closeViewer);
+$("viewer").addEventListener("click", (e) => { if (e.target === $("viewer")) closeViewer(); });
 $("more").addEventListener("click", () => loadHistory().catch((e) => showError(e.message)));
 // A lost event must never leave the page unable to follow or stop a job: while one runs, ask now and then.
 setInterval(() => { if (!$("stop").disabled) resync().catch(() => {}); }, 2000);
