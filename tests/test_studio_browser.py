@@ -107,9 +107,11 @@ def submit_from_page(page, steps, guidance=None):
 def test_page_loads(page):
     assert page.title() == "stepdiff studio"
     assert "shapes-v3" in page.text_content("#model")
-    for selector in ("#prompt", "#generate", "#stop", "#steer", "#progress", "#preview", "#rows-saved", "#history"):
+    for selector in ("#prompt", "#generate", "#stop", "#steer", "#progress", ".frame", "#rows-saved", "#history", "#modes"):
         assert page.is_visible(selector), selector
     assert page.locator("#scheduler option").count() > 5
+    assert not page.is_visible("#preview")  # idle: no broken-image icon, an empty frame
+    assert page.evaluate("getComputedStyle(document.querySelector('.frame')).width") == "384px"
 
 
 def test_previews_stream_before_the_final_image(page, server):
