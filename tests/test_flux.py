@@ -304,11 +304,11 @@ def test_preview_unpacks_the_latents(flux_pipe):
 class _FakeFlux:
     """A pipeline whose VAE looks like FLUX.1's (16 channels, scaling 0.3611): table_for picks the Flux table."""
 
-    class config:  # noqa: N801
+    class config:
         _name_or_path = None
 
-    class vae:  # noqa: N801
-        class config:  # noqa: N801
+    class vae:
+        class config:
             latent_channels, scaling_factor = 16, 0.3611
 
 
