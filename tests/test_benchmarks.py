@@ -26,6 +26,7 @@ RUNS: dict[str, list[list[str]]] = {
     "bench_control.py": [["--smoke"]],
     "bench_core.py": [["--smoke"]],
     "bench_fast.py": [["--smoke"]],
+    "bench_flux.py": [["--smoke"]],
     "bench_guidance.py": [["--smoke"]],
     "bench_lora.py": [["--smoke"]],
     "bench_model_calls.py": [["--smoke"]],
