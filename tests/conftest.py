@@ -181,6 +181,22 @@ def run_cli(capsys):
     return run
 
 
+@pytest.fixture
+def loader():
+    """``loader(fn)``: every model load of this test (CLI, batch, studio) calls ``fn`` instead, through
+    stepdiff.loading's seam; the real loader is back after the test."""
+    from stepdiff.loading import set_loader
+
+    previous = []
+
+    def use(fn):
+        previous.append(set_loader(fn))
+
+    yield use
+    if previous:
+        set_loader(previous[0])
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_per_test():
     """Every test starts with Python's default SIGINT/SIGTERM handlers and leaves them so: a library a test drives

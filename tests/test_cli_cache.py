@@ -81,8 +81,8 @@ def test_fast_gate_counts_the_steps_that_run_in_image_to_image(run_cli, sd_folde
     (["--cache", "fbc:0.1,deepcache:3"], ["--cache: FirstBlockCacheCallback and DeepCacheCallback both cache", "use one of them"]),
     (["--cache", "tgate:3,tgate:4"], ["--cache: TGateCallback is given twice"]),
 ])
-def test_bad_cache_flags_fail_before_the_model_loads(run_cli, sd_folder, tmp_path, monkeypatch, args, words):
-    monkeypatch.setattr("stepdiff.cli._load", lambda *a: pytest.fail("the model must not load"))
+def test_bad_cache_flags_fail_before_the_model_loads(run_cli, sd_folder, tmp_path, monkeypatch, args, words, loader):
+    loader(lambda *a: pytest.fail("the model must not load"))
     code, out, err = run_cli("generate", "a cat", "--model", sd_folder, *args)
     assert code == 2
     for word in words:
@@ -91,8 +91,8 @@ def test_bad_cache_flags_fail_before_the_model_loads(run_cli, sd_folder, tmp_pat
     assert out == "" and not list(tmp_path.glob("stepdiff-*"))
 
 
-def test_fast_on_a_model_without_a_unet_fails_before_it_loads(run_cli, sd3_folder, monkeypatch):
-    monkeypatch.setattr("stepdiff.cli._load", lambda *a: pytest.fail("the model must not load"))
+def test_fast_on_a_model_without_a_unet_fails_before_it_loads(run_cli, sd3_folder, monkeypatch, loader):
+    loader(lambda *a: pytest.fail("the model must not load"))
     code, _, err = run_cli("generate", "a cat", "--model", sd3_folder, "--fast")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--fast: DeepCacheCallback caches a UNet's blocks" in err and "fbc:THRESHOLD" in err

@@ -66,8 +66,8 @@ def test_control_flags_need_control(run_cli, flag, value):
 
 
 @pytest.mark.parametrize("flag, value, needle", [
-    ("--control-scale", "-1", "--control-scale must be a number from 0 to 10, got -1.0"),
-    ("--control-scale", "nan", "--control-scale must be a number from 0 to 10, got nan"),
+    ("--control-scale", "-1", "--control-scale must be a number in [0, 10], got -1.0"),
+    ("--control-scale", "nan", "--control-scale must be a number in [0, 10], got nan"),
     ("--control-end", "0", "--control-end must be a number in (0, 1], got 0.0"),
     ("--control-end", "1.5", "--control-end must be a number in (0, 1], got 1.5"),
 ])

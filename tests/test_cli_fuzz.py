@@ -283,11 +283,11 @@ GENERATE_FLAGS = ["--steps", "--guidance", "--seed", "--size", "--num-images", "
 
 
 @pytest.mark.parametrize("flag", GENERATE_FLAGS)
-def test_generate_flag_fuzz(flag, sd_folder, tmp_path, monkeypatch, capsys):
+def test_generate_flag_fuzz(flag, sd_folder, tmp_path, monkeypatch, capsys, loader):
     def loads(*a, **k):
         raise _Loads
 
-    monkeypatch.setattr("stepdiff.cli._load", loads)
+    loader(loads)
     monkeypatch.chdir(tmp_path)
 
     @settings(max_examples=25, deadline=None, derandomize=True,
@@ -307,11 +307,11 @@ def test_generate_flag_fuzz(flag, sd_folder, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("flag", ["--batch", "--seeds-per-combo", "--guidance", "--cfg-cutoff", "--json", "--steps"])
-def test_eval_shapes_flag_fuzz(flag, sd_folder, tmp_path, monkeypatch, capsys):
+def test_eval_shapes_flag_fuzz(flag, sd_folder, tmp_path, monkeypatch, capsys, loader):
     def loads(*a, **k):
         raise _Loads
 
-    monkeypatch.setattr("stepdiff.cli._load", loads)
+    loader(loads)
     monkeypatch.chdir(tmp_path)
 
     @settings(max_examples=25, deadline=None, derandomize=True,
@@ -334,13 +334,13 @@ BATCH_FLAGS = ["INPUT", "--out", "--format", "--steps", "--guidance", "--seed", 
 
 
 @pytest.mark.parametrize("flag", BATCH_FLAGS)
-def test_batch_flag_fuzz(flag, sd_folder, tmp_path, monkeypatch, capsys):
+def test_batch_flag_fuzz(flag, sd_folder, tmp_path, monkeypatch, capsys, loader):
     """``stepdiff batch`` with arbitrary values: a one-line error naming the flag, or a run that reaches the
     model load (stopped there), never a traceback."""
     def loads(*a, **k):
         raise _Loads
 
-    monkeypatch.setattr("stepdiff.cli._from_pretrained", loads)
+    loader(loads)
     monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")

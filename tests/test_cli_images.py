@@ -65,15 +65,15 @@ def test_inpainting_repaints_the_background_only(run_cli, pictures):
     (["--init-image", "source.png", "--size", "32x32"], ["--size 32x32 differs from --init-image's 64x64"]),
     (["--mask", "background_mask.png"], ["--mask needs --init-image"]),
     (["--strength", "0.5"], ["--strength needs --init-image"]),
-    (["--init-image", "odd.png"], ["--init-image width must be a multiple of 8", "got 60"]),
+    (["--init-image", "odd.png"], ["--init-image width must be a positive multiple of 8", "got 60"]),
 ])
-def test_bad_image_flags_exit_2_before_loading(run_cli, pictures, monkeypatch, extra, needles):
+def test_bad_image_flags_exit_2_before_loading(run_cli, pictures, monkeypatch, extra, needles, loader):
     monkeypatch.chdir(pictures)
 
     def no_loading(*a, **k):
         raise AssertionError("the model must not load for bad input")
 
-    monkeypatch.setattr("stepdiff.cli._load", no_loading)
+    loader(no_loading)
     code, out, err = run_cli("generate", "a red circle on a blue background", *extra)
     one_error(code, err, *needles)
     assert not list(pictures.glob("stepdiff-*.png"))
@@ -131,10 +131,10 @@ def _huge(folder):
     (_huge, "is 400 megapixels; at most 67 megapixels (8192x8192) are read"),
 ])
 def test_pictures_that_cannot_be_used_exit_2_in_one_line_before_loading(run_cli, pictures, monkeypatch, flag, make,
-                                                                          words):
+                                                                          words, loader):
     """Issue 24: a FIFO blocked forever, an animation used its first frame, a huge PNG exited 1 through the catch-all."""
     monkeypatch.chdir(pictures)
-    monkeypatch.setattr("stepdiff.cli._load", lambda *a, **k: pytest.fail("the model must not load for bad input"))
+    loader(lambda *a, **k: pytest.fail("the model must not load for bad input"))
     bad = make(pictures)
     argv = {"--init-image": ["--init-image", bad], "--mask": ["--init-image", "source.png", "--mask", bad],
             "--control": ["--control", bad]}[flag]

@@ -200,7 +200,7 @@ def test_cli_image_to_image_has_no_paste_back_field(run_cli, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--keep-unmasked", "--no-keep-unmasked"])
-def test_cli_keep_flags_need_a_mask(run_cli, tmp_path, monkeypatch, flag):
+def test_cli_keep_flags_need_a_mask(run_cli, tmp_path, monkeypatch, flag, loader):
     from stepdiff.shapes.dataset import Sample, render
 
     render(Sample("red", "circle", "blue", 32, 32, 30)).save(tmp_path / "source.png")
@@ -208,7 +208,7 @@ def test_cli_keep_flags_need_a_mask(run_cli, tmp_path, monkeypatch, flag):
     def no_loading(*a, **k):
         raise AssertionError("the model must not load for bad input")
 
-    monkeypatch.setattr("stepdiff.cli._load", no_loading)
+    loader(no_loading)
     for extra in ([], ["--init-image", tmp_path / "source.png"]):
         code, _, err = run_cli("generate", "a red circle", *extra, flag, "--output", tmp_path / "x.png")
         one_error(code, err, f"{flag} needs --mask")

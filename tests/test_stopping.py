@@ -338,11 +338,11 @@ def test_stop_output_flag(run_cli, sd_folder, tmp_path, flags, stop_output, fini
 
 
 @pytest.mark.parametrize("value", ["finish:0", "finsh", "finish:two"])
-def test_bad_stop_output_flag_fails_before_loading(run_cli, sd_folder, monkeypatch, value):
+def test_bad_stop_output_flag_fails_before_loading(run_cli, sd_folder, monkeypatch, value, loader):
     def loads(*a, **k):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr("stepdiff.cli._load", loads)
+    loader(loads)
     code, _, err = run_cli("generate", "a cat", "--model", sd_folder, "--stop-output", value)
     assert code == 2
     assert f"--stop-output must be one of 'denoised', 'latents', 'finish' (3 finishing steps) or 'finish:N' " \

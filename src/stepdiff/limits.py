@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "DEFAULT_GUIDANCE", "MAX_CONTROL_SCALE", "MAX_GUIDANCE", "MAX_GUIDANCE_SCALE", "MAX_SEED", "MAX_STEPS",
+    "DEFAULT_GUIDANCE", "MAX_CONTROL_SCALE", "MAX_GUIDANCE", "MAX_SEED", "MAX_STEPS",
     "SIZE_LIMIT_RATIO", "SIZE_WARN_RATIO", "ModelShape", "device_memory", "estimate_memory", "format_bytes",
 ]
 
@@ -25,10 +25,8 @@ MAX_CONTROL_SCALE = 10.0
 SIZE_WARN_RATIO = 2  # a size above this many times the native size (per side): a warning
 SIZE_LIMIT_RATIO = 8  # ... above this: refused (the CLI's --force lets it through)
 DEFAULT_GUIDANCE = 7.5  # a model folder that recommends none (its stepdiff.json) gets the convention's scale
-# What the library's pipelines accept (stepdiff.guidance.check_guidance_scale): far above any useful setting (SD is
-# used at 1-20); higher scales only overflow into black images. Wider than MAX_GUIDANCE: a library call is refused
-# only where it cannot work, a request where it cannot look right.
-MAX_GUIDANCE_SCALE = 1000.0
+# (A library call accepts guidance scales up to stepdiff.guidance.MAX_GUIDANCE_SCALE, 1000: it is refused only where it
+# cannot work, a request where it cannot look right.)
 
 # Peak bytes per pixel of one image, in units of (channels x bytes per element) at the denoiser's widest
 # level and at the VAE decoder's full-resolution level. Measured on the shipped model (torch 2.13, CPU,

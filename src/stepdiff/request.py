@@ -436,8 +436,9 @@ class GenerationRequest:
             kwargs.update(image=self.init_image, strength=self.strength)
         if kind == "inpaint":
             kwargs["mask_image"] = self.mask_image
-        if kind != "image2image" and self.width is not None:  # image to image takes the picture's size
-            kwargs.update(width=self.width, height=self.height)
+        size = self.output_size
+        if kind != "image2image" and size is not None:  # image to image takes the picture's size
+            kwargs.update(width=size[0], height=size[1])
         if self.control_image is not None:
             kwargs["control_image" if kind == "image2image" else "image"] = self.control_image
             kwargs.update(controlnet_conditioning_scale=1.0 if self.control_scale is None else self.control_scale,

@@ -515,14 +515,14 @@ def check_rows(rows: list[BatchRow], folder: str | Path, dtype: str, strict: boo
     """Rows checked against the model (sizes, steps its scheduler can take), with the model's defaults
     filled in (size, guidance, scheduler) and each row's content key set. Reads configs only, no weights."""
     from ..cache_options import has_unet
-    from ..cli import _model_info, _scheduler_config
     from ..limits import ModelShape
+    from ..loading import default_guidance, scheduler_config
     from ..schedulers import karras_schedulers, make_scheduler, supports_karras
 
     folder = Path(folder)
     shape = ModelShape.from_folder(folder)
-    config = _scheduler_config(folder)
-    guidance = float(_model_info(folder).get("guidance_scale", 7.5))
+    config = scheduler_config(folder)
+    guidance = default_guidance(folder)
     identity = model_identity(folder, dtype)
     unet = has_unet(folder)
     checked: dict[tuple, str | None] = {}

@@ -39,13 +39,13 @@ class ChunkWorker:
     def __init__(self, config: WorkerConfig, label: str) -> None:
         import torch
 
-        from ..cli import _from_pretrained
+        from ..loading import load_pipeline
 
         self.config = config
         self.label = label
         torch.set_num_threads(config.threads)
         started = time.perf_counter()
-        self.pipe = _from_pretrained(Path(config.model), config.dtype, config.allow_pickle)
+        self.pipe = load_pipeline(Path(config.model), config.dtype, config.allow_pickle)
         self.pipe.to(config.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - started

@@ -27,13 +27,11 @@ def is_loopback(host: str) -> bool:
 
 
 def limits_for(folder: Path, max_steps: int) -> Limits:
-    import json
-
     from ..limits import ModelShape
+    from ..loading import default_guidance
 
     shape = ModelShape.from_folder(folder)
-    info = folder / "stepdiff.json"
-    guidance = float(json.loads(info.read_text()).get("guidance_scale", 7.5)) if info.is_file() else 7.5
+    guidance = default_guidance(folder)
     return Limits(native_size=shape.native_size, size_multiple=shape.size_multiple, min_size=shape.min_size,
                   max_size=min(4 * shape.native_size, 2048), max_steps=max_steps, default_guidance=guidance)
 
@@ -43,7 +41,7 @@ def load_studio(model: Path, data: Path, *, workers: int = 1, queue_size: int = 
     """A Studio on the model folder ``model``, its history in ``data`` (created if missing). A ``data`` folder that
     another server holds is refused before the model loads."""
     if loader is None:
-        from ..cli import _from_pretrained as loader
+        from ..loading import load_pipeline as loader
     data.mkdir(parents=True, exist_ok=True)
     with lock_data_folder(data):  # in use: refused now, not after the model has loaded (the Studio locks it again)
         pass

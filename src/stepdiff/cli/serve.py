@@ -1,0 +1,122 @@
+"""``stepdiff serve``: the live studio in the browser on one model."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+from pathlib import Path
+
+from ..limits import MAX_STEPS
+from .common import _at_least, _check_device, _check_writable_dir, _folder, _resolve_model
+from .interrupts import Terminated
+from .parser import DTYPES
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    v = sub.add_parser("serve", help="a live studio in the browser: queue, previews, stop, steer guidance, history",
+                       description="Serve the studio (page, HTTP API, WebSocket events) on one model; prints the URL.")
+    v.add_argument("--model", type=Path, default=None,
+                   help="model folder, single-file .safetensors checkpoint or hub id (default: the shipped shapes model)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other address requires a token)")
+    v.add_argument("--port", type=int, default=7860, help="port, 0 for any free one (default 7860)")
+    v.add_argument("--data", type=Path, default=Path("stepdiff-studio"),
+                   help="folder for the job history (SQLite) and images (default ./stepdiff-studio)")
+    v.add_argument("--token", default=None,
+                   help="token every API call must carry (default: none on 127.0.0.1, generated and printed elsewhere)")
+    v.add_argument("--workers", type=int, default=1, help="jobs run at once on the one loaded model (default 1)")
+    v.add_argument("--queue-size", type=int, default=100, help="jobs that may wait; more get HTTP 429 (default 100)")
+    v.add_argument("--max-steps", type=int, default=500, help="the most steps a job may ask for (default 500)")
+    v.add_argument("--request-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds a client has to send a request's headers, and then its body (default 10); slower "
+                        "connections are closed")
+    v.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="HTTP connections held at once (default 512, fewer under a low open-file limit); past it the "
+                        "connection that waited longest without a request is closed")
+    v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    v.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps or xpu (default cpu)")
+    v.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
+    v.add_argument("--models", type=Path, default=None, metavar="DIR",
+                   help="serve every model folder in DIR (a job's 'model' picks one; default: --model, else the first)")
+    v.add_argument("--max-loaded", type=int, default=2, metavar="N",
+                   help="with --models: at most N pipelines in memory, the least recently used unloaded (default 2)")
+    v.add_argument("--loras", type=Path, default=None, metavar="DIR",
+                   help="offer the LoRAs in DIR (.safetensors files, or folders with pytorch_lora_weights.safetensors)")
+    v.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
+                   help="the ControlNet of control jobs (default: the shipped one, for the shipped model)")
+
+    return v
+
+
+# base dependencies declare them
+STUDIO_REQUIREMENTS = {"starlette": "starlette>=0.40", "uvicorn": "uvicorn>=0.30", "websockets": "websockets>=12"}
+
+
+def _check_studio_modules() -> None:
+    """Base dependencies since the studio's extra was folded in; an environment without them (an older install, a
+    --no-deps install) gets one line saying what to install, before the model loads."""
+    import importlib
+
+    missing = []
+    for name in STUDIO_REQUIREMENTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        wanted = " ".join(f"'{STUDIO_REQUIREMENTS[name]}'" for name in STUDIO_REQUIREMENTS)
+        raise ValueError(f"serve needs {', '.join(missing)}, missing here (stepdiff depends on it; an older or a --no-deps "
+                         f"install may lack it): pip install {wanted}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        args.model = _resolve_model("--model", args.model, getattr(args, "allow_pickle", False))
+    folder = _folder(args)
+    _at_least("--port", args.port, 0, 65535)
+    _at_least("--workers", args.workers, 1, 64)
+    _at_least("--queue-size", args.queue_size, 1, 100_000)
+    _at_least("--max-steps", args.max_steps, 1, MAX_STEPS)
+    if args.threads is not None:
+        _at_least("--threads", args.threads, 1, 1024)
+    if not 0.1 <= args.request_timeout <= 3600:  # also refuses nan
+        raise ValueError(f"--request-timeout must be a number of seconds in [0.1, 3600], got {args.request_timeout}")
+    if args.max_connections is not None:
+        _at_least("--max-connections", args.max_connections, 8, 100_000)
+    if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{8,256}", args.token):
+        raise ValueError("--token must be 8 to 256 characters from A-Z a-z 0-9 . _ ~ -, got "
+                         f"{len(args.token)} characters")
+    if args.data.exists() and not args.data.is_dir():
+        raise NotADirectoryError(f"--data {str(args.data)!r} is a file, not a folder")
+    _check_writable_dir("--data", args.data if args.data.is_dir() else args.data.parent)
+    _check_device(args.device)
+    _check_studio_modules()
+    from ..studio.server import load_studio, serve
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    _at_least("--max-loaded", args.max_loaded, 1, 64)
+    if args.models is not None or args.loras is not None or args.controlnet is not None:
+        from ..studio.catalog import open_catalog
+        from ..studio.jobs import Studio, lock_data_folder
+
+        args.data.mkdir(parents=True, exist_ok=True)
+        with lock_data_folder(args.data):  # in use: refused before any model loads
+            pass
+        pipe, pool, limits = open_catalog(folder, models=args.models, loras=args.loras, controlnet=args.controlnet,
+                                          max_loaded=args.max_loaded, device=args.device, dtype=args.dtype,
+                                          max_steps=args.max_steps)
+        studio = Studio(pipe, pool.folders[pool.default], args.data, workers=args.workers,
+                        queue_size=args.queue_size, limits=limits, pool=pool)
+    else:
+        studio = load_studio(folder, args.data, workers=args.workers, queue_size=args.queue_size,
+                             max_steps=args.max_steps, device=args.device, dtype=args.dtype)
+    with contextlib.suppress(KeyboardInterrupt, Terminated):  # Ctrl-C and SIGTERM are how a server stops
+        serve(studio, host=args.host, port=args.port, token=args.token, request_timeout=args.request_timeout,
+              max_connections=args.max_connections)
+    return 0
+
+
