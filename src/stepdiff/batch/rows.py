@@ -18,6 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..limits import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SIZE_LIMIT_RATIO  # noqa: F401 - importable here, as before
+from ..request import FieldError, GenerationRequest, SizeRule, check_side, check_size
+
 __all__ = [
     "FIELDS", "FORMATS", "BatchDefaults", "BatchRow", "RowError", "check_rows", "input_format", "model_identity",
     "parse_rows", "read_rows",
@@ -25,11 +28,7 @@ __all__ = [
 
 FORMATS = ("text", "jsonl", "csv")
 _SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
-MAX_SEED = 2**64 - 1
-MAX_STEPS = 10_000
-MAX_GUIDANCE = 100.0
 MAX_SIDE = 65536  # width and height; the model check refuses far less (8 times its native size)
-SIZE_LIMIT_RATIO = 8  # as generate's --size without --force
 _MAX_DIGITS = 30  # a whole number with more digits is beyond every limit here (seeds end at 2**64, 20 digits)
 
 # The fields a JSONL object or a CSV header may name (aliases map onto them).
@@ -105,6 +104,15 @@ class BatchRow:
         if self.fast:
             params["fast"] = True
         return params
+
+    def request(self) -> GenerationRequest:
+        """The row as a request (for its guidance callbacks and its image's metadata)."""
+        return GenerationRequest(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, seed=self.seed, steps=self.steps,
+            width=self.width, height=self.height, guidance_scale=self.guidance_scale, cfg_cutoff=self.cfg_cutoff,
+            cfg_cutoff_step=self.cfg_cutoff_step, guidance_interval=self.guidance_interval, scheduler=self.scheduler,
+            karras=self.karras,
+        )
 
     def group(self) -> tuple:
         """Rows with the same group can share one pipeline call (only prompt, negative prompt and seed differ)."""
@@ -314,11 +322,31 @@ def _short(value: Any) -> str:
 
 
 def _row(raw: dict[str, Any], line: int, index: int, d: BatchDefaults, source: str) -> BatchRow:
+    """One row, checked as a stepdiff.request.GenerationRequest (the CLI's and the studio's checks), its line named."""
     from_csv = all(isinstance(v, str) for v in raw.values())
 
     def bad(message: str) -> RowError:
         return RowError(source, line, message)
 
+    values = _fields(raw, bad)
+    if "prompt" not in values:
+        raise bad("has no prompt")
+    try:
+        request = _request(values, index, d, bad).validate()
+    except FieldError as e:  # shown as the row wrote it (a CSV cell's text, JSON's spelling)
+        raise bad(e.render(values[e.field], _short) if e.field in values else str(e)) from None
+    karras = _bool(bad, values.get("karras", d.karras), from_csv)
+    cache, fast = _caching(bad, values, d, request.steps, from_csv)
+    return BatchRow(
+        line=line, index=index, prompt=request.prompt, seed=request.seed, steps=request.steps, width=request.width,
+        height=request.height, guidance_scale=request.guidance_scale, negative_prompt=request.negative_prompt,
+        cfg_cutoff=request.cfg_cutoff, cfg_cutoff_step=request.cfg_cutoff_step,
+        guidance_interval=request.guidance_interval, scheduler=request.scheduler, karras=karras, cache=cache, fast=fast,
+    )
+
+
+def _fields(raw: dict[str, Any], bad) -> dict[str, Any]:
+    """The row's fields under their own names (aliases mapped); unknown fields and a field given twice refused."""
     values: dict[str, Any] = {}
     for name, value in raw.items():
         key = _canonical(name)
@@ -327,107 +355,66 @@ def _row(raw: dict[str, Any], line: int, index: int, d: BatchDefaults, source: s
         if key in values:
             raise bad(f"field {key!r} is given twice (as {name!r} too)")
         values[key] = value
+    return values
 
-    prompt = values.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise bad(f"prompt must be a non-empty string, got {_short(prompt)}" if "prompt" in values else "has no prompt")
-    _check_text(bad, "prompt", prompt)
-    negative = values.get("negative_prompt", d.negative_prompt)
-    if negative is not None:
-        if not isinstance(negative, str):
-            raise bad(f"negative_prompt must be a string, got {_short(negative)}")
-        _check_text(bad, "negative_prompt", negative)
 
-    seed = _int(bad, values, "seed", d.seed + index, 0, MAX_SEED, "2**64-1")
-    steps = _int(bad, values, "steps", d.steps, 1, MAX_STEPS)
+def _request(values: dict[str, Any], index: int, d: BatchDefaults, bad) -> GenerationRequest:
+    """The row over the defaults, numbers read from text; the request's validators check the values."""
+    get = values.get
     width, height = d.width, d.height
     if "size" in values:
         if "width" in values or "height" in values:
             raise bad("give size or width/height, not both")
-        width, height = _size(bad, values["size"])
-    width = _int(bad, values, "width", width, 8, MAX_SIDE) if "width" in values else width
-    height = _int(bad, values, "height", height, 8, MAX_SIDE) if "height" in values else height
-    guidance = _number(bad, values, "guidance_scale", d.guidance_scale, 0.0, MAX_GUIDANCE,
-                       " (far above 10 the images saturate to black or white)")
-    cutoff, cutoff_step, interval = d.cfg_cutoff, d.cfg_cutoff_step, d.guidance_interval
-    given = [n for n in ("cfg_cutoff", "cfg_cutoff_step", "guidance_interval") if n in values]
-    if len(given) > 1:
-        raise bad(f"give one of cfg_cutoff, cfg_cutoff_step and guidance_interval, not {' and '.join(given)}")
-    if given:  # the row's own choice replaces the defaults' guidance shaping
-        cutoff = cutoff_step = interval = None
-    if "cfg_cutoff" in values:
-        cutoff = _number(bad, values, "cfg_cutoff", None, 0.0, 1.0)
-    if "cfg_cutoff_step" in values:
-        cutoff_step = _int(bad, values, "cfg_cutoff_step", None, 0, MAX_STEPS)
-    if "guidance_interval" in values:
-        interval = _interval(bad, values["guidance_interval"])
-    scheduler = values.get("scheduler", d.scheduler)
-    if scheduler is not None:
-        from ..schedulers import scheduler_class
-
-        if not isinstance(scheduler, str):
-            raise bad(f"scheduler must be a name, got {_short(scheduler)}")
-        try:
-            scheduler_class(scheduler)
-        except ValueError as e:
-            raise bad(str(e)) from None
-    karras = _bool(bad, values.get("karras", d.karras), from_csv)
-    cache, fast = d.cache, d.fast
-    if "cache" in values or "fast" in values:  # the row's own choice replaces the defaults' step caching
-        fast = _bool(bad, values.get("fast", False), from_csv, "fast")
-        cache = None if values.get("cache") is None else _cache(bad, values["cache"], steps)
-        if fast and cache is not None:
-            raise bad("give cache or fast, not both (fast is a cache preset)")
-    return BatchRow(
-        line=line, index=index, prompt=prompt, seed=seed, steps=steps, width=width, height=height,
-        guidance_scale=guidance, negative_prompt=negative, cfg_cutoff=cutoff, cfg_cutoff_step=cutoff_step,
-        guidance_interval=interval, scheduler=scheduler, karras=karras, cache=cache, fast=fast,
+        width, height = check_size(values["size"])
+    shaping = ("cfg_cutoff", "cfg_cutoff_step", "guidance_interval")
+    own = any(n in values for n in shaping)  # the row's own choice replaces the defaults' guidance shaping
+    cutoff, step, interval = (get(n) for n in shaping) if own else (d.cfg_cutoff, d.cfg_cutoff_step, d.guidance_interval)
+    return GenerationRequest(
+        prompt=values["prompt"], negative_prompt=get("negative_prompt", d.negative_prompt),
+        seed=_whole(bad, "seed", get("seed", d.seed + index)), steps=_whole(bad, "steps", get("steps", d.steps)),
+        width=_whole(bad, "width", get("width", width)), height=_whole(bad, "height", get("height", height)),
+        guidance_scale=_real(get("guidance_scale", d.guidance_scale)), cfg_cutoff=_real(cutoff),
+        cfg_cutoff_step=_whole(bad, "cfg_cutoff_step", step), guidance_interval=interval,
+        scheduler=get("scheduler", d.scheduler),
     )
 
 
-def _check_text(bad, name: str, text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad(f"{name} is not valid UTF-8 text: {text[:40]!r}") from None
+def _caching(bad, values: dict[str, Any], d: BatchDefaults, steps: int, from_csv: bool) -> tuple[str | None, bool]:
+    if "cache" not in values and "fast" not in values:
+        return d.cache, d.fast
+    # the row's own choice replaces the defaults' step caching
+    fast = _bool(bad, values.get("fast", False), from_csv, "fast")
+    cache = None if values.get("cache") is None else _cache(bad, values["cache"], steps)
+    if fast and cache is not None:
+        raise bad("give cache or fast, not both (fast is a cache preset)")
+    return cache, fast
 
 
-def _int(bad, values: dict, name: str, default: Any, low: int, high: int, high_text: str = "") -> Any:
-    if name not in values:
-        return default
-    value = given = values[name]
-    allowed = f"in [{low}, {high_text or high}]"
+def _whole(bad, name: str, value: Any) -> Any:
+    """A whole number as a row writes it: text (any Unicode digits, "1_000") or a number with no fraction; None
+    stays None. Beyond 30 digits: a number past every limit, which the request's validator refuses."""
     if isinstance(value, str):
         text = value.strip()
         digits = text.lstrip("+-").replace("_", "").lstrip("0")
         if digits.isdecimal() and len(digits) > _MAX_DIGITS:  # beyond every limit (and maybe int()'s 4300 digits)
-            raise bad(f"{name} must be {allowed}, got {_short(value)}")
+            return -(10**_MAX_DIGITS) if text.startswith("-") else 10**_MAX_DIGITS
         try:
-            value = int(text)  # as before: any Unicode digits ("７"), "1_000"
+            return int(text)  # as before: any Unicode digits ("７"), "1_000"
         except ValueError:
             raise bad(f"{name} must be a whole number, got {_short(value)}") from None
     if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+        return int(value)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise bad(f"{name} must be a whole number, got {_short(value)}")
-    if not low <= value <= high:
-        raise bad(f"{name} must be {allowed}, got {_short(given)}")
     return value
 
 
-def _number(bad, values: dict, name: str, default: Any, low: float, high: float, why: str = "") -> Any:
-    if name not in values:
-        return default
-    value = given = values[name]
-    if isinstance(value, str):
-        value = _float(value)
-        if value is None:
-            raise bad(f"{name} must be a number in [{low:g}, {high:g}], got {_short(given)}")
-    elif isinstance(value, int) and not isinstance(value, bool):
-        value = _float(value)  # 10**400 is out of range, not an OverflowError that ends the batch
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise bad(f"{name} must be a number in [{low:g}, {high:g}]{why}, got {_short(given)}")
-    return float(value)
+def _real(value: Any) -> Any:
+    """A number as a row writes it (text, or an integer too large for a float: infinity, out of every range)."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        number = _float(value)
+        return value if number is None else number
+    return value
 
 
 def _float(value: str | int) -> float | None:
@@ -438,30 +425,6 @@ def _float(value: str | int) -> float | None:
         return math.inf if value > 0 else -math.inf  # type: ignore[operator]
     except ValueError:
         return None
-
-
-def _size(bad, value: Any) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value) if isinstance(value, str) else None
-    if m is None:
-        raise bad(f"size must look like WIDTHxHEIGHT, e.g. 64x64, got {_short(value)}")
-    if any(len(g.lstrip("0")) > _MAX_DIGITS for g in m.groups()):
-        raise bad(f"size {_short(value)} is far beyond any size a model takes")
-    return int(m.group(1)), int(m.group(2))
-
-
-def _interval(bad, value: Any) -> tuple[float, float]:
-    parts = value.split(",") if isinstance(value, str) else value
-    try:
-        if isinstance(parts, (str, dict)) or any(isinstance(p, bool) for p in parts):
-            raise TypeError
-        start, end = (_float(p) if isinstance(p, (str, int)) else float(p) for p in parts)
-        if start is None or end is None:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise bad(f"guidance_interval must be two ratios START,END in [0, 1], e.g. \"0.2,0.8\", got {_short(value)}") from None
-    if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0) or start > end:
-        raise bad(f"guidance_interval must be START,END with 0 <= START <= END <= 1, got {_short(value)}")
-    return start, end
 
 
 def _bool(bad, value: Any, from_csv: bool, name: str = "karras") -> bool:
@@ -538,9 +501,10 @@ def check_rows(rows: list[BatchRow], folder: str | Path, dtype: str, strict: boo
                 scheduler=row.scheduler or config.get("_class_name", "default"),
             )
             for name, v in (("width", row.width), ("height", row.height)):
-                if v < shape.min_size or v % shape.size_multiple:
-                    raise RowError(source, row.line, f"{name} must be a positive multiple of {shape.size_multiple}, "
-                                   f"at least {shape.min_size} for this model, got {v}")
+                try:
+                    check_side(v, name, SizeRule.of(shape))
+                except FieldError as e:
+                    raise RowError(source, row.line, str(e)) from None
                 if size_limit and v > SIZE_LIMIT_RATIO * shape.native_size:
                     raise RowError(source, row.line, f"{name} {v} is more than {SIZE_LIMIT_RATIO} times the model's "
                                    f"native {shape.native_size} (the run would be slow and need a lot of memory)")

@@ -70,18 +70,10 @@ class ChunkWorker:
 
         from ..cache_options import cache_policies
         from ..caching import describe
-        from ..callbacks import CFGCutoffCallback, GuidanceIntervalCallback
 
         first = rows[0]
         assert all(r.group() == first.group() for r in rows), "a chunk holds rows of one group"
-        callbacks: list[Any] = []
-        if first.cfg_cutoff is not None:
-            callbacks.append(CFGCutoffCallback(cutoff_step_ratio=first.cfg_cutoff))
-        if first.cfg_cutoff_step is not None:
-            callbacks.append(CFGCutoffCallback(cutoff_step_index=first.cfg_cutoff_step))
-        if first.guidance_interval is not None:
-            start, end = first.guidance_interval
-            callbacks.append(GuidanceIntervalCallback(start_ratio=start, end_ratio=end))
+        callbacks: list[Any] = first.request().guidance_callbacks()  # the group's cutoff or interval
         policies = cache_policies(first.fast, first.cache, first.steps, "cache")  # new objects: per-run state
         callbacks += policies
         cache = describe(policies) or None
@@ -106,14 +98,10 @@ class ChunkWorker:
 
     def _write(self, row: BatchRow, image, out, batch_rows: int, cache: str | None = None) -> dict[str, Any]:
         from .. import __version__
-        from ..metadata import ImageSettings, write_image
+        from ..metadata import write_image
 
         path = Path(self.config.out) / row.file_name
-        settings = ImageSettings(
-            prompt=row.prompt, negative_prompt=row.negative_prompt, seed=row.seed, steps=row.steps,
-            guidance_scale=row.guidance_scale, model=self.config.model, cfg_cutoff_ratio=row.cfg_cutoff,
-            cfg_cutoff_step=row.cfg_cutoff_step, cache=cache,
-        )
+        settings = row.request().image_settings(self.config.model, cache=cache)
         # The file is a function of the row and the model alone: who made it and how long it took (the worker, the
         # wall time) go to the manifest entry, never into the image, so a resumed or Ray-made image has the same bytes.
         record = out.record.to_dict()
