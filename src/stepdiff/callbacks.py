@@ -17,6 +17,7 @@ import torch
 from diffusers import callbacks as _classic
 
 from .caching import AdaptiveGuidanceCallback, DeepCacheCallback, FirstBlockCacheCallback, TGateCallback
+from .guidance import step_of
 
 __all__ = [
     "AdaptiveGuidanceCallback",
@@ -95,7 +96,7 @@ class PipelineCallback(_classic.PipelineCallback):
     def cutoff_step(self, pipeline: Any) -> int:
         if self.config.cutoff_step_index is not None:
             return self.config.cutoff_step_index
-        return int(pipeline.num_timesteps * self.config.cutoff_step_ratio)
+        return step_of(pipeline.num_timesteps, self.config.cutoff_step_ratio)
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must implement callback_fn")
@@ -420,9 +421,9 @@ class GuidanceIntervalCallback(_ScheduledGuidance):
         self.scale = None if scale is None else _scale("scale", scale)
 
     def bounds(self, num_steps: int) -> tuple[int, int]:
-        start = self.start_step if self.start_step is not None else int(num_steps * (self.start_ratio or 0.0))
+        start = self.start_step if self.start_step is not None else step_of(num_steps, self.start_ratio or 0.0)
         end = self.end_step if self.end_step is not None else (
-            num_steps if self.end_ratio is None else int(num_steps * self.end_ratio)
+            num_steps if self.end_ratio is None else step_of(num_steps, self.end_ratio)
         )
         return start, end
 
@@ -444,7 +445,6 @@ class GuidanceScheduleCallback(_ScheduledGuidance):
     It sets the pipeline's ``guidance_scale``: classifier-free guidance on SD, SDXL and SD3, the distilled guidance
     embedding on Flux (guidance-distilled transformers; true CFG there is ``GuidanceIntervalCallback``'s and the
     cutoffs')."""
-
 
     def __init__(self, schedule: Sequence[float] | ScheduleFn) -> None:
         if callable(schedule):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -19,13 +20,67 @@ from ._quiet import quiet_transformers
 with quiet_transformers():
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-__all__ = ["ClassifierFreeGuidance", "DistilledGuidance", "Guidance", "SkipLayerGuidance", "check_guidance_scale"]
+__all__ = [
+    "ClassifierFreeGuidance", "DistilledGuidance", "Guidance", "GuidanceWindow", "SkipLayerGuidance",
+    "check_guidance_scale", "control_window", "skip_layer_window", "step_of",
+]
 
 # What a library call accepts: far above any useful setting (SD is used at 1-20); higher scales only overflow into
 # black images. A request from the CLI, a batch row or the studio has a tighter limit, stepdiff.limits.MAX_GUIDANCE
 # (100): a library call is refused only where it cannot work, a request where it cannot look right. (Kept here, not
 # in limits.py, so that the engine imports nothing from the callers' side.)
 MAX_GUIDANCE_SCALE = 1000.0
+
+
+# ---------------------------------------------------------------- windows: which steps a setting acts on
+# Every "is it on at step i" in stepdiff is one of the functions below, over the run's real number of model steps
+# (``run.num_timesteps``: 2 * steps - 1 with Heun or KDPM2, whose every step but the last makes two model calls).
+# The cutoff, the interval, the studio's plan and the gate use ``step_of``; skip-layer guidance and the ControlNet
+# window keep the classic pipelines' own boundary rules (parity), written here beside it.
+
+
+def step_of(num_steps: int, ratio: float) -> int:
+    """The step a ratio of a run names: ``int(num_steps * ratio)``, as the classic cutoff callbacks and guiders."""
+    return int(num_steps * ratio)
+
+
+@dataclass(frozen=True)
+class GuidanceWindow:
+    """When classifier-free guidance is on, composed of a CFG cutoff, a guidance interval and a gate.
+
+    ``cutoff``: guided up to and including step ``step_of(n, cutoff)`` (``CFGCutoffCallback``'s change lands
+    after that step); ``interval``: guided on steps in ``[step_of(n, start), step_of(n, end))`` (guidance interval,
+    Kynkäänniemi et al. 2024; ``GuidanceIntervalCallback``); ``gate``: unguided from this step on, whatever the
+    others say (``TGateCallback``). An interval replaces a cutoff; with neither, every step before the gate is guided.
+    """
+
+    cutoff: float | None = None
+    interval: tuple[float, float] | None = None
+    gate: int | None = None
+
+    def guided(self, step: int, num_steps: int) -> bool:
+        if self.gate is not None and step >= self.gate:
+            return False
+        if self.interval is not None:
+            start, end = (step_of(num_steps, r) for r in self.interval)
+            return start <= step < end
+        return self.cutoff is None or step <= step_of(num_steps, self.cutoff)
+
+    def scale_at(self, scale: float, step: int, num_steps: int) -> float:
+        """``scale`` inside the window, 0 (no unconditional rows) outside it."""
+        return scale if self.guided(step, num_steps) else 0.0
+
+
+def skip_layer_window(step: int, num_steps: int, start: float, stop: float) -> bool:
+    """SD3's skip-layer guidance acts strictly inside ``(num_steps * start, num_steps * stop)``, as the classic
+    pipeline."""
+    return num_steps * start < step < num_steps * stop
+
+
+def control_window(step: int, num_steps: int, start: float, end: float) -> bool:
+    """A ControlNet acts on a step whose whole span ``[step, step + 1) / num_steps`` lies in ``[start, end]`` (the
+    classic ``controlnet_keep``; float comparisons kept as they are there, for parity)."""
+    return not (step / num_steps < start or (step + 1) / num_steps > end)
 
 
 def check_guidance_scale(value: object, name: str = "guidance_scale") -> float:
@@ -145,8 +200,7 @@ class SkipLayerGuidance(ClassifierFreeGuidance):
         self.num_steps = num_steps
 
     def refine(self, step_index, guided, outputs, extra_call):
-        n = self.num_steps
-        if "uncond" not in outputs or not (n * self.start_ratio < step_index < n * self.stop_ratio):
+        if "uncond" not in outputs or not skip_layer_window(step_index, self.num_steps, self.start_ratio, self.stop_ratio):
             return guided
         skipped = extra_call("cond", skip_layers=self.layers)
         return guided + (outputs["cond"] - skipped) * self.layer_scale

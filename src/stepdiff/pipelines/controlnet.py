@@ -29,6 +29,7 @@ from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
+from ..guidance import control_window
 from .run import Run, current_run, remembered
 
 __all__ = ["ControlNetRun", "ControlState", "as_controlnet", "check_controlnet_fits"]
@@ -111,8 +112,7 @@ class ControlState:
 
     def scales_at(self, step: int) -> list[float]:
         """Each ControlNet's scale on ``step``: 0 outside its [start, end] window (the classic ``controlnet_keep``)."""
-        n = self.num_steps
-        keep = [1.0 - float(step / n < s or (step + 1) / n > e) for s, e in zip(self.start, self.end)]
+        keep = [float(control_window(step, self.num_steps, s, e)) for s, e in zip(self.start, self.end)]
         return [scale * k for scale, k in zip(self.scales, keep)]
 
 
