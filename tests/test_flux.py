@@ -139,15 +139,53 @@ def test_payload_has_x0_and_the_guidance_rows(flux_pipe):
     assert run.finish().record.rows_per_step == [4, 4, 4]
 
 
-def test_payload_names_a_run_lacks_are_refused_before_the_steps(flux_pipe, flux_plain_folder, count_calls):
-    calls = count_calls(flux_pipe)
-    with pytest.raises(ValueError, match=r"\['negative_prompt_embeds'\].*no negative_prompt or negative_prompt_embeds"):
-        flux_pipe("a cat", **BASE, callback_on_step_end=lambda p, i, t, kw: kw,
-                  callback_on_step_end_tensor_inputs=["negative_prompt_embeds"])
+def test_payload_names_a_run_lacks_arrive_as_none(flux_pipe, flux_plain_folder):
+    """As the classic pipeline passes its None locals: a generic callback asking for every name works on every run;
+    returning a tensor for a name the run lacks is refused, naming it."""
+    seen = []
+    flux_pipe("a cat", **BASE, callback_on_step_end=lambda p, i, t, kw: seen.append(kw) or kw,
+              callback_on_step_end_tensor_inputs=flux_pipe._callback_tensor_inputs)
+    assert seen[0]["negative_prompt_embeds"] is None and seen[0]["negative_pooled_prompt_embeds"] is None
+    assert seen[0]["guidance"].tolist() == [4.0] and seen[0]["prompt_embeds"].shape == (1, 48, 32)
     plain = stepdiff.FluxPipeline.from_pretrained(flux_plain_folder)
-    with pytest.raises(ValueError, match=r"\['guidance'\].*no guidance embedding"):
-        plain("a cat", **BASE, callback_on_step_end=lambda p, i, t, kw: kw, callback_on_step_end_tensor_inputs=["guidance"])
-    assert calls.calls == 0
+    plain.set_progress_bar_config(disable=True)
+    out = plain("a cat", **BASE, callback_on_step_end=lambda p, i, t, kw: seen.append(kw["guidance"]),
+                callback_on_step_end_tensor_inputs=["guidance"])
+    assert seen[-3:] == [None] * 3 and out.record.guidance == "none"
+    with pytest.raises(ValueError, match=r"returned \['negative_prompt_embeds'\] at step 0, which this run does not have"):
+        flux_pipe("a cat", **BASE, callback_on_step_end=lambda p, i, t, kw: {"negative_prompt_embeds": torch.zeros(1)})
+
+
+def test_classic_guidance_attribute_reads_back_without_the_embedding(flux_plain_folder):
+    """The classic fast test steps pipe._guidance_scale up by 1 per step and reads it after the run."""
+    plain = stepdiff.FluxPipeline.from_pretrained(flux_plain_folder)
+    plain.set_progress_bar_config(disable=True)
+
+    def up(p, i, t, kw):
+        p._guidance_scale += 1.0
+
+    plain("a cat", **{**BASE, "guidance_scale": 2.0}, callback_on_step_end=up)
+    assert plain.guidance_scale == 5.0 and plain.num_timesteps == 3
+
+
+def test_classic_cache_hooks_run_on_the_shared_loop(flux_folder):
+    """The classic library's own transformer caches (hooks asking for cache contexts and the current timestep)."""
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+    for config in (FirstBlockCacheConfig(threshold=0.0), PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+            current_timestep_callback=None)):
+        pipe = stepdiff.FluxPipeline.from_pretrained(flux_folder)
+        pipe.set_progress_bar_config(disable=True)
+        kw = {**BASE, "negative_prompt": "blue", "true_cfg_scale": 2.0}
+        full = pipe("a cat", **kw, generator=gen()).images
+        if isinstance(config, PyramidAttentionBroadcastConfig):
+            config.current_timestep_callback = lambda p=pipe: p.current_timestep
+        pipe.transformer.enable_cache(config)
+        cached = pipe("a cat", **kw, generator=gen()).images
+        assert np.isfinite(cached).all() and cached.shape == full.shape
+        if isinstance(config, FirstBlockCacheConfig):  # threshold 0: every block computed, the same pictures
+            assert np.abs(cached - full).max() <= 1e-5
 
 
 @pytest.mark.parametrize("bad,error,message", [

@@ -11,6 +11,8 @@ second call). The loop's latents are packed, as the classic pipeline's: (B, h/2 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -69,16 +71,18 @@ class FluxGuidance(ClassifierFreeGuidance):
     ``scale`` is true classifier-free guidance (the classic ``true_cfg_scale``): unconditional rows run only while
     it is > 1 and the run has negative conditioning (``negative_prompt`` or ``negative_prompt_embeds``), as in the
     classic pipeline. ``embedded`` is the distilled guidance value (the classic ``guidance_scale``) that
-    guidance-distilled transformers take as an input; None for a transformer without ``guidance_embeds``. Setting
-    it writes the per-row ``guidance`` tensor (B,) of the run's conditioning, so it applies from the next model call.
+    guidance-distilled transformers (``guidance_embeds``, ``embeds=True``) take as an input; setting it writes the
+    per-row ``guidance`` tensor (B,) of the run's conditioning, so it applies from the next model call. Other
+    transformers ignore it, as in the classic pipeline (the value is kept, so the classic attribute reads back).
     """
 
-    def __init__(self, true_cfg_scale: float, embedded: float | None, negatives: bool) -> None:
+    def __init__(self, true_cfg_scale: float, embedded: float, negatives: bool, embeds: bool = True) -> None:
         super().__init__(true_cfg_scale)
         self.negatives = negatives
+        self.embeds = embeds  # whether the transformer takes the value (guidance_embeds)
         self._embedded = embedded
         self._rows: tuple[dict[str, torch.Tensor], ...] = ()  # the run's cond / uncond dicts, once they exist
-        self.mode = "+".join(m for m, on in (("distilled", embedded is not None), ("true-cfg", negatives)) if on) or "none"
+        self.mode = "+".join(m for m, on in (("distilled", embeds), ("true-cfg", negatives)) if on) or "none"
 
     def batches(self) -> tuple[str, ...]:
         return super().batches() if self.negatives else ("cond",)
@@ -88,15 +92,12 @@ class FluxGuidance(ClassifierFreeGuidance):
         return self.negatives and self.scale > 1.0
 
     @property
-    def embedded(self) -> float | None:
+    def embedded(self) -> float:
         return self._embedded
 
     @embedded.setter
     def embedded(self, value: float) -> None:
-        value = check_guidance_scale(value, "guidance_scale")
-        if self._embedded is None:
-            return  # the transformer has no guidance embedding: the value changes nothing (as in the classic pipeline)
-        self._embedded = value
+        self._embedded = check_guidance_scale(value, "guidance_scale")
         self._write()
 
     def attach(self, *sides: dict[str, torch.Tensor]) -> None:
@@ -105,7 +106,7 @@ class FluxGuidance(ClassifierFreeGuidance):
         self._write()
 
     def _write(self) -> None:
-        if self._embedded is None or not self._rows:
+        if not self.embeds or not self._rows:
             return
         like = self._rows[0]["encoder_hidden_states"]
         # float32 whatever the model's dtype, as the classic pipeline; a new tensor, so the loop re-batches it
@@ -124,7 +125,7 @@ def _routed_flux(name: str, doc: str) -> property:
             return remembered(self).get(name)
         return {"guidance_scale": run.guidance.embedded, "true_cfg_scale": run.guidance.scale,
                 "joint_attention_kwargs": run.model_kwargs.get("joint_attention_kwargs"),
-                "current_timestep": None if run.state is None else run.state.timestep}[name]
+                "current_timestep": run.extras.get("current_timestep")}[name]
 
     def set_(self: FluxPipeline, value: Any) -> None:
         run = current_run(self)
@@ -268,8 +269,8 @@ class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin):
 
     def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: dict | None = None) -> Guidance:
         kind = kind or {}
-        embedded = guidance_scale if self.transformer.config.guidance_embeds else None
-        return FluxGuidance(kind.get("true_cfg_scale", 1.0), embedded, kind.get("negatives", False))
+        return FluxGuidance(kind.get("true_cfg_scale", 1.0), guidance_scale, kind.get("negatives", False),
+                            embeds=bool(self.transformer.config.guidance_embeds))
 
     def scheduler_kwargs(self, height: int, width: int, kind: dict | None = None) -> dict[str, Any]:
         cfg = self.scheduler.config
@@ -383,7 +384,6 @@ class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin):
         run.extras["txt_ids"] = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=dtype)
         run.extras["img_ids"] = _latent_ids(height, width, latents.device, latents.dtype)
         run.guidance.attach(state.cond, state.uncond)
-        self._check_tensor_names(run)
 
     def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
         """Noise (B, C, h, w), or the caller's ``latents`` in the classic packed shape (B, h/2 * w/2, 4C)."""
@@ -422,8 +422,22 @@ class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin):
 
     # ----------------------------------------------------------------- steps
 
+    @contextlib.contextmanager
+    def model_call_context(self, run: Run) -> Iterator[None]:
+        """The run is bound during its model calls, so hooks that ask the pipeline for ``current_timestep`` (the
+        classic library's Pyramid Attention Broadcast and FasterCache) read this run's."""
+        with super().model_call_context(run), run.bound():
+            yield
+
     def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
         rows = latent_input.shape[0]
+        run.extras["current_timestep"] = timestep
+        # The classic cache hooks (First-Block-Cache, TaylorSeer, ...) keep one state per context: one per set of
+        # conditioning sides batched in this call ("cond", "uncond+cond"), and one for extra passes.
+        with self.transformer.cache_context("+".join(run.state.sides) or "extra"):
+            return self._transformer_call(latent_input, timestep, conditioning, run, rows)
+
+    def _transformer_call(self, latent_input, timestep, conditioning, run: Run, rows: int) -> torch.Tensor:
         return self.transformer(
             hidden_states=latent_input,
             timestep=timestep.expand(rows).to(latent_input.dtype) / 1000,
@@ -434,17 +448,22 @@ class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin):
             joint_attention_kwargs=run.model_kwargs["joint_attention_kwargs"], return_dict=False,
         )[0]
 
-    def _check_tensor_names(self, run: Run) -> None:
-        """Tensors this run does not have: negatives without a negative prompt, guidance without guidance_embeds."""
-        missing = [n for n in run.tensor_names if n in self._callback_names and self._callback_names[n][1] not in
-                   getattr(run.state, self._callback_names[n][0])]
-        if missing:
-            why = {"guidance": "this transformer has no guidance embedding (guidance_embeds=False)"}
-            reasons = sorted({why.get(n, "this call has no negative_prompt or negative_prompt_embeds") for n in missing})
-            raise ValueError(f"callback_on_step_end_tensor_inputs has {missing}, which this run does not have: "
-                             f"{'; '.join(reasons)}")
+    def _state_tensor(self, state: LoopState, name: str) -> torch.Tensor | None:
+        """None for a tensor this run does not have: the negatives without a negative prompt, ``guidance`` without a
+        guidance embedding (the classic pipeline passes its None locals the same way)."""
+        entry = self._callback_names.get(name)
+        if entry is not None and entry[1] not in getattr(state, entry[0]):
+            return None
+        return super()._state_tensor(state, name)
 
     def _apply_callback_result(self, state: LoopState, result: object, step: int) -> None:
+        if isinstance(result, dict):
+            absent = [k for k, v in result.items() if v is not None and k in self._callback_names
+                      and self._state_tensor(state, k) is None]
+            if absent:
+                raise ValueError(
+                    f"callback_on_step_end returned {absent} at step {step}, which this run does not have (no negative "
+                    "prompt, or a transformer without guidance_embeds); return them as None or leave them out")
         super()._apply_callback_result(state, result, step)
         if "guidance" in state.uncond and state.uncond["guidance"] is not state.cond["guidance"]:
             state.uncond["guidance"] = state.cond["guidance"]  # one guidance value per image, both sides
