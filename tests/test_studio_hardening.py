@@ -148,7 +148,7 @@ def test_bad_rows_never_break_the_gallery_or_the_start_up(make, tmp_path):
     assert jobs["a"]["params"]["prompt"] == "\ud800" and jobs["a"]["record"] == {"steps_completed": None}
     assert "params cannot be read" in jobs["b"]["error"] and jobs["b"]["record"] is None and jobs["b"]["steering"] == []
     assert jobs["c"]["total"] is None and jobs["c"]["error"] == "boom"
-    for key, words in (("d", "unknown field 'colour'"), ("e", "cannot be read"), ("f", "steps must be an integer")):
+    for key, words in (("d", "unknown field 'colour'"), ("e", "cannot be read"), ("f", "steps must be in [1, 500], got 100000")):
         assert jobs[key]["state"] == "failed" and "not run" in jobs[key]["error"] and words in jobs[key]["error"], jobs[key]
     for job_id in (j["id"] for j in jobs.values()):
         assert client.get(f"/api/jobs/{job_id}").status_code == 200

@@ -23,10 +23,31 @@ from typing import Any
 from .limits import DEFAULT_GUIDANCE, MAX_CONTROL_SCALE, MAX_GUIDANCE, MAX_SEED, MAX_STEPS
 
 __all__ = [
-    "DEFAULT_GUIDANCE", "MAX_CONTROL_SCALE", "MAX_GUIDANCE", "MAX_SEED", "MAX_STEPS", "FieldError", "GenerationRequest",
-    "SizeRule", "check_cfg_cutoff", "check_cfg_cutoff_step", "check_control_end", "check_control_scale",
-    "check_guidance", "check_guidance_interval", "check_negative_prompt", "check_num_images", "check_prompt",
-    "check_scheduler", "check_seed", "check_side", "check_size", "check_steps", "check_strength", "default_strength",
+    "DEFAULT_GUIDANCE",
+    "MAX_CONTROL_SCALE",
+    "MAX_GUIDANCE",
+    "MAX_SEED",
+    "MAX_STEPS",
+    "FieldError",
+    "GenerationRequest",
+    "SizeRule",
+    "check_cfg_cutoff",
+    "check_cfg_cutoff_step",
+    "check_control_end",
+    "check_control_scale",
+    "check_guidance",
+    "check_guidance_interval",
+    "check_negative_prompt",
+    "check_num_images",
+    "check_number",
+    "check_prompt",
+    "check_scheduler",
+    "check_seed",
+    "check_side",
+    "check_size",
+    "check_steps",
+    "check_strength",
+    "default_strength",
     "parse_interval",
 ]
 
@@ -101,6 +122,11 @@ def _real(value: Any, name: str, low: float, high: float, low_open: bool = False
     if not math.isfinite(number) or not (low < number if low_open else low <= number) or number > high:
         raise FieldError(name, value, allowed, note=note)
     return number
+
+
+def check_number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
+    """A real number in [low, high] (``low_open``: (low, high]), for fields beyond the request's (a steer, a scale)."""
+    return _real(value, name, low, high, low_open)
 
 
 def _text(value: Any, name: str, allowed: str) -> str:

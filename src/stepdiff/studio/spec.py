@@ -6,36 +6,19 @@ naming the field, the bad value and what is allowed. The HTTP layer turns that i
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..request import FieldError
-from ..schedulers import scheduler_class, scheduler_names
+from ..limits import MAX_GUIDANCE, MAX_SEED
+from ..request import FieldError, GenerationRequest, SizeRule, check_number, check_size, parse_interval
 
 __all__ = ["MAX_PROMPT_CHARS", "FieldError", "JobSpec", "Limits", "PreviewSpec", "parse_job"]
 
 MAX_PROMPT_CHARS = 2000  # far more than any text encoder reads (77 tokens); keeps requests and the database small
-MAX_GUIDANCE = 100.0  # as the CLI: beyond this the guided prediction saturates
-MAX_SEED = 2**64 - 1
+_LIMITS = (MAX_GUIDANCE, MAX_SEED)  # stepdiff.limits' (the CLI's and batch's too), still importable from here
 _SOURCES = ("denoised", "latents")
 _METHODS = ("auto", "tiny", "linear", "vae")
-
-
-def _is_unicode(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8: JSON allows a lone surrogate escape (\\ud800) that no file,
-    database row or response body can hold as text."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -133,40 +116,21 @@ def _int(name: str, value: Any, low: int, high: int) -> int:
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
-    bad = FieldError(name, value, f"a number in [{low:g}, {high:g}]")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise bad
-    try:
-        number = float(value)  # an integer such as 10**400 has no float: OverflowError
-    except (OverflowError, ValueError):
-        raise bad from None
-    if not math.isfinite(number) or not low <= number <= high:
-        raise bad
-    return number
+    return check_number(value, name, low, high)
 
 
-def _text(name: str, value: Any, required: bool) -> str | None:
-    if value is None and not required:
-        return None
-    if not isinstance(value, str):
-        raise FieldError(name, value, f"a string of at most {MAX_PROMPT_CHARS} characters")
-    if required and not value.strip():
-        raise FieldError(name, value, "a non-empty string")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise FieldError(name, f"<{len(value)} characters>", f"a string of at most {MAX_PROMPT_CHARS} characters")
-    if "\x00" in value:
-        raise FieldError(name, value, "text without NUL characters")
-    if not _is_unicode(value):
-        raise FieldError(name, value, "valid Unicode text (no lone surrogate such as \\ud800)")
-    return value
+def _interval(value: Any) -> tuple[float, float]:
+    return parse_interval(value, "guidance_interval")
 
 
-def _side(name: str, value: Any, limits: Limits) -> int:
-    allowed = (f"a multiple of {limits.size_multiple} in [{limits.min_size}, {limits.max_size}]")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value % limits.size_multiple \
-            or not limits.min_size <= value <= limits.max_size:
-        raise FieldError(name, value, allowed)
-    return int(value)
+def _text_limits(body: dict[str, Any]) -> None:
+    """What the studio adds to the request's text rules: a length a database row and a request should hold, no NUL."""
+    for name in ("prompt", "negative_prompt"):
+        value = body.get(name)
+        if isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
+            raise FieldError(name, f"<{len(value)} characters>", f"a string of at most {MAX_PROMPT_CHARS} characters")
+        if isinstance(value, str) and "\x00" in value:
+            raise FieldError(name, value, "text without NUL characters")
 
 
 def _unknown(where: str, data: dict, known: set[str]) -> None:
@@ -179,86 +143,72 @@ def _unknown(where: str, data: dict, known: set[str]) -> None:
 
 
 def parse_job(body: Any, limits: Limits) -> JobSpec:
-    """A ``JobSpec`` from a submitted JSON object, every field checked; defaults for those left out."""
+    """A ``JobSpec`` from a submitted JSON object, every field checked (the request's validators, stepdiff.request,
+    as the CLI and batch rows); defaults for those left out."""
     if not isinstance(body, dict):
         raise FieldError("body", body, "a JSON object")
     _unknown("", body, _FIELDS)
-    spec = JobSpec(prompt=_text("prompt", body.get("prompt"), required=True))
-    spec.negative_prompt = _text("negative_prompt", body.get("negative_prompt"), required=False) or None
-    if body.get("seed") is not None:
-        spec.seed = _int("seed", body["seed"], 0, MAX_SEED)
-    spec.steps = limits.default_steps if body.get("steps") is None else _int("steps", body["steps"], 1, limits.max_steps)
-    spec.width = spec.height = limits.native_size
-    if body.get("size") is not None:
-        if "width" in body or "height" in body:
-            raise FieldError("size", body["size"], "left out when width and height are given")
-        size = body["size"]
-        try:
-            w, h = (int(v) for v in str(size).lower().split("x"))
-        except ValueError:
-            raise FieldError("size", size, "WIDTHxHEIGHT, e.g. 64x64") from None
-        spec.width, spec.height = _side("size width", w, limits), _side("size height", h, limits)
-    if body.get("width") is not None:
-        spec.width = _side("width", body["width"], limits)
-    if body.get("height") is not None:
-        spec.height = _side("height", body["height"], limits)
-    spec.guidance = limits.default_guidance if body.get("guidance") is None else \
-        _number("guidance", body["guidance"], 0.0, MAX_GUIDANCE)
-    if body.get("scheduler") is not None:
-        name = body["scheduler"]
-        allowed = f"one of: {', '.join(scheduler_names())}"
-        if not isinstance(name, str):
-            raise FieldError("scheduler", name, allowed)
-        try:
-            scheduler_class(name)
-        except ValueError:
-            raise FieldError("scheduler", name, allowed) from None
-        spec.scheduler = name
-    if body.get("cfg_cutoff") is not None:
-        spec.cfg_cutoff = _number("cfg_cutoff", body["cfg_cutoff"], 0.0, 1.0)
-    if body.get("guidance_interval") is not None:
-        if spec.cfg_cutoff is not None:
-            raise FieldError("guidance_interval", body["guidance_interval"], "left out when cfg_cutoff is given")
-        spec.guidance_interval = _interval(body["guidance_interval"])
-    if body.get("fast") is not None:
-        if not isinstance(body["fast"], bool):
-            raise FieldError("fast", body["fast"], "true or false")
-        spec.fast = body["fast"]
-    if body.get("cache") is not None:
-        if spec.fast:
-            raise FieldError("cache", body["cache"], "left out when fast is true (fast is a cache preset)")
-        spec.cache = _cache(body["cache"], spec.steps)
-    preview = body.get("preview")
-    if preview is not None:
-        if not isinstance(preview, dict):
-            raise FieldError("preview", preview, "an object with every, source, method")
-        _unknown("preview.", preview, _PREVIEW_FIELDS)
-        p = spec.preview
-        if preview.get("every") is not None:
-            p.every = _int("preview.every", preview["every"], 1, limits.max_steps)
-        if preview.get("source") is not None:
-            if preview["source"] not in _SOURCES:
-                raise FieldError("preview.source", preview["source"], f"one of {', '.join(_SOURCES)}")
-            p.source = preview["source"]
-        if preview.get("method") is not None:
-            if preview["method"] not in _METHODS:
-                raise FieldError("preview.method", preview["method"], f"one of {', '.join(_METHODS)}")
-            p.method = preview["method"]
+    _text_limits(body)
+    request = _request(body, limits)
+    spec = JobSpec(
+        prompt=request.prompt, negative_prompt=request.negative_prompt or None, seed=request.seed, steps=request.steps,
+        width=request.width, height=request.height, guidance=request.guidance_scale, scheduler=request.scheduler,
+        cfg_cutoff=request.cfg_cutoff, guidance_interval=request.guidance_interval,
+    )
+    spec.fast, spec.cache = _caching(body, spec.steps)
+    if body.get("preview") is not None:
+        spec.preview = _preview(body["preview"], limits)
     from .fields import parse_inputs
 
     parse_inputs(body, spec, limits)
     return spec
 
 
-def _interval(value: Any) -> tuple[float, float]:
-    allowed = "[start, end], two ratios of the steps with 0 <= start <= end <= 1"
-    if not isinstance(value, list) or len(value) != 2:
-        raise FieldError("guidance_interval", value, allowed)
-    start = _number("guidance_interval[0]", value[0], 0.0, 1.0)
-    end = _number("guidance_interval[1]", value[1], 0.0, 1.0)
-    if start > end:
-        raise FieldError("guidance_interval", value, allowed)
-    return start, end
+def _request(body: dict[str, Any], limits: Limits) -> GenerationRequest:
+    """The job's request fields, checked with the studio's names and limits; the server's defaults filled in."""
+    get = body.get
+    names = {"guidance_scale": "guidance"}
+    width, height = get("width"), get("height")
+    if get("size") is not None:
+        if "width" in body or "height" in body:
+            raise FieldError("size", body["size"], "left out when width and height are given")
+        width, height = check_size(get("size"), "size")
+        names.update(width="size width", height="size height")
+    request = GenerationRequest(
+        prompt=get("prompt"), negative_prompt=get("negative_prompt"), seed=0 if get("seed") is None else get("seed"),
+        steps=limits.default_steps if get("steps") is None else get("steps"), width=width, height=height,
+        guidance_scale=get("guidance"), cfg_cutoff=get("cfg_cutoff"), guidance_interval=get("guidance_interval"),
+        scheduler=get("scheduler"),
+    )
+    rule = SizeRule(limits.size_multiple, limits.min_size, limits.max_size)
+    request = request.validate(names, max_steps=limits.max_steps, size=rule)
+    return request.with_model_defaults(limits.default_guidance, limits.native_size)
+
+
+def _caching(body: dict[str, Any], steps: int) -> tuple[bool, str | None]:
+    fast = body.get("fast")
+    if fast is not None and not isinstance(fast, bool):
+        raise FieldError("fast", fast, "true or false")
+    if body.get("cache") is None:
+        return bool(fast), None
+    if fast:
+        raise FieldError("cache", body["cache"], "left out when fast is true (fast is a cache preset)")
+    return False, _cache(body["cache"], steps)
+
+
+def _preview(preview: Any, limits: Limits) -> PreviewSpec:
+    if not isinstance(preview, dict):
+        raise FieldError("preview", preview, "an object with every, source, method")
+    _unknown("preview.", preview, _PREVIEW_FIELDS)
+    p = PreviewSpec()
+    if preview.get("every") is not None:
+        p.every = _int("preview.every", preview["every"], 1, limits.max_steps)
+    for name, allowed in (("source", _SOURCES), ("method", _METHODS)):
+        if preview.get(name) is not None:
+            if preview[name] not in allowed:
+                raise FieldError(f"preview.{name}", preview[name], f"one of {', '.join(allowed)}")
+            setattr(p, name, preview[name])
+    return p
 
 
 def _cache(value: Any, steps: int) -> str:
