@@ -76,7 +76,7 @@ def check_lora_list(value: Any, names: list[str]) -> list[dict[str, Any]]:
 def parse_inputs(body: dict[str, Any], spec: Any, limits: Any) -> None:
     """The picture, count, model and LoRA fields of a job onto ``spec`` (a ``JobSpec`` whose other fields are parsed),
     with the CLI's rules between them."""
-    from .spec import MAX_SEED
+    from ..limits import MAX_SEED
 
     get = body.get
     if get("init_image") is not None:
