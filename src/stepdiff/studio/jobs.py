@@ -232,8 +232,8 @@ class Studio(Workers):
             values = plan.values()
             entry = {"step": step, **values, "changed": sorted(changes)}
             live.steering.append(entry)
-        if self.ray is not None:
-            self.ray.steer(live, changes)
+        if self.ray is not None:  # on a Ray actor: the entry's step becomes the first step it reaches there
+            self.ray.steer(live, entry)
         self.hub.publish({"type": "steered", "job": job_id, **entry})
         return self.get(job_id)
 
@@ -330,22 +330,6 @@ class Studio(Workers):
             view["waiting"] = live.waiting
         return view
 
-    # ------------------------------------------------------------------ workers
-
-    def _pipeline_for(self, scheduler: str | None, kind: str = "text2image", control: bool = False,
-                      model: Any = None) -> Any:
-        """The pipeline a job runs on: a view of its model's modules for its kind and scheduler (nothing copied)."""
-        return self.pool.view(model if model is not None else self.pool.peek(), scheduler, kind, control)
-
-    def frame_maker(self, model: Any) -> FrameMaker:
-        """The preview frames of ``model`` (a ``pool.LoadedModel``); the default model's are ``self.frames``."""
-        if model.pipe is self.pipeline:
-            return self.frames
-        maker = getattr(model, "frames", None)
-        if maker is None:
-            maker = model.frames = FrameMaker(model.pipe)  # goes with the model when the pool unloads it
-        return maker
-
     # ------------------------------------------------------------------ shutdown
 
     def running(self) -> list[str]:
@@ -368,6 +352,8 @@ class Studio(Workers):
         for t in self._threads:
             if t.is_alive():
                 t.join(max(0.0, deadline - time.monotonic()))
+        if self.ray is not None:
+            self.ray.close()
         self.previewer.close()
         self.store.close()
         self._held.close()

@@ -16,8 +16,8 @@ from typing import Any
 
 from ..images import save_image
 from ..preview import PreviewBudget
-from .execute import SHUTDOWN_REASON, JobResult, execute, image_names, make_plan
-from .previews import StepUpdate
+from .execute import SHUTDOWN_REASON, JobInputs, JobResult, execute, image_names, make_plan
+from .previews import FrameMaker, StepUpdate
 from .state import _Closing, _Dropped, _Live
 from .store import StoreError
 
@@ -145,14 +145,31 @@ class Workers:
                           "image": f"/api/images/{names[0]}", "images": [f"/api/images/{n}" for n in names],
                           "record": record})
 
-    def _execute_here(self, live: _Live) -> JobResult:
-        """The job on this process's pipelines, previews offered from each step (``_offer``)."""
+    def _pipeline_for(self, scheduler: str | None, kind: str = "text2image", control: bool = False,
+                      model: Any = None) -> Any:
+        """The pipeline a job runs on: a view of its model's modules for its kind and scheduler (nothing copied)."""
+        return self.pool.view(model if model is not None else self.pool.peek(), scheduler, kind, control)
+
+    def frame_maker(self, model: Any) -> FrameMaker:
+        """The preview frames of ``model`` (a ``pool.LoadedModel``); the default model's are ``self.frames``."""
+        if model.pipe is self.pipeline:
+            return self.frames
+        maker = getattr(model, "frames", None)
+        if maker is None:
+            maker = model.frames = FrameMaker(model.pipe)  # goes with the model when the pool unloads it
+        return maker
+
+    def _execute_here(self, live: _Live, inputs: JobInputs | None = None) -> JobResult:
+        """The job on this process's pipelines, previews offered from each step (``_offer``); ``inputs``: its pictures
+        (default: read from the uploads here)."""
         from ..cache_options import cache_policies
 
         spec = live.spec
         policies = cache_policies(spec.fast, spec.cache, spec.run_steps, "cache")  # new objects: per-run state
         live.plan = make_plan(spec, policies)
-        inputs = self.read_inputs(spec)
+        self._planned(live)
+        if inputs is None:
+            inputs = self.read_inputs(spec)
         with self.pool.use(spec.model, spec.loras) as model:
             pipe = self._pipeline_for(spec.scheduler, spec.kind, spec.control is not None, model)
             maker = self.frame_maker(model)
@@ -181,6 +198,9 @@ class Workers:
 
             return execute(pipe, spec, inputs, live.token, live.plan, policies, job_id=live.id, model=model.folder,
                            on_start=started, on_step=step, steering=lambda: live.steering)
+
+    def _planned(self, live: _Live) -> None:
+        """Called once the job's plan is made, before its run starts (a Ray actor applies steering that came first)."""
 
     def _offer(self, live: _Live, i: int, total: int, timestep: float, rows: int, steps_completed: int,
                model_rows: int, guidance: float, tensor: Any, budget: Any = None, maker: Any = None) -> None:
