@@ -1,6 +1,6 @@
 """Issue 27 benchmarks: Flux on the shared loop against the classic FluxPipeline, and what a true-CFG cutoff saves.
 
-    python benchmarks/bench_flux.py [--repeats 9] [--steps 25] [--only classic|cutoff] [--smoke]
+    python benchmarks/bench_flux.py [--repeats 9] [--steps 25] [--only classic|cutoff] [--threads 2] [--smoke]
 
 (1) stepdiff / classic time for a 25-step FluxPipeline call on identical tiny weights (the classic library's own
     fast-test config, guidance-distilled, 32x32, as FLUX.1-dev is run: distilled guidance 3.5, no true CFG), in
@@ -100,12 +100,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--only", choices=("classic", "cutoff"), default=None, help="run one part only")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other work)")
     parser.add_argument("--smoke", action="store_true", help=SMOKE)
     args = parser.parse_args()
     args.size, args.big = 32, TINY_FLUX_BIG
     if args.smoke:
         args.repeats, args.steps, args.size, args.big = 1, 2, 8, {"guidance_embeds": True}
-    torch.set_num_threads(1 if args.smoke else 2)
+    torch.set_num_threads(1 if args.smoke else args.threads)
     diffusers.utils.logging.disable_progress_bar()
     if args.only != "cutoff":
         classic(args)
