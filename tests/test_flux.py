@@ -396,3 +396,20 @@ def test_encode_prompt_matches_the_classic(flux_folder):
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5)
+
+
+def test_preview_with_a_tiny_decoder_the_user_gives(flux_pipe, tmp_path):
+    """A TAEF1-style decoder (here a random one for the tiny VAE: 1 channel, 1x) previews the unpacked x0."""
+    from stepdiff.preview import PreviewCallback, tiny_decode
+    from stepdiff.testing import make_tiny_preview_decoder
+
+    folder = make_tiny_preview_decoder(tmp_path / "taef", latent_channels=1, scale_factor=1)
+    frames, seen = [], []
+    preview = PreviewCallback(method="tiny", tiny_decoder=folder, on_image=lambda image, i, t: frames.append(image))
+    flux_pipe("a cat", **{**BASE, "height": 16, "width": 8}, generator=gen(),
+              callback_on_step_end=[preview, lambda p, i, t, kw: seen.append(p.spatial_latents(kw["denoised"]))],
+              callback_on_step_end_tensor_inputs=["denoised"])
+    assert preview.resolved_method == "tiny" and [f.size for f in frames] == [(8, 16)] * 3
+    expected = tiny_decode(preview._tiny, seen[-1][:1])[0]
+    got = torch.from_numpy(np.asarray(frames[-1])).permute(2, 0, 1).float() / 127.5 - 1
+    assert (got - expected).abs().max() <= 1 / 127.5 + 1e-6
