@@ -98,3 +98,22 @@ def test_field_error_as_an_http_body():
     error = FieldError("guidance", 10**400, "a number in [0, 100]")
     body = error.to_dict()
     assert body["field"] == "guidance" and body["value"].startswith("1000") and body["allowed"] == "a number in [0, 100]"
+
+
+def test_generate_takes_a_guidance_interval(run_cli, sd_folder, tmp_path, loader):
+    """--guidance-interval comes with the request: no new checks in the CLI, the same message as batch's flag."""
+    import json
+
+    def no_loading(*a):
+        raise AssertionError("the model must not load for a bad flag")
+
+    loader(no_loading)
+    code, _, err = run_cli("generate", "a cat", "--model", sd_folder, "--guidance-interval", "0.9,0.1")
+    assert code == 2 and "--guidance-interval must be START,END with 0 <= START <= END <= 1, got '0.9,0.1'" in err
+    loader(None)  # the real loader again
+    out = tmp_path / "a.png"
+    code, _, err = run_cli("generate", "a cat", "--model", sd_folder, "--steps", "4", "--guidance-interval", "0.5,1",
+                           "--output", out)
+    assert code == 0, err
+    meta = json.loads(Image.open(out).text["stepdiff"])
+    assert meta["guidance_interval"] == [0.5, 1.0] and meta["record"]["rows_per_step"] == [1, 1, 2, 2]
