@@ -618,14 +618,14 @@ def test_without_strict_a_bad_row_is_reported_and_the_rest_run(tmp_path, sd_fold
 def test_a_failing_call_fails_its_rows_only_unless_strict(tmp_path, sd_folder, monkeypatch):
     from stepdiff.pipelines.stable_diffusion import StableDiffusionPipeline
 
-    real_call = StableDiffusionPipeline.__call__
+    real_steps = StableDiffusionPipeline.steps  # the batch worker's call: steps(..., scheduler=).run()
 
     def nan_for_b(self, prompt=None, **kw):
         if "b" in prompt:
             raise FloatingPointError("the latents became NaN at step 1")
-        return real_call(self, prompt=prompt, **kw)
+        return real_steps(self, prompt=prompt, **kw)
 
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", nan_for_b)
+    monkeypatch.setattr(StableDiffusionPipeline, "steps", nan_for_b)
     path = write(tmp_path / "p.txt", "a\nb\nc\n")
     result = run_batch(config(tmp_path, sd_folder, path))
     assert result.made == 2 and result.failed == [(2, "FloatingPointError: the latents became NaN at step 1")]

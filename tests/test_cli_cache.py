@@ -29,7 +29,7 @@ def test_fast_reaches_the_run_says_what_it_is_and_is_recorded(run_cli, sd_folder
     assert code == 0, err
     preset = describe(fast_preset(6))  # CFG cutoff after step int(0.3 * 6) = 1, DeepCache interval 3 branch 0
     assert f"stepdiff: --fast: {preset}\n" in err
-    assert "CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)" in preset and "DeepCacheCallback(cache_interval=3, cache_branch_id=0" in preset
+    assert "CFGCutoffCallback(cutoff_step_ratio=0.3, cutoff_step_index=None)" in preset and "DeepCacheCallback(cache_interval=3, cache_branch_id=0" in preset
     parameters, meta = metadata(target)
     record = meta["record"]
     assert record["cached_calls"] > 0 and record["blocks_skipped"] > 0
@@ -65,7 +65,7 @@ def test_fast_gate_counts_the_steps_that_run_in_image_to_image(run_cli, sd_folde
     code, _, err = run_cli("generate", "a cat", "--model", sd_folder, "--steps", 10, "--init-image", tmp_path / "init.png",
                            "--strength", 0.5, "--fast", "--output", tmp_path / "i.png")
     assert code == 0, err
-    assert "cutoff_step_index=1)" in err  # 30% of the 5 steps that run (int(1.5)), not of 10 (3)
+    assert "cutoff_step_ratio=0.3" in err  # 30% of the 5 steps that run (int(1.5) = 1), not of 10 (3)
     _, meta = metadata(tmp_path / "i.png")
     assert meta["record"]["rows_per_step"] == [2, 2, 1, 1, 1]
 

@@ -2,6 +2,8 @@
 rows per step through every caller that decides it, over the run's real number of model steps (Heun and KDPM2
 run 2 * steps - 1 model steps)."""
 
+import time
+
 import pytest
 from diffusers import HeunDiscreteScheduler, KDPM2DiscreteScheduler
 
@@ -58,3 +60,38 @@ def test_second_order_cutoff_counts_model_steps(sd_pipe, scheduler):
                callback_on_step_end=GuidanceIntervalCallback(0.2, 0.6))
     window = GuidanceWindow(interval=(0.2, 0.6))
     assert out.record.rows_per_step == [2 if window.guided(i, 19) else 1 for i in range(19)]
+
+
+@pytest.mark.parametrize("fields", [dict(cfg_cutoff=0.5), dict(guidance_interval=[0.2, 0.6]), dict(fast=True)])
+def test_the_studio_plan_counts_model_steps_as_the_callbacks(sd_pipe, sd_folder, tmp_path, fields):
+    """A Heun job in the studio: the same rows per step as the library's callbacks on the same run (the plan used
+    to index the requested steps: a 0.5 cutoff stopped guidance after about 28% of the run)."""
+    from starlette.testclient import TestClient
+
+    from stepdiff.caching import fast_preset
+    from stepdiff.studio import Studio, create_app
+    from stepdiff.studio.server import limits_for
+
+    studio = Studio(sd_pipe, sd_folder, tmp_path / "data", limits=limits_for(sd_folder, 500))
+    with TestClient(create_app(studio)) as client:
+        r = client.post("/api/jobs", json={"prompt": "a cat", "steps": 10, "width": 32, "height": 32, "guidance": 7.5,
+                                           "scheduler": "heun", **fields})
+        assert r.status_code == 201, r.text
+        job = r.json()
+        for _ in range(6000):
+            job = client.get(f"/api/jobs/{job['id']}").json()
+            if job["state"] not in ("queued", "running"):
+                break
+            time.sleep(0.01)
+    assert job["state"] == "finished", job
+    callback = (CFGCutoffCallback(cutoff_step_ratio=0.5) if "cfg_cutoff" in fields else
+                GuidanceIntervalCallback(0.2, 0.6) if "guidance_interval" in fields else fast_preset(10))
+    pipe = stepdiff.StableDiffusionPipeline(**sd_pipe.components)
+    pipe.scheduler = HeunDiscreteScheduler.from_config(sd_pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a cat", num_inference_steps=10, height=32, width=32, guidance_scale=7.5, output_type="latent",
+               callback_on_step_end=callback)
+    window = GuidanceWindow(cutoff=fields.get("cfg_cutoff", 0.3 if "fast" in fields else None),
+                            interval=fields.get("guidance_interval"))
+    assert out.record.rows_per_step == [2 if window.guided(i, 19) else 1 for i in range(19)]  # 19 model steps
+    assert job["record"]["rows_per_step"] == out.record.rows_per_step

@@ -230,3 +230,24 @@ def test_loop_stops_before_the_next_model_call_and_runs_after_step():
     for _ in loop:
         stop["now"] = True
     assert state.model_calls == 1 and seen == [0] and state.rows_per_step == [1]
+
+
+def test_a_run_can_have_its_own_scheduler(sd_pipe, count_calls):
+    """``steps(..., scheduler=)``: this run only; the pipeline's scheduler is neither replaced nor stepped."""
+    from diffusers import DDIMScheduler
+
+    own = sd_pipe.scheduler
+    ddim = DDIMScheduler.from_config(own.config)
+    a = sd_pipe.steps(**_kwargs(), scheduler=ddim).run()
+    assert sd_pipe.scheduler is own
+    sd_pipe.scheduler = DDIMScheduler.from_config(own.config)
+    try:
+        b = sd_pipe(**_kwargs())
+    finally:
+        sd_pipe.scheduler = own
+    assert np.array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, sd_pipe(**_kwargs()).images)  # the pipeline's own (Euler) differs
+    calls = count_calls(sd_pipe)
+    with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler .* got str"):
+        sd_pipe.steps(**_kwargs(), scheduler="ddim")
+    assert calls.calls == 0

@@ -163,7 +163,7 @@ def test_fast_job_runs_the_preset_as_the_library_does(make_client, tiny_pipe):
     assert rec["rows_per_step"] == [2, 2, 1, 1, 1, 1]  # the preset's cutoff: guidance off from step 2 of 6
     assert done["rows_saved"] == 4
     parameters, record = png_metadata(client, done["image"])
-    assert record["cache"] == describe(fast_preset(6)) and 'Cache: "CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)' in parameters
+    assert record["cache"] == describe(fast_preset(6)) and 'Cache: "CFGCutoffCallback(cutoff_step_ratio=0.3, cutoff_step_index=None)' in parameters
     import io
 
     served = Image.open(io.BytesIO(client.get(done["image"]).content)).convert("RGB").tobytes()

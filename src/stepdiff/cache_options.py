@@ -49,14 +49,18 @@ def check_policies(policies: list[Any], name: str, unet: bool | None = None) -> 
     check(policies, name, unet)
 
 
-def gate_step(policies: list[Any]) -> int | None:
-    """The step from which a policy turns guidance off (T-GATE's gate, or the step after the ``--fast`` preset's
-    CFG cutoff index; None without either): a caller that sets the guidance scale of every step itself (the
-    studio) keeps it off from there, as the library's loop does."""
+def gate_step(policies: list[Any], num_steps: int) -> int | None:
+    """The step from which a policy turns guidance off (T-GATE's gate, or the step after a ``CFGCutoffCallback``'s
+    cutoff, such as the ``--fast`` preset's, over the run's ``num_steps`` model steps; None without either): a
+    caller that sets the guidance scale of every step itself (the studio) keeps it off from there, as the
+    library's loop does."""
     from .caching import TGateCallback
     from .callbacks import CFGCutoffCallback
+    from .guidance import step_of
 
     gates = [p.gate_step for p in policies if isinstance(p, TGateCallback)]
-    gates += [p.config.cutoff_step_index + 1 for p in policies
-              if isinstance(p, CFGCutoffCallback) and p.config.cutoff_step_index is not None]
+    for p in policies:
+        if isinstance(p, CFGCutoffCallback):
+            index, ratio = p.config.cutoff_step_index, p.config.cutoff_step_ratio
+            gates.append((index if index is not None else step_of(num_steps, ratio)) + 1)
     return min(gates) if gates else None

@@ -206,6 +206,33 @@ def tiny_decode(decoder: Any, latents: torch.Tensor) -> torch.Tensor:
     return decoder.decode(x, return_dict=False)[0].float().clamp(-1, 1)
 
 
+def frame_latents(pipeline: Any, tensor: torch.Tensor, index: int = 0) -> torch.Tensor:
+    """Row ``index`` (the last row when the batch is smaller) of a step's latents or x0 estimate, spatial:
+    (C, h, w). Flux's packed tokens are unpacked (``pipeline.spatial_latents``)."""
+    spatial = getattr(pipeline, "spatial_latents", None)
+    if spatial is not None:
+        tensor = spatial(tensor)
+    return tensor[min(index, tensor.shape[0] - 1)]
+
+
+@torch.no_grad()
+def render_frame(pipeline: Any, latents: torch.Tensor, method: str, *, table: LatentRGBTable | None = None,
+                 tiny: Any = None) -> Image.Image:
+    """The one frame renderer of the preview callback and the studio: (C, h, w) latents as the sampler sees them
+    -> a picture. ``method``: "tiny" (``tiny``, an AutoencoderTiny), "vae" (the pipeline's VAE, exact) or "linear"
+    (``table``). The latents go to the decoder's device and dtype; the picture is made in float32."""
+    if method == "tiny":
+        return rgb_to_image(tiny_decode(tiny, latents[None])[0])
+    if method == "vae":
+        from .vae import decode_latents
+
+        vae = pipeline.vae
+        return rgb_to_image(decode_latents(vae, latents[None].to(vae.device, vae.dtype))[0].float())
+    if method == "linear":
+        return table.to_image(latents)
+    raise ValueError(f"method must be one of tiny, vae, linear, got {method!r}")
+
+
 @torch.no_grad()
 def fit_latent_rgb(vae: Any, images: torch.Tensor, name: str = "fitted", batch: int = 64) -> LatentRGBTable:
     """Least-squares fit of factors and bias: encode ``images`` (N, 3, H, W in [-1, 1]), decode the
@@ -582,15 +609,7 @@ class PreviewCallback:
         self._tiny_source = source
 
     def _render(self, pipeline: Any, latents: torch.Tensor) -> Image.Image:
-        if self.resolved_method == "tiny":
-            image = rgb_to_image(tiny_decode(self._tiny, latents[None])[0])
-        elif self.method == "vae":
-            from .vae import decode_latents
-
-            image = decode_latents(pipeline.vae, latents[None])[0].float()
-            image = rgb_to_image(image)
-        else:
-            image = self._table.to_image(latents)
+        image = render_frame(pipeline, latents, self.resolved_method or self.method, table=self._table, tiny=self._tiny)
         if self.frame_size is not None:
             image = image.resize((self.frame_size, self.frame_size), Image.Resampling.NEAREST)
         return image
@@ -613,11 +632,7 @@ class PreviewCallback:
         frame_seconds = 0.0
         if wanted:
             self._last = started
-            tensor = callback_kwargs[self.source]
-            spatial = getattr(pipeline, "spatial_latents", None)  # Flux: packed tokens back to (B, C, h, w)
-            if spatial is not None:
-                tensor = spatial(tensor)
-            latents = tensor[min(self.batch_index, tensor.shape[0] - 1)]
+            latents = frame_latents(pipeline, callback_kwargs[self.source], self.batch_index)
             if budget is not None:
                 self._warm_up(latents, budget)
             begun = time.perf_counter()

@@ -77,26 +77,26 @@ class ChunkWorker:
         policies = cache_policies(first.fast, first.cache, first.steps, "cache")  # new objects: per-run state
         callbacks += policies
         cache = describe(policies) or None
-        self.pipe.scheduler = self._scheduler(first.scheduler, first.karras)
+        scheduler = self._scheduler(first.scheduler, first.karras)  # this call's only: the pipeline's stays
         negatives = [r.negative_prompt for r in rows]
         device = self.config.device
         try:
-            out = self.pipe(
-                prompt=[r.prompt for r in rows],
+            out = self.pipe.steps(
+                scheduler=scheduler, prompt=[r.prompt for r in rows],
                 negative_prompt=None if all(n is None for n in negatives) else [n or "" for n in negatives],
                 num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
                 width=first.width, height=first.height,
                 generator=[torch.Generator(device).manual_seed(r.seed) for r in rows],  # seeds belong to rows
                 callback_on_step_end=callbacks or None,
-            )
+            ).run()
         except (ValueError, TypeError, FloatingPointError) as e:
             message = " ".join(str(e).split()) or type(e).__name__
             return [{"key": r.key, "line": r.line, "error": f"{type(e).__name__}: {message}", "worker": self.label}
                     for r in rows if todo is None or r.key in todo]
-        return [self._write(row, image, out, len(rows), cache) for row, image in zip(rows, out.images)
+        return [self._write(row, image, out, scheduler, len(rows), cache) for row, image in zip(rows, out.images)
                 if todo is None or row.key in todo]
 
-    def _write(self, row: BatchRow, image, out, batch_rows: int, cache: str | None = None) -> dict[str, Any]:
+    def _write(self, row: BatchRow, image, out, scheduler, batch_rows: int, cache: str | None = None) -> dict[str, Any]:
         from .. import __version__
         from ..metadata import write_image
 
@@ -109,7 +109,7 @@ class ChunkWorker:
         extra = {"key": row.key, "guidance_interval": row.params()["guidance_interval"], "record": record}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            write_image(path, settings, image, self.pipe.scheduler, out, extra=extra)
+            write_image(path, settings, image, scheduler, out, extra=extra)
         data = path.read_bytes()
         return {
             "key": row.key, "file": row.file_name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),

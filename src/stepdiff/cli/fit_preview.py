@@ -27,6 +27,7 @@ def cmd_fit_preview(args: argparse.Namespace) -> int:
     import torch
 
     from ..preview import FITTED_TABLE_FILE, builtin_tables, fit_latent_rgb, images_to_tensor, preview_psnr
+    from ..vae import encode_images
 
     _check_model_folder("fit-preview MODEL", args.model)
     _check_writable_dir(f"fit-preview MODEL (writes {FITTED_TABLE_FILE})", args.model)
@@ -56,8 +57,8 @@ def cmd_fit_preview(args: argparse.Namespace) -> int:
         images = images_to_tensor(sample_batch(np.random.default_rng(0), args.count, all_combos())[0])
     fit_on, held_out = images[: len(images) * 3 // 4], images[len(images) * 3 // 4 :]
     table = fit_latent_rgb(pipe.vae, fit_on, name=f"fitted:{Path(args.model).name}")
-    with torch.no_grad():
-        latents = pipe.vae.encode(held_out).latent_dist.mean * pipe.vae.config.scaling_factor
+    with torch.no_grad():  # as the sampler sees them: shift and latent statistics applied where the VAE has them
+        latents = encode_images(pipe.vae, held_out.to(pipe.vae.device, pipe.vae.dtype), sample=False)
     print(f"{'table':<10} PSNR vs VAE decode on {len(held_out)} held-out images (dB)")
     print(f"{'fitted':<10} {preview_psnr(pipe.vae, table, latents):.2f}")
     for name, builtin in builtin_tables().items():

@@ -679,15 +679,18 @@ class StepDiffPipeline(DiffusionPipeline):
         arguments.update(arguments.pop("kwargs", {}) or {})
         return arguments
 
-    def steps(self, *args: Any, **kwargs: Any) -> Run:
+    def steps(self, *args: Any, scheduler: Any = None, **kwargs: Any) -> Run:
         """Prepare a run with ``__call__``'s arguments, for callers who drive the loop themselves.
+
+        ``scheduler``: a scheduler for this run only (a copy of it is stepped); the pipeline's own is left alone,
+        so threads sharing the pipeline can each run their own (``run.run()`` finishes it as ``__call__`` does).
 
         ``for state in run`` executes one step per iteration (callbacks included) and yields the loop
         state (``latents``, ``denoised``, ``step_index``, ``timestep``, counters); ``run.finish()``
         decodes and returns exactly what ``__call__`` would have. Breaking out early and calling
         ``finish()`` gives the clean image of the last step reached.
         """
-        return self.prepare(self._arguments(args, kwargs))
+        return self.prepare(self._arguments(args, kwargs), scheduler=scheduler)
 
     def _call(self, arguments: dict[str, Any]) -> Any:
         """What every ``__call__`` does with its arguments: prepare, run every step, finish."""
@@ -698,11 +701,14 @@ class StepDiffPipeline(DiffusionPipeline):
         return self.prepare(arguments).run()
 
     @torch.no_grad()
-    def prepare(self, args: dict[str, Any]) -> Run:
+    def prepare(self, args: dict[str, Any], scheduler: Any = None) -> Run:
         """Check everything, set the timesteps, encode, make the initial latents: a ``Run`` ready to step."""
         started = time.perf_counter()
         args = dict(args)
         # 1. Check every argument before any model work.
+        if scheduler is not None and not (callable(getattr(scheduler, "set_timesteps", None))
+                                          and callable(getattr(scheduler, "step", None))):
+            raise TypeError(f"scheduler must be a diffusers scheduler (set_timesteps and step), got {type(scheduler).__name__}")
         self._check_components(args)
         kind = self.check_kind_inputs(args)
         batch_size, encode_kwargs = self.check_prompts(args)
@@ -745,7 +751,7 @@ class StepDiffPipeline(DiffusionPipeline):
 
         # 2. The run, with its own scheduler and guidance; timesteps; then callbacks check their settings
         # against this run (schedule lengths, tables) and may set the first step's guidance.
-        scheduler = copy.deepcopy(self.scheduler)
+        scheduler = copy.deepcopy(self.scheduler if scheduler is None else scheduler)
         run = Run(
             self, scheduler=scheduler, timesteps=torch.empty(0),
             guidance=self.make_guidance(guidance_scale, guidance_rescale, kind),

@@ -44,9 +44,7 @@ def image_names(job_id: str, count: int) -> list[str]:
 
 
 def make_plan(spec: JobSpec, policies: list[Any]) -> GuidancePlan:
-    from ..cache_options import gate_step
-
-    return GuidancePlan(spec.guidance, spec.run_steps, spec.cfg_cutoff, spec.guidance_interval, gate_step(policies),
+    return GuidancePlan(spec.guidance, spec.run_steps, spec.cfg_cutoff, spec.guidance_interval, policies=policies,
                         control_scale=spec.control_scale if spec.control is not None else None)
 
 

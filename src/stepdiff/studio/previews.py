@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..preview import PreviewBudget, load_tiny_decoder, rgb_to_image, table_for, tiny_decode, tiny_decoder_folder
+from ..preview import PreviewBudget, load_tiny_decoder, render_frame, table_for, tiny_decode, tiny_decoder_folder
 from .events import EventHub
 
 __all__ = ["FrameMaker", "Previewer", "StepUpdate"]
@@ -82,15 +82,11 @@ class FrameMaker:
                 tiny_decode(self._tiny, latents[None])
                 self._warm.add(key)
                 self.warmup_seconds = time.perf_counter() - started
-            image = rgb_to_image(tiny_decode(self._tiny, latents[None])[0])
-        elif method == "vae":
-            from ..vae import decode_latents
-
-            image = rgb_to_image(decode_latents(self.pipeline.vae, latents[None].to(self.pipeline.vae.dtype))[0].float())
         else:
-            if self._table is None:
-                self._table = table_for(self.pipeline)
-            image = self._table.to_image(latents)
+            with self._lock:
+                if method == "linear" and self._table is None:
+                    self._table = table_for(self.pipeline)
+        image = render_frame(self.pipeline, latents, method, table=self._table, tiny=self._tiny)
         if max(image.size) > MAX_FRAME_SIDE:
             image.thumbnail((MAX_FRAME_SIDE, MAX_FRAME_SIDE))
         return image

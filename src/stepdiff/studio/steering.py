@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ..cache_options import gate_step
+from ..guidance import GuidanceWindow
 from ..request import check_control_scale
 from .fields import check_ip_adapter_scale
 from .spec import MAX_GUIDANCE, FieldError, _interval, _number, _unknown
@@ -24,30 +26,29 @@ class GuidancePlan:
     """The guidance scale of every step of one job, steerable while it runs (and the ControlNet and IP-Adapter
     scales, for a job that has them).
 
-    ``cfg_cutoff``: guided up to and including step ``int(steps * ratio)``, as ``CFGCutoffCallback``;
-    ``interval``: guided on steps in ``[int(steps * start), int(steps * end))``, as ``GuidanceIntervalCallback``
-    (Kynkäänniemi et al. 2024); ``gate``: unguided from this step on whatever the steering says, as
-    ``TGateCallback`` (its cross-attention is cached from there). Off-guidance steps compute only the
+    ``cfg_cutoff``, ``interval`` and ``gate`` (or ``policies`` that set one: T-GATE, the fast preset's cutoff) make a
+    ``stepdiff.guidance.GuidanceWindow``, the formula of ``CFGCutoffCallback`` and ``GuidanceIntervalCallback``,
+    over ``total``: the run's model steps, set once the run has started. Off-guidance steps compute only the
     conditional rows. ``control_scale`` / ``ip_adapter_scale``: None for a job without a ControlNet / IP-Adapter.
     """
 
     def __init__(self, scale: float, total: int, cfg_cutoff: float | None = None,
                  interval: tuple[float, float] | None = None, gate: int | None = None,
-                 control_scale: float | None = None, ip_adapter_scale: float | None = None) -> None:
+                 control_scale: float | None = None, ip_adapter_scale: float | None = None,
+                 policies: list[Any] | tuple[Any, ...] = ()) -> None:
         self.lock = threading.Lock()
         self.scale, self.total, self.cfg_cutoff, self.interval = scale, total, cfg_cutoff, interval
-        self.gate = gate
+        self.gate, self.policies = gate, list(policies)  # a fixed gate, and the policies that set one
         self.control_scale, self.ip_adapter_scale = control_scale, ip_adapter_scale
 
+    def window(self) -> GuidanceWindow:
+        """When guidance is on: the library's one formula (stepdiff.guidance) over the run's ``total`` model steps,
+        the same as the callbacks count (2 * steps - 1 with Heun or KDPM2)."""
+        gates = [g for g in (self.gate, gate_step(self.policies, self.total)) if g is not None]
+        return GuidanceWindow(self.cfg_cutoff, self.interval, min(gates) if gates else None)
+
     def scale_at(self, step: int) -> float:
-        if self.gate is not None and step >= self.gate:
-            return 0.0
-        if self.interval is not None:
-            start, end = (int(self.total * r) for r in self.interval)
-            return self.scale if start <= step < end else 0.0
-        if self.cfg_cutoff is not None and step > int(self.total * self.cfg_cutoff):
-            return 0.0
-        return self.scale
+        return self.window().scale_at(self.scale, step, self.total)
 
     def apply(self, run: Any, step: int) -> None:
         """Set ``run``'s values for ``step`` (the next one); call under ``lock``."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..images import save_image
-from ..preview import PreviewBudget
+from ..preview import PreviewBudget, frame_latents
 from .execute import SHUTDOWN_REASON, JobInputs, JobResult, execute, image_names, make_plan
 from .previews import FrameMaker, StepUpdate
 from .state import _Closing, _Dropped, _Live
@@ -189,7 +189,7 @@ class Workers:
                 if self.hub.listening:
                     frame_step = budget.wants(i, total) if budget is not None else \
                         (i % (spec.preview.every or 1) == 0 or i == total - 1)
-                tensor = getattr(state, spec.preview.source)[0] if frame_step else None
+                tensor = frame_latents(run.pipeline, getattr(state, spec.preview.source)) if frame_step else None
                 self._offer(live, i, total, float(state.timestep), state.rows_per_step[-1], state.steps_completed,
                             state.model_rows, state.guidance_scale, tensor, budget, maker)
                 clock["mark"] = time.perf_counter()
