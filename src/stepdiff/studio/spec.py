@@ -10,7 +10,7 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..limits import MAX_GUIDANCE, MAX_SEED
+from ..limits import DEFAULT_GUIDANCE, MAX_GUIDANCE, MAX_SEED
 from ..request import FieldError, GenerationRequest, SizeRule, check_number, check_size, parse_interval
 
 __all__ = ["MAX_PROMPT_CHARS", "FieldError", "JobSpec", "Limits", "PreviewSpec", "parse_job"]
@@ -31,7 +31,7 @@ class Limits:
     max_size: int = 512
     max_steps: int = 500
     default_steps: int = 25
-    default_guidance: float = 7.5
+    default_guidance: float = DEFAULT_GUIDANCE
     models: tuple[str, ...] = ()  # the model names a job may ask for (serve --models); () : the one model
     loras: tuple[str, ...] = ()  # the LoRA names a job may ask for (serve --loras)
 
@@ -55,7 +55,7 @@ class JobSpec:
     steps: int = 25
     width: int = 64
     height: int = 64
-    guidance: float = 7.5
+    guidance: float = DEFAULT_GUIDANCE
     scheduler: str | None = None  # an alias or diffusers class name; None: the model's own
     cfg_cutoff: float | None = None  # guidance off after this fraction of the steps
     guidance_interval: tuple[float, float] | None = None  # guidance only in [start, end) (ratios of the steps)
