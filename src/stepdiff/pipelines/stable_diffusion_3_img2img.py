@@ -51,6 +51,7 @@ class StableDiffusion3Img2ImgPipeline(Image2ImageRun, StableDiffusion3Pipeline):
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int = 256,
+        mu: float | None = None,
         cancel: CancelToken | None = None,
         interrupt_output: str = "denoised",
     ):
