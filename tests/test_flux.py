@@ -196,7 +196,9 @@ def test_classic_cache_hooks_run_on_the_shared_loop(flux_folder):
     (dict(height=1), ValueError, "height must be an int >= 2, got 1"),
     (dict(negative_prompt=["a", "b"]), ValueError, "negative_prompt has 2 entries but prompt has 1"),
     (dict(joint_attention_kwargs=[1]), TypeError, "joint_attention_kwargs must be a dict or None, got list"),
-    (dict(ip_adapter_image=IMAGE), NotImplementedError, "ip_adapter_image: stepdiff's Flux pipelines do not support"),
+    (dict(ip_adapter_image=IMAGE), ValueError, r"ip_adapter_image needs an IP-Adapter: call pipe.load_ip_adapter"),
+    (dict(negative_ip_adapter_image_embeds=[torch.zeros(1, 1, 32)]), ValueError,
+     "negative_ip_adapter_image_embeds needs an IP-Adapter"),
 ])
 def test_bad_inputs_fail_before_model_work(flux_pipe, count_calls, bad, error, message):
     calls = count_calls(flux_pipe)
@@ -413,3 +415,148 @@ def test_preview_with_a_tiny_decoder_the_user_gives(flux_pipe, tmp_path):
     expected = tiny_decode(preview._tiny, seen[-1][:1])[0]
     got = torch.from_numpy(np.asarray(frames[-1])).permute(2, 0, 1).float() / 127.5 - 1
     assert (got - expected).abs().max() <= 1 / 127.5 + 1e-6
+
+
+# ------------------------------------------------------------------ IP-Adapter (diffusers' FluxIPAdapterMixin)
+
+REF = test_image(32, seed=11)[0]
+NEG_REF = test_image(32, seed=12)[0]
+IP_BASE = {**BASE, "height": 16, "width": 16}
+IP_CASES = {
+    "image-batch2": dict(prompt=["a cat", "a dog"], ip_adapter_image=REF, num_images_per_prompt=2),
+    "true-cfg-batch2": dict(prompt=["a cat", "a dog"], negative_prompt=["red", "blue"], true_cfg_scale=3.0,
+                            ip_adapter_image=REF),  # the negative rows get the classic black image
+    "true-cfg-negative-image": dict(prompt=["a cat", "a dog"], negative_prompt=["red", "blue"], true_cfg_scale=3.0,
+                                    ip_adapter_image=REF, negative_ip_adapter_image=NEG_REF),
+    "true-cfg-embeds": dict(prompt="a cat", negative_prompt="", true_cfg_scale=4.0,
+                            ip_adapter_image_embeds=[torch.randn(1, 1, 32, generator=gen(5))],
+                            negative_ip_adapter_image_embeds=[torch.randn(1, 1, 32, generator=gen(6))]),
+}
+_ip_cache: dict = {}
+
+
+@pytest.fixture(scope="module")
+def flux_ip_folder(flux_folder, tmp_path_factory):
+    from stepdiff.testing import make_tiny_ip_adapter
+
+    return make_tiny_ip_adapter(tmp_path_factory.mktemp("flux-ip"), flux_folder)
+
+
+def _load_ip(pipe, folder):
+    pipe.load_ip_adapter(str(folder), weight_name="ip-adapter.safetensors", image_encoder_dtype=torch.float32,
+                         image_encoder_pretrained_model_name_or_path=str(folder / "image_encoder"))
+    return pipe
+
+
+def _ip_pair(name, flux_folder, flux_ip_folder):
+    if name not in _ip_cache:
+        _ip_cache[name] = tuple(_load_ip(p, flux_ip_folder) for p in _pair(name, flux_folder))
+    ours, theirs = _ip_cache[name]
+    for p in (ours, theirs):
+        p.set_ip_adapter_scale(1.0)
+    return ours, theirs
+
+
+def _gens(kw):
+    n = (len(kw["prompt"]) if isinstance(kw["prompt"], list) else 1) * kw.get("num_images_per_prompt", 1)
+    return [gen(k) for k in range(n)]
+
+
+@pytest.mark.parametrize("name,case", [("FluxPipeline", c) for c in IP_CASES] + [
+    ("FluxImg2ImgPipeline", "true-cfg-batch2"), ("FluxInpaintPipeline", "image-batch2")])
+def test_ip_adapter_parity_with_the_classic_classes(flux_folder, flux_ip_folder, name, case):
+    ours, theirs = _ip_pair(name, flux_folder, flux_ip_folder)
+    kw = {**IP_BASE, **KINDS[name], **IP_CASES[case]}
+    a = ours(**kw, generator=_gens(kw)).images
+    b = theirs(**kw, generator=_gens(kw)).images
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4
+    ours.set_ip_adapter_scale(0.0)
+    assert np.abs(ours(**kw, generator=_gens(kw)).images - a).max() > 1e-2  # the adapter matters: parity not trivial
+
+
+def test_ip_adapter_negative_image_reaches_the_negative_rows(flux_folder, flux_ip_folder, count_calls):
+    ours, _ = _ip_pair("FluxPipeline", flux_folder, flux_ip_folder)
+    kw = {**IP_BASE, **IP_CASES["true-cfg-batch2"]}
+    seen = []
+    hook = ours.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(
+        (k["hidden_states"].shape[0], [e.shape for e in k["joint_attention_kwargs"]["ip_adapter_image_embeds"]])),
+        with_kwargs=True)
+    try:
+        black = ours(**kw, generator=_gens(kw)).images
+    finally:
+        hook.remove()
+    assert seen == [(4, [torch.Size([4, 1, 32])])] * 3  # [negative; positive] rows batched in one call
+    given = ours(**kw, negative_ip_adapter_image=NEG_REF, generator=_gens(kw)).images
+    assert np.abs(given - black).max() > 1e-3
+
+
+def test_ip_adapter_with_true_cfg_cutoff_at_batch_2_equals_each_prompt_alone(flux_folder, flux_ip_folder, count_calls):
+    ours, _ = _ip_pair("FluxPipeline", flux_folder, flux_ip_folder)
+    calls = count_calls(ours)
+    prompts, negatives = ["a photo of a cat", "a red car"], ["blue", "a dog"]
+    kw = {**IP_BASE, "num_inference_steps": 5, "true_cfg_scale": 3.0, "ip_adapter_image": REF,
+          "negative_ip_adapter_image": NEG_REF, "callback_on_step_end": FluxCFGCutoffCallback(0.4)}
+    both = ours(prompts, negative_prompt=negatives, generator=[gen(0), gen(1)], **kw)
+    assert calls.rows == [4, 4, 4, 2, 2]  # the image embeddings shrink with the rows
+    for k in range(2):
+        alone = ours(prompts[k], negative_prompt=negatives[k], generator=gen(k), **kw)
+        assert np.abs(both.images[k] - alone.images[0]).max() <= 1e-4
+
+
+def test_ip_adapter_scale_cutoff_is_the_runs_on_flux(flux_folder, flux_ip_folder):
+    from diffusers import callbacks as classic
+
+    from stepdiff.callbacks import IPAdapterScaleCutoffCallback
+
+    ours, theirs = _ip_pair("FluxPipeline", flux_folder, flux_ip_folder)
+    kw = {**IP_BASE, "prompt": "a cat", "ip_adapter_image": REF, "num_inference_steps": 4}
+    fresh = ours(**kw, generator=gen()).images
+    cut = ours(**kw, generator=gen(), callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=0.5)).images
+    assert np.array_equal(ours(**kw, generator=gen()).images, fresh)  # scale 0 belonged to the cut run only
+    assert np.abs(cut - fresh).max() > 1e-3
+    theirs_cut = theirs(**kw, generator=gen(),
+                        callback_on_step_end=classic.IPAdapterScaleCutoffCallback(cutoff_step_ratio=0.5)).images
+    assert np.abs(cut - theirs_cut).max() <= 1e-4  # within the run both do the same
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(ip_adapter_image=[REF, REF]), "ip_adapter_image has 2 images but 1 IP-Adapters are loaded"),
+    (dict(ip_adapter_image=REF, ip_adapter_image_embeds=[torch.zeros(1, 1, 32)]),
+     "pass at most one of ip_adapter_image and ip_adapter_image_embeds"),
+    (dict(ip_adapter_image=REF, negative_ip_adapter_image_embeds=torch.zeros(1, 1, 32)),
+     r"negative_ip_adapter_image_embeds must be a list of 1 tensors \(one per loaded IP-Adapter\), got Tensor"),
+    (dict(ip_adapter_image_embeds=[torch.zeros(2, 1, 32)]),
+     r"ip_adapter_image_embeds\[0\] must be a tensor of shape \(1, images, dim\).*got \(2, 1, 32\)"),
+    (dict(negative_prompt="red"), "this pipeline has an IP-Adapter loaded: pass ip_adapter_image"),
+])
+def test_ip_adapter_bad_inputs_fail_before_model_work(flux_folder, flux_ip_folder, count_calls, bad, message):
+    ours, _ = _ip_pair("FluxPipeline", flux_folder, flux_ip_folder)
+    calls, encoder = count_calls(ours), []
+    hook = ours.image_encoder.register_forward_pre_hook(lambda *a: encoder.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            ours("a cat", **{**IP_BASE, **bad})
+    finally:
+        hook.remove()
+    assert calls.calls == 0 and not encoder
+
+
+def test_ip_adapter_embeds_without_an_image_encoder(flux_folder, flux_ip_folder, count_calls):
+    """Loaded without an image encoder (as the classic tests do), a side the run uses needs its embeddings."""
+    pipe = stepdiff.FluxPipeline.from_pretrained(flux_folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(flux_ip_folder), weight_name="ip-adapter.safetensors",
+                         image_encoder_pretrained_model_name_or_path=None)
+    calls = count_calls(pipe)
+    embeds = [torch.randn(1, 1, 32, generator=gen(5))]
+    kw = {**IP_BASE, "prompt": "a cat", "negative_prompt": "red", "true_cfg_scale": 3.0, "ip_adapter_image_embeds": embeds}
+    with pytest.raises(ValueError, match="negative_ip_adapter_image_embeds is needed for true CFG's negative rows"):
+        pipe(**kw)
+    with pytest.raises(ValueError, match="ip_adapter_image needs an image encoder"):
+        pipe("a cat", **IP_BASE, ip_adapter_image=REF)
+    assert calls.calls == 0
+    out = pipe(**kw, negative_ip_adapter_image_embeds=embeds, generator=gen())
+    assert out.record.rows_per_step == [2, 2, 2]
+    pipe.unload_ip_adapter()
+    plain = pipe("a cat", **{**IP_BASE, "negative_prompt": "red", "true_cfg_scale": 3.0}, generator=gen()).images
+    assert np.abs(plain - out.images).max() > 1e-3

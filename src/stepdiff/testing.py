@@ -240,6 +240,11 @@ def make_tiny_ip_adapter(out: str | Path, base: str | Path, seed: int = 0, token
     ``out/ip-adapter.safetensors`` (``image_proj.*`` and ``ip_adapter.*`` weights) and ``out/image_encoder/``
     (a tiny ``CLIPVisionModelWithProjection``). Load it with
     ``pipe.load_ip_adapter(out, subfolder="", weight_name="ip-adapter.safetensors")``.
+
+    For a Flux folder (``make_tiny_flux``) the weights are a Flux IP-Adapter (XLabs layout: ``image_proj.*`` and
+    ``ip_adapter.<double block>.to_{k,v}_ip.*``, as the classic tests' ``create_flux_ip_adapter_state_dict``), loaded
+    with ``pipe.load_ip_adapter(out, weight_name="ip-adapter.safetensors",
+    image_encoder_pretrained_model_name_or_path=out / "image_encoder", image_encoder_dtype=torch.float32)``.
     """
     from diffusers.models.attention_processor import IPAdapterAttnProcessor
     from diffusers.models.embeddings import ImageProjection
@@ -248,6 +253,8 @@ def make_tiny_ip_adapter(out: str | Path, base: str | Path, seed: int = 0, token
 
     out = Path(out)
     torch.manual_seed(seed)
+    if (Path(base) / "transformer").is_dir():
+        return _tiny_flux_ip_adapter(out, Path(base), tokens)
     cfg = UNet2DConditionModel.load_config(Path(base) / "unet")
     unet = UNet2DConditionModel.from_config(cfg)
     cross, blocks = cfg["cross_attention_dim"], list(cfg["block_out_channels"])
@@ -270,6 +277,36 @@ def make_tiny_ip_adapter(out: str | Path, base: str | Path, seed: int = 0, token
             weights[f"ip_adapter.{key_id}.to_k_ip.weight"] = proc["to_k_ip.0.weight"]
             weights[f"ip_adapter.{key_id}.to_v_ip.weight"] = proc["to_v_ip.0.weight"]
             key_id += 2
+    proj = ImageProjection(cross_attention_dim=cross, image_embed_dim=32, num_image_text_embeds=tokens).state_dict()
+    weights.update({
+        "image_proj.proj.weight": proj["image_embeds.weight"], "image_proj.proj.bias": proj["image_embeds.bias"],
+        "image_proj.norm.weight": proj["norm.weight"], "image_proj.norm.bias": proj["norm.bias"],
+    })
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "ip-adapter.safetensors"))
+    return out
+
+
+def _tiny_flux_ip_adapter(out: Path, base: Path, tokens: int) -> Path:
+    from diffusers.models.embeddings import ImageProjection
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if tokens != 4:
+        raise ValueError("Flux IP-Adapters have 4 image tokens (diffusers' loader infers the count from the weights)")
+    cfg = FluxTransformer2DModel.load_config(base / "transformer")
+    cross, hidden = cfg["joint_attention_dim"], cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        projection_dim=32,
+    ))
+    encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
+    weights: dict[str, torch.Tensor] = {}
+    for block in range(cfg["num_layers"]):  # one IP attention per double-stream block
+        proc = FluxIPAdapterAttnProcessor(hidden_size=hidden, cross_attention_dim=cross, scale=1.0).state_dict()
+        for name in ("to_k_ip", "to_v_ip"):
+            for p in ("weight", "bias"):
+                weights[f"ip_adapter.{block}.{name}.{p}"] = proc[f"{name}.0.{p}"]
     proj = ImageProjection(cross_attention_dim=cross, image_embed_dim=32, num_image_text_embeds=tokens).state_dict()
     weights.update({
         "image_proj.proj.weight": proj["image_embeds.weight"], "image_proj.proj.bias": proj["image_embeds.bias"],

@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .._quiet import quiet_transformers
 
 with quiet_transformers():
-    from diffusers.loaders import FluxLoraLoaderMixin, FromSingleFileMixin
+    from diffusers.loaders import FluxIPAdapterMixin, FluxLoraLoaderMixin, FromSingleFileMixin
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -33,6 +33,7 @@ from ..control import CancelToken
 from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
 from ..loop import LoopState
 from .base import Conditioning, StepDiffPipeline, _check_int, pop_prompts, remembered, repeat_rows, tokenize, warn_truncated
+from .flux_ip_adapter import FluxIPAdapterRun
 from .run import Run, current_run
 
 __all__ = ["FluxGuidance", "FluxPipeline", "pack_latents", "unpack_latents"]
@@ -141,12 +142,13 @@ def _routed_flux(name: str, doc: str) -> property:
     return property(get, set_, doc=doc)
 
 
-class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin):
+class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin, FluxIPAdapterMixin):
     """Text-to-image with Flux (FLUX.1-dev, -schnell and their fine-tunes), on stepdiff's shared denoising loop.
 
     ``denoised`` is the flow-matching x0 estimate (latents - sigma * velocity), packed like the latents;
     ``guidance`` the distilled guidance value per row (guidance-distilled transformers only). Previews unpack the
-    latents themselves (``spatial_latents``). IP-Adapters are not supported yet.
+    latents themselves (``spatial_latents``). IP-Adapters load with the classic ``load_ip_adapter`` (see
+    ``FluxIPAdapterRun``).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
@@ -246,10 +248,6 @@ class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin):
 
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
         kind = super().check_kind_inputs(args)
-        for name in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
-                     "negative_ip_adapter_image_embeds"):
-            if args.pop(name, None) is not None:
-                raise NotImplementedError(f"{name}: stepdiff's Flux pipelines do not support IP-Adapters yet")
         kind["true_cfg_scale"] = check_guidance_scale(args.pop("true_cfg_scale", 1.0), "true_cfg_scale")
         embeds, negative = args.get("prompt_embeds"), args.get("negative_prompt_embeds")
         if isinstance(embeds, torch.Tensor) and isinstance(negative, torch.Tensor) and embeds.shape != negative.shape:
@@ -438,6 +436,10 @@ class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin):
             return self._transformer_call(latent_input, timestep, conditioning, run, rows)
 
     def _transformer_call(self, latent_input, timestep, conditioning, run: Run, rows: int) -> torch.Tensor:
+        joint_attention_kwargs = run.model_kwargs["joint_attention_kwargs"]
+        ip = self.added_cond_extras(conditioning)
+        if ip:  # a new dict per call: the transformer pops the embeddings from it
+            joint_attention_kwargs = {**(joint_attention_kwargs or {}), **ip}
         return self.transformer(
             hidden_states=latent_input,
             timestep=timestep.expand(rows).to(latent_input.dtype) / 1000,
@@ -445,7 +447,7 @@ class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin):
             pooled_projections=conditioning["pooled_projections"],
             encoder_hidden_states=conditioning["encoder_hidden_states"],
             txt_ids=run.extras["txt_ids"], img_ids=run.extras["img_ids"],
-            joint_attention_kwargs=run.model_kwargs["joint_attention_kwargs"], return_dict=False,
+            joint_attention_kwargs=joint_attention_kwargs, return_dict=False,
         )[0]
 
     def _state_tensor(self, state: LoopState, name: str) -> torch.Tensor | None:

@@ -27,11 +27,12 @@ from .run import Run, current_run
 
 with quiet_transformers():
     from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline as _DiffusersSD
 
 __all__ = ["IPAdapterRun"]
 
-_IP_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+_IP_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, FluxIPAdapterAttnProcessor)
 _LOCK = threading.RLock()
 
 
@@ -44,11 +45,11 @@ class IPAdapterRun:
     prepare_ip_adapter_image_embeds = _DiffusersSD.prepare_ip_adapter_image_embeds
 
     def _ip_processors(self) -> dict[str, Any]:
-        return {n: p for n, p in self.unet.attn_processors.items() if isinstance(p, _IP_PROCESSORS)}
+        return {n: p for n, p in self.denoiser.attn_processors.items() if isinstance(p, _IP_PROCESSORS)}
 
     def _ip_adapters_loaded(self) -> int:
-        proj = getattr(self.unet, "encoder_hid_proj", None)
-        if getattr(self.unet.config, "encoder_hid_dim_type", None) != "ip_image_proj" or proj is None:
+        proj = getattr(self.denoiser, "encoder_hid_proj", None)  # the UNet's, or Flux's transformer's
+        if getattr(self.denoiser.config, "encoder_hid_dim_type", None) != "ip_image_proj" or proj is None:
             return 0
         return len(proj.image_projection_layers)
 
