@@ -1,7 +1,8 @@
 """One registry of pipelines: which family, which kind of run, which module.
 
 Read by ``stepdiff`` and ``stepdiff.pipelines`` for their lazy imports, by ``auto`` to pick a class,
-and by the loading errors for their hints. Adding a pipeline is one new file and one line here.
+and by the loading errors for their hints. Adding a pipeline of an existing family is one new file and one line
+here; what a new family takes is counted in docs/architecture.md.
 This module imports nothing from the pipelines, so there is no import cycle.
 """
 
