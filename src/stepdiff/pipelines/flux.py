@@ -348,10 +348,10 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
     # ------------------------------------------------------------ the packed layout
 
     @torch.no_grad()
-    def prepare(self, args: dict[str, Any]) -> Run:
+    def prepare(self, args: dict[str, Any], scheduler: Any = None) -> Run:
         """The shared prepare (latents and a kind's tensors made as (B, C, h, w)), then Flux's layout: everything
         the loop steps on packed into tokens, the token positions and the guidance rows."""
-        run = super().prepare(args)
+        run = super().prepare(args, scheduler=scheduler)
         try:
             self._pack_run(run)
         except BaseException:
