@@ -118,6 +118,7 @@ def shipped():
 
 
 def test_auto_on_the_shipped_model_is_tiny_decoder_frames_at_the_chosen_steps(shipped, monkeypatch):
+    import stepdiff.frames as frames
     import stepdiff.preview as preview
     from stepdiff.preview import load_tiny_decoder, rgb_to_image, tiny_decode, tiny_decoder_folder
 
@@ -129,7 +130,8 @@ def test_auto_on_the_shipped_model_is_tiny_decoder_frames_at_the_chosen_steps(sh
         clock.now += 0.0015
         return real_decode(decoder, latents)
 
-    monkeypatch.setattr(preview, "tiny_decode", decode)
+    monkeypatch.setattr(preview, "tiny_decode", decode)  # the warm-up's
+    monkeypatch.setattr(frames, "tiny_decode", decode)  # render_frame's
     seen = {}
 
     def step(pipe, i, t, kw):  # runs before the preview: each step "takes" 28 ms
