@@ -151,7 +151,7 @@ def test_interrupted_inpainting_keeps_the_unmasked_area(sd_folder):
     assert out.interrupted
     run = pipe.steps("a photo of a cat", image=IMAGE, mask_image=MASK, num_inference_steps=6, generator=gen(0))
     for state in run:
-        known = run.extras["image_latents"]
+        known = run.extras.image_latents
         keep = state.cond["mask"] < 0.5
         # the x0 estimate equals the image's own latents wherever the mask keeps the image
         assert torch.equal(state.denoised[keep.expand_as(state.denoised)], known[keep.expand_as(known)])

@@ -194,7 +194,7 @@ def test_inpainting_finish_keeps_the_unmasked_area(sd_folder):
         if state.step_index == 1:
             break
     out = run.finish()
-    known, keep = run.extras["image_latents"], (state.cond["mask"] < 0.5).expand_as(out.images)
+    known, keep = run.extras.image_latents, (state.cond["mask"] < 0.5).expand_as(out.images)
     assert out.record.stop_output == "finish"
     assert torch.equal(out.images[keep], known[keep])
 

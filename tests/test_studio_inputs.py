@@ -175,7 +175,7 @@ def test_control_job_and_steering_its_control_scale_mid_run(client):
     assert running["steer"]["control_scale"] == 1.5
     live = client.studio._live[job["id"]]
     wait(client, job["id"], states=("running",), step=entry["step"] + 2)
-    assert live.run.extras["control"].scales == [1.5]
+    assert live.run.extras.control.scales == [1.5]
     bad = client.post(f"/api/jobs/{job['id']}/steer", json={"ip_adapter_scale": 0.5})
     assert bad.status_code == 422 and bad.json()["field"] == "ip_adapter_scale" and "IP-Adapter" in bad.json()["allowed"]
     client.post(f"/api/jobs/{job['id']}/cancel")

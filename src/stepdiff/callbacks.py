@@ -538,7 +538,7 @@ class IPAdapterScaleScheduleCallback(_ScaleSchedule):
 
     def check(self, pipeline: Any) -> None:
         run = getattr(pipeline, "current_run", None)
-        if run is None or "ip_adapter_scales" not in run.extras:
+        if run is None or run.extras.ip_adapter_scales is None:
             raise ValueError(
                 "IPAdapterScaleScheduleCallback needs a stepdiff run with an IP-Adapter image (load_ip_adapter, then "
                 "pass ip_adapter_image or ip_adapter_image_embeds)"

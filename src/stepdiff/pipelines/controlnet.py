@@ -9,7 +9,7 @@ A per-row flag ``control_rows`` (1 on conditional rows, 0 on unconditional rows)
 ``guess_mode`` runs the ControlNets on the conditional rows only and gives the unconditional rows
 zero residuals, as the classic pipeline does, whatever rows the loop batched this step.
 
-Everything per call lives on the run (``run.extras["control"]``): the conditioning scales, which a
+Everything per call lives on the run (``run.extras.control``): the conditioning scales, which a
 callback may change (``pipeline.controlnet_conditioning_scale = 0.5`` applies from the next step, to
 that run only), the ``control_guidance_start`` / ``control_guidance_end`` window and ``guess_mode``.
 A ControlNet whose window does not cover a step is not run on that step at all.
@@ -100,7 +100,7 @@ def _per_net(name: str, value: object, n: int) -> list[float]:
 
 @dataclass
 class ControlState:
-    """What one run knows about its ControlNets (``run.extras["control"]``)."""
+    """What one run knows about its ControlNets (``run.extras.control``)."""
 
     scales: list[float]  # controlnet_conditioning_scale, one per ControlNet; callbacks may change them
     start: list[float]
@@ -124,7 +124,7 @@ def _scale_property() -> property:
         run = current_run(self)
         if run is None:
             return remembered(self).get("controlnet_conditioning_scale", 1.0)
-        control = run.extras["control"]
+        control = run.extras.control
         return control.scales[0] if len(control.scales) == 1 else list(control.scales)
 
     def set_(self: Any, value: Any) -> None:
@@ -134,7 +134,7 @@ def _scale_property() -> property:
                 "controlnet_conditioning_scale is a per-call argument: pass it to the call, or set it from a step "
                 "callback to change the current run"
             )
-        control = run.extras["control"]
+        control = run.extras.control
         control.scales = _per_net("controlnet_conditioning_scale", value, len(control.scales))
 
     return property(get, set_, doc=get.__doc__)
@@ -299,7 +299,7 @@ class ControlNetRun:
 
     def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: dict) -> torch.Tensor:
         steps = super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)  # type: ignore[misc]
-        run.extras["control"] = kind["control"]  # before on_run_start, so callbacks can set the first step's scale
+        run.extras.control = kind["control"]  # before on_run_start, so callbacks can set the first step's scale
         return steps
 
     def add_kind_conditioning(self, run: Run, kind: dict, dtype, device, generator) -> None:
@@ -319,7 +319,7 @@ class ControlNetRun:
 
     def unet_extras(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> dict:
         """The ControlNet residuals for the rows of this model call, as UNet keyword arguments."""
-        control: ControlState = run.extras["control"]
+        control: ControlState = run.extras.control
         scales = control.scales_at(run.state.steps_completed)
         rows = None
         if control.guess_mode:  # the ControlNets see the conditional rows only; the others get zero residuals
@@ -389,7 +389,7 @@ class ControlNetRun:
 
     def finish(self, run: Run) -> Any:
         out = super().finish(run)  # type: ignore[misc]
-        scales = run.extras["control"].scales
+        scales = run.extras.control.scales
         remembered(self)["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else list(scales)
         return out
 

@@ -126,7 +126,7 @@ def _routed_flux(name: str, doc: str) -> property:
             return remembered(self).get(name)
         return {"guidance_scale": run.guidance.embedded, "true_cfg_scale": run.guidance.scale,
                 "joint_attention_kwargs": run.model_kwargs.get("joint_attention_kwargs"),
-                "current_timestep": run.extras.get("current_timestep")}[name]
+                "current_timestep": run.extras.current_timestep}[name]
 
     def set_(self: FluxPipeline, value: Any) -> None:
         run = current_run(self)
@@ -363,7 +363,7 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
         state = run.state
         latents = state.latents  # (B, C, h, w)
         _, channels, height, width = latents.shape
-        run.extras["latent_size"] = (height, width)
+        run.extras.latent_size = (height, width)
         state.latents = pack_latents(latents)
         for key in ("mask", "masked_image_latents"):  # inpainting's per-row conditioning
             if key in state.cond:
@@ -374,13 +374,15 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
                 for side in (state.cond, state.uncond):
                     if key in side:
                         side[key] = packed
-        for key in ("noise", "image_latents"):  # inpainting's known region, put back after each step
-            if key in run.extras:
-                run.extras[key] = pack_latents(run.extras[key])
+        extras = run.extras  # inpainting's known region, put back after each step
+        if extras.noise is not None:
+            extras.noise = pack_latents(extras.noise)
+        if extras.image_latents is not None:
+            extras.image_latents = pack_latents(extras.image_latents)
         embeds = state.cond["encoder_hidden_states"]
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
-        run.extras["txt_ids"] = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=dtype)
-        run.extras["img_ids"] = _latent_ids(height, width, latents.device, latents.dtype)
+        run.extras.txt_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=dtype)
+        run.extras.img_ids = _latent_ids(height, width, latents.device, latents.dtype)
         run.guidance.attach(state.cond, state.uncond)
 
     def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
@@ -404,9 +406,9 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
         """Packed latents of the current run (B, N, 4C) or one row (N, 4C) -> (B, C, h, w) / (C, h, w), for previews
         (call it from a step callback, where the run is known)."""
         run = current_run(self)
-        if run is None or "latent_size" not in run.extras:
+        if run is None or run.extras.latent_size is None:
             raise RuntimeError("spatial_latents needs the current run: call it from a step callback")
-        return unpack_latents(latents, *run.extras["latent_size"])
+        return unpack_latents(latents, *run.extras.latent_size)
 
     @staticmethod
     def _pack_latents(latents, batch_size, num_channels_latents, height, width):
@@ -429,7 +431,7 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
 
     def predict(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run):
         rows = latent_input.shape[0]
-        run.extras["current_timestep"] = timestep
+        run.extras.current_timestep = timestep
         # The classic cache hooks (First-Block-Cache, TaylorSeer, ...) keep one state per context: one per set of
         # conditioning sides batched in this call ("cond", "uncond+cond"), and one for extra passes.
         with self.transformer.cache_context("+".join(run.state.sides) or "extra"):
@@ -446,7 +448,7 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
             guidance=conditioning.get("guidance"),
             pooled_projections=conditioning["pooled_projections"],
             encoder_hidden_states=conditioning["encoder_hidden_states"],
-            txt_ids=run.extras["txt_ids"], img_ids=run.extras["img_ids"],
+            txt_ids=run.extras.txt_ids, img_ids=run.extras.img_ids,
             joint_attention_kwargs=joint_attention_kwargs, return_dict=False,
         )[0]
 
@@ -474,7 +476,7 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
         run = current_run(self)
         if run is None:
             raise RuntimeError("decode_latents needs the run's latent size (it runs inside finish)")
-        return super().decode_latents(unpack_latents(latents, *run.extras["latent_size"]))
+        return super().decode_latents(unpack_latents(latents, *run.extras.latent_size))
 
     @torch.no_grad()
     def finish(self, run: Run) -> Any:

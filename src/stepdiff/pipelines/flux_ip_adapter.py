@@ -102,15 +102,15 @@ class FluxIPAdapterRun(IPAdapterRun):
 
     def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: dict) -> torch.Tensor:
         if kind.get("ip_adapter") is not None:
-            run.extras["ip_adapter_size"] = (kind["height"], kind["width"])
+            run.extras.ip_adapter_size = (kind["height"], kind["width"])
         return super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)
 
     def add_model_conditioning(self, run: Run, dtype: torch.dtype, device: torch.device) -> None:
-        values = run.extras.pop("ip_adapter", None)
+        values, run.extras.ip_adapter = run.extras.ip_adapter, None  # used once, here
         super().add_model_conditioning(run, dtype, device)  # (IPAdapterRun's part sees no IP-Adapter input)
         if values is None:
             return
-        height, width = run.extras.pop("ip_adapter_size")
+        height, width = run.extras.ip_adapter_size
         black = [np.zeros((width, height, 3), dtype=np.uint8)] * self._ip_adapters_loaded()  # the classic default
         rows = run.state.latents.shape[0]
         sides = [("", run.state.cond)]

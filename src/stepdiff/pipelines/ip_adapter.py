@@ -94,16 +94,16 @@ class IPAdapterRun:
     def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: dict) -> torch.Tensor:
         steps = super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)  # type: ignore[misc]
         if kind.get("ip_adapter") is not None:
-            run.extras["ip_adapter"] = kind["ip_adapter"]
+            run.extras.ip_adapter = kind["ip_adapter"]
             with _LOCK:  # never while another run's model call has its own scales in the processors
-                run.extras["ip_adapter_scales"] = {n: list(p.scale) for n, p in self._ip_processors().items()}
+                run.extras.ip_adapter_scales = {n: list(p.scale) for n, p in self._ip_processors().items()}
         return steps
 
     def add_model_conditioning(self, run: Run, dtype: torch.dtype, device: torch.device) -> None:
         super().add_model_conditioning(run, dtype, device)  # type: ignore[misc]
-        if "ip_adapter" not in run.extras:
+        if run.extras.ip_adapter is None:
             return
-        image, embeds = run.extras.pop("ip_adapter")
+        (image, embeds), run.extras.ip_adapter = run.extras.ip_adapter, None  # used once, here
         rows = run.state.latents.shape[0]
         # Given embeddings are [negative, positive] when the call starts with guidance, positive alone otherwise,
         # as in the classic pipelines; images always give both.
@@ -122,7 +122,7 @@ class IPAdapterRun:
     @contextlib.contextmanager
     def model_call_context(self, run: Run) -> Iterator[None]:
         """The run's IP-Adapter scales in the attention processors for the length of one model call."""
-        scales = run.extras.get("ip_adapter_scales")
+        scales = run.extras.ip_adapter_scales
         if scales is None:
             with super().model_call_context(run):  # type: ignore[misc]
                 yield
@@ -143,7 +143,7 @@ class IPAdapterRun:
         """The classic call. Inside a step callback it changes the current run only (from its next model call);
         outside a run it sets the scale new calls start from."""
         run = current_run(self)
-        if run is None or "ip_adapter_scales" not in run.extras:
+        if run is None or run.extras.ip_adapter_scales is None:
             with _LOCK:
                 super().set_ip_adapter_scale(scale)  # type: ignore[misc]
             return
@@ -152,7 +152,7 @@ class IPAdapterRun:
             saved = {n: list(p.scale) for n, p in processors.items()}
             try:
                 super().set_ip_adapter_scale(scale)  # type: ignore[misc]
-                run.extras["ip_adapter_scales"] = {n: list(p.scale) for n, p in processors.items()}
+                run.extras.ip_adapter_scales = {n: list(p.scale) for n, p in processors.items()}
             finally:
                 for n, p in processors.items():
                     p.scale = saved[n]

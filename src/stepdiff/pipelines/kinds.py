@@ -334,17 +334,17 @@ class InpaintRun(Image2ImageRun):
         masked_latents = _repeat_to(masked_latents, rows, "image").to(device=device, dtype=dtype)
         for side in (run.state.cond, run.state.uncond):
             side["mask"], side["masked_image_latents"] = mask, masked_latents
-        run.extras.update(noise=kind["noise"], image_latents=kind["image_latents"].to(dtype))
+        run.extras.noise, run.extras.image_latents = kind["noise"], kind["image_latents"].to(dtype)
         run.after_step = lambda state: self._keep_known_region(run, state)
 
     def _keep_known_region(self, run: Run, state) -> None:
-        mask, known = state.cond["mask"], run.extras["image_latents"]
+        mask, known = state.cond["mask"], run.extras.image_latents
         if not self.takes_mask_channels():
             proper = known
             i = state.step_index
             scheduler, timesteps = run.schedule  # the finishing steps' own while they run
             if i < len(timesteps) - 1:
-                proper = self.noise_to(run, known, run.extras["noise"], torch.tensor([timesteps[i + 1]]), scheduler)
+                proper = self.noise_to(run, known, run.extras.noise, torch.tensor([timesteps[i + 1]]), scheduler)
             state.latents = (1 - mask) * proper + mask * state.latents
         state.denoised = (1 - mask) * known + mask * state.denoised
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,9 +30,25 @@ from ..finishing import check_finish_steps, finish_plan, parse_interrupt_output
 from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
 from ..loop import LoopState, denoise
 
-__all__ = ["Run", "StepState", "current_run", "remembered"]
+__all__ = ["Run", "RunExtras", "StepState", "current_run", "remembered"]
 
 StepState = LoopState  # what a run yields after each step
+
+
+@dataclass
+class RunExtras:
+    """What the kinds and features of a run keep for their own steps, one typed field each (None: not this run's)."""
+
+    control: Any = None  # ControlState: the ControlNets' scales and windows (controlnet.py)
+    ip_adapter: Any = None  # the IP-Adapter inputs, until the run's conditioning is made from them (ip_adapter.py)
+    ip_adapter_scales: dict[str, list[float]] | None = None  # this run's IP-Adapter scales, by attention processor
+    ip_adapter_size: tuple[int, int] | None = None  # Flux: the picture size its black negative image is made at
+    noise: torch.Tensor | None = None  # inpainting: the noise the known region is re-noised with after each step
+    image_latents: torch.Tensor | None = None  # inpainting: the known image's latents
+    latent_size: tuple[int, int] | None = None  # Flux: (h, w) of the latents its tokens unpack to
+    txt_ids: torch.Tensor | None = None  # Flux: the text tokens' position ids
+    img_ids: torch.Tensor | None = None  # Flux: the image tokens' position ids
+    current_timestep: Any = None  # Flux: the classic ``pipe.current_timestep`` during a model call
 
 _local = threading.local()
 
@@ -106,7 +123,7 @@ class Run:
         self.step_kwargs = step_kwargs
         self.model_kwargs = model_kwargs  # per-call model arguments (cross_attention_kwargs, ...)
         self.started = started
-        self.extras: dict[str, Any] = {}  # what a kind of run keeps for its own steps (inpainting's mask, ...)
+        self.extras = RunExtras()  # what the kinds and features keep for their own steps, typed
         self.compute = RunCompute()  # step caching policies (stepdiff.caching), their caches and counts
         self.state: LoopState | None = None
         self.after_step: Callable[[LoopState], None] | None = None

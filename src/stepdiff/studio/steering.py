@@ -55,12 +55,12 @@ class GuidancePlan:
         if step >= self.total:
             return
         run.guidance_scale = self.scale_at(step)
-        control = run.extras.get("control")
+        control = run.extras.control
         if control is not None and self.control_scale is not None:
             control.scales = [self.control_scale] * len(control.scales)
-        if self.ip_adapter_scale is not None and "ip_adapter_scales" in run.extras:
-            run.extras["ip_adapter_scales"] = {n: [self.ip_adapter_scale] * len(v)
-                                               for n, v in run.extras["ip_adapter_scales"].items()}
+        if self.ip_adapter_scale is not None and run.extras.ip_adapter_scales is not None:
+            run.extras.ip_adapter_scales = {n: [self.ip_adapter_scale] * len(v)
+                                               for n, v in run.extras.ip_adapter_scales.items()}
 
     def change(self, changes: dict[str, Any]) -> None:
         """Apply checked ``changes`` (``parse_steer``); call under ``lock``. A field the job does not use is a
