@@ -12,7 +12,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .run import Run
+from .run import CallInputs, Run
 from .stable_diffusion_xl import StableDiffusionXLPipeline, _fraction
 from .stable_diffusion_xl_controlnet import StableDiffusionXLControlNetPipeline
 
@@ -72,14 +72,14 @@ class SDXLImageMixin:
         return (original_size + crops_coords_top_left + target_size,
                 negative_original_size + crops_coords_top_left + negative_target_size)
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         kind = super().check_kind_inputs(args)  # type: ignore[misc]
-        kind["denoising_start"] = _fraction("denoising_start", args.pop("denoising_start", None))
-        kind["add_noise"] = kind["denoising_start"] is None
+        kind.denoising_start = _fraction("denoising_start", args.pop("denoising_start", None))
+        kind.add_noise = kind.denoising_start is None
         return kind
 
-    def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: dict) -> torch.Tensor:
-        start = kind["denoising_start"]
+    def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: CallInputs) -> torch.Tensor:
+        start = kind.denoising_start
         if start is None:
             return super().truncate_start(run, steps, num_inference_steps, kind)  # type: ignore[misc]
         scheduler = run.scheduler
@@ -125,5 +125,5 @@ class SDXLControlNetImageMixin(SDXLImageMixin):
         )
         self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         return self.match_init_image(super().check_kind_inputs(args), args)  # type: ignore[attr-defined]

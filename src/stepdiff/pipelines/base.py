@@ -54,7 +54,7 @@ from ..loop import LoopState, scheduler_step_kwargs
 from ..output import RunRecord, StepDiffPipelineOutput
 from ..vae import decode_latents as decode_with_vae
 from .registry import REGISTRY, entry_for_class_name, pipeline_for
-from .run import Run, current_run, remembered
+from .run import CallInputs, Run, current_run, remembered
 
 __all__ = ["StepDiffPipeline", "check_folder", "decode_with_vae"]
 
@@ -454,7 +454,7 @@ class StepDiffPipeline(DiffusionPipeline):
         """Pop per-call model arguments (``cross_attention_kwargs``, ...) into the run."""
         return {}
 
-    def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: dict | None = None) -> Guidance:
+    def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: CallInputs | None = None) -> Guidance:
         if getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None:
             return DistilledGuidance(guidance_scale)  # LCM and other guidance-distilled UNets
         return ClassifierFreeGuidance(guidance_scale, guidance_rescale)
@@ -507,28 +507,28 @@ class StepDiffPipeline(DiffusionPipeline):
 
     # ------------------------------------------------- kind-of-run interface
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         """Pop and check what this kind of run adds (image, mask, strength); text-to-image adds nothing."""
-        return {}
+        return CallInputs()
 
-    def check_kind_rows(self, kind: dict, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
+    def check_kind_rows(self, kind: CallInputs, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
         """Once the call's size and number of images are known, before any model work: the kind's images against
         them (image-to-image: as many images as the call makes, or a number that divides it; inpainting: masks too)."""
 
-    def set_timesteps(self, run: Run, num_inference_steps: int | None, timesteps, sigmas, kind: dict) -> torch.Tensor:
+    def set_timesteps(self, run: Run, num_inference_steps: int | None, timesteps, sigmas, kind: CallInputs) -> torch.Tensor:
         """Set the run's scheduler and return the timesteps the loop will run."""
         steps, num_inference_steps = retrieve_timesteps(
             run.scheduler, num_inference_steps, self._execution_device, timesteps=timesteps, sigmas=sigmas,
-            **self.scheduler_kwargs(kind["height"], kind["width"], kind),
+            **self.scheduler_kwargs(kind.height, kind.width, kind),
         )
         steps = self.truncate_start(run, steps, num_inference_steps, kind)
         return self.truncate_end(run, steps, kind)
 
-    def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: dict) -> torch.Tensor:
+    def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: CallInputs) -> torch.Tensor:
         """Where the run starts in the schedule (image-to-image: by ``strength`` or ``denoising_start``)."""
         return steps
 
-    def truncate_end(self, run: Run, steps: torch.Tensor, kind: dict) -> torch.Tensor:
+    def truncate_end(self, run: Run, steps: torch.Tensor, kind: CallInputs) -> torch.Tensor:
         """Where the run ends in the schedule (SDXL: ``denoising_end``)."""
         return steps
 
@@ -538,7 +538,7 @@ class StepDiffPipeline(DiffusionPipeline):
 
     def initial_latents(
         self, run: Run, rows: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None, latents: torch.Tensor | None, kind: dict,
+        generator: torch.Generator | list[torch.Generator] | None, latents: torch.Tensor | None, kind: CallInputs,
     ) -> torch.Tensor:
         """Text-to-image: scaled noise, or the caller's ``latents``."""
         shape = (rows, self.latent_channels(), height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -595,7 +595,7 @@ class StepDiffPipeline(DiffusionPipeline):
         """The smallest size whose latents survive every down-sampling of the denoiser."""
         return max(8, self.vae_scale_factor * 2 ** (len(self.denoiser.config.block_out_channels) - 1))
 
-    def scheduler_kwargs(self, height: int, width: int, kind: dict | None = None) -> dict[str, Any]:
+    def scheduler_kwargs(self, height: int, width: int, kind: CallInputs | None = None) -> dict[str, Any]:
         """Extra ``set_timesteps`` arguments a family needs (SD3: the resolution-dependent shift ``mu``)."""
         return {}
 
@@ -715,10 +715,10 @@ class StepDiffPipeline(DiffusionPipeline):
         self._check_embedding_widths(encode_kwargs)
         height = args.pop("height", None)
         width = args.pop("width", None)
-        height = kind.get("height") if height is None else height
-        width = kind.get("width") if width is None else width
-        kind["height"] = self._check_size("height", self.default_size() if height is None else height)
-        kind["width"] = self._check_size("width", self.default_size() if width is None else width)
+        height = kind.height if height is None else height
+        width = kind.width if width is None else width
+        kind.height = self._check_size("height", self.default_size() if height is None else height)
+        kind.width = self._check_size("width", self.default_size() if width is None else width)
         timesteps, sigmas = args.pop("timesteps", None), args.pop("sigmas", None)
         num_inference_steps = args.pop("num_inference_steps", None)
         if num_inference_steps is not None or (timesteps is None and sigmas is None):
@@ -771,14 +771,14 @@ class StepDiffPipeline(DiffusionPipeline):
             # 3. Encode prompts: conditional and unconditional rows, kept apart.
             with self._text_lora_scale(run.model_kwargs):
                 conditioning = self.encode(
-                    device=device, num_images_per_prompt=num_images_per_prompt, height=kind["height"], width=kind["width"],
+                    device=device, num_images_per_prompt=num_images_per_prompt, height=kind.height, width=kind.width,
                     **encode_kwargs,
                 )
             dtype = next(iter(conditioning.cond.values())).dtype
 
             # 4. Initial latents (noise, or the image's latents noised to the first timestep).
             latents = self.initial_latents(
-                run, rows, kind["height"], kind["width"], dtype, device, generator, args.pop("latents", None), kind
+                run, rows, kind.height, kind.width, dtype, device, generator, args.pop("latents", None), kind
             )
             run.state = LoopState(
                 latents=latents, cond=conditioning.cond, uncond=conditioning.uncond, guidance_scale=run.guidance.scale,
@@ -824,7 +824,7 @@ class StepDiffPipeline(DiffusionPipeline):
                     f"{type(self.denoiser).__name__} takes {width}; encode with this pipeline's encode_prompt"
                 )
 
-    def add_kind_conditioning(self, run: Run, kind: dict, dtype, device, generator) -> None:
+    def add_kind_conditioning(self, run: Run, kind: CallInputs, dtype, device, generator) -> None:
         """Per-row conditioning a kind of run adds (inpainting's mask and masked-image latents)."""
 
     @torch.no_grad()

@@ -30,7 +30,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from ..guidance import control_window
-from .run import Run, current_run, remembered
+from .run import CallInputs, Run, current_run, remembered
 
 __all__ = ["ControlNetRun", "ControlState", "as_controlnet", "check_controlnet_fits"]
 
@@ -200,7 +200,7 @@ class ControlNetRun:
             )
         return tensor
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         kind = super().check_kind_inputs(args)  # type: ignore[misc]
         nets = self.control_nets()
         n = len(nets)
@@ -241,31 +241,31 @@ class ControlNetRun:
                 except (ValueError, TypeError) as e:
                     raise ValueError(f"{self._control_image_name} is {w}x{h} (width x height), which this model cannot "
                                      f"generate at: {e}; pass a larger control image or height and width") from None
-            kind["height"], kind["width"] = h, w
-        kind["control"] = ControlState(
+            kind.height, kind.width = h, w
+        kind.control = ControlState(
             scales=scales, start=starts, end=ends, guess_mode=guess_mode, keys=[f"controlnet_cond_{k}" for k in range(n)],
         )
-        kind["control_images"] = tensors
+        kind.control_images = tensors
         args["_control_batches"] = [t.shape[0] for t in tensors]
         return kind
 
-    def match_init_image(self, kind: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    def match_init_image(self, kind: CallInputs, args: dict[str, Any]) -> CallInputs:
         """Image-to-image and inpainting with ControlNets: the init ``image`` and the control images get one size, as
         the classic pipelines (both resized to ``height`` / ``width`` when given; otherwise they must already agree,
         where the classic pipelines crash in the ControlNet)."""
         from .kinds import _image_size, _preprocess
 
         height, width = args.get("height"), args.get("width")
-        sized = "image" in kind  # image-to-image has read the image (and its size) already; inpainting reads it later
+        sized = kind.image is not None  # image-to-image has read the image (and its size) already; inpainting reads it later
         if height is not None or width is not None:
             if sized:
-                kind["image"] = _preprocess(self.image_processor, "image", kind["image_arg"], height=height, width=width)
+                kind.image = _preprocess(self.image_processor, "image", kind.image_arg, height=height, width=width)
             return kind
-        h, w = kind["control_images"][0].shape[-2:]
+        h, w = kind.control_images[0].shape[-2:]
         if sized:
-            image_h, image_w = kind["height"], kind["width"]
+            image_h, image_w = kind.height, kind.width
         else:
-            image = kind["image_arg"]
+            image = kind.image_arg
             first = image[0] if isinstance(image, list) else image
             size = _image_size(image)
             if size is None or (isinstance(first, torch.Tensor) and first.ndim == 4 and first.shape[1] == self.latent_channels()):
@@ -293,20 +293,20 @@ class ControlNetRun:
 
     # ---------------------------------------------------------- the run
 
-    def truncate_end(self, run: Run, steps: torch.Tensor, kind: dict) -> torch.Tensor:
-        kind["control"].num_steps = len(steps)
+    def truncate_end(self, run: Run, steps: torch.Tensor, kind: CallInputs) -> torch.Tensor:
+        kind.control.num_steps = len(steps)
         return super().truncate_end(run, steps, kind)  # type: ignore[misc]
 
-    def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: dict) -> torch.Tensor:
+    def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: CallInputs) -> torch.Tensor:
         steps = super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)  # type: ignore[misc]
-        run.extras.control = kind["control"]  # before on_run_start, so callbacks can set the first step's scale
+        run.extras.control = kind.control  # before on_run_start, so callbacks can set the first step's scale
         return steps
 
-    def add_kind_conditioning(self, run: Run, kind: dict, dtype, device, generator) -> None:
+    def add_kind_conditioning(self, run: Run, kind: CallInputs, dtype, device, generator) -> None:
         super().add_kind_conditioning(run, kind, dtype, device, generator)  # type: ignore[misc]
         state = run.state
         rows = state.latents.shape[0]
-        for net, key, image in zip(self.control_nets(), kind["control"].keys, kind["control_images"]):
+        for net, key, image in zip(self.control_nets(), kind.control.keys, kind.control_images):
             repeat_by = rows if image.shape[0] == 1 else rows // image.shape[0]  # as the classic prepare_image
             image = image.repeat_interleave(repeat_by, dim=0).to(device=device, dtype=net.dtype)
             state.cond[key] = state.uncond[key] = image  # the same control image for both sides

@@ -34,7 +34,7 @@ from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
 from ..loop import LoopState
 from .base import Conditioning, StepDiffPipeline, _check_int, pop_prompts, remembered, repeat_rows, tokenize, warn_truncated
 from .flux_ip_adapter import FluxIPAdapterRun
-from .run import Run, current_run
+from .run import CallInputs, Run, current_run
 
 __all__ = ["FluxGuidance", "FluxPipeline", "pack_latents", "unpack_latents"]
 
@@ -246,12 +246,12 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
                             f"accordingly (to {value - value % multiple})")
         return value - value % multiple
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         kind = super().check_kind_inputs(args)
-        kind["true_cfg_scale"] = check_guidance_scale(args.pop("true_cfg_scale", 1.0), "true_cfg_scale")
+        kind.true_cfg_scale = check_guidance_scale(args.pop("true_cfg_scale", 1.0), "true_cfg_scale")
         embeds, negative = args.get("prompt_embeds"), args.get("negative_prompt_embeds")
         if isinstance(embeds, torch.Tensor) and isinstance(negative, torch.Tensor) and embeds.shape != negative.shape:
-            if kind["true_cfg_scale"] > 1:
+            if kind.true_cfg_scale > 1:
                 raise ValueError(
                     "`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed directly, but"
                     f" got: `prompt_embeds` {tuple(embeds.shape)} != `negative_prompt_embeds` {tuple(negative.shape)}"
@@ -260,17 +260,17 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
             # they cannot be batched with the prompts, so a callback cannot turn true CFG on for this run).
             args.pop("negative_prompt_embeds")
             args.pop("negative_pooled_prompt_embeds", None)
-        kind["negatives"] = args.get("negative_prompt") is not None or (
+        kind.negatives = args.get("negative_prompt") is not None or (
             args.get("negative_prompt_embeds") is not None and args.get("negative_pooled_prompt_embeds") is not None
         )
         return kind
 
-    def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: dict | None = None) -> Guidance:
-        kind = kind or {}
-        return FluxGuidance(kind.get("true_cfg_scale", 1.0), guidance_scale, kind.get("negatives", False),
+    def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: CallInputs | None = None) -> Guidance:
+        kind = kind or CallInputs()
+        return FluxGuidance(kind.true_cfg_scale, guidance_scale, kind.negatives,
                             embeds=bool(self.transformer.config.guidance_embeds))
 
-    def scheduler_kwargs(self, height: int, width: int, kind: dict | None = None) -> dict[str, Any]:
+    def scheduler_kwargs(self, height: int, width: int, kind: CallInputs | None = None) -> dict[str, Any]:
         cfg = self.scheduler.config
         seq_len = (height // self.vae_scale_factor // 2) * (width // self.vae_scale_factor // 2)
         mu = calculate_shift(  # resolution-dependent shift, used by schedulers with use_dynamic_shifting
@@ -279,7 +279,7 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
         )
         return {"mu": mu}
 
-    def set_timesteps(self, run: Run, num_inference_steps: int | None, timesteps, sigmas, kind: dict) -> torch.Tensor:
+    def set_timesteps(self, run: Run, num_inference_steps: int | None, timesteps, sigmas, kind: CallInputs) -> torch.Tensor:
         # The classic pipeline's default: sigmas spaced evenly from 1 to 1/n (shifted by the scheduler).
         if run.scheduler.config.get("use_flow_sigmas", False):
             sigmas = None

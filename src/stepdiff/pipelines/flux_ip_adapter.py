@@ -19,7 +19,7 @@ import torch
 
 from .._quiet import quiet_transformers
 from .ip_adapter import IPAdapterRun
-from .run import Run
+from .run import CallInputs, Run
 
 with quiet_transformers():
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _DiffusersFlux
@@ -58,7 +58,7 @@ class FluxIPAdapterRun(IPAdapterRun):
     encode_image = _DiffusersFlux.encode_image
     prepare_ip_adapter_image_embeds = _DiffusersFlux.prepare_ip_adapter_image_embeds
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         # IPAdapterRun's check knows one image argument; Flux has two sides, checked here.
         kind = super(IPAdapterRun, self).check_kind_inputs(args)
         values = {name: args.pop(name, None) for name in _NAMES}
@@ -75,17 +75,17 @@ class FluxIPAdapterRun(IPAdapterRun):
             raise ValueError(f"{given[0]} needs an IP-Adapter: call pipe.load_ip_adapter(...) first")
         for prefix in ("", "negative_"):
             _check_side(prefix, values[f"{prefix}ip_adapter_image"], values[f"{prefix}ip_adapter_image_embeds"], n)
-        kind["ip_adapter"] = values
+        kind.ip_adapter = values
         return kind
 
-    def check_kind_rows(self, kind: dict, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
+    def check_kind_rows(self, kind: CallInputs, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
         super().check_kind_rows(kind, rows, batch_size, num_images_per_prompt)
-        values = kind.get("ip_adapter")
+        values = kind.ip_adapter
         if values is None or getattr(self, "image_encoder", None) is not None:
             return
         # Without an image encoder every side the run uses needs its embeddings (the classic pipelines encode a
         # black image for a side given neither, and fail inside the encoder call without one).
-        sides = ["", "negative_"] if kind.get("negatives") else [""]
+        sides = ["", "negative_"] if kind.negatives else [""]
         for prefix in sides:
             if values[f"{prefix}ip_adapter_image"] is not None:
                 raise ValueError(
@@ -100,9 +100,9 @@ class FluxIPAdapterRun(IPAdapterRun):
                     "image, and this pipeline has no image encoder"
                 )
 
-    def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: dict) -> torch.Tensor:
-        if kind.get("ip_adapter") is not None:
-            run.extras.ip_adapter_size = (kind["height"], kind["width"])
+    def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: CallInputs) -> torch.Tensor:
+        if kind.ip_adapter is not None:
+            run.extras.ip_adapter_size = (kind.height, kind.width)
         return super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)
 
     def add_model_conditioning(self, run: Run, dtype: torch.dtype, device: torch.device) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .._quiet import quiet_transformers
-from .run import Run, current_run
+from .run import CallInputs, Run, current_run
 
 with quiet_transformers():
     from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
@@ -53,7 +53,7 @@ class IPAdapterRun:
             return 0
         return len(proj.image_projection_layers)
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         kind = super().check_kind_inputs(args)  # type: ignore[misc]
         image, embeds = args.pop("ip_adapter_image", None), args.pop("ip_adapter_image_embeds", None)
         n = self._ip_adapters_loaded()
@@ -88,13 +88,13 @@ class IPAdapterRun:
                 if not isinstance(e, torch.Tensor) or e.ndim not in (3, 4):
                     got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
                     raise ValueError(f"ip_adapter_image_embeds[{k}] must be a 3-D or 4-D tensor, got {got}")
-        kind["ip_adapter"] = (image, embeds)
+        kind.ip_adapter = (image, embeds)
         return kind
 
-    def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: dict) -> torch.Tensor:
+    def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: CallInputs) -> torch.Tensor:
         steps = super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)  # type: ignore[misc]
-        if kind.get("ip_adapter") is not None:
-            run.extras.ip_adapter = kind["ip_adapter"]
+        if kind.ip_adapter is not None:
+            run.extras.ip_adapter = kind.ip_adapter
             with _LOCK:  # never while another run's model call has its own scales in the processors
                 run.extras.ip_adapter_scales = {n: list(p.scale) for n, p in self._ip_processors().items()}
         return steps

@@ -22,7 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..vae import encode_images
-from .run import Run
+from .run import CallInputs, Run
 
 __all__ = ["INPAINT_CALLBACK_NAMES", "Image2ImageRun", "InpaintRun", "check_strength"]
 
@@ -104,36 +104,36 @@ class Image2ImageRun:
     # first generators only) and repeat the latents.
     repeat_image_for_generators: ClassVar[bool] = True
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         kind = super().check_kind_inputs(args)  # type: ignore[misc]
-        kind["strength"] = check_strength(args.pop("strength", 0.8))
+        kind.strength = check_strength(args.pop("strength", 0.8))
         image = args.pop("image", None)
         _check_image("image", image)
-        kind["image_arg"] = image
+        kind.image_arg = image
         if self.size_from_image:
             if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self.latent_channels():
-                kind["image"] = image  # latents given directly
-                kind["height"], kind["width"] = (s * self.vae_scale_factor for s in image.shape[-2:])
+                kind.image = image  # latents given directly
+                kind.height, kind.width = (s * self.vae_scale_factor for s in image.shape[-2:])
             else:
-                kind["image"] = _preprocess(self.image_processor, "image", image)
-                kind["height"], kind["width"] = kind["image"].shape[-2:]
+                kind.image = _preprocess(self.image_processor, "image", image)
+                kind.height, kind.width = kind.image.shape[-2:]
         return kind
 
-    def check_kind_rows(self, kind: dict, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
+    def check_kind_rows(self, kind: CallInputs, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
         super().check_kind_rows(kind, rows, batch_size, num_images_per_prompt)  # type: ignore[misc]
-        if kind.get("image") is None:
-            kind["image"] = _preprocess(
-                self.image_processor, "image", kind["image_arg"], height=kind["height"], width=kind["width"]
+        if kind.image is None:
+            kind.image = _preprocess(
+                self.image_processor, "image", kind.image_arg, height=kind.height, width=kind.width
             )
-        _check_count("image", "image", kind["image"].shape[0], rows, batch_size, num_images_per_prompt)
+        _check_count("image", "image", kind.image.shape[0], rows, batch_size, num_images_per_prompt)
 
     def start_index(self, num_inference_steps: int, strength: float) -> int:
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
         return max(num_inference_steps - init_timestep, 0)
 
-    def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: dict) -> torch.Tensor:
+    def truncate_start(self, run: Run, steps: torch.Tensor, num_inference_steps: int, kind: CallInputs) -> torch.Tensor:
         scheduler = run.scheduler
-        start = self.start_index(num_inference_steps, kind["strength"])
+        start = self.start_index(num_inference_steps, kind.strength)
         t_start = start * scheduler.order
         steps = scheduler.timesteps[t_start:]
         if hasattr(scheduler, "set_begin_index"):
@@ -142,16 +142,16 @@ class Image2ImageRun:
         # leave a lone timestep to run at a strength that leaves 0 steps (the classic pipelines raise there).
         if len(steps) == 0 or num_inference_steps - start < 1:
             raise ValueError(
-                f"strength={kind['strength']} leaves no denoising step at num_inference_steps={num_inference_steps}; "
+                f"strength={kind.strength} leaves no denoising step at num_inference_steps={num_inference_steps}; "
                 "raise strength or num_inference_steps"
             )
         return steps
 
-    def _image_latents(self, kind: dict, rows: int, dtype, device, generator) -> torch.Tensor:
-        image = kind.get("image")
+    def _image_latents(self, kind: CallInputs, rows: int, dtype, device, generator) -> torch.Tensor:
+        image = kind.image
         if image is None:
-            image = kind["image"] = _preprocess(
-                self.image_processor, "image", kind["image_arg"], height=kind["height"], width=kind["width"]
+            image = kind.image = _preprocess(
+                self.image_processor, "image", kind.image_arg, height=kind.height, width=kind.width
             )
         image = image.to(device=device, dtype=dtype)
         if image.shape[1] == self.latent_channels():
@@ -171,7 +171,7 @@ class Image2ImageRun:
 
     def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
         init = self._image_latents(kind, rows, dtype, device, generator)
-        if not kind.get("add_noise", True):  # a refiner run taking over a base run's latents (denoising_start)
+        if not kind.add_noise:  # a refiner run taking over a base run's latents (denoising_start)
             return init
         noise = randn_tensor(init.shape, generator=generator, device=device, dtype=dtype)
         return self.noise_to(run, init, noise, run.timesteps[:1].repeat(rows))
@@ -220,26 +220,26 @@ class InpaintRun(Image2ImageRun):
         after every step."""
         return self.denoiser_channels() == 2 * self.latent_channels() + 1
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         kind = super().check_kind_inputs(args)
         mask = args.pop("mask_image", None)
         if mask is None:
             raise ValueError("mask_image is required for inpainting: white repaints, black keeps the image")
         _check_image("mask_image", mask)
-        image, f = kind["image_arg"], self.vae_scale_factor
+        image, f = kind.image_arg, self.vae_scale_factor
         image_size, mask_size = _image_size(image), _image_size(mask)
-        kind["masked_image_latents"] = args.pop("masked_image_latents", None)
+        kind.masked_image_latents = args.pop("masked_image_latents", None)
         if _is_latents(image, self.latent_channels()):  # the image's latents: its picture is f times their size
             image_size = tuple(s * f for s in image.shape[-2:])
-            if kind["masked_image_latents"] is None and self.takes_mask_channels():
+            if kind.masked_image_latents is None and self.takes_mask_channels():
                 raise ValueError(
                     f"image is given as latents (shape {tuple(image.shape)}), so pass masked_image_latents too: this "
                     "inpainting model takes the masked image's latents, which cannot be made from latents"
                 )
             # Latents cannot be resized: the picture is their size unless height and width say otherwise (checked).
-            kind["height"], kind["width"] = image_size
+            kind.height, kind.width = image_size
             for dim, value in (("height", args.get("height")), ("width", args.get("width"))):
-                if value is not None and value != kind[dim]:
+                if value is not None and value != getattr(kind, dim):
                     raise ValueError(
                         f"image is given as latents of a {image_size[1]}x{image_size[0]} picture (width x height) but "
                         f"{dim}={value!r}; latents cannot be resized: leave {dim} out or encode a picture of that size"
@@ -249,7 +249,7 @@ class InpaintRun(Image2ImageRun):
                 f"mask_image is {mask_size[1]}x{mask_size[0]} but image is {image_size[1]}x{image_size[0]} (width x height); "
                 "they must be the same size"
             )
-        kind["mask_arg"] = mask
+        kind.mask_arg = mask
         if args.pop("padding_mask_crop", None) is not None:
             raise NotImplementedError("padding_mask_crop is not supported by stepdiff's inpainting pipelines yet")
         channels, latent = self.denoiser_channels(), self.latent_channels()
@@ -260,16 +260,16 @@ class InpaintRun(Image2ImageRun):
             )
         return kind
 
-    def check_kind_rows(self, kind: dict, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
-        height, width = kind["height"], kind["width"]
+    def check_kind_rows(self, kind: CallInputs, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
+        height, width = kind.height, kind.width
         # As the classic pipelines: the image and the mask resized to the call's size (latents are kept as given).
-        kind["image"] = _preprocess(
-            self.image_processor, "image", kind["image_arg"], height=height, width=width
+        kind.image = _preprocess(
+            self.image_processor, "image", kind.image_arg, height=height, width=width
         ).to(dtype=torch.float32)
         super().check_kind_rows(kind, rows, batch_size, num_images_per_prompt)
-        kind["mask"] = _preprocess(self.mask_processor, "mask_image", kind["mask_arg"], height=height, width=width)
-        _check_count("mask_image", "mask", kind["mask"].shape[0], rows, batch_size, num_images_per_prompt)
-        masked = kind["masked_image_latents"]
+        kind.mask = _preprocess(self.mask_processor, "mask_image", kind.mask_arg, height=height, width=width)
+        _check_count("mask_image", "mask", kind.mask.shape[0], rows, batch_size, num_images_per_prompt)
+        masked = kind.masked_image_latents
         if masked is not None:
             if not isinstance(masked, torch.Tensor) or masked.ndim != 4:
                 raise TypeError(
@@ -289,8 +289,8 @@ class InpaintRun(Image2ImageRun):
     def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
         # As the classic pipeline: image latents (models without mask channels, or strength < 1), then noise, then
         # the mask.
-        strength_max = kind["strength"] == 1.0
-        refiner = not kind.get("add_noise", True)  # SDXL's denoising_start: continue a base run's latents as they are
+        strength_max = kind.strength == 1.0
+        refiner = not kind.add_noise  # SDXL's denoising_start: continue a base run's latents as they are
         image_latents = None
         if refiner or not self.takes_mask_channels() or (latents is None and not strength_max):
             image_latents = self._image_latents(kind, rows, dtype, device, generator)
@@ -309,32 +309,32 @@ class InpaintRun(Image2ImageRun):
             noise = latents.to(device)
             start = noise * init_sigma
         if image_latents is None:  # for the clean x0 estimate only: the posterior mode, no randomness used
-            image = kind["image"].to(device=device, dtype=dtype)
+            image = kind.image.to(device=device, dtype=dtype)
             if image.shape[1] != self.latent_channels():
                 image = encode_images(self.vae, image, sample=False)
             image_latents = _repeat_to(image, rows, "image")
-        kind.update(noise=noise, image_latents=image_latents)
+        kind.noise, kind.image_latents = noise, image_latents
         return start
 
-    def add_kind_conditioning(self, run: Run, kind: dict, dtype, device, generator) -> None:
+    def add_kind_conditioning(self, run: Run, kind: CallInputs, dtype, device, generator) -> None:
         super().add_kind_conditioning(run, kind, dtype, device, generator)  # type: ignore[misc]  # ControlNet images
         rows = run.state.latents.shape[0]
-        height, width = kind["height"], kind["width"]
-        mask = kind["mask"]
-        masked = kind["masked_image_latents"]
-        from_latents = masked is None and kind["image"].shape[1] == self.latent_channels()
+        height, width = kind.height, kind.width
+        mask = kind.mask
+        masked = kind.masked_image_latents
+        from_latents = masked is None and kind.image.shape[1] == self.latent_channels()
         if masked is None and not from_latents:
-            masked = kind["image"] * (mask < 0.5)
+            masked = kind.image * (mask < 0.5)
         mask = torch.nn.functional.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor))
         mask = _repeat_to(mask.to(device=device, dtype=dtype), rows, "mask_image")
         if from_latents:  # image given as latents (a model without mask channels): for callbacks only, never read
-            masked = kind["image_latents"] * (mask < 0.5)
+            masked = kind.image_latents * (mask < 0.5)
         masked = masked.to(device=device, dtype=dtype)
         masked_latents = masked if masked.shape[1] == self.latent_channels() else encode_images(self.vae, masked, generator)
         masked_latents = _repeat_to(masked_latents, rows, "image").to(device=device, dtype=dtype)
         for side in (run.state.cond, run.state.uncond):
             side["mask"], side["masked_image_latents"] = mask, masked_latents
-        run.extras.noise, run.extras.image_latents = kind["noise"], kind["image_latents"].to(dtype)
+        run.extras.noise, run.extras.image_latents = kind.noise, kind.image_latents.to(dtype)
         run.after_step = lambda state: self._keep_known_region(run, state)
 
     def _keep_known_region(self, run: Run, state) -> None:

@@ -30,12 +30,39 @@ from ..finishing import check_finish_steps, finish_plan, parse_interrupt_output
 from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
 from ..loop import LoopState, denoise
 
-__all__ = ["Run", "RunExtras", "StepState", "current_run", "remembered"]
+__all__ = ["CallInputs", "Run", "RunExtras", "StepState", "current_run", "remembered"]
 
 StepState = LoopState  # what a run yields after each step
 
 
-@dataclass
+@dataclass(slots=True)  # a field missing here is an AttributeError, not a silent new key
+class CallInputs:
+    """What a call's kind and features add to its arguments, checked (``check_kind_inputs``) and then filled in as
+    the run is prepared: one typed field each (None: not this call's)."""
+
+    height: int | None = None  # the call's size, once known (image to image: the picture's)
+    width: int | None = None
+    image_arg: Any = None  # image to image / inpainting: ``image`` as given
+    image: Any = None  # ... preprocessed (a (B, 3, H, W) tensor in [-1, 1], or latents given directly)
+    strength: float | None = None
+    denoising_start: float | None = None  # SDXL: a refiner run starts here (no new noise: ``add_noise`` False)
+    denoising_end: float | None = None  # SDXL: a base run ends here
+    add_noise: bool = True
+    mask_arg: Any = None  # inpainting: ``mask_image`` as given
+    mask: torch.Tensor | None = None  # ... preprocessed
+    masked_image_latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None  # inpainting: the noise the known region is re-noised with
+    image_latents: torch.Tensor | None = None  # inpainting: the known image's latents
+    control: Any = None  # ControlState
+    control_images: list[Any] | None = None  # ControlNet: the control images as given, one per ControlNet
+    ip_adapter: Any = None  # IP-Adapter inputs
+    mu: float | None = None  # SD3 / Flux: the timestep shift given by the caller
+    skip_layer_guidance: Any = None  # SD3: skip-layer guidance settings
+    true_cfg_scale: float = 1.0  # Flux: true classifier-free guidance
+    negatives: bool = False  # Flux: the call has negative prompts (true CFG may run)
+
+
+@dataclass(slots=True)
 class RunExtras:
     """What the kinds and features of a run keep for their own steps, one typed field each (None: not this run's)."""
 

@@ -20,7 +20,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 from ..control import CancelToken
 from ..guidance import Guidance, SkipLayerGuidance, check_guidance_scale
 from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize, warn_truncated
-from .run import Run
+from .run import CallInputs, Run
 
 __all__ = ["StableDiffusion3Pipeline"]
 
@@ -85,12 +85,12 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
     def min_size(self) -> int:
         return self.size_multiple()
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         kind = super().check_kind_inputs(args)
         mu = args.pop("mu", None)
         if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)):
             raise ValueError(f"mu must be None or a finite number, got {mu!r}")
-        kind["mu"] = mu
+        kind.mu = mu
         layers = args.pop("skip_guidance_layers", None)
         slg = {}
         if layers is not None:
@@ -108,17 +108,17 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
                     raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
             slg = {"layers": list(layers), "layer_scale": check_guidance_scale(scale, "skip_layer_guidance_scale"),
                    "start": float(start), "stop": float(stop)}
-        kind["skip_layer_guidance"] = slg
+        kind.skip_layer_guidance = slg
         return kind
 
-    def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: dict | None = None) -> Guidance:
-        slg = (kind or {}).get("skip_layer_guidance")
+    def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: CallInputs | None = None) -> Guidance:
+        slg = (kind or CallInputs()).skip_layer_guidance
         if slg:
             return SkipLayerGuidance(guidance_scale, **slg)
         return super().make_guidance(guidance_scale, guidance_rescale, kind)
 
-    def scheduler_kwargs(self, height: int, width: int, kind: dict | None = None) -> dict[str, Any]:
-        mu = (kind or {}).get("mu")
+    def scheduler_kwargs(self, height: int, width: int, kind: CallInputs | None = None) -> dict[str, Any]:
+        mu = (kind or CallInputs()).mu
         if mu is not None:  # given by the caller: passed on as is
             return {"mu": mu}
         cfg = self.scheduler.config

@@ -23,7 +23,7 @@ with quiet_transformers():
     )
 from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
 from .ip_adapter import IPAdapterRun
-from .run import Run
+from .run import CallInputs, Run
 
 __all__ = ["StableDiffusionXLPipeline"]
 
@@ -197,17 +197,17 @@ class StableDiffusionXLPipeline(
     def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"cross_attention_kwargs": args.pop("cross_attention_kwargs", None)}
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
         kind = super().check_kind_inputs(args)
-        kind["denoising_end"] = _fraction("denoising_end", args.pop("denoising_end", None))
+        kind.denoising_end = _fraction("denoising_end", args.pop("denoising_end", None))
         return kind
 
-    def truncate_end(self, run: Run, steps: torch.Tensor, kind: dict) -> torch.Tensor:
+    def truncate_end(self, run: Run, steps: torch.Tensor, kind: CallInputs) -> torch.Tensor:
         """``denoising_end``: stop where a refiner takes over ("mixture of denoisers"), as the classic pipeline."""
-        end = kind["denoising_end"]
+        end = kind.denoising_end
         if end is None:
             return steps
-        start = kind.get("denoising_start")
+        start = kind.denoising_start
         if start is not None and start >= end:
             raise ValueError(f"denoising_start ({start}) must be less than denoising_end ({end})")
         train = run.scheduler.config.num_train_timesteps
