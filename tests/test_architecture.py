@@ -172,3 +172,19 @@ def test_request_validators_are_simple():
 if __name__ == "__main__":  # python tests/test_architecture.py: the graph's cycles
     print([sorted(c) for c in cycles(import_graph())])
     sys.exit(0)
+
+
+def test_per_call_data_is_typed():
+    """No per-call data under string keys: the kind's inputs are ``CallInputs`` fields, what a run keeps for its
+    steps is ``RunExtras`` fields, and nothing is smuggled through the call's arguments under a private key."""
+    import re
+
+    patterns = {
+        "kind[...]": re.compile(r"\bkind\[\s*['\"]"),
+        "kind.get(...)": re.compile(r"\bkind\.get\("),
+        "run.extras[...]": re.compile(r"\.extras\[\s*['\"]"),
+        "args['_...']": re.compile(r"\bargs(?:\[|\.pop\(|\.get\()\s*['\"]_"),
+    }
+    found = [f"{p.relative_to(SRC.parent)}:{n}: {name}" for p in (PACKAGE / "pipelines").glob("*.py")
+             for n, line in enumerate(p.read_text().splitlines(), 1) for name, rx in patterns.items() if rx.search(line)]
+    assert found == [], found

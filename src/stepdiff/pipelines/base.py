@@ -511,6 +511,9 @@ class StepDiffPipeline(DiffusionPipeline):
         """Pop and check what this kind of run adds (image, mask, strength); text-to-image adds nothing."""
         return CallInputs()
 
+    def check_kind_batch(self, kind: CallInputs, batch_size: int) -> None:
+        """Once the number of prompts is known: the kind's inputs against it (ControlNet: the control images)."""
+
     def check_kind_rows(self, kind: CallInputs, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
         """Once the call's size and number of images are known, before any model work: the kind's images against
         them (image-to-image: as many images as the call makes, or a number that divides it; inpainting: masks too)."""
@@ -712,6 +715,7 @@ class StepDiffPipeline(DiffusionPipeline):
         self._check_components(args)
         kind = self.check_kind_inputs(args)
         batch_size, encode_kwargs = self.check_prompts(args)
+        self.check_kind_batch(kind, batch_size)
         self._check_embedding_widths(encode_kwargs)
         height = args.pop("height", None)
         width = args.pop("width", None)

@@ -246,7 +246,6 @@ class ControlNetRun:
             scales=scales, start=starts, end=ends, guess_mode=guess_mode, keys=[f"controlnet_cond_{k}" for k in range(n)],
         )
         kind.control_images = tensors
-        args["_control_batches"] = [t.shape[0] for t in tensors]
         return kind
 
     def match_init_image(self, kind: CallInputs, args: dict[str, Any]) -> CallInputs:
@@ -279,17 +278,16 @@ class ControlNetRun:
             )
         return kind
 
-    def check_prompts(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        batches = args.pop("_control_batches", [])
-        batch, kwargs = super().check_prompts(args)  # type: ignore[misc]
+    def check_kind_batch(self, kind: CallInputs, batch_size: int) -> None:
+        super().check_kind_batch(kind, batch_size)  # type: ignore[misc]
+        batches = [t.shape[0] for t in kind.control_images]
         for k, b in enumerate(batches):
-            if b not in (1, batch):
+            if b not in (1, batch_size):
                 name = self._control_image_name if len(batches) == 1 else f"{self._control_image_name}[{k}]"
                 raise ValueError(
-                    f"{name} holds {b} control images but the call has {batch} prompts; give 1 (used for every prompt) "
+                    f"{name} holds {b} control images but the call has {batch_size} prompts; give 1 (used for every prompt) "
                     f"or one per prompt"
                 )
-        return batch, kwargs
 
     # ---------------------------------------------------------- the run
 
