@@ -188,3 +188,13 @@ def test_per_call_data_is_typed():
     found = [f"{p.relative_to(SRC.parent)}:{n}: {name}" for p in (PACKAGE / "pipelines").glob("*.py")
              for n, line in enumerate(p.read_text().splitlines(), 1) for name, rx in patterns.items() if rx.search(line)]
     assert found == [], found
+
+
+def test_the_run_uses_only_the_pipelines_public_interface():
+    """``Run`` (pipelines/run.py) calls no private member of its pipeline."""
+    import re
+
+    text = (PACKAGE / "pipelines" / "run.py").read_text()
+    private = sorted(set(re.findall(r"\b(?:pipe|pipeline|self\.pipeline)\._(?!_)\w+", text)))
+    # the classic private spellings a callback may use are documented, never called, by the run
+    assert [p for p in private if not p.endswith(("_interrupt", "_guidance_scale"))] == [], private

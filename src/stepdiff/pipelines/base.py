@@ -383,7 +383,7 @@ class StepDiffPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------ properties
 
-    def _model_calls_in_inference_mode(self) -> bool:
+    def model_calls_in_inference_mode(self) -> bool:
         """Model calls run under ``torch.inference_mode`` unless turned off or unsafe.
 
         accelerate's offload hooks move weights inside the model call, and weights created in
@@ -657,7 +657,9 @@ class StepDiffPipeline(DiffusionPipeline):
                 side, key = self._callback_names[name]
                 (state.cond if side == "cond" else state.uncond)[key] = value
 
-    def _run_callback(self, run: Run, fn: Callable, state: LoopState, names: list[str]) -> None:
+    def run_step_callback(self, run: Run, fn: Callable, state: LoopState, names: list[str]) -> None:
+        """Call a step callback with the tensors it asked for (``names``) and apply what it returns to the step; an
+        error it raises is told where (step and timestep). Called by the run after each step."""
         step, t = state.step_index, state.timestep
         kwargs = {name: self._state_tensor(state, name) for name in names}
         try:

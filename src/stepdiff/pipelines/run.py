@@ -266,7 +266,7 @@ class Run:
         loop = denoise(
             self.state, self.timesteps, self.scheduler, self._predict, self.step_kwargs,
             should_stop=self._should_stop, guidance=self.guidance,
-            inference_mode=pipe._model_calls_in_inference_mode(), flow_matching=pipe.flow_matching,
+            inference_mode=pipe.model_calls_in_inference_mode(), flow_matching=pipe.flow_matching,
             after_step=self.after_step, check_finite=pipe.check_finite,
         )
         bar = pipe.progress_bar(total=self.num_timesteps)
@@ -274,7 +274,7 @@ class Run:
             for state in loop:
                 if self.callback is not None:
                     with self.bound():
-                        pipe._run_callback(self, self.callback, state, self.tensor_names)
+                        pipe.run_step_callback(self, self.callback, state, self.tensor_names)
                 bar.update()
                 yield state
             self._loop_finished = True
@@ -334,7 +334,7 @@ class Run:
         try:
             for _ in () if len(plan.timesteps) == 0 else denoise(
                 finished, plan.timesteps, plan.scheduler, self._predict, {}, should_stop=lambda: False,
-                guidance=_GuidanceAt(self.guidance, done), inference_mode=pipe._model_calls_in_inference_mode(),
+                guidance=_GuidanceAt(self.guidance, done), inference_mode=pipe.model_calls_in_inference_mode(),
                 flow_matching=pipe.flow_matching, after_step=self.after_step, check_finite=pipe.check_finite,
             ):
                 pass
