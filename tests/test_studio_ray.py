@@ -159,3 +159,17 @@ def test_an_actor_killed_mid_job_fails_its_job_and_the_queue_goes_on(on_ray, loc
     ends = [wait(client, j["id"]) for j in (a, b)]
     assert [e["state"] for e in ends] == ["cancelled", "cancelled"] and all(e["image"] for e in ends)
     assert len({e["record"]["worker"] for e in ends}) == 2
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--ray", "--ray-workers", "0"], "--ray-workers must be in [1, 256], got 0"),
+    (["--ray-workers", "2"], "--ray-workers 2 needs --ray or --ray-address"),
+    (["--ray", "--workers", "2"], "--workers 2: with --ray the jobs run on Ray actors"),
+    (["--ray", "--ray-address", "auto"], "give --ray (start a local Ray) or --ray-address ADDR"),
+    (["--ray-address", "127.0.0.1:1"], "--ray-address '127.0.0.1:1': nothing answers there"),
+    (["--ray-address", "head"], "--ray-address 'head' is not an address; give HOST:PORT"),
+])
+def test_bad_ray_flags_are_refused_before_anything_loads(run_cli, tmp_path, argv, needle):
+    code, out, err = run_cli("serve", "--data", tmp_path / "d", *argv)
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "d").exists()

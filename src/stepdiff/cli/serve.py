@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import socket
 from pathlib import Path
+from typing import Any
 
 from ..limits import MAX_STEPS
 from .common import _at_least, _check_device, _check_writable_dir, _folder, _resolve_model
@@ -45,6 +47,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="offer the LoRAs in DIR (.safetensors files, or folders with pytorch_lora_weights.safetensors)")
     v.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
                    help="the ControlNet of control jobs (default: the shipped one, for the shipped model)")
+    r = v.add_argument_group("Ray (jobs on Ray actors; the page, queue and history stay in this process)")
+    r.add_argument("--ray", action="store_true", help="run the jobs on the actors of a local Ray started for the server")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="run the jobs on the Ray cluster at ADDR (HEAD:6379, ray://HEAD:10001 or auto); the model "
+                        "folders must be at the same path on every node")
+    r.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="Ray actors, one pipeline and one job at a time each (default: one per GPU of the cluster, "
+                        "else 2)")
 
     return v
 
@@ -91,6 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--data {str(args.data)!r} is a file, not a folder")
     _check_writable_dir("--data", args.data if args.data.is_dir() else args.data.parent)
     _check_device(args.device)
+    uses_ray = _check_ray_flags(args)
     _check_studio_modules()
     from ..studio.server import load_studio, serve
 
@@ -99,18 +110,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     _at_least("--max-loaded", args.max_loaded, 1, 64)
-    if args.models is not None or args.loras is not None or args.controlnet is not None:
+    if args.models is not None or args.loras is not None or args.controlnet is not None or uses_ray:
         from ..studio.catalog import open_catalog
         from ..studio.jobs import Studio, lock_data_folder
 
         args.data.mkdir(parents=True, exist_ok=True)
         with lock_data_folder(args.data):  # in use: refused before any model loads
             pass
-        pipe, pool, limits = open_catalog(folder, models=args.models, loras=args.loras, controlnet=args.controlnet,
-                                          max_loaded=args.max_loaded, device=args.device, dtype=args.dtype,
-                                          max_steps=args.max_steps)
-        studio = Studio(pipe, pool.folders[pool.default], args.data, workers=args.workers,
-                        queue_size=args.queue_size, limits=limits, pool=pool)
+        workers = _start_ray_workers(args, folder) if uses_ray else None  # the actors load while this process does
+        try:
+            pipe, pool, limits = open_catalog(folder, models=args.models, loras=args.loras, controlnet=args.controlnet,
+                                              max_loaded=args.max_loaded, device=args.device, dtype=args.dtype,
+                                              max_steps=args.max_steps)
+            if workers is not None:
+                try:
+                    workers.wait_ready()
+                except RuntimeError as e:
+                    flag = f"--ray-address {args.ray_address}" if args.ray_address else "--ray"
+                    raise ValueError(f"{flag}: {e}") from None
+            studio = Studio(pipe, pool.folders[pool.default], args.data, queue_size=args.queue_size, limits=limits,
+                            pool=pool, workers=args.workers if workers is None else workers.size, ray=workers)
+        except BaseException:
+            if workers is not None:
+                workers.close()
+            raise
     else:
         studio = load_studio(folder, args.data, workers=args.workers, queue_size=args.queue_size,
                              max_steps=args.max_steps, device=args.device, dtype=args.dtype)
@@ -120,3 +143,102 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _check_ray_flags(args: argparse.Namespace) -> bool:
+    """Whether the jobs run on Ray; the Ray flags checked before anything loads (a ``--ray-address`` must answer)."""
+    uses_ray = args.ray or args.ray_address is not None
+    if args.ray and args.ray_address is not None:
+        raise ValueError("give --ray (start a local Ray) or --ray-address ADDR (join a cluster), not both")
+    if args.ray_workers is not None:
+        if not uses_ray:
+            raise ValueError(f"--ray-workers {args.ray_workers} needs --ray or --ray-address (without them the jobs "
+                             "run in this process: --workers)")
+        _at_least("--ray-workers", args.ray_workers, 1, 256)
+    if uses_ray and args.workers != 1:
+        raise ValueError(f"--workers {args.workers}: with --ray the jobs run on Ray actors, one at a time each; give "
+                         "--ray-workers N instead")
+    if args.ray_address is not None:
+        check_ray_address(args.ray_address)
+    return uses_ray
+
+
+def _start_ray_workers(args: argparse.Namespace, folder: Path):
+    """Ray started (local) or joined (``--ray-address``), and its actors created: they load the model meanwhile."""
+    from ..studio.ray_workers import ActorConfig, RayWorkers
+
+    def where(p: Path | None) -> str | None:  # as every node sees it: absolute
+        return None if p is None else str(p.resolve() if p.exists() else p)
+
+    threads = args.threads or 1
+    local = args.ray_address is None
+    sized = args.ray_workers
+    if sized is None and local:  # a local Ray: one actor per GPU here, else 2
+        import torch
+
+        sized = torch.cuda.device_count() or 2
+    ray, started = start_ray(args.ray_address, sized or 2, threads)
+    config = ActorConfig(model=where(Path(folder)), models=where(args.models), loras=where(args.loras),
+                         controlnet=where(args.controlnet), max_loaded=args.max_loaded, dtype=args.dtype,
+                         threads=threads)
+    try:
+        return RayWorkers(ray, config, workers=args.ray_workers, cpus=threads, started_here=started, wait=False,
+                          strict=local)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """A ``--ray-address`` that names a head (``HOST:PORT`` or ``ray://HOST:PORT``) must answer on that port now:
+    ``ray.init`` itself would retry for minutes. ``auto`` (the cluster this machine is in) is left to Ray."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--ray-address {address!r} is not an address; give HOST:PORT (the head's GCS port, "
+                         "6379 by default: HEAD:6379), ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ValueError(f"--ray-address {address!r}: nothing answers there ({e.strerror or e}); start the cluster's "
+                         "head with `ray start --head` on that machine, or give its address (HEAD:6379)") from None
+
+
+def start_ray(address: str | None, workers: int, cpus: float) -> tuple[Any, bool]:
+    """``(ray, started_here)``: join the cluster at ``address``, or start a local Ray for ``workers`` actors of
+    ``cpus`` CPUs each (GPUs are found by Ray). SIGINT/SIGTERM handlers are put back as they were: the server
+    handles them."""
+    import signal
+
+    from ..studio.ray_workers import ray_message
+
+    try:
+        import ray
+    except ImportError as e:
+        raise ValueError(f"--ray needs Ray, which is not installed here ({e}); install it with pip install "
+                         "'stepdiff[ray]' (or: pip install ray)") from None
+    if ray.is_initialized():
+        return ray, False
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if address is not None:
+            check_ray_address(address)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError) as e:
+                raise ValueError(f"--ray-address {address!r}: Ray could not join the cluster there ({ray_message(e)}); a "
+                                 "cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token and its "
+                                 "token here (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+        else:
+            from ..batch.ray_runner import local_ray_options
+
+            ray.init(**local_ray_options(workers, cpus, 0.5), log_to_driver=False)
+    finally:
+        for s, handler in saved.items():
+            if handler is not None:
+                signal.signal(s, handler)
+    return ray, True

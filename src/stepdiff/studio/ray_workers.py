@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from .state import _Live
 from .steering import STEER_FIELDS
 from .worker import Workers
 
-__all__ = ["ActorConfig", "ActorDied", "RayWorkers", "StudioActor", "check_ray_address", "start_ray"]
+__all__ = ["ActorConfig", "ActorDied", "RayWorkers", "StudioActor", "ray_message"]
 
 POLL_SECONDS = 0.05  # how often a job's counters and step events are fetched from its actor
 CALL_TIMEOUT = 10.0  # seconds a cancel or steer call may take to reach the actor and answer
@@ -266,7 +265,7 @@ class RayWorkers:
             raise RuntimeError(f"the {self.size} Ray worker(s) did not start within {timeout:g} s (the cluster has "
                                f"{self._resources()}; each needs {self._needs()})") from None
         except self.ray.exceptions.RayError as e:
-            raise RuntimeError(f"a Ray worker could not load the model: {_cause(e)}") from None
+            raise RuntimeError(f"a Ray worker could not load the model: {ray_message(e)}") from None
         for slot, label in zip(self.slots, labels):
             slot.label = label
         return labels
@@ -318,10 +317,10 @@ class RayWorkers:
             except ray.exceptions.RayActorError as e:
                 self._replace(slot)
                 raise ActorDied(f"the Ray worker running this job ({slot.label or 'starting'}) died at step "
-                                f"{live.steps_completed}: {_cause(e)}; a new worker replaces it") from None
+                                f"{live.steps_completed}: {ray_message(e)}; a new worker replaces it") from None
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
-                raise (cause if isinstance(cause, Exception) else RuntimeError(_cause(e))) from None
+                raise (cause if isinstance(cause, Exception) else RuntimeError(ray_message(e))) from None
             if poll is not None:
                 self._relay(studio, live, poll)
             self._relay(studio, live, slot.actor.poll.remote(live.id, studio.hub.listening))  # the last events
@@ -400,57 +399,10 @@ def _path(p: str | None) -> Path | None:
     return None if p is None else Path(p)
 
 
-def _cause(e: BaseException) -> str:
+def ray_message(e: BaseException) -> str:
     """A Ray error's own message, without Ray's traceback."""
     cause = getattr(e, "cause", None)
     if isinstance(cause, BaseException) and cause is not e:
         return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
     text = str(e).strip().splitlines()
     return " ".join(text[0].split()) if text else type(e).__name__
-
-
-def check_ray_address(address: str, timeout: float = 3.0) -> None:
-    """A ``--ray-address`` that names a head (``HOST:PORT`` or ``ray://HOST:PORT``) must answer on that port now:
-    ``ray.init`` itself would retry for minutes. ``auto`` (the cluster this machine is in) is left to Ray."""
-    if address == "auto":
-        return
-    target = address.removeprefix("ray://")
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--ray-address {address!r} is not an address; give HOST:PORT (the head's GCS port, "
-                         "6379 by default: HEAD:6379), ray://HOST:PORT or auto")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        raise ValueError(f"--ray-address {address!r}: nothing answers there ({e.strerror or e}); start the cluster's "
-                         "head with `ray start --head` on that machine, or give its address (HEAD:6379)") from None
-
-
-def start_ray(address: str | None, workers: int, cpus: float) -> tuple[Any, bool]:
-    """``(ray, started_here)``: join the cluster at ``address``, or start a local Ray for ``workers`` actors of
-    ``cpus`` CPUs each (GPUs are found by Ray). SIGINT/SIGTERM handlers are put back as they were: the server
-    handles them."""
-    import signal
-
-    try:
-        import ray
-    except ImportError as e:
-        raise ValueError(f"--ray needs Ray, which is not installed here ({e}); install it with pip install "
-                         "'stepdiff[ray]' (or: pip install ray)") from None
-    if ray.is_initialized():
-        return ray, False
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        if address is not None:
-            check_ray_address(address)
-            ray.init(address=address, log_to_driver=False)
-        else:
-            from ..batch.ray_runner import local_ray_options
-
-            ray.init(**local_ray_options(workers, cpus, 0.5), log_to_driver=False)
-    finally:
-        for s, handler in saved.items():
-            if handler is not None:
-                signal.signal(s, handler)
-    return ray, True
