@@ -1,4 +1,4 @@
-"""`stepdiff serve` measured: preview streaming cost, stop latency, load, faults, workers; the README screenshot.
+"""`stepdiff serve` measured: preview streaming cost, stop latency, load, faults, workers, pictures, Ray; a screenshot.
 
 Every measure runs real `stepdiff serve` processes on the shipped model (torch threads 1) and talks to
 them over HTTP and WebSockets from this process, as browsers would.
@@ -8,6 +8,8 @@ them over HTTP and WebSockets from this process, as browsers would.
     python benchmarks/bench_studio.py load                     # 20 clients x 100 jobs, p99 API latency
     python benchmarks/bench_studio.py faults                   # kill -9 + restart, a dropping client, malformed requests
     python benchmarks/bench_studio.py workers                  # 1 vs 2 workers, jobs per second
+    python benchmarks/bench_studio.py pictures --rounds 6      # img2img / ControlNet streaming cost; upload to first preview
+    python benchmarks/bench_studio.py ray                      # jobs/s on 1 and 2 Ray actors against in-process; stop
     python benchmarks/bench_studio.py screenshot               # docs/images/studio.png
     python benchmarks/bench_studio.py all
     python benchmarks/bench_studio.py previews --smoke         # (any of them) smallest settings: checks it runs
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import random
@@ -362,6 +365,146 @@ def bench_workers(jobs: int, steps: int) -> dict:
     return out
 
 
+def _png(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _pictures(server: Server) -> dict[str, bytes]:
+    """An init picture (a job of the shipped model, fetched back) and a control silhouette (a white disc on black)."""
+    from PIL import Image, ImageDraw
+
+    job = server.wait(server.submit(steps=10, seed=123)["id"])
+    init = httpx.get(server.url + job["image"].lstrip("/"), timeout=30).content
+    w, h = Image.open(io.BytesIO(init)).size
+    control = Image.new("RGB", (w, h))
+    ImageDraw.Draw(control).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill="white")
+    return {"init": init, "control": _png(control)}
+
+
+def upload(server: Server, png: bytes) -> str:
+    r = httpx.post(server.url + "api/uploads", content=png, headers={"Content-Type": "image/png"}, timeout=30)
+    r.raise_for_status()
+    return r.json()["id"]
+
+
+def bench_pictures(rounds: int, steps: int, trials: int) -> dict:
+    """Preview streaming cost for an image-to-image and a ControlNet job (the default preview: `auto`, the tiny
+    decoder on the steps its 3% budget chooses): job time per step with 1 and 10 clients watching against none,
+    interleaved rounds, the median of the per-round ratios. Then upload-to-first-preview: POST /api/uploads, POST a
+    job using it, until the first step event with a frame reaches a WebSocket client already connected."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(Path(tmp))
+        try:
+            pictures = _pictures(server)
+            init, control = upload(server, pictures["init"]), upload(server, pictures["control"])
+            jobs = {"img2img": {"init_image": init, "strength": 0.6, "steps": max(2, round(steps / 0.6))},
+                    "controlnet": {"control": control, "steps": steps}}
+            for fields in jobs.values():
+                server.wait(server.submit(seed=0, **fields)["id"])  # warm-up: the ControlNet, the tiny decoder
+            for name, fields in jobs.items():
+                samples: dict[int, list[float]] = {0: [], 1: [], 10: []}
+                frames = {1: 0, 10: 0}
+                for r in range(rounds):
+                    order = [0, 1, 10]
+                    random.Random(r).shuffle(order)
+                    for n in order:
+                        watchers = Watchers(server.ws, n) if n else None
+                        job = server.wait(server.submit(seed=r, **fields)["id"])
+                        if watchers is not None:
+                            time.sleep(0.2)
+                            watchers.close()
+                            frames[n] += sum(watchers.frames)
+                        samples[n].append(step_seconds(job))
+                out[name] = {
+                    "steps_run": job["record"]["steps_completed"],
+                    "step_ms_no_client": round(statistics.median(samples[0]) * 1e3, 2),
+                    **{f"cost_{n}_clients": round(statistics.median(
+                        [s / b - 1 for s, b in zip(samples[n], samples[0])]), 4) for n in (1, 10)},
+                    "frames_per_client_per_job": {n: round(frames[n] / max(1, rounds * n), 1) for n in (1, 10)},
+                }
+            out["upload_to_first_preview"] = _first_preview(server, pictures["init"], trials, steps)
+        finally:
+            server.stop()
+    return out
+
+
+def _first_preview(server: Server, png: bytes, trials: int, steps: int) -> dict:
+    async def one(seed: int) -> tuple[float, float]:
+        async with websockets.connect(server.ws, max_size=None) as ws, httpx.AsyncClient(timeout=30) as client:
+            await ws.recv()  # hello
+            start = time.perf_counter()
+            r = await client.post(server.url + "api/uploads", content=png, headers={"Content-Type": "image/png"})
+            uploaded = time.perf_counter() - start
+            r = await client.post(server.url + "api/jobs", json={"prompt": PROMPT, "init_image": r.json()["id"],
+                                                                "strength": 0.6, "steps": steps, "seed": seed})
+            job_id = r.json()["id"]
+            async for message in ws:
+                e = json.loads(message)
+                if e.get("job") == job_id and e["type"] == "step" and e.get("frame"):
+                    return uploaded, time.perf_counter() - start
+                if e.get("job") == job_id and e["type"] in FINAL:
+                    raise RuntimeError(f"job {job_id} ended without a frame")
+        raise RuntimeError("the event stream closed")
+
+    times = []
+    for t in range(trials):
+        times.append(asyncio.run(one(1000 + t)))
+        server.wait(server.get("api/jobs?limit=1")["jobs"][0]["id"])  # the queue empty before the next trial
+    first = sorted(x for _, x in times)
+    return {"trials": trials, "upload_ms_median": round(statistics.median(u for u, _ in times) * 1e3, 1),
+            "first_frame_ms_median": round(statistics.median(first) * 1e3, 1),
+            "first_frame_ms_max": round(first[-1] * 1e3, 1)}
+
+
+def bench_ray(jobs: int, steps: int, repeats: int, trials: int) -> dict:
+    """Jobs per second on the in-process workers (1 and 2 threads) and on Ray actors (`--ray --ray-workers 1` and 2,
+    a local Ray started by the server), the same `jobs` x `steps` jobs, the median of `repeats` batches; then the stop
+    latency on Ray: model calls made on the actor after the cancel request, `trials` cancels at random points."""
+    out: dict = {}
+    setups = {"in_process_1": ["--workers", "1"], "in_process_2": ["--workers", "2"],
+              "ray_1_actor": ["--ray", "--ray-workers", "1"], "ray_2_actors": ["--ray", "--ray-workers", "2"]}
+    for name, flags in setups.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            server = Server(Path(tmp), *flags)
+            ready = time.perf_counter() - started
+            try:
+                for s in range(2):
+                    server.wait(server.submit(steps=2, seed=s)["id"])  # warm-up (each actor, on Ray)
+                rates = []
+                for r in range(repeats):
+                    start = time.perf_counter()
+                    ids = [server.submit(steps=steps, seed=100 * r + s)["id"] for s in range(jobs)]
+                    for i in ids:
+                        server.wait(i)
+                    rates.append(jobs / (time.perf_counter() - start))
+                out[name] = {"jobs_per_s": round(statistics.median(rates), 3), "start_s": round(ready, 1)}
+                if name == "ray_2_actors":
+                    after, ms = [], []
+                    for t in range(trials):
+                        job = server.submit(steps=300, seed=t)
+                        server.wait(job["id"], states={"running"}, step=2 + t % 7)
+                        time.sleep(random.Random(t).uniform(0, 0.05))
+                        start = time.perf_counter()
+                        httpx.post(f"{server.url}api/jobs/{job['id']}/cancel", timeout=30)
+                        rec = server.wait(job["id"])["record"]
+                        ms.append((time.perf_counter() - start) * 1e3)
+                        after.append(rec["model_calls"] - rec["model_calls_at_cancel"])
+                    out["ray_stop"] = {"trials": trials, "model_calls_after_cancel_max": max(after),
+                                       "histogram": {k: after.count(k) for k in sorted(set(after))},
+                                       "ms_to_final_state_median": round(statistics.median(ms), 1),
+                                       "worker": rec.get("worker")}
+            finally:
+                server.stop()
+    base = out["in_process_1"]["jobs_per_s"]
+    for name in setups:
+        out[name]["vs_in_process_1"] = round(out[name]["jobs_per_s"] / base, 3)
+    return out
+
+
 def screenshot(path: Path) -> str:
     from playwright.sync_api import sync_playwright
 
@@ -399,22 +542,27 @@ def screenshot(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("previews", "stop", "load", "faults", "workers", "screenshot", "all"))
+    parser.add_argument("what", choices=("previews", "stop", "load", "faults", "workers", "pictures", "ray",
+                                         "screenshot", "all"))
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--load-steps", type=int, default=4)
+    parser.add_argument("--ray-jobs", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--screenshot", type=Path, default=ROOT / "docs" / "images" / "studio.png")
     parser.add_argument("--smoke", action="store_true",
                         help="smallest settings, a few seconds: checks that the script runs (tests/test_benchmarks.py)")
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.steps, args.trials, args.clients, args.jobs, args.load_steps = 1, 2, 1, 2, 2, 1
+        args.ray_jobs, args.repeats = 2, 1
         if args.what in ("screenshot", "all"):
-            parser.error("--smoke runs one measure (previews, stop, load, faults or workers), not the screenshot")
-    todo = ["previews", "stop", "load", "faults", "workers"] if args.what == "all" else [args.what]
+            parser.error("--smoke runs one measure (previews, stop, load, faults, workers, pictures or ray), "
+                         "not the screenshot")
+    todo = ["previews", "stop", "load", "faults", "workers", "pictures", "ray"] if args.what == "all" else [args.what]
     for what in todo:
         started = time.perf_counter()
         if what == "previews":
@@ -427,6 +575,10 @@ def main() -> None:
             result = bench_faults()
         elif what == "workers":
             result = bench_workers(8, args.steps)
+        elif what == "pictures":
+            result = bench_pictures(args.rounds, args.steps, args.trials)
+        elif what == "ray":
+            result = bench_ray(args.ray_jobs, args.steps, args.repeats, args.trials)
         else:
             result = screenshot(args.screenshot)
         print(f"{what} ({time.perf_counter() - started:.0f} s): {json.dumps(result)}", flush=True)
