@@ -56,11 +56,6 @@ def gate_step(policies: list[Any], num_steps: int) -> int | None:
     library's loop does."""
     from .caching import TGateCallback
     from .callbacks import CFGCutoffCallback
-    from .guidance import step_of
-
     gates = [p.gate_step for p in policies if isinstance(p, TGateCallback)]
-    for p in policies:
-        if isinstance(p, CFGCutoffCallback):
-            index, ratio = p.config.cutoff_step_index, p.config.cutoff_step_ratio
-            gates.append((index if index is not None else step_of(num_steps, ratio)) + 1)
+    gates += [p.cutoff_step_of(num_steps) + 1 for p in policies if isinstance(p, CFGCutoffCallback)]
     return min(gates) if gates else None

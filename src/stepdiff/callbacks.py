@@ -94,9 +94,13 @@ class PipelineCallback(_classic.PipelineCallback):
         self.register_to_config(cutoff_step_ratio=ratio, cutoff_step_index=index)
 
     def cutoff_step(self, pipeline: Any) -> int:
+        return self.cutoff_step_of(pipeline.num_timesteps)
+
+    def cutoff_step_of(self, num_steps: int) -> int:
+        """The cutoff step of a run of ``num_steps`` model steps: the index, or ``step_of(num_steps, ratio)``."""
         if self.config.cutoff_step_index is not None:
             return self.config.cutoff_step_index
-        return step_of(pipeline.num_timesteps, self.config.cutoff_step_ratio)
+        return step_of(num_steps, self.config.cutoff_step_ratio)
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must implement callback_fn")

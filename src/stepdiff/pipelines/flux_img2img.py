@@ -22,10 +22,6 @@ class FluxImg2ImgPipeline(Image2ImageRun, FluxPipeline):
     size_from_image: ClassVar[bool] = False
     repeat_image_for_generators: ClassVar[bool] = False  # the classic pipeline encodes the images as given
 
-    def start_index(self, num_inference_steps: int, strength: float) -> int:
-        # The classic Flux pipelines do not round num_inference_steps * strength down first.
-        return int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
-
     def initial_latents(self, run: Run, rows, height, width, dtype, device, generator, latents, kind) -> torch.Tensor:
         if latents is None:
             return super().initial_latents(run, rows, height, width, dtype, device, generator, None, kind)

@@ -8,7 +8,6 @@ import torch
 
 from ..control import CancelToken
 from .flux import FluxPipeline
-from .flux_img2img import FluxImg2ImgPipeline
 from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
 
 __all__ = ["FluxInpaintPipeline"]
@@ -22,7 +21,6 @@ class FluxInpaintPipeline(InpaintRun, FluxPipeline):
     _callback_tensor_inputs: ClassVar[list[str]] = [*FluxPipeline._callback_tensor_inputs, "mask", "masked_image_latents"]
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {**FluxPipeline._callback_names, **INPAINT_CALLBACK_NAMES}
 
-    start_index = FluxImg2ImgPipeline.start_index
     denoiser_channels = FluxPipeline.denoiser_channels
 
     def __call__(

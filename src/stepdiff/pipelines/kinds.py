@@ -128,6 +128,8 @@ class Image2ImageRun:
         _check_count("image", "image", kind.image.shape[0], rows, batch_size, num_images_per_prompt)
 
     def start_index(self, num_inference_steps: int, strength: float) -> int:
+        if self.flow_matching:  # the classic SD3 and Flux pipelines do not round num_inference_steps * strength down
+            return int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
         return max(num_inference_steps - init_timestep, 0)
 

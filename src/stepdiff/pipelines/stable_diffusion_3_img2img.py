@@ -18,10 +18,6 @@ class StableDiffusion3Img2ImgPipeline(Image2ImageRun, StableDiffusion3Pipeline):
 
     size_from_image: ClassVar[bool] = False
 
-    def start_index(self, num_inference_steps: int, strength: float) -> int:
-        # The classic SD3 pipeline does not round num_inference_steps * strength down first.
-        return int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
-
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -9,7 +9,6 @@ import torch
 from ..control import CancelToken
 from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
 from .stable_diffusion_3 import StableDiffusion3Pipeline
-from .stable_diffusion_3_img2img import StableDiffusion3Img2ImgPipeline
 
 __all__ = ["StableDiffusion3InpaintPipeline"]
 
@@ -30,9 +29,6 @@ class StableDiffusion3InpaintPipeline(InpaintRun, StableDiffusion3Pipeline):
         **StableDiffusion3Pipeline._callback_names,
         **INPAINT_CALLBACK_NAMES,
     }
-
-    # The classic SD3 pipelines do not round num_inference_steps * strength down first.
-    start_index = StableDiffusion3Img2ImgPipeline.start_index
 
     def __call__(
         self,
