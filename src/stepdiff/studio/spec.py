@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..limits import DEFAULT_GUIDANCE, MAX_GUIDANCE, MAX_SEED
-from ..request import FieldError, GenerationRequest, SizeRule, check_number, check_size, parse_interval
+from ..request import FieldError, GenerationRequest, SizeRule, check_size
 
 __all__ = ["MAX_PROMPT_CHARS", "FieldError", "JobSpec", "Limits", "PreviewSpec", "parse_job"]
 
@@ -113,14 +113,6 @@ def _int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
         raise FieldError(name, value, f"an integer in [{low}, {high}]")
     return int(value)
-
-
-def _number(name: str, value: Any, low: float, high: float) -> float:
-    return check_number(value, name, low, high)
-
-
-def _interval(value: Any) -> tuple[float, float]:
-    return parse_interval(value, "guidance_interval")
 
 
 def _text_limits(body: dict[str, Any]) -> None:

@@ -13,9 +13,9 @@ from typing import Any
 
 from ..cache_options import gate_step
 from ..guidance import GuidanceWindow
-from ..request import check_control_scale
+from ..request import check_control_scale, check_number, parse_interval
 from .fields import check_ip_adapter_scale
-from .spec import MAX_GUIDANCE, FieldError, _interval, _number, _unknown
+from .spec import MAX_GUIDANCE, FieldError, _unknown
 
 __all__ = ["STEER_FIELDS", "GuidancePlan", "parse_steer"]
 
@@ -108,11 +108,12 @@ def parse_steer(body: Any) -> dict[str, Any]:
     if "guidance" in body:
         if body["guidance"] is None:
             raise FieldError("guidance", None, f"a number in [0, {MAX_GUIDANCE:g}]")
-        changes["guidance"] = _number("guidance", body["guidance"], 0.0, MAX_GUIDANCE)
+        changes["guidance"] = check_number(body["guidance"], "guidance", 0.0, MAX_GUIDANCE)
     if "cfg_cutoff" in body:
-        changes["cfg_cutoff"] = None if body["cfg_cutoff"] is None else _number("cfg_cutoff", body["cfg_cutoff"], 0.0, 1.0)
+        changes["cfg_cutoff"] = None if body["cfg_cutoff"] is None else check_number(body["cfg_cutoff"], "cfg_cutoff", 0.0, 1.0)
     if "guidance_interval" in body:
-        changes["guidance_interval"] = None if body["guidance_interval"] is None else _interval(body["guidance_interval"])
+        interval = body["guidance_interval"]
+        changes["guidance_interval"] = None if interval is None else parse_interval(interval, "guidance_interval")
     if "control_scale" in body:
         changes["control_scale"] = check_control_scale(body["control_scale"])
     if "ip_adapter_scale" in body:
