@@ -8,6 +8,11 @@ against the same functions, so a VAE with ``latents_mean`` / ``latents_std`` (SD
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ._quiet import quiet_transformers
@@ -16,6 +21,33 @@ with quiet_transformers():
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
 __all__ = ["decode_latents", "encode_images", "latent_stats"]
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VAE -> its lock, for VAEs that upcast
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def _float32_if_needed(vae) -> Iterator[bool]:
+    """Run the block with ``vae`` in float32 where it is a float16 VAE marked ``force_upcast``; yield whether it was.
+
+    The classic pipelines cast such a VAE to float32 in place and back after the call. A pipeline is shared by
+    threads (server workers), so a VAE that can be cast holds a lock for the whole encode or decode: one thread's
+    cast never changes the dtype under another thread's call. Other VAEs are never cast and take no lock.
+    """
+    if not getattr(vae.config, "force_upcast", False):
+        yield False
+        return
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(vae, threading.Lock())
+    with lock:
+        upcast = vae.dtype == torch.float16
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            yield upcast
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
 
 
 def latent_stats(vae, channels: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -37,21 +69,18 @@ def encode_images(
     ``sample``: draw from the posterior with ``generator`` (one per row when a list), as the classic
     image-to-image pipelines do; False takes its mode.
     """
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     dtype = images.dtype
-    if upcast:  # fp16 VAEs that overflow encode in float32, as the classic SDXL pipelines do
-        images = images.float()
-        vae.to(dtype=torch.float32)
     mode = "sample" if sample else "argmax"
-    if isinstance(generator, list):
-        latents = torch.cat([
-            retrieve_latents(vae.encode(images[i : i + 1]), generator=generator[i], sample_mode=mode)
-            for i in range(images.shape[0])
-        ])
-    else:
-        latents = retrieve_latents(vae.encode(images), generator=generator, sample_mode=mode)
-    if upcast:
-        vae.to(dtype=torch.float16)
+    with _float32_if_needed(vae) as upcast:  # fp16 VAEs that overflow encode in float32, as the classic SDXL pipelines do
+        if upcast:
+            images = images.float()
+        if isinstance(generator, list):
+            latents = torch.cat([
+                retrieve_latents(vae.encode(images[i : i + 1]), generator=generator[i], sample_mode=mode)
+                for i in range(images.shape[0])
+            ])
+        else:
+            latents = retrieve_latents(vae.encode(images), generator=generator, sample_mode=mode)
     latents = latents.to(dtype)
     cfg = vae.config
     stats = latent_stats(vae, latents.shape[1], latents.device, latents.dtype)
@@ -65,17 +94,12 @@ def encode_images(
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1] (undo statistics or shift and scale, then decode)."""
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    if upcast:  # fp16 VAEs that overflow decode in float32, as the classic SDXL pipeline does
-        vae.to(dtype=torch.float32)
-    latents = latents.to(vae.dtype)
-    cfg = vae.config
-    stats = latent_stats(vae, latents.shape[1], latents.device, latents.dtype)
-    if stats is not None:
-        latents = latents * stats[1] / cfg.scaling_factor + stats[0]
-    else:
-        latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    image = vae.decode(latents, return_dict=False)[0]
-    if upcast:
-        vae.to(dtype=torch.float16)
-    return image
+    with _float32_if_needed(vae):  # fp16 VAEs that overflow decode in float32, as the classic SDXL pipeline does
+        latents = latents.to(vae.dtype)
+        cfg = vae.config
+        stats = latent_stats(vae, latents.shape[1], latents.device, latents.dtype)
+        if stats is not None:
+            latents = latents * stats[1] / cfg.scaling_factor + stats[0]
+        else:
+            latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        return vae.decode(latents, return_dict=False)[0]
