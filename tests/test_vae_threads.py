@@ -42,7 +42,7 @@ def _in_threads(fn, n: int = 3) -> list[BaseException]:
     def work():
         try:
             fn()
-        except BaseException as e:  # noqa: BLE001 - reported by the test
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=work) for _ in range(n)]
