@@ -190,7 +190,7 @@ def test_real_size_configs_are_derived_from_the_shapes(variant, tmp_path):
     shapes, want["vae"] = _meta_checkpoint(parts)
     theirs = infer_diffusers_model_type({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     assert theirs == {"v1": "v1", "v2": "v2", "xl": "xl_base", "sd3": "sd3"}[expected]  # diffusers agrees
-    info = single_file.SingleFile(tmp_path / "x.safetensors", single_file._variant(tmp_path, shapes), shapes)
+    info = single_file.SingleFile(tmp_path / "x.safetensors", single_file.header._variant(tmp_path, shapes), shapes)
     assert info.variant == expected
     configs = single_file.derive_configs(info)
     for name, config in want.items():
