@@ -110,7 +110,7 @@ def _meta_checkpoint(components):
     out, vae = {}, None
     for convert, model, *rest in components:
         out.update(convert(model.state_dict(), *rest))
-        if convert is testing._vae_to_ldm:
+        if convert is testing.ldm_layout._vae_to_ldm:
             vae = model.config
     return {k: tuple(v.shape) for k, v in out.items()}, vae
 
@@ -130,7 +130,7 @@ def _real(variant):
         kw = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
               "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, **kw}
         model = _on_meta(AutoencoderKL, **kw)
-        return testing._vae_to_ldm, model, dict(model.config)
+        return testing.ldm_layout._vae_to_ldm, model, dict(model.config)
 
     clip_l = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                             num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
@@ -141,8 +141,8 @@ def _real(variant):
                         attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64)
         te = _on_meta(CLIPTextModel, clip_l)
-        parts = [(testing._unet_to_ldm, unet, dict(unet.config)), vae(sample_size=512),
-                 (testing._clip_to_ldm, te, "cond_stage_model.transformer.")]
+        parts = [(testing.ldm_layout._unet_to_ldm, unet, dict(unet.config)), vae(sample_size=512),
+                 (testing.ldm_layout._clip_to_ldm, te, "cond_stage_model.transformer.")]
         return parts, {"unet": unet.config, "text_encoder": clip_l}, "v1"
     if variant == "sd21":
         unet = _on_meta(UNet2DConditionModel, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
@@ -153,8 +153,8 @@ def _real(variant):
         h24 = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                              num_attention_heads=16, hidden_act="gelu", projection_dim=1024)
         te = _on_meta(CLIPTextModelWithProjection, h24)
-        parts = [(testing._unet_to_ldm, unet, dict(unet.config)), vae(sample_size=768),
-                 (testing._open_clip_to_ldm, te, "cond_stage_model.model.")]
+        parts = [(testing.ldm_layout._unet_to_ldm, unet, dict(unet.config)), vae(sample_size=768),
+                 (testing.ldm_layout._open_clip_to_ldm, te, "cond_stage_model.model.")]
         h23 = CLIPTextConfig(**{**h24.to_dict(), "num_hidden_layers": 23})
         return parts, {"unet": unet.config, "text_encoder": h23}, "v2"
     if variant == "sdxl":
@@ -165,20 +165,20 @@ def _real(variant):
                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
         te, te2 = _on_meta(CLIPTextModel, clip_l), _on_meta(CLIPTextModelWithProjection, big_g)
-        parts = [(testing._unet_to_ldm, unet, dict(unet.config)), vae(sample_size=1024, scaling_factor=0.13025),
-                 (testing._clip_to_ldm, te, "conditioner.embedders.0.transformer."),
-                 (testing._open_clip_to_ldm, te2, "conditioner.embedders.1.model.")]
+        parts = [(testing.ldm_layout._unet_to_ldm, unet, dict(unet.config)), vae(sample_size=1024, scaling_factor=0.13025),
+                 (testing.ldm_layout._clip_to_ldm, te, "conditioner.embedders.0.transformer."),
+                 (testing.ldm_layout._open_clip_to_ldm, te2, "conditioner.embedders.1.model.")]
         return parts, {"unet": unet.config, "text_encoder": clip_l, "text_encoder_2": big_g}, "xl"
     transformer = _on_meta(SD3Transformer2DModel, sample_size=128, patch_size=2, in_channels=16, num_layers=24,
                            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                            caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
                            pos_embed_max_size=192)
     te, te2 = _on_meta(CLIPTextModelWithProjection, clip_l), _on_meta(CLIPTextModelWithProjection, big_g)
-    parts = [(testing._sd3_transformer_to_ldm, transformer, dict(transformer.config)),
+    parts = [(testing.ldm_layout._sd3_transformer_to_ldm, transformer, dict(transformer.config)),
              vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
                  scaling_factor=1.5305, shift_factor=0.0609),
-             (testing._clip_to_ldm, te, "text_encoders.clip_l.transformer."),
-             (testing._clip_to_ldm, te2, "text_encoders.clip_g.transformer.")]
+             (testing.ldm_layout._clip_to_ldm, te, "text_encoders.clip_l.transformer."),
+             (testing.ldm_layout._clip_to_ldm, te2, "text_encoders.clip_g.transformer.")]
     return parts, {"transformer": transformer.config, "text_encoder": clip_l, "text_encoder_2": big_g}, "sd3"
 
 
@@ -190,7 +190,7 @@ def test_real_size_configs_are_derived_from_the_shapes(variant, tmp_path):
     shapes, want["vae"] = _meta_checkpoint(parts)
     theirs = infer_diffusers_model_type({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     assert theirs == {"v1": "v1", "v2": "v2", "xl": "xl_base", "sd3": "sd3"}[expected]  # diffusers agrees
-    info = single_file.SingleFile(tmp_path / "x.safetensors", single_file._variant(tmp_path, shapes), shapes)
+    info = single_file.SingleFile(tmp_path / "x.safetensors", single_file.header._variant(tmp_path, shapes), shapes)
     assert info.variant == expected
     configs = single_file.derive_configs(info)
     for name, config in want.items():

@@ -231,7 +231,7 @@ def test_a_full_disk_pauses_the_queue_which_resumes_with_nothing_lost(make, monk
 
         return real_atomic_write(path, partial if images_full.is_set() else write)
 
-    monkeypatch.setattr(stepdiff.images, "atomic_write", atomic_write)
+    monkeypatch.setattr(stepdiff.images.writing, "atomic_write", atomic_write)  # where save_image looks it up
     real_pipeline_for = studio._pipeline_for
 
     class Filler:  # the job during which the disk fills up: it fails, and its failure cannot be recorded yet
@@ -289,7 +289,7 @@ def test_cancelling_a_job_whose_picture_waits_for_space_drops_it_and_the_queue_g
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_atomic_write(path, write)
 
-    monkeypatch.setattr(stepdiff.images, "atomic_write", atomic_write)
+    monkeypatch.setattr(stepdiff.images.writing, "atomic_write", atomic_write)  # where save_image looks it up
     stuck, after = (client.post("/api/jobs", json={"prompt": PROMPT, "steps": 2}).json() for _ in range(2))
     studio.start()
     until(lambda: client.get(f"/api/jobs/{stuck['id']}").json().get("waiting"), what="the picture to wait")

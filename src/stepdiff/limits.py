@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 __all__ = [
@@ -64,9 +64,9 @@ class ModelShape:
     def from_folder(cls, folder: str | os.PathLike) -> ModelShape:
         folder = Path(folder)
         if folder.is_file():  # a single-file checkpoint: its derived configs, the file's size as the weights
-            from .single_file import model_shape
+            from .single_file.folder import config_folder
 
-            return model_shape(folder)
+            return replace(cls.from_folder(config_folder(folder)), weight_bytes=folder.stat().st_size)
         vae = _config(folder, "vae")
         factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
         if (folder / "transformer").is_dir():

@@ -143,49 +143,74 @@ def denoise(
         state.guidance_scale = guidance.scale
         # Flow-matching schedulers have no input scaling.
         x_in = scheduler.scale_model_input(state.latents, t) if hasattr(scheduler, "scale_model_input") else state.latents
-        if len(sides) == 1:
-            model_in, conditioning = x_in, getattr(state, sides[0])
-        else:
-            model_in = torch.cat([x_in] * len(sides))
-            parts = [getattr(state, side) for side in sides]
-            sources = tuple(part[k] for k in state.cond for part in parts)
-            cached = batched.get(sides)
-            if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
-                cached = batched[sides] = (sources, {k: torch.cat([part[k] for part in parts]) for k in state.cond})
-            conditioning = cached[1]
-        state.sides = sides
-        with torch.inference_mode(inference_mode):
-            output = model(model_in, t, conditioning)
-        rows = model_in.shape[0]
-
-        def extra_call(side: str, x_in=x_in, t=t, **model_kwargs) -> torch.Tensor:  # a guidance's further pass
-            nonlocal rows
-            state.sides = ()
-            with torch.inference_mode(inference_mode):
-                out = model(x_in, t, {**getattr(state, side), **model_kwargs})
-            state.model_calls += 1
-            rows += x_in.shape[0]
-            return out
-
-        state.model_calls += 1
-        outputs = dict(zip(sides, output.chunk(len(sides))))
-        output = guidance.refine(i, guidance.combine(outputs), outputs, extra_call)
+        output, rows = _guided_output(state, model, guidance, i, t, x_in, sides, batched, inference_mode)
         state.model_rows += rows
         state.rows_per_step.append(rows)
         if output.is_inference():
             output = output.clone()  # schedulers may return it as the x0 estimate, which callbacks may edit
-        if check_finite and not bool(torch.isfinite(output).all()):
-            raise FloatingPointError(_non_finite(i, "the model output", output, guidance))
-        step = scheduler.step(output, t, state.latents, **step_kwargs, return_dict=True)
-        if check_finite and not bool(torch.isfinite(step.prev_sample).all()):
-            raise FloatingPointError(_non_finite(i, "the latents", step.prev_sample, guidance))
-        reported = getattr(step, "pred_original_sample", None)
-        state.denoised = (
-            reported if reported is not None else estimate_x0(scheduler, i, t, x_in, output, flow_matching=flow_matching)
-        )
-        state.latents = step.prev_sample
-        state.step_index, state.timestep = i, t
-        state.steps_completed = i + 1
+        _scheduler_step(state, scheduler, output, i, t, x_in, step_kwargs, guidance, check_finite, flow_matching)
         if after_step is not None:
             after_step(state)
         yield state
+
+
+def _conditioning(
+    state: LoopState, sides: tuple[str, ...], x_in: torch.Tensor,
+    batched: dict[tuple[str, ...], tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model call's input and conditioning: one side as it is, several batched (``batched`` caches them)."""
+    if len(sides) == 1:
+        return x_in, getattr(state, sides[0])
+    model_in = torch.cat([x_in] * len(sides))
+    parts = [getattr(state, side) for side in sides]
+    sources = tuple(part[k] for k in state.cond for part in parts)
+    cached = batched.get(sides)
+    if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
+        cached = batched[sides] = (sources, {k: torch.cat([part[k] for part in parts]) for k in state.cond})
+    return model_in, cached[1]
+
+
+def _guided_output(
+    state: LoopState, model: ModelFn, guidance: Guidance, i: int, t: torch.Tensor, x_in: torch.Tensor,
+    sides: tuple[str, ...], batched: dict, inference_mode: bool,
+) -> tuple[torch.Tensor, int]:
+    """One step's model call over ``sides`` and the guided output, with the rows computed (a guidance's further
+    passes included)."""
+    model_in, conditioning = _conditioning(state, sides, x_in, batched)
+    state.sides = sides
+    with torch.inference_mode(inference_mode):
+        output = model(model_in, t, conditioning)
+    rows = model_in.shape[0]
+
+    def extra_call(side: str, x_in=x_in, t=t, **model_kwargs) -> torch.Tensor:  # a guidance's further pass
+        nonlocal rows
+        state.sides = ()
+        with torch.inference_mode(inference_mode):
+            out = model(x_in, t, {**getattr(state, side), **model_kwargs})
+        state.model_calls += 1
+        rows += x_in.shape[0]
+        return out
+
+    state.model_calls += 1
+    outputs = dict(zip(sides, output.chunk(len(sides))))
+    output = guidance.refine(i, guidance.combine(outputs), outputs, extra_call)
+    return output, rows
+
+
+def _scheduler_step(
+    state: LoopState, scheduler, output: torch.Tensor, i: int, t: torch.Tensor, x_in: torch.Tensor, step_kwargs: dict,
+    guidance: Guidance, check_finite: bool, flow_matching: bool,
+) -> None:
+    """The scheduler step from the guided ``output``: the state's new latents and x0 estimate."""
+    if check_finite and not bool(torch.isfinite(output).all()):
+        raise FloatingPointError(_non_finite(i, "the model output", output, guidance))
+    step = scheduler.step(output, t, state.latents, **step_kwargs, return_dict=True)
+    if check_finite and not bool(torch.isfinite(step.prev_sample).all()):
+        raise FloatingPointError(_non_finite(i, "the latents", step.prev_sample, guidance))
+    reported = getattr(step, "pred_original_sample", None)
+    state.denoised = (
+        reported if reported is not None else estimate_x0(scheduler, i, t, x_in, output, flow_matching=flow_matching)
+    )
+    state.latents = step.prev_sample
+    state.step_index, state.timestep = i, t
+    state.steps_completed = i + 1

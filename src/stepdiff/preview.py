@@ -202,7 +202,7 @@ class PreviewCallback:
             self.budget = self._run_state(pipeline)["budget"] = PreviewBudget()
 
     def _run_state(self, pipeline: Any) -> dict:
-        from .callbacks import _per_run
+        from .callbacks.base import _per_run
 
         return _per_run(pipeline, self)
 

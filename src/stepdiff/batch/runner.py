@@ -20,7 +20,7 @@ import hashlib
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,24 +193,7 @@ def run_batch(config: BatchConfig, stop: threading.Event | None = None,
                 entries = run_on_ray(ray, config, plan, stop)
             else:
                 entries = _run_embedded(config, plan, stop)
-            for entry in entries:
-                if "error" in entry:
-                    result.failed.append((entry["line"], entry["error"]))
-                    say(f"{config.input} line {entry['line']}: {entry['error']}; row failed")
-                    if config.strict:
-                        raise RowFailed(f"{config.input} line {entry['line']}: {entry['error']} (--strict: the run "
-                                           f"stops; {result.made} image(s) made are kept, run again to resume)")
-                else:
-                    manifest.append(entry)
-                    result.made += 1
-                    if result.made == 1:
-                        result.startup_seconds = time.perf_counter() - started
-                    if entry["worker"] not in result.workers:
-                        result.workers.append(entry["worker"])
-                if bar is not None:
-                    bar.update(1)
-                if stop is not None and stop.is_set():
-                    result.stopped = True
+            _record(entries, config, result, manifest, say, bar, stop, started)
         except BaseException as e:
             e.stepdiff_kept = (f"kept the {result.made} image(s) made in this run (and {result.skipped} from before) "  # type: ignore[attr-defined]
                                f"with their manifest entries in {config.out}; run the same command again to resume")
@@ -221,6 +204,29 @@ def run_batch(config: BatchConfig, stop: threading.Event | None = None,
     result.stopped = result.stopped or (stop is not None and stop.is_set() and result.made + len(result.failed) < plan.todo)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _record(entries: Iterable[dict[str, Any]], config: BatchConfig, result: BatchResult, manifest: Manifest,
+            say: Callable[[str], None], bar: Any, stop: threading.Event | None, started: float) -> None:
+    """Each finished row as it comes: its manifest entry, or its failure (which ends a --strict run)."""
+    for entry in entries:
+        if "error" in entry:
+            result.failed.append((entry["line"], entry["error"]))
+            say(f"{config.input} line {entry['line']}: {entry['error']}; row failed")
+            if config.strict:
+                raise RowFailed(f"{config.input} line {entry['line']}: {entry['error']} (--strict: the run "
+                                   f"stops; {result.made} image(s) made are kept, run again to resume)")
+        else:
+            manifest.append(entry)
+            result.made += 1
+            if result.made == 1:
+                result.startup_seconds = time.perf_counter() - started
+            if entry["worker"] not in result.workers:
+                result.workers.append(entry["worker"])
+        if bar is not None:
+            bar.update(1)
+        if stop is not None and stop.is_set():
+            result.stopped = True
 
 
 def _check_config(config: BatchConfig) -> None:

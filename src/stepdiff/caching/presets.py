@@ -24,7 +24,7 @@ def fast_preset(num_inference_steps: int) -> list[Any]:
     the steps (``CFGCutoffCallback``) and DeepCache (interval 3, branch 0). Of the combinations measured in
     benchmarks/bench_fast.py (docs/faster.md; figures on docs/measured.md) on the shipped model, the one with the most
     saved compute that keeps adherence on the 216 held-out pairs within a point of the default run (it measured 100.0%)."""
-    from ..callbacks import CFGCutoffCallback  # stepdiff.callbacks re-exports this package's policies
+    from ..callbacks.cutoffs import CFGCutoffCallback  # not the package: stepdiff.callbacks re-exports caching
 
     _check_int("num_inference_steps", num_inference_steps, 1)
     # A ratio, not an index: the cutoff counts the run's model steps (2 * steps - 1 with Heun or KDPM2).

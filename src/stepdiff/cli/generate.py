@@ -40,6 +40,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     cut.add_argument("--cfg-cutoff-step", type=int, default=None, metavar="N", help="turn guidance off after step N")
     cut.add_argument("--guidance-interval", default=None, metavar="START,END",
                      help="guidance only on this part of the steps, as ratios, e.g. 0.2,0.8 (Kynkäänniemi et al. 2024)")
+    _add_stop_flags(g)
+    g.add_argument("--verbose", action="store_true", help="print the run record (steps, model calls, rows, time)")
+    _add_cache_flags(g)
+    _add_image_flags(g)
+    _add_control_flags(g)
+    _add_preview_flags(g)
+    return g
+
+
+def _add_stop_flags(g: argparse.ArgumentParser) -> None:
+    """Early stops, and the picture a run that stops early gives."""
     g.add_argument("--stop-at", type=int, default=None, metavar="N", help="stop after step N (early stop)")
     g.add_argument("--stop-on-convergence", type=float, nargs="?", const=0.05, default=None, metavar="TOL",
                    help="stop once the x0 estimate changes by less than TOL (default 0.05) for --patience steps; "
@@ -49,8 +60,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the picture of a run that stops early: finish (3 more steps on a re-timed schedule down to "
                         "t=0), finish:N (N steps), denoised (the x0 estimate of the step reached) or latents (the noisy "
                         "latents); default: finish, or denoised with --stop-at / --stop-on-convergence")
-    g.add_argument("--verbose", action="store_true", help="print the run record (steps, model calls, rows, time)")
-    _add_cache_flags(g)
+
+
+def _add_image_flags(g: argparse.ArgumentParser) -> None:
+    """Image to image and inpainting."""
     im = g.add_argument_group("image to image and inpainting")
     im.add_argument("--init-image", type=Path, default=None, metavar="PATH",
                     help="start from this picture (image to image); its size is the output size")
@@ -62,6 +75,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="with --mask: paste --init-image's own pixels back outside the mask, with a 2-pixel feathered "
                          "edge (the default: inpainting re-draws the whole picture through the VAE, which changes the "
                          "kept part); --no-keep-unmasked writes the model's pixels everywhere, as the library returns them")
+
+
+def _add_control_flags(g: argparse.ArgumentParser) -> None:
+    """ControlNet."""
     cn = g.add_argument_group("ControlNet: a structure picture decides where the shape goes")
     cn.add_argument("--control", type=Path, default=None, metavar="PATH",
                     help="control picture, the output size; for the shipped model: the shape's silhouette, white on black")
@@ -72,6 +89,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     cn.add_argument("--control-end", type=float, default=None, metavar="RATIO",
                     help="stop applying the control after this fraction of the steps, in (0, 1] (default 1.0; "
                          "0.5 saves the ControlNet's calls in the second half)")
+
+
+def _add_preview_flags(g: argparse.ArgumentParser) -> None:
+    """Previews of intermediate steps, an animation and a contact sheet."""
     pv = g.add_argument_group("previews of intermediate steps")
     pv.add_argument("--preview-dir", type=Path, default=None, help="write a preview PNG per step here ({step}.png)")
     pv.add_argument("--preview-every", type=int, default=None, metavar="N",
@@ -89,8 +110,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     pv.add_argument("--animation", type=Path, default=None, metavar="PATH", help="write the trajectory as .gif or .webp")
     pv.add_argument("--contact-sheet", type=Path, default=None, metavar="PATH",
                     help="write a grid of the previews, step number under each (.png, .jpg or .webp)")
-
-    return g
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

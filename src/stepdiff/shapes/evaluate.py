@@ -33,13 +33,7 @@ def evaluate(
     shape -> count; "none" when the judge finds no shape).
     """
     pairs = eval_pairs(seeds_per_combo)[:limit]
-    hits = {"background": 0, "color": 0, "shape": 0, "all": 0}
-    per_color = {c: [0, 0] for c in COLORS}  # colour -> [correct shape colour, total]
-    per_color_all = {c: [0, 0] for c in COLORS}
-    per_shape = {s: [0, 0] for s in SHAPES}
-    per_shape_all = {s: [0, 0] for s in SHAPES}
-    per_combo: dict[str, list[int]] = {}
-    confusion = {s: {j: 0 for j in (*SHAPES, "none")} for s in SHAPES}
+    tally = _Tally()
     model_rows = steps_done = 0
     started = time.perf_counter()
     pipe.set_progress_bar_config(disable=True)
@@ -54,37 +48,58 @@ def evaluate(
         model_rows += out.record.model_rows
         steps_done += out.steps_completed * len(chunk)
         for ((color, shape, background), _), image in zip(chunk, out.images):
-            v = judge(image)
-            ok = (v.background == background, v.color == color, v.shape == shape)
-            for key, good in zip(("background", "color", "shape"), ok):
-                hits[key] += good
-            hits["all"] += all(ok)
-            for table, key, good in ((per_color, color, ok[1]), (per_color_all, color, all(ok)),
-                                     (per_shape, shape, ok[2]), (per_shape_all, shape, all(ok)),
-                                     (per_combo.setdefault(caption(color, shape, background), [0, 0]), None, all(ok))):
-                cell = table if key is None else table[key]
-                cell[0] += good
-                cell[1] += 1
-            confusion[shape][v.shape if v.shape in SHAPES else "none"] += 1
+            tally.add(color, shape, background, judge(image))
     n = len(pairs)
-
-    def rates(table: dict[str, list[int]]) -> dict[str, float]:
-        return {k: ok / total for k, (ok, total) in table.items() if total}
-
     return {
         "n": n,
-        **{k: v / n for k, v in hits.items()},
-        "per_color": rates(per_color),
-        "per_color_all": rates(per_color_all),
-        "per_shape": rates(per_shape),
-        "per_shape_all": rates(per_shape_all),
-        "per_combo": rates(per_combo),
-        "confusion": confusion,
+        **tally.rates(n),
         "model_rows": model_rows,
         "mean_steps": steps_done / n,
         "seconds": time.perf_counter() - started,
         "prompts": "varied" if varied else "canonical",
     }
+
+
+class _Tally:
+    """What ``evaluate`` counts: hits per attribute, [right, total] per colour, shape and combination, and the
+    shape confusion (requested shape -> judged shape -> count)."""
+
+    def __init__(self) -> None:
+        self.hits = {"background": 0, "color": 0, "shape": 0, "all": 0}
+        self.per_color = {c: [0, 0] for c in COLORS}  # colour -> [correct shape colour, total]
+        self.per_color_all = {c: [0, 0] for c in COLORS}
+        self.per_shape = {s: [0, 0] for s in SHAPES}
+        self.per_shape_all = {s: [0, 0] for s in SHAPES}
+        self.per_combo: dict[str, list[int]] = {}
+        self.confusion = {s: {j: 0 for j in (*SHAPES, "none")} for s in SHAPES}
+
+    def add(self, color: str, shape: str, background: str, v: Any) -> None:
+        """One judged image ``v`` of the requested ``color`` ``shape`` on ``background``."""
+        ok = (v.background == background, v.color == color, v.shape == shape)
+        for key, good in zip(("background", "color", "shape"), ok):
+            self.hits[key] += good
+        self.hits["all"] += all(ok)
+        for table, key, good in ((self.per_color, color, ok[1]), (self.per_color_all, color, all(ok)),
+                                 (self.per_shape, shape, ok[2]), (self.per_shape_all, shape, all(ok)),
+                                 (self.per_combo.setdefault(caption(color, shape, background), [0, 0]), None, all(ok))):
+            cell = table if key is None else table[key]
+            cell[0] += good
+            cell[1] += 1
+        self.confusion[shape][v.shape if v.shape in SHAPES else "none"] += 1
+
+    def rates(self, n: int) -> dict[str, Any]:
+        def rates(table: dict[str, list[int]]) -> dict[str, float]:
+            return {k: ok / total for k, (ok, total) in table.items() if total}
+
+        return {
+            **{k: v / n for k, v in self.hits.items()},
+            "per_color": rates(self.per_color),
+            "per_color_all": rates(self.per_color_all),
+            "per_shape": rates(self.per_shape),
+            "per_shape_all": rates(self.per_shape_all),
+            "per_combo": rates(self.per_combo),
+            "confusion": self.confusion,
+        }
 
 
 def evaluate_table(pipe, guidances, default_guidance: float, cutoffs, steps: int = 25,
