@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..schedulers import scheduler_names
+from .events import is_framed_step
 from .guard import BODY_TIMEOUT, UPLOAD_PATH, Guard, HTTPError, JSONResponse, _error
 from .jobs import JobNotFound, QueueFull, Studio, WrongState
 from .spec import MAX_PROMPT_CHARS, FieldError, parse_job
@@ -216,7 +218,11 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
                     await ws.close(code=1013, reason="too far behind; reload the jobs from /api/jobs")
                     return
                 for text in sub.take(studio.hub.lock):
+                    started = time.perf_counter()
                     await ws.send_text(text)
+                    step, framed = is_framed_step(text)
+                    if step:  # what a step event costs to write: charged to the job's preview budget
+                        studio.hub.sent(time.perf_counter() - started, framed)
         except StoreError as e:
             with contextlib.suppress(Exception):
                 await ws.close(code=1011, reason=str(e)[:120])
