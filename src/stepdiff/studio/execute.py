@@ -74,9 +74,6 @@ def execute(pipe: Any, spec: JobSpec, inputs: JobInputs, token: CancelToken, pla
     ``on_step(run, state)`` after each step (the plan has set the next step's values by then). A cancelled job
     finishes its picture in up to 3 more steps; one stopped by a server shutdown (``token.reason``) or before its
     first step keeps the x0 estimate of the step reached."""
-    from ..caching import describe
-    from ..metadata import ImageSettings, image_metadata
-
     with plan.lock:
         first = plan.scale_at(0)
     generators = [torch.Generator().manual_seed(spec.seed + i) for i in range(spec.num_images)]
@@ -104,6 +101,17 @@ def execute(pipe: Any, spec: JobSpec, inputs: JobInputs, token: CancelToken, pla
     record = out.record.to_dict()
     if out.steps_completed == 0:
         return JobResult(0, record)
+    images, metadata = _finished_images(spec, inputs, run, out, policies, job_id, model, steering())
+    return JobResult(out.steps_completed, record, images, metadata)
+
+
+def _finished_images(spec: JobSpec, inputs: JobInputs, run: Any, out: Any, policies: list[Any], job_id: str,
+                     model: str | Path, steering: list[dict[str, Any]]) -> tuple[list[Any], list[tuple[str, dict]]]:
+    """The run's images (an inpainting job's unmasked pixels pasted back, as ``--keep-unmasked``) and each one's
+    metadata: that of ``stepdiff generate``, plus the job id and its steering."""
+    from ..caching import describe
+    from ..metadata import ImageSettings, image_metadata
+
     images = list(out.images)
     keep = feather = None
     if spec.kind == "inpaint":
@@ -112,7 +120,7 @@ def execute(pipe: Any, spec: JobSpec, inputs: JobInputs, token: CancelToken, pla
         keep, feather = True, KEEP_UNMASKED_FEATHER
         images = keep_unmasked(inputs.init, images, inputs.mask, feather=feather)
     extra: dict[str, Any] = {"job_id": job_id, "guidance_interval": spec.to_dict()["guidance_interval"],
-                             "steering": steering()}
+                             "steering": steering}
     if spec.control is not None:
         extra.update(control=spec.control, control_scale=spec.control_scale, control_end=spec.control_end)
     if spec.loras:
@@ -126,5 +134,4 @@ def execute(pipe: Any, spec: JobSpec, inputs: JobInputs, token: CancelToken, pla
             keep_unmasked=keep, keep_unmasked_feather=feather,
         )
         metadata.append(image_metadata(settings, image, run.scheduler, out, extra))
-    return JobResult(out.steps_completed, record, images, metadata)
-
+    return images, metadata
