@@ -47,6 +47,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="offer the LoRAs in DIR (.safetensors files, or folders with pytorch_lora_weights.safetensors)")
     v.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
                    help="the ControlNet of control jobs (default: the shipped one, for the shipped model)")
+    v.add_argument("--ip-adapter", type=Path, default=None, metavar="DIR",
+                   help="an IP-Adapter for jobs with an ip_adapter_image (DIR: ip-adapter.safetensors and image_encoder/; "
+                        "UNet models); loaded while such jobs run")
     r = v.add_argument_group("Ray (jobs on Ray actors; the page, queue and history stay in this process)")
     r.add_argument("--ray", action="store_true", help="run the jobs on the actors of a local Ray started for the server")
     r.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -93,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.models is not None or args.loras is not None or args.controlnet is not None or uses_ray:
+    if any(v is not None for v in (args.models, args.loras, args.controlnet, args.ip_adapter)) or uses_ray:
         studio = _catalog_studio(args, folder, uses_ray)
     else:
         studio = load_studio(folder, args.data, workers=args.workers, queue_size=args.queue_size,
@@ -127,8 +130,8 @@ def _check_serve_flags(args: argparse.Namespace) -> None:
 
 
 def _catalog_studio(args: argparse.Namespace, folder: Any, uses_ray: bool) -> Any:
-    """The studio over ``--models`` / ``--loras`` / ``--controlnet`` (a pool of pipelines), its jobs on Ray actors
-    with ``--ray`` / ``--ray-address`` (they load while this process does)."""
+    """The studio over ``--models`` / ``--loras`` / ``--controlnet`` / ``--ip-adapter`` (a pool of pipelines), its
+    jobs on Ray actors with ``--ray`` / ``--ray-address`` (they load while this process does)."""
     from ..studio.catalog import open_catalog
     from ..studio.jobs import Studio, lock_data_folder
 
@@ -138,8 +141,8 @@ def _catalog_studio(args: argparse.Namespace, folder: Any, uses_ray: bool) -> An
     workers = _start_ray_workers(args, folder) if uses_ray else None
     try:
         pipe, pool, limits = open_catalog(folder, models=args.models, loras=args.loras, controlnet=args.controlnet,
-                                          max_loaded=args.max_loaded, device=args.device, dtype=args.dtype,
-                                          max_steps=args.max_steps)
+                                          ip_adapter=args.ip_adapter, max_loaded=args.max_loaded, device=args.device,
+                                          dtype=args.dtype, max_steps=args.max_steps)
         if workers is not None:
             try:
                 workers.wait_ready()
@@ -188,7 +191,8 @@ def _start_ray_workers(args: argparse.Namespace, folder: Path):
         sized = torch.cuda.device_count() or 2
     ray, started = start_ray(args.ray_address, sized or 2, threads)
     config = ActorConfig(model=where(Path(folder)), models=where(args.models), loras=where(args.loras),
-                         controlnet=where(args.controlnet), max_loaded=args.max_loaded, dtype=args.dtype,
+                         controlnet=where(args.controlnet), ip_adapter=where(args.ip_adapter),
+                         max_loaded=args.max_loaded, dtype=args.dtype,
                          threads=threads)
     try:
         return RayWorkers(ray, config, workers=args.ray_workers, cpus=threads, started_here=started, wait=False,

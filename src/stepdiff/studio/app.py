@@ -135,7 +135,7 @@ def _info_routes(studio: Studio) -> list[Route]:
             "model": studio.model.name, "workers": studio.workers, "queue_size": studio.queue_size,
             "schedulers": scheduler_names(), "max_prompt_chars": MAX_PROMPT_CHARS,
             "preview_methods": ["auto", "linear", "vae"] + (["tiny"] if studio.frames.resolve("auto") == "tiny" else []),
-            "problem": studio.problem,
+            "problem": studio.problem, "ip_adapter": getattr(studio.pool, "ip_adapter_folder", None) is not None,
             "limits": {"native_size": lim.native_size, "size_multiple": lim.size_multiple, "min_size": lim.min_size,
                        "max_size": lim.max_size, "max_steps": lim.max_steps},
             "defaults": {"steps": lim.default_steps, "guidance": lim.default_guidance,

@@ -28,6 +28,7 @@ class JobInputs:
     init: Any = None
     mask: Any = None
     control: Any = None
+    ip_image: Any = None  # RGB: the IP-Adapter's image
 
 
 @dataclass
@@ -45,7 +46,8 @@ def image_names(job_id: str, count: int) -> list[str]:
 
 def make_plan(spec: JobSpec, policies: list[Any]) -> GuidancePlan:
     return GuidancePlan(spec.guidance, spec.run_steps, spec.cfg_cutoff, spec.guidance_interval, policies=policies,
-                        control_scale=spec.control_scale if spec.control is not None else None)
+                        control_scale=spec.control_scale if spec.control is not None else None,
+                        ip_adapter_scale=spec.ip_adapter_scale if spec.ip_adapter_image is not None else None)
 
 
 def run_arguments(spec: JobSpec, inputs: JobInputs) -> dict[str, Any]:
@@ -63,6 +65,8 @@ def run_arguments(spec: JobSpec, inputs: JobInputs) -> dict[str, Any]:
         if kind == "image2image":
             extra["image"] = inputs.init
         extra.update(controlnet_conditioning_scale=spec.control_scale, control_guidance_end=spec.control_end)
+    if inputs.ip_image is not None:  # its scale is the run's, set by the plan before the first step
+        extra["ip_adapter_image"] = inputs.ip_image
     return extra
 
 
@@ -123,6 +127,8 @@ def _finished_images(spec: JobSpec, inputs: JobInputs, run: Any, out: Any, polic
                              "steering": steering}
     if spec.control is not None:
         extra.update(control=spec.control, control_scale=spec.control_scale, control_end=spec.control_end)
+    if spec.ip_adapter_image is not None:
+        extra.update(ip_adapter_image=spec.ip_adapter_image, ip_adapter_scale=spec.ip_adapter_scale)
     if spec.loras:
         extra["loras"] = spec.loras
     metadata = []

@@ -50,6 +50,7 @@ class ActorConfig:
     models: str | None = None
     loras: str | None = None
     controlnet: str | None = None
+    ip_adapter: str | None = None
     max_loaded: int = 2
     dtype: str = "float32"
     device: str = "cpu"
@@ -67,7 +68,8 @@ class _Host(Workers):
 
         self.pipeline, self.pool, _ = open_catalog(
             Path(config.model), models=_path(config.models), loras=_path(config.loras),
-            controlnet=_path(config.controlnet), max_loaded=config.max_loaded, device=config.device, dtype=config.dtype)
+            controlnet=_path(config.controlnet), ip_adapter=_path(config.ip_adapter), max_loaded=config.max_loaded,
+            device=config.device, dtype=config.dtype)
         self.frames = FrameMaker(self.pipeline)
         self.hub = Outbox()
         self.previewer = Previewer(self.hub, self.frames)  # type: ignore[arg-type]  # publish and listening suffice

@@ -170,7 +170,7 @@ class Workers:
         self._planned(live)
         if inputs is None:
             inputs = self.read_inputs(spec)
-        with self.pool.use(spec.model, spec.loras) as model:
+        with self.pool.use(spec.model, spec.loras, ip_adapter=spec.ip_adapter_image is not None) as model:
             pipe = self._pipeline_for(spec.scheduler, spec.kind, spec.control is not None, model)
             maker = self.frame_maker(model)
             clock = {"mark": time.perf_counter()}
