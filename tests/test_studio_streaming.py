@@ -136,3 +136,33 @@ def test_plain_step_events_are_spaced_frames_and_the_last_step_are_not():
     live.last_event = time.perf_counter() - EVENT_GAP
     Workers._offer(host, live, 0, 6, 999.0, 2, 1, 2, 7.5, None)
     assert len(offered) == 4  # once EVENT_GAP has passed, a plain step event goes out again
+
+
+def _contended(budget, steps, step_seconds, frame_cpu, slowdown):
+    """As ``_stream``, with the frame made during the next step, which it slows by ``slowdown`` seconds."""
+    frames, seen, making = [], None, False
+    for i in range(steps):
+        budget.step_done(step_seconds + (slowdown if making else 0.0), seen)
+        if making:
+            budget.making(False)
+            making = False
+        if budget.wants(i, steps):
+            frames.append(i)
+            budget.making(True)  # on the preview thread, while the next step runs
+            budget.frame_done(frame_cpu)
+            making = True
+        seen = budget.mark()
+    return frames
+
+
+def test_contention_with_the_steps_is_charged_to_the_frames():
+    step, cpu = 0.04, 0.002
+    calm, contended = StreamBudget(), StreamBudget()
+    calm_frames = _contended(calm, 300, step, cpu, 0.0)
+    slow_frames = _contended(contended, 300, step, cpu, 0.012)  # each frame slows the step it overlaps by 12 ms
+    assert calm.contention == pytest.approx(0.0, abs=1e-9)
+    assert contended.contention == pytest.approx(0.012 * len(slow_frames), rel=0.05)
+    assert len(slow_frames) < len(calm_frames) / 3  # the cadence widens for what the frames really cost
+    assert contended.measured_share <= 0.03 + 1e-6
+    wall = sum(contended.step_seconds) + contended.contention  # the steps' real time, contention included
+    assert wall == pytest.approx(300 * step + 0.012 * len(slow_frames))

@@ -55,17 +55,50 @@ class StepUpdate:
 class StreamBudget(PreviewBudget):
     """``PreviewBudget``'s rule for a studio job, with the whole cost of streaming counted.
 
-    A frame's cost ``d`` is what the preview thread spends on it (drawing, WebP, base64, the JSON and the hand-over to
-    the event hub) plus writing it to every client listening (``EventHub.delivery_seconds``): ten clients make a frame
-    dearer than one, and the cadence widens. The step events between frames cost something too (``overhead``: the
-    preview thread's work, the writes to every client, the worker's hand-over); the projected share counts their mean
-    per step, ``o``, for every step left, and the steady cadence is the smallest ``k`` with
+    A frame's cost ``d`` is what the preview thread spends on it (its CPU time drawing, WebP, base64, the JSON and the
+    hand-over to the event hub) plus writing it to every client listening (``EventHub.delivery_seconds``), plus the
+    contention it causes: the steps that overlap the making of a frame are compared with the quiet ones (the recent
+    mean), and the difference (the GIL, a core shared with the denoising thread) is charged too. On a machine with no
+    core to spare, CPU time and contention overlap, so the budget errs on the side of fewer frames. Ten clients make
+    a frame dearer than one, and the cadence widens. The step events between frames cost something too
+    (``overhead``: the preview thread's work, the writes to every client, the worker's hand-over); the projected share
+    counts their mean per step, ``o``, for every step left, and the steady cadence is the smallest ``k`` with
     ``(d + k * o) / (k * (s + o) + d) <= share``. The last step gets no frame: the job's image follows it at once.
     """
 
     def __init__(self, share: float = PREVIEW_SHARE) -> None:
         super().__init__(share)
         self.overhead_spent = 0.0  # streaming seconds outside frames so far
+        self.quiet_seconds: list[float] = []  # steps during which no frame was being made
+        self.contention = 0.0  # steps overlapping a frame: their time over a quiet step's, summed (signed)
+        self._making = 0  # frames the preview thread is making now
+        self._changes = 0  # frame starts and ends so far
+
+    def making(self, started: bool) -> None:
+        """The preview thread starts (True) or has ended (False) making a frame and handing it over."""
+        with self._lock:
+            self._making += 1 if started else -1
+            self._changes += 1
+
+    def mark(self) -> tuple[int, int]:
+        """What the start of a step sees of the frames being made: pass it to ``step_done`` at its end."""
+        with self._lock:
+            return self._changes, self._making
+
+    def step_done(self, seconds: float, mark: tuple[int, int] | None = None) -> None:
+        """A step's time without preview work; ``mark``: ``mark()`` at its start. A step that overlapped the making
+        of a frame counts as a quiet step, and its time over that as contention."""
+        seconds = max(float(seconds), 0.0)
+        with self._lock:
+            busy = mark is not None and (mark[1] > 0 or self._making > 0 or self._changes != mark[0])
+            if busy and self.quiet_seconds:
+                quiet = self._estimate(self.quiet_seconds)
+                self.contention += seconds - quiet
+                seconds = quiet
+            elif not busy:
+                self.quiet_seconds.append(seconds)
+            self.step_seconds.append(seconds)
+            self.elapsed += seconds
 
     def overhead(self, seconds: float) -> None:
         """Streaming time that is no frame (a plain step event, the worker's hand-over)."""
@@ -77,18 +110,30 @@ class StreamBudget(PreviewBudget):
         """``o``: the streaming time outside frames per step so far."""
         return self.overhead_spent / len(self.step_seconds) if self.step_seconds else 0.0
 
+    def frame_cost(self) -> float:
+        """``d``: a frame's recent CPU and delivery time, plus the contention so far per frame made."""
+        if not self.frame_seconds:
+            return 0.0
+        return self._estimate(self.frame_seconds) + max(self.contention, 0.0) / len(self.frame_seconds)
+
+    @property
+    def measured_share(self) -> float:
+        spent = self.spent + max(self.contention, 0.0)
+        total = self.elapsed + spent
+        return spent / total if total > 0 else 0.0
+
     def projected_share(self, k: int, step_index: int, total_steps: int) -> float:
-        d = self._estimate(self.frame_seconds)
+        d = self.frame_cost()
         s = self._estimate(self.step_seconds) if self.step_seconds else 0.0
         left = total_steps - 1 - step_index
         nxt = max(self.frame_steps[-1] + k, step_index)
         frames = len(range(nxt, total_steps - 1, k))  # the cadence's; none at the last step
-        preview = self.spent + (self._pending + frames) * d + left * self.per_step()
+        preview = self.spent + max(self.contention, 0.0) + (self._pending + frames) * d + left * self.per_step()
         run = self.elapsed + left * s + preview
         return preview / run if run > 0 else 0.0
 
     def steady_cadence(self) -> int:
-        d = self._estimate(self.frame_seconds)
+        d = self.frame_cost()
         s = self._estimate(self.step_seconds) if self.step_seconds else 0.0
         room = self.share * s - (1 - self.share) * self.per_step()
         if d <= 0:
@@ -207,11 +252,21 @@ class Previewer:
                     self._cond.notify_all()
 
     def _publish(self, u: StepUpdate) -> None:
-        frame, warmup = None, 0.0
         maker = u.maker or self.frames
         # The budget is charged this thread's CPU time: what it takes from the cores the steps run on (its wall time
         # would count the waits for the GIL while the worker runs, which cost the run nothing).
         started, cpu = time.perf_counter(), time.thread_time()
+        making = u.tensor is not None and self.hub.listening and isinstance(u.budget, StreamBudget)
+        if making:
+            u.budget.making(True)  # type: ignore[union-attr]
+        try:
+            self._render_and_publish(u, maker, started, cpu)
+        finally:
+            if making:
+                u.budget.making(False)  # type: ignore[union-attr]
+
+    def _render_and_publish(self, u: StepUpdate, maker: FrameMaker, started: float, cpu: float) -> None:
+        frame, warmup = None, 0.0
         if u.tensor is not None and self.hub.listening:
             try:
                 frame = data_url(maker.frame(u.tensor, u.method))

@@ -183,7 +183,7 @@ class Workers:
             def step(run: Any, state: Any) -> None:
                 offered = time.perf_counter()
                 if budget is not None:
-                    budget.step_done(offered - clock["mark"])
+                    budget.step_done(offered - clock["mark"], clock.get("seen"))
                 i, total = state.step_index, run.num_timesteps
                 frame_step = False
                 if self.hub.listening:
@@ -195,6 +195,7 @@ class Workers:
                 clock["mark"] = time.perf_counter()
                 if budget is not None:
                     budget.overhead(clock["mark"] - offered)
+                    clock["seen"] = budget.mark()  # frames in the making as the next step starts
 
             return execute(pipe, spec, inputs, live.token, live.plan, policies, job_id=live.id, model=model.folder,
                            on_start=started, on_step=step, steering=lambda: live.steering)
