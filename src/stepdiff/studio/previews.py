@@ -91,7 +91,7 @@ class StreamBudget(PreviewBudget):
         seconds = max(float(seconds), 0.0)
         with self._lock:
             busy = mark is not None and (mark[1] > 0 or self._making > 0 or self._changes != mark[0])
-            if busy and self.quiet_seconds:
+            if busy and len(self.quiet_seconds) > 1:  # (the first step carries the run's setup: not a quiet step's time)
                 quiet = self._estimate(self.quiet_seconds)
                 self.contention += seconds - quiet
                 seconds = quiet
