@@ -162,6 +162,29 @@ def test_guidance_slider_steers_the_running_job(page, server):
     assert int(page.text_content("#rows-saved")) == done["rows_saved"] >= 3
 
 
+def test_cache_interval_slider_steers_a_fast_job(page, server):
+    assert not page.is_visible("#steer-cache")  # only for a job with step caching
+    page.check("#fast")
+    try:
+        submit_from_page(page, steps=400)
+    finally:
+        page.uncheck("#fast")
+    job = newest_job(server)
+    assert page.is_visible("#steer-cache") and page.text_content("#steer-cache-value") == "3"  # the fast preset's
+    assert not page.is_visible("#steer-threshold")  # no First-Block-Cache in this job
+    until(page, "document.getElementById('progress').value >= 3")
+    page.focus("#steer-cache")
+    page.keyboard.press("Home")  # interval 1: every step in full from the next step on
+    assert page.text_content("#steer-cache-value") == "1"
+    until_job = time.monotonic() + 30
+    while not httpx.get(server[0] + f"api/jobs/{job['id']}", timeout=10).json()["steering"]:
+        assert time.monotonic() < until_job
+        time.sleep(0.05)
+    page.keyboard.press("Escape")
+    done = wait_job(server, job["id"])
+    assert done["steering"][0]["cache_interval"] == 1 and done["steering"][0]["changed"] == ["cache_interval"]
+
+
 def test_unknown_words_are_named_under_the_prompt_before_submit(page):
     page.fill("#prompt", "a red circle on a blue background, high quality")
     until(page, "document.getElementById('words').textContent.includes('high, quality')")

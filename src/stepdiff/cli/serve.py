@@ -47,6 +47,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="offer the LoRAs in DIR (.safetensors files, or folders with pytorch_lora_weights.safetensors)")
     v.add_argument("--controlnet", type=Path, default=None, metavar="DIR",
                    help="the ControlNet of control jobs (default: the shipped one, for the shipped model)")
+    v.add_argument("--ip-adapter", type=Path, default=None, metavar="DIR",
+                   help="an IP-Adapter for jobs with an ip_adapter_image (DIR: ip-adapter.safetensors and image_encoder/; "
+                        "UNet models); loaded while such jobs run")
     r = v.add_argument_group("Ray (jobs on Ray actors; the page, queue and history stay in this process)")
     r.add_argument("--ray", action="store_true", help="run the jobs on the actors of a local Ray started for the server")
     r.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -84,6 +87,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model is not None:
         args.model = _resolve_model("--model", args.model, getattr(args, "allow_pickle", False))
     folder = _folder(args)
+    _check_serve_flags(args)
+    uses_ray = _check_ray_flags(args)
+    _check_studio_modules()
+    from ..studio.server import load_studio, serve
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if any(v is not None for v in (args.models, args.loras, args.controlnet, args.ip_adapter)) or uses_ray:
+        studio = _catalog_studio(args, folder, uses_ray)
+    else:
+        studio = load_studio(folder, args.data, workers=args.workers, queue_size=args.queue_size,
+                             max_steps=args.max_steps, device=args.device, dtype=args.dtype)
+    with contextlib.suppress(KeyboardInterrupt, Terminated):  # Ctrl-C and SIGTERM are how a server stops
+        serve(studio, host=args.host, port=args.port, token=args.token, request_timeout=args.request_timeout,
+              max_connections=args.max_connections)
+    return 0
+
+
+def _check_serve_flags(args: argparse.Namespace) -> None:
+    """The server's own flags, each checked before anything loads."""
     _at_least("--port", args.port, 0, 65535)
     _at_least("--workers", args.workers, 1, 64)
     _at_least("--queue-size", args.queue_size, 1, 100_000)
@@ -101,48 +126,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--data {str(args.data)!r} is a file, not a folder")
     _check_writable_dir("--data", args.data if args.data.is_dir() else args.data.parent)
     _check_device(args.device)
-    uses_ray = _check_ray_flags(args)
-    _check_studio_modules()
-    from ..studio.server import load_studio, serve
-
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     _at_least("--max-loaded", args.max_loaded, 1, 64)
-    if args.models is not None or args.loras is not None or args.controlnet is not None or uses_ray:
-        from ..studio.catalog import open_catalog
-        from ..studio.jobs import Studio, lock_data_folder
-
-        args.data.mkdir(parents=True, exist_ok=True)
-        with lock_data_folder(args.data):  # in use: refused before any model loads
-            pass
-        workers = _start_ray_workers(args, folder) if uses_ray else None  # the actors load while this process does
-        try:
-            pipe, pool, limits = open_catalog(folder, models=args.models, loras=args.loras, controlnet=args.controlnet,
-                                              max_loaded=args.max_loaded, device=args.device, dtype=args.dtype,
-                                              max_steps=args.max_steps)
-            if workers is not None:
-                try:
-                    workers.wait_ready()
-                except RuntimeError as e:
-                    flag = f"--ray-address {args.ray_address}" if args.ray_address else "--ray"
-                    raise ValueError(f"{flag}: {e}") from None
-            studio = Studio(pipe, pool.folders[pool.default], args.data, queue_size=args.queue_size, limits=limits,
-                            pool=pool, workers=args.workers if workers is None else workers.size, ray=workers)
-        except BaseException:
-            if workers is not None:
-                workers.close()
-            raise
-    else:
-        studio = load_studio(folder, args.data, workers=args.workers, queue_size=args.queue_size,
-                             max_steps=args.max_steps, device=args.device, dtype=args.dtype)
-    with contextlib.suppress(KeyboardInterrupt, Terminated):  # Ctrl-C and SIGTERM are how a server stops
-        serve(studio, host=args.host, port=args.port, token=args.token, request_timeout=args.request_timeout,
-              max_connections=args.max_connections)
-    return 0
 
 
+def _catalog_studio(args: argparse.Namespace, folder: Any, uses_ray: bool) -> Any:
+    """The studio over ``--models`` / ``--loras`` / ``--controlnet`` / ``--ip-adapter`` (a pool of pipelines), its
+    jobs on Ray actors with ``--ray`` / ``--ray-address`` (they load while this process does)."""
+    from ..studio.catalog import open_catalog
+    from ..studio.jobs import Studio, lock_data_folder
+
+    args.data.mkdir(parents=True, exist_ok=True)
+    with lock_data_folder(args.data):  # in use: refused before any model loads
+        pass
+    workers = _start_ray_workers(args, folder) if uses_ray else None
+    try:
+        pipe, pool, limits = open_catalog(folder, models=args.models, loras=args.loras, controlnet=args.controlnet,
+                                          ip_adapter=args.ip_adapter, max_loaded=args.max_loaded, device=args.device,
+                                          dtype=args.dtype, max_steps=args.max_steps)
+        if workers is not None:
+            try:
+                workers.wait_ready()
+            except RuntimeError as e:
+                flag = f"--ray-address {args.ray_address}" if args.ray_address else "--ray"
+                raise ValueError(f"{flag}: {e}") from None
+        return Studio(pipe, pool.folders[pool.default], args.data, queue_size=args.queue_size, limits=limits,
+                      pool=pool, workers=args.workers if workers is None else workers.size, ray=workers)
+    except BaseException:
+        if workers is not None:
+            workers.close()
+        raise
 
 
 def _check_ray_flags(args: argparse.Namespace) -> bool:
@@ -179,7 +191,8 @@ def _start_ray_workers(args: argparse.Namespace, folder: Path):
         sized = torch.cuda.device_count() or 2
     ray, started = start_ray(args.ray_address, sized or 2, threads)
     config = ActorConfig(model=where(Path(folder)), models=where(args.models), loras=where(args.loras),
-                         controlnet=where(args.controlnet), max_loaded=args.max_loaded, dtype=args.dtype,
+                         controlnet=where(args.controlnet), ip_adapter=where(args.ip_adapter),
+                         max_loaded=args.max_loaded, dtype=args.dtype,
                          threads=threads)
     try:
         return RayWorkers(ray, config, workers=args.ray_workers, cpus=threads, started_here=started, wait=False,

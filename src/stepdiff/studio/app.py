@@ -12,7 +12,8 @@ Routes (JSON unless said otherwise; every /api route needs the token when the se
     GET  /api/jobs/{id}            one job: state, step, parameters, run record, image URL
     POST /api/jobs/{id}/cancel     a queued job leaves the queue; a running one stops before its next model call
                                    and its picture is finished in up to 3 more steps (interrupt_output="finish")
-    POST /api/jobs/{id}/steer      {"guidance": 3.0, "cfg_cutoff": 0.5 | null}: from the next step on
+    POST /api/jobs/{id}/steer      {"guidance": 3.0, "cfg_cutoff": 0.5 | null, "cache_interval": 1, ...}: from the next
+                                   step on (steering.STEER_FIELDS)
     GET  /api/images/{id}.png      a job's image (PNG with the same metadata as ``stepdiff generate``)
     WS   /api/events               queued, started, step (with a preview frame), steered, finished, cancelled,
                                    failed, interrupted; starts with a ``hello`` snapshot of the live jobs
@@ -32,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..schedulers import scheduler_names
+from .events import is_framed_step
 from .guard import BODY_TIMEOUT, UPLOAD_PATH, Guard, HTTPError, JSONResponse, _error
 from .jobs import JobNotFound, QueueFull, Studio, WrongState
 from .spec import MAX_PROMPT_CHARS, FieldError, parse_job
@@ -101,8 +104,30 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
     """The ASGI app. ``token``: required on every /api call and the WebSocket; ``trusted_hosts``: the Host names
     served (None: any, for tests behind a test client); ``body_timeout``: seconds a request body may take."""
 
-    async def index(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        await run_in_threadpool(studio.close)
+
+    routes = [
+        Route("/", _index),
+        *_info_routes(studio),
+        *_job_routes(studio),
+        *_picture_routes(studio),
+        WebSocketRoute("/api/events", _events(studio)),
+        Mount("/static", StaticFiles(directory=STATIC)),
+    ]
+    app = Starlette(routes=routes, exception_handlers=_HANDLERS, lifespan=lifespan)
+    app.state.studio = studio
+    return Guard(app, token, trusted_hosts, MAX_BODY, body_timeout, MAX_UPLOAD_BYTES)  # type: ignore[return-value]
+
+
+async def _index(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
+
+
+def _info_routes(studio: Studio) -> list[Route]:
+    """What the server offers: its model and limits, the models and LoRAs, the words the model knows."""
 
     async def info(request: Request) -> Response:
         lim = studio.limits
@@ -110,7 +135,7 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
             "model": studio.model.name, "workers": studio.workers, "queue_size": studio.queue_size,
             "schedulers": scheduler_names(), "max_prompt_chars": MAX_PROMPT_CHARS,
             "preview_methods": ["auto", "linear", "vae"] + (["tiny"] if studio.frames.resolve("auto") == "tiny" else []),
-            "problem": studio.problem,
+            "problem": studio.problem, "ip_adapter": getattr(studio.pool, "ip_adapter_folder", None) is not None,
             "limits": {"native_size": lim.native_size, "size_multiple": lim.size_multiple, "min_size": lim.min_size,
                        "max_size": lim.max_size, "max_steps": lim.max_steps},
             "defaults": {"steps": lim.default_steps, "guidance": lim.default_guidance,
@@ -118,17 +143,32 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
             "stats": await run_in_threadpool(studio.stats),
         })
 
-    async def submit(request: Request) -> Response:
-        body = await _json(request)
-        spec = parse_job(body, studio.limits)
-        job = await run_in_threadpool(studio.submit, spec, isinstance(body, dict) and body.get("seed") is not None)
-        return JSONResponse(job, status_code=201)
-
     async def words(request: Request) -> Response:
         prompt = request.query_params.get("prompt", "")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise FieldError("prompt", f"{len(prompt)} characters", f"at most {MAX_PROMPT_CHARS} characters")
         return JSONResponse(await run_in_threadpool(studio.words, prompt))
+
+    async def models(request: Request) -> Response:
+        pool = studio.pool
+        return JSONResponse({"models": [{"name": n, "default": n == pool.default, "loaded": n in pool.loaded()}
+                                        for n in pool.names], "max_loaded": pool.max_loaded})
+
+    async def loras(request: Request) -> Response:
+        return JSONResponse({"loras": [{"name": n} for n in studio.pool.loras]})
+
+    return [Route("/api/info", info), Route("/api/words", words), Route("/api/models", models),
+            Route("/api/loras", loras)]
+
+
+def _job_routes(studio: Studio) -> list[Route]:
+    """Submit, list, read, cancel, steer and delete jobs."""
+
+    async def submit(request: Request) -> Response:
+        body = await _json(request)
+        spec = parse_job(body, studio.limits)
+        job = await run_in_threadpool(studio.submit, spec, isinstance(body, dict) and body.get("seed") is not None)
+        return JSONResponse(job, status_code=201)
 
     async def history(request: Request) -> Response:
         limit = _query_int(request, "limit", 1, 100, 20)
@@ -151,6 +191,19 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
 
     async def delete_job(request: Request) -> Response:
         return JSONResponse(await run_in_threadpool(studio.delete, _job_id(request)))
+
+    return [
+        Route("/api/jobs", submit, methods=["POST"]),
+        Route("/api/jobs", history, methods=["GET"]),
+        Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/api/jobs/{job_id}", delete_job, methods=["DELETE"]),
+        Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"]),
+        Route("/api/jobs/{job_id}/steer", steer, methods=["POST"]),
+    ]
+
+
+def _picture_routes(studio: Studio) -> list[Route]:
+    """Uploads in and back, and the jobs' images."""
 
     async def upload(request: Request) -> Response:
         kind = request.headers.get("content-type", "")
@@ -178,14 +231,6 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
             raise HTTPError(404, f"no upload {name!r}")
         return FileResponse(path, media_type="image/png", headers={"cache-control": "private, max-age=31536000"})
 
-    async def models(request: Request) -> Response:
-        pool = studio.pool
-        return JSONResponse({"models": [{"name": n, "default": n == pool.default, "loaded": n in pool.loaded()}
-                                        for n in pool.names], "max_loaded": pool.max_loaded})
-
-    async def loras(request: Request) -> Response:
-        return JSONResponse({"loras": [{"name": n} for n in studio.pool.loras]})
-
     async def image(request: Request) -> Response:
         name = request.path_params["name"]
         if not _IMAGE.match(name):
@@ -196,13 +241,20 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
             raise HTTPError(404, f"no image {name!r}")
         return FileResponse(path, media_type="image/png", headers={"cache-control": "private, max-age=31536000"})
 
+    return [Route(UPLOAD_PATH, upload, methods=["POST"]), Route("/api/uploads/{name}", upload_file),
+            Route("/api/images/{name}", image)]
+
+
+def _events(studio: Studio) -> Any:
+    """The WebSocket of ``/api/events``: a ``hello`` snapshot, then the hub's events; what writing each step event
+    took is reported to the hub (``EventHub.sent``), which charges it to the job's preview budget."""
+
     async def events(ws: WebSocket) -> None:
         await ws.accept()
         if studio.hub.count >= MAX_EVENT_CLIENTS:
             await ws.close(code=1013, reason=f"too many event clients ({MAX_EVENT_CLIENTS}); try again later")
             return
-        loop = asyncio.get_running_loop()
-        sub = studio.hub.subscribe(loop)
+        sub = studio.hub.subscribe(asyncio.get_running_loop())
         listener = asyncio.ensure_future(_drain(ws))
         try:
             await ws.send_text(json.dumps(await run_in_threadpool(studio.snapshot)))
@@ -216,7 +268,11 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
                     await ws.close(code=1013, reason="too far behind; reload the jobs from /api/jobs")
                     return
                 for text in sub.take(studio.hub.lock):
-                    await ws.send_text(text)
+                    started = time.thread_time()  # CPU: a wait for the GIL while the worker runs costs it nothing
+                    await ws.send_text(text)  # (no yield to the loop unless the socket's buffer is full)
+                    step, framed = is_framed_step(text)
+                    if step:
+                        studio.hub.sent(time.thread_time() - started, framed)
         except StoreError as e:
             with contextlib.suppress(Exception):
                 await ws.close(code=1011, reason=str(e)[:120])
@@ -226,69 +282,56 @@ def create_app(studio: Studio, *, token: str | None = None, trusted_hosts: set[s
             studio.hub.unsubscribe(sub)
             listener.cancel()
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        path = request.url.path
-        return _error(404, {"error": f"no route {request.method} {path if len(path) <= 200 else path[:200] + '...'}"})
+    return events
 
-    async def field_error(request: Request, exc: FieldError) -> Response:
-        return _error(422, exc.to_dict())
 
-    async def http_error(request: Request, exc: HTTPError) -> Response:
-        response = _error(exc.status, exc.body)
-        if exc.close:  # the rest of the body is not read: the connection cannot serve another request
-            response.headers["connection"] = "close"
-        return response
+# ------------------------------------------------------------------ errors: every answer is JSON
 
-    async def store_error(request: Request, exc: StoreError) -> Response:
-        return _error(503, {"error": str(exc)})
 
-    async def server_error(request: Request, exc: Exception) -> Response:
-        return _error(500, {"error": f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"[:500]})
+async def _not_found(request: Request, exc: Exception) -> Response:
+    path = request.url.path
+    return _error(404, {"error": f"no route {request.method} {path if len(path) <= 200 else path[:200] + '...'}"})
 
-    async def job_not_found(request: Request, exc: JobNotFound) -> Response:
-        return _error(404, {"error": f"no job {exc.args[0]}", "field": "id", "value": exc.args[0]})
 
-    async def wrong_state(request: Request, exc: WrongState) -> Response:
-        return _error(409, {"error": str(exc)})
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    return _error(405, {"error": f"method {request.method} is not allowed on {request.url.path}"})
 
-    async def upload_error(request: Request, exc: UploadError) -> Response:
-        return _error(exc.status, {"error": str(exc), "field": "upload"})
 
-    async def queue_full(request: Request, exc: QueueFull) -> Response:
-        return _error(429, {"error": str(exc)})
+async def _http_error(request: Request, exc: HTTPError) -> Response:
+    response = _error(exc.status, exc.body)
+    if exc.close:  # the rest of the body is not read: the connection cannot serve another request
+        response.headers["connection"] = "close"
+    return response
 
-    async def method_not_allowed(request: Request, exc: Exception) -> Response:
-        return _error(405, {"error": f"method {request.method} is not allowed on {request.url.path}"})
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        yield
-        await run_in_threadpool(studio.close)
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return _error(500, {"error": f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"[:500]})
 
-    routes = [
-        Route("/", index),
-        Route("/api/info", info),
-        Route("/api/words", words),
-        Route("/api/jobs", submit, methods=["POST"]),
-        Route("/api/jobs", history, methods=["GET"]),
-        Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
-        Route("/api/jobs/{job_id}", delete_job, methods=["DELETE"]),
-        Route(UPLOAD_PATH, upload, methods=["POST"]),
-        Route("/api/uploads/{name}", upload_file),
-        Route("/api/models", models),
-        Route("/api/loras", loras),
-        Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"]),
-        Route("/api/jobs/{job_id}/steer", steer, methods=["POST"]),
-        Route("/api/images/{name}", image),
-        WebSocketRoute("/api/events", events),
-        Mount("/static", StaticFiles(directory=STATIC)),
-    ]
-    handlers = {404: not_found, 405: method_not_allowed, FieldError: field_error, HTTPError: http_error,
-                JobNotFound: job_not_found, WrongState: wrong_state, QueueFull: queue_full, UploadError: upload_error,
-                StoreError: store_error, Exception: server_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-    app.state.studio = studio
-    return Guard(app, token, trusted_hosts, MAX_BODY, body_timeout, MAX_UPLOAD_BYTES)  # type: ignore[return-value]
+
+async def _job_not_found(request: Request, exc: JobNotFound) -> Response:
+    return _error(404, {"error": f"no job {exc.args[0]}", "field": "id", "value": exc.args[0]})
+
+
+def _answer(status: int, field: str | None = None) -> Any:
+    """A handler answering ``status`` with the exception's message (and ``field``)."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        return _error(status, {"error": str(exc), **({"field": field} if field else {})})
+
+    return handler
+
+
+async def _upload_error(request: Request, exc: UploadError) -> Response:
+    return _error(exc.status, {"error": str(exc), "field": "upload"})
+
+
+async def _field_error(request: Request, exc: FieldError) -> Response:
+    return _error(422, exc.to_dict())
+
+
+_HANDLERS = {404: _not_found, 405: _method_not_allowed, FieldError: _field_error, HTTPError: _http_error,
+             JobNotFound: _job_not_found, WrongState: _answer(409), QueueFull: _answer(429),
+             UploadError: _upload_error, StoreError: _answer(503), Exception: _server_error}
 
 
 async def _drain(ws: WebSocket) -> None:

@@ -1,6 +1,6 @@
 """What ``stepdiff serve`` offers: one model (``--model``) or every model folder in ``--models DIR``, at most
 ``--max-loaded`` of them in memory; the LoRA files of ``--loras DIR``; a ControlNet (``--controlnet``, or the
-shipped one for the shipped model). Builds the ``PipelinePool`` a ``Studio`` runs on."""
+shipped one for the shipped model); an IP-Adapter (``--ip-adapter``). Builds the ``PipelinePool`` a ``Studio`` runs on."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .pool import PipelinePool, find_loras, find_models
+from .pool import IP_ADAPTER_WEIGHTS, PipelinePool, find_loras, find_models
 
 __all__ = ["open_catalog"]
 
 
 def open_catalog(model: Path, *, models: Path | None = None, loras: Path | None = None,
-                 controlnet: Path | None = None, max_loaded: int = 2, device: str = "cpu", dtype: str = "float32",
+                 controlnet: Path | None = None, ip_adapter: Path | None = None, max_loaded: int = 2,
+                 device: str = "cpu", dtype: str = "float32",
                  loader: Any = None, max_steps: int = 500) -> tuple[Any, PipelinePool, Any]:
     """``(default pipeline, pool, limits)``. With ``models``, the default is ``model`` when it is one of them, else
     the first by name; it is loaded now and the others on first use. Problems name the flag (ValueError)."""
@@ -48,9 +49,13 @@ def open_catalog(model: Path, *, models: Path | None = None, loras: Path | None 
         found_loras = find_loras(loras)
     if controlnet is not None and not (controlnet / "config.json").is_file():
         raise ValueError(f"--controlnet {str(controlnet)!r} is not a ControlNet folder (it has no config.json)")
+    if ip_adapter is not None and not ((ip_adapter / IP_ADAPTER_WEIGHTS).is_file()
+                                       and (ip_adapter / "image_encoder" / "config.json").is_file()):
+        raise ValueError(f"--ip-adapter {str(ip_adapter)!r} is not an IP-Adapter folder (it needs "
+                         f"{IP_ADAPTER_WEIGHTS} and image_encoder/config.json)")
     pipe = load(folders[default])
     pool = PipelinePool(folders, default, load, max_loaded=max_loaded, controlnet=controlnet, loras=found_loras,
-                        preloaded={default: pipe})
+                        preloaded={default: pipe}, ip_adapter=ip_adapter)
     limits = replace(limits_for(folders[default], max_steps), models=tuple(folders) if models is not None else (),
                      loras=tuple(found_loras))
     return pipe, pool, limits

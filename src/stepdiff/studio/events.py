@@ -6,6 +6,10 @@ order; a step event replaces the job's previous step event that the client has n
 client gets the latest frame, never a backlog, and never slows a run (publishing only takes a lock and
 schedules a wake-up on the event loop). A subscriber that falls more than ``max_pending`` lifecycle
 events behind is dropped (its socket is closed; the page resynchronises from the HTTP API).
+
+Each WebSocket coroutine reports what writing a step event to its client took (``sent``); ``delivery_seconds`` is
+then what one step event costs to deliver to every client, with or without a frame. The preview thread charges that
+to the job's preview budget, so the frames get sparser as clients are added (``previews.StreamBudget``).
 """
 
 from __future__ import annotations
@@ -13,11 +17,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import statistics
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
-__all__ = ["EventHub", "Subscriber"]
+__all__ = ["EventHub", "Subscriber", "is_framed_step"]
+
+_RECENT_SENDS = 32  # writes whose times make the estimate of one write
+
+
+def is_framed_step(text: str) -> tuple[bool, bool]:
+    """(a step event, with a frame) of an event's JSON text as ``EventHub.publish`` wrote it."""
+    step = text.startswith('{"type": "step"')
+    return step, step and '"frame": "data:' in text
 
 
 class Subscriber:
@@ -60,6 +73,7 @@ class EventHub:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
+        self._sends: dict[bool, deque[float]] = {True: deque(maxlen=_RECENT_SENDS), False: deque(maxlen=_RECENT_SENDS)}
 
     @property
     def lock(self) -> threading.Lock:
@@ -72,6 +86,24 @@ class EventHub:
     @property
     def count(self) -> int:
         return len(self._subscribers)
+
+    def sent(self, seconds: float, framed: bool) -> None:
+        """From a WebSocket coroutine: writing one step event (``framed``: with a frame) to its client took
+        ``seconds``."""
+        with self._lock:
+            self._sends[framed].append(max(float(seconds), 0.0))
+
+    def delivery_seconds(self, framed: bool) -> float:
+        """What delivering one step event (``framed``: with a frame) to every client now listening costs: the
+        number of clients times the recent mean time of one write (0 before any was measured)."""
+        with self._lock:
+            recent = list(self._sends[framed])
+        return len(self._subscribers) * statistics.fmean(recent) if recent else 0.0
+
+    def audience(self) -> dict[str, Any]:
+        """The clients listening and what delivering a step event to them costs (sent to a Ray actor's preview
+        thread, whose budget charges it)."""
+        return {"clients": self.count, "framed": self.delivery_seconds(True), "plain": self.delivery_seconds(False)}
 
     def subscribe(self, loop: asyncio.AbstractEventLoop, max_pending: int = 1000) -> Subscriber:
         sub = Subscriber(loop, max_pending)

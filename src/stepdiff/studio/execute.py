@@ -28,6 +28,7 @@ class JobInputs:
     init: Any = None
     mask: Any = None
     control: Any = None
+    ip_image: Any = None  # RGB: the IP-Adapter's image
 
 
 @dataclass
@@ -45,7 +46,8 @@ def image_names(job_id: str, count: int) -> list[str]:
 
 def make_plan(spec: JobSpec, policies: list[Any]) -> GuidancePlan:
     return GuidancePlan(spec.guidance, spec.run_steps, spec.cfg_cutoff, spec.guidance_interval, policies=policies,
-                        control_scale=spec.control_scale if spec.control is not None else None)
+                        control_scale=spec.control_scale if spec.control is not None else None,
+                        ip_adapter_scale=spec.ip_adapter_scale if spec.ip_adapter_image is not None else None)
 
 
 def run_arguments(spec: JobSpec, inputs: JobInputs) -> dict[str, Any]:
@@ -63,6 +65,8 @@ def run_arguments(spec: JobSpec, inputs: JobInputs) -> dict[str, Any]:
         if kind == "image2image":
             extra["image"] = inputs.init
         extra.update(controlnet_conditioning_scale=spec.control_scale, control_guidance_end=spec.control_end)
+    if inputs.ip_image is not None:  # its scale is the run's, set by the plan before the first step
+        extra["ip_adapter_image"] = inputs.ip_image
     return extra
 
 
@@ -74,9 +78,6 @@ def execute(pipe: Any, spec: JobSpec, inputs: JobInputs, token: CancelToken, pla
     ``on_step(run, state)`` after each step (the plan has set the next step's values by then). A cancelled job
     finishes its picture in up to 3 more steps; one stopped by a server shutdown (``token.reason``) or before its
     first step keeps the x0 estimate of the step reached."""
-    from ..caching import describe
-    from ..metadata import ImageSettings, image_metadata
-
     with plan.lock:
         first = plan.scale_at(0)
     generators = [torch.Generator().manual_seed(spec.seed + i) for i in range(spec.num_images)]
@@ -104,6 +105,17 @@ def execute(pipe: Any, spec: JobSpec, inputs: JobInputs, token: CancelToken, pla
     record = out.record.to_dict()
     if out.steps_completed == 0:
         return JobResult(0, record)
+    images, metadata = _finished_images(spec, inputs, run, out, policies, job_id, model, steering())
+    return JobResult(out.steps_completed, record, images, metadata)
+
+
+def _finished_images(spec: JobSpec, inputs: JobInputs, run: Any, out: Any, policies: list[Any], job_id: str,
+                     model: str | Path, steering: list[dict[str, Any]]) -> tuple[list[Any], list[tuple[str, dict]]]:
+    """The run's images (an inpainting job's unmasked pixels pasted back, as ``--keep-unmasked``) and each one's
+    metadata: that of ``stepdiff generate``, plus the job id and its steering."""
+    from ..caching import describe
+    from ..metadata import ImageSettings, image_metadata
+
     images = list(out.images)
     keep = feather = None
     if spec.kind == "inpaint":
@@ -112,9 +124,11 @@ def execute(pipe: Any, spec: JobSpec, inputs: JobInputs, token: CancelToken, pla
         keep, feather = True, KEEP_UNMASKED_FEATHER
         images = keep_unmasked(inputs.init, images, inputs.mask, feather=feather)
     extra: dict[str, Any] = {"job_id": job_id, "guidance_interval": spec.to_dict()["guidance_interval"],
-                             "steering": steering()}
+                             "steering": steering}
     if spec.control is not None:
         extra.update(control=spec.control, control_scale=spec.control_scale, control_end=spec.control_end)
+    if spec.ip_adapter_image is not None:
+        extra.update(ip_adapter_image=spec.ip_adapter_image, ip_adapter_scale=spec.ip_adapter_scale)
     if spec.loras:
         extra["loras"] = spec.loras
     metadata = []
@@ -126,5 +140,4 @@ def execute(pipe: Any, spec: JobSpec, inputs: JobInputs, token: CancelToken, pla
             keep_unmasked=keep, keep_unmasked_feather=feather,
         )
         metadata.append(image_metadata(settings, image, run.scheduler, out, extra))
-    return JobResult(out.steps_completed, record, images, metadata)
-
+    return images, metadata

@@ -2,7 +2,8 @@
 validator per field, each raising ``FieldError(field, value, allowed)``.
 
 Named as the CLI flags (``init_image``, ``strength``, ``mask``, ``control``, ``control_scale``, ``control_end``,
-``num_images``). A picture field holds the id of an upload (``POST /api/uploads``); what depends on the picture
+``num_images``), and as the pipelines' arguments (``ip_adapter_image``, ``ip_adapter_scale``: ``serve --ip-adapter``).
+A picture field holds the id of an upload (``POST /api/uploads``); what depends on the picture
 itself (its size against the model's, the mask's size against the init image's) is checked when the job is
 submitted (``Studio.check``), before any model work. The validators the CLI shares live in ``stepdiff.request``;
 the studio's own (uploads, models, LoRAs, the IP-Adapter steer) are here, one per field.
@@ -112,6 +113,14 @@ def parse_inputs(body: dict[str, Any], spec: Any, limits: Any) -> None:
     if spec.control is not None:
         spec.control_scale = 1.0 if spec.control_scale is None else spec.control_scale
         spec.control_end = 1.0 if spec.control_end is None else spec.control_end
+    if get("ip_adapter_image") is not None:
+        spec.ip_adapter_image = check_upload_id("ip_adapter_image", get("ip_adapter_image"))
+    if get("ip_adapter_scale") is not None:
+        if spec.ip_adapter_image is None:
+            raise FieldError("ip_adapter_scale", get("ip_adapter_scale"), "left out without ip_adapter_image")
+        spec.ip_adapter_scale = check_ip_adapter_scale(get("ip_adapter_scale"))
+    if spec.ip_adapter_image is not None and spec.ip_adapter_scale is None:
+        spec.ip_adapter_scale = 1.0
     if get("num_images") is not None:
         spec.num_images = check_num_images(get("num_images"), most=MAX_IMAGES)
         if spec.seed + spec.num_images - 1 > MAX_SEED:

@@ -68,6 +68,11 @@ def check_pictures(studio: Any, spec: JobSpec) -> None:
         if studio.pool.controlnet_folder is None and shipped_controlnet_for(folder) is None:
             raise FieldError("control", spec.control, "left out: this server has no ControlNet for its model "
                              "(start it with --controlnet DIR)")
+    if spec.ip_adapter_image is not None:
+        if getattr(studio.pool, "ip_adapter_folder", None) is None:
+            raise FieldError("ip_adapter_image", spec.ip_adapter_image, "left out: this server has no IP-Adapter "
+                             "(start it with --ip-adapter DIR)")
+        studio.uploads.read("ip_adapter_image", spec.ip_adapter_image, "RGB")  # it exists and is a picture
 
 
 def read_inputs(uploads: Uploads, spec: JobSpec) -> JobInputs:
@@ -76,5 +81,6 @@ def read_inputs(uploads: Uploads, spec: JobSpec) -> JobInputs:
         init=None if spec.init_image is None else read("init_image", spec.init_image, "RGB"),
         mask=None if spec.mask is None else read("mask", spec.mask, "L"),
         control=None if spec.control is None else read("control", spec.control, "RGB"),
+        ip_image=None if spec.ip_adapter_image is None else read("ip_adapter_image", spec.ip_adapter_image, "RGB"),
     )
 

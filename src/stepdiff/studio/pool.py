@@ -13,6 +13,12 @@ worker (the default) jobs simply run in queue order; with several, jobs of the s
 job with another set waits for them (so a steady stream of one set can hold another back until the queue drains
 of it: the queue is FIFO, so at most the jobs already started go first). A model that holds running jobs is never
 unloaded: a job that needs another model while ``max_loaded`` models are busy waits for one to be free.
+
+The IP-Adapter (``--ip-adapter``) goes through the same gate: loaded, it replaces the denoiser's attention processors
+and every run of the model then needs an IP-Adapter image, so it is part of the gate's key. A job with an
+``ip_adapter_image`` waits for the model's other jobs, then the adapter is loaded (``load_ip_adapter``); a job without
+one waits for the IP-Adapter jobs, then it is unloaded (``unload_ip_adapter``). Switching reads the adapter's file
+again: a stream of mixed jobs pays that each time the kind changes.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LoadedModel", "PipelinePool", "find_loras", "find_models"]
+__all__ = ["IP_ADAPTER_WEIGHTS", "LoadedModel", "PipelinePool", "find_loras", "find_models"]
 
 LORA_SUFFIXES = (".safetensors",)
+IP_ADAPTER_WEIGHTS = "ip-adapter.safetensors"  # in the --ip-adapter folder, with image_encoder/
 
 
 def find_models(folder: Path) -> dict[str, Path]:
@@ -56,6 +63,7 @@ class LoadedModel:
     controlnet: Any = None  # loaded on first use
     users: int = 0  # jobs running on it now
     lora_key: tuple = ()  # the LoRA set applied: ((name, scale), ...)
+    ip: bool = False  # the IP-Adapter (--ip-adapter) loaded into it
     adapters: set[str] = field(default_factory=set)  # LoRA files loaded into it
     views: dict[tuple, Any] = field(default_factory=dict)
 
@@ -65,11 +73,12 @@ class PipelinePool:
 
     def __init__(self, folders: dict[str, Path], default: str, loader: Callable[[Path], Any], *, max_loaded: int = 1,
                  controlnet: Path | None = None, loras: dict[str, Path] | None = None,
-                 preloaded: dict[str, Any] | None = None) -> None:
+                 preloaded: dict[str, Any] | None = None, ip_adapter: Path | None = None) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
         self.folders, self.default, self.loader, self.max_loaded = folders, default, loader, max_loaded
         self.controlnet_folder = controlnet
+        self.ip_adapter_folder = ip_adapter
         self.loras = loras or {}
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._cond = threading.Condition()
@@ -92,11 +101,13 @@ class PipelinePool:
             return self._loaded.get(name or self.default)
 
     @contextlib.contextmanager
-    def use(self, name: str | None, loras: list[dict[str, Any]] | None = None) -> Iterator[LoadedModel]:
-        """The model ``name`` loaded, with the LoRA set ``loras`` applied, held for the length of the block."""
+    def use(self, name: str | None, loras: list[dict[str, Any]] | None = None,
+            ip_adapter: bool = False) -> Iterator[LoadedModel]:
+        """The model ``name`` loaded, with the LoRA set ``loras`` applied and the IP-Adapter loaded or not
+        (``ip_adapter``), held for the length of the block."""
         name = name or self.default
         key = tuple((lora["name"], float(lora["scale"])) for lora in loras or [])
-        model = self._acquire(name, key)
+        model = self._acquire(name, key, ip_adapter)
         try:
             yield model
         finally:
@@ -104,12 +115,12 @@ class PipelinePool:
                 model.users -= 1
                 self._cond.notify_all()
 
-    def _acquire(self, name: str, key: tuple) -> LoadedModel:
+    def _acquire(self, name: str, key: tuple, ip: bool = False) -> LoadedModel:
         with self._cond:
             while True:
                 model = self._loaded.get(name)
                 if model is not None:
-                    if model.users == 0 or model.lora_key == key:
+                    if model.users == 0 or (model.lora_key == key and model.ip == ip):
                         break
                 elif len(self._loaded) < self.max_loaded or any(m.users == 0 for m in self._loaded.values()):
                     model = self._load(name)
@@ -118,6 +129,8 @@ class PipelinePool:
             self._loaded.move_to_end(name)
             if model.lora_key != key:  # nobody runs on it (checked above): the modules are ours to change
                 self._apply_loras(model, key)
+            if model.ip != ip:
+                self._apply_ip_adapter(model, ip)
             model.users += 1
             return model
 
@@ -150,6 +163,18 @@ class PipelinePool:
             pipe.disable_lora()
         model.lora_key = key
 
+    def _apply_ip_adapter(self, model: LoadedModel, on: bool) -> None:
+        """Load the IP-Adapter into ``model`` (its attention processors and image encoder), or unload it: a model
+        with an IP-Adapter loaded needs an IP-Adapter image for every run, so only jobs with one run on it then."""
+        if on:
+            if self.ip_adapter_folder is None:
+                raise ValueError("this server has no IP-Adapter (start it with --ip-adapter DIR)")
+            model.pipe.load_ip_adapter(str(self.ip_adapter_folder), subfolder="", weight_name=IP_ADAPTER_WEIGHTS)
+        else:
+            model.pipe.unload_ip_adapter()
+        model.ip = on
+        model.views = {k: v for k, v in model.views.items() if not k[-1]}  # they hold the image encoder unloaded
+
     def controlnet_for(self, model: LoadedModel) -> Any:
         """The ControlNet of ``model`` (``--controlnet``, else the shipped one for the shipped model), loaded once."""
         if model.controlnet is None:
@@ -168,8 +193,8 @@ class PipelinePool:
 
     def view(self, model: LoadedModel, scheduler: str | None, kind: str, control: bool) -> Any:
         """The pipeline of ``kind`` (with a ControlNet when ``control``) and ``scheduler`` on ``model``'s modules."""
-        key = (scheduler, kind, control)
         with self._cond:
+            key = (scheduler, kind, control, model.ip)
             pipe = model.views.get(key)
         if pipe is not None:
             return pipe

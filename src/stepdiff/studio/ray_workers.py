@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .execute import JobInputs, JobResult, make_plan
+from .outbox import Outbox
 from .state import _Live
 from .steering import STEER_FIELDS
 from .worker import Workers
@@ -49,38 +50,11 @@ class ActorConfig:
     models: str | None = None
     loras: str | None = None
     controlnet: str | None = None
+    ip_adapter: str | None = None
     max_loaded: int = 2
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = None
-
-
-class _Outbox:
-    """The actor's stand-in for the ``EventHub``: its preview thread publishes here and the studio takes the events
-    (``poll``). A step event replaces the pending one of its job; if that one had a frame and the new one has none,
-    the new one carries it (as ``Previewer.offer``), so a frame is never lost between two polls."""
-
-    def __init__(self) -> None:
-        self.listening = False  # set from the studio's hub at every poll
-        self._lock = threading.Lock()
-        self._events: list[dict[str, Any]] = []
-        self._steps: dict[str, dict[str, Any]] = {}
-
-    def publish(self, event: dict[str, Any]) -> None:
-        with self._lock:
-            if event.get("type") != "step":
-                self._events.append(event)
-                return
-            old = self._steps.get(event["job"])
-            if old is not None and old.get("frame") and not event.get("frame"):
-                event = {**event, "frame": old["frame"], "frame_step": old["frame_step"]}
-            self._steps[event["job"]] = event
-
-    def take(self) -> list[dict[str, Any]]:
-        with self._lock:
-            out = self._events + list(self._steps.values())
-            self._events, self._steps = [], {}
-        return out
 
 
 class _Host(Workers):
@@ -94,9 +68,10 @@ class _Host(Workers):
 
         self.pipeline, self.pool, _ = open_catalog(
             Path(config.model), models=_path(config.models), loras=_path(config.loras),
-            controlnet=_path(config.controlnet), max_loaded=config.max_loaded, device=config.device, dtype=config.dtype)
+            controlnet=_path(config.controlnet), ip_adapter=_path(config.ip_adapter), max_loaded=config.max_loaded,
+            device=config.device, dtype=config.dtype)
         self.frames = FrameMaker(self.pipeline)
-        self.hub = _Outbox()
+        self.hub = Outbox()
         self.previewer = Previewer(self.hub, self.frames)  # type: ignore[arg-type]  # publish and listening suffice
         self.offer_seconds, self.offered_steps = 0.0, 0
         self._planned_hook = planned
@@ -137,7 +112,7 @@ class StudioActor:
     def ready(self) -> str:
         return self.label
 
-    def run(self, job_id: str, spec: Any, inputs: JobInputs, listening: bool) -> JobResult:
+    def run(self, job_id: str, spec: Any, inputs: JobInputs, listening: Any) -> JobResult:
         live = _Live(job_id, spec)
         with self._lock:
             job = self._jobs.setdefault(job_id, _ActorJob())
@@ -145,7 +120,7 @@ class StudioActor:
             live.steering = [e for _, e in sorted(job.steering, key=lambda s: s[0])]
             if job.reason is not None:
                 live.token.cancel(job.reason)
-        self.host.hub.listening = listening
+        self.host.hub.hear(listening)
         try:
             result = self.host._execute_here(live, inputs)
         finally:
@@ -164,9 +139,10 @@ class StudioActor:
                 with live.plan.lock:
                     live.plan.change(job.values)
 
-    def poll(self, job_id: str, listening: bool) -> dict[str, Any]:
-        """The job's counters and the step events its preview thread published since the last poll."""
-        self.host.hub.listening = listening
+    def poll(self, job_id: str, listening: Any) -> dict[str, Any]:
+        """The job's counters and the step events its preview thread published since the last poll; ``listening``:
+        the studio's ``EventHub.audience()`` (or a bool)."""
+        self.host.hub.hear(listening)
         counters = None
         with self._lock:
             job = self._jobs.get(job_id)
@@ -298,7 +274,7 @@ class RayWorkers:
         slot = self._free.get()
         try:
             live.actor = slot.actor
-            ref = slot.actor.run.remote(live.id, spec, inputs, studio.hub.listening)
+            ref = slot.actor.run.remote(live.id, spec, inputs, studio.hub.audience())
             poll, sent = None, False
             while True:
                 if live.token.cancelled and not sent:  # a shutdown (Studio.cancel sends its own at once)
@@ -306,7 +282,7 @@ class RayWorkers:
                     sent = True
                 done, _ = ray.wait([ref], timeout=POLL_SECONDS)
                 if poll is None:
-                    poll = slot.actor.poll.remote(live.id, studio.hub.listening)
+                    poll = slot.actor.poll.remote(live.id, studio.hub.audience())
                 if ray.wait([poll], timeout=0)[0]:
                     self._relay(studio, live, poll)  # a dead actor: its run call says so (done)
                     poll = None
@@ -323,7 +299,7 @@ class RayWorkers:
                 raise (cause if isinstance(cause, Exception) else RuntimeError(ray_message(e))) from None
             if poll is not None:
                 self._relay(studio, live, poll)
-            self._relay(studio, live, slot.actor.poll.remote(live.id, studio.hub.listening))  # the last events
+            self._relay(studio, live, slot.actor.poll.remote(live.id, studio.hub.audience()))  # the last events
             live.steps_completed = result.steps_completed
             return result
         finally:

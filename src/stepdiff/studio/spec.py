@@ -70,6 +70,8 @@ class JobSpec:
     control_scale: float | None = None  # with control: 1.0
     control_end: float | None = None  # with control: 1.0
     num_images: int = 1
+    ip_adapter_image: str | None = None  # an upload: the IP-Adapter's image (serve --ip-adapter)
+    ip_adapter_scale: float | None = None  # with ip_adapter_image: 1.0
     model: str | None = None  # serve --models: the folder's name; None: the default model
     loras: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "scale"}]
 
@@ -105,7 +107,7 @@ class JobSpec:
 
 _FIELDS = {"prompt", "negative_prompt", "seed", "steps", "width", "height", "size", "guidance", "scheduler",
            "cfg_cutoff", "guidance_interval", "cache", "fast", "preview", "init_image", "strength", "mask", "control",
-           "control_scale", "control_end", "num_images", "model", "loras"}
+           "control_scale", "control_end", "num_images", "model", "loras", "ip_adapter_image", "ip_adapter_scale"}
 _PREVIEW_FIELDS = {"every", "source", "method"}
 
 

@@ -49,3 +49,4 @@ class _Live:
     started: bool = False
     actor: Any = None  # the Ray actor running it (serve --ray)
     model_calls: int = 0  # model calls so far (Ray: the actor reports them with each step)
+    last_event: float = float("-inf")  # when its latest step event was offered (perf_counter)

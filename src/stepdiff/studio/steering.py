@@ -1,5 +1,12 @@
 """What a running job can be steered by, from its next step on: the guidance scale, its CFG cutoff or guidance
-interval, the ControlNet scale and the IP-Adapter scale.
+interval, the ControlNet scale, the IP-Adapter scale, and its step caching: DeepCache's interval
+(``cache_interval``, 1: every step in full) and First-Block-Cache's threshold (``cache_threshold``, 0: no reuse).
+
+A compute policy is steered only where the job uses it (its ``cache``, or ``fast``: DeepCache) and only where a new
+value is safe from any step: both read their setting afresh at every model call and keep their caches valid. T-GATE
+(its gate caches the cross-attention of one step and turns guidance off for good) and adaptive guidance (which ends
+guidance for good once the two predictions agree) cannot be undone mid-run, and no policy can be added to a running
+job (it would wrap the shared model's blocks mid-run): those are not steer fields.
 
 A ``GuidancePlan`` holds a job's values; the worker (or the Ray actor) asks it before every step
 (``plan.apply(run, step)``), and ``POST /api/jobs/{id}/steer`` changes it under its lock. Every change is recorded
@@ -12,14 +19,22 @@ import threading
 from typing import Any
 
 from ..cache_options import gate_step
+from ..caching import DeepCacheCallback, FirstBlockCacheCallback
 from ..guidance import GuidanceWindow
 from ..request import check_control_scale, check_number, parse_interval
 from .fields import check_ip_adapter_scale
-from .spec import MAX_GUIDANCE, FieldError, _unknown
+from .spec import MAX_GUIDANCE, FieldError, _int, _unknown
 
 __all__ = ["STEER_FIELDS", "GuidancePlan", "parse_steer"]
 
-STEER_FIELDS = ("guidance", "cfg_cutoff", "guidance_interval", "control_scale", "ip_adapter_scale")
+STEER_FIELDS = ("guidance", "cfg_cutoff", "guidance_interval", "control_scale", "ip_adapter_scale", "cache_interval",
+                "cache_threshold")
+MAX_CACHE_INTERVAL = 50
+# The steer fields of the compute policies: (the policy class, its state's attribute, what a job without it is told).
+_POLICY_FIELDS = {
+    "cache_interval": (DeepCacheCallback, "interval", 'DeepCache (submit it with fast, or cache "deepcache:N")'),
+    "cache_threshold": (FirstBlockCacheCallback, "threshold", 'First-Block-Cache (submit it with cache "fbc:T")'),
+}
 
 
 class GuidancePlan:
@@ -40,6 +55,9 @@ class GuidancePlan:
         self.scale, self.total, self.cfg_cutoff, self.interval = scale, total, cfg_cutoff, interval
         self.gate, self.policies = gate, list(policies)  # a fixed gate, and the policies that set one
         self.control_scale, self.ip_adapter_scale = control_scale, ip_adapter_scale
+        # the steerable compute policies' settings (None: the job does not use the policy)
+        self.cache_interval = next((p.cache_interval for p in policies if isinstance(p, DeepCacheCallback)), None)
+        self.cache_threshold = next((p.threshold for p in policies if isinstance(p, FirstBlockCacheCallback)), None)
 
     def window(self) -> GuidanceWindow:
         """When guidance is on: the library's one formula (stepdiff.guidance) over the run's ``total`` model steps,
@@ -61,6 +79,11 @@ class GuidancePlan:
         if self.ip_adapter_scale is not None and run.extras.ip_adapter_scales is not None:
             run.extras.ip_adapter_scales = {n: [self.ip_adapter_scale] * len(v)
                                                for n, v in run.extras.ip_adapter_scales.items()}
+        compute = getattr(run, "compute", None)
+        for state in compute.states if compute is not None else ():
+            for name, (policy, attribute, _) in _POLICY_FIELDS.items():  # read at each model call: the next step's
+                if isinstance(state.policy, policy) and getattr(self, name) is not None:
+                    setattr(state, attribute, getattr(self, name))
 
     def change(self, changes: dict[str, Any]) -> None:
         """Apply checked ``changes`` (``parse_steer``); call under ``lock``. A field the job does not use is a
@@ -69,6 +92,10 @@ class GuidancePlan:
             if name in changes and getattr(self, name) is None:
                 what = "ControlNet (no control picture)" if name == "control_scale" else "IP-Adapter"
                 raise FieldError(name, changes[name], f"left out: this job uses no {what}")
+        for name, (_, _, what) in _POLICY_FIELDS.items():
+            if name in changes and getattr(self, name) is None:
+                raise FieldError(name, changes[name], f"left out: this job uses no {what}; step caching cannot be "
+                                                      "added to a running job")
         if "guidance" in changes:
             self.scale = changes["guidance"]
         if "cfg_cutoff" in changes:
@@ -79,7 +106,7 @@ class GuidancePlan:
             self.interval = changes["guidance_interval"]
             if self.interval is not None:
                 self.cfg_cutoff = None
-        for name in ("control_scale", "ip_adapter_scale"):
+        for name in ("control_scale", "ip_adapter_scale", *_POLICY_FIELDS):
             if name in changes:
                 setattr(self, name, changes[name])
 
@@ -88,14 +115,16 @@ class GuidancePlan:
                                "guidance_interval": None if self.interval is None else list(self.interval)}
         if self.control_scale is not None:
             out["control_scale"] = self.control_scale
-        if self.ip_adapter_scale is not None:
-            out["ip_adapter_scale"] = self.ip_adapter_scale
+        for name in ("ip_adapter_scale", *_POLICY_FIELDS):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
 
 def parse_steer(body: Any) -> dict[str, Any]:
     """The changes a steer request asks for, each checked: ``guidance``, ``cfg_cutoff`` (null removes it),
-    ``guidance_interval`` (``[start, end]``, null removes it), ``control_scale``, ``ip_adapter_scale``."""
+    ``guidance_interval`` (``[start, end]``, null removes it), ``control_scale``, ``ip_adapter_scale``,
+    ``cache_interval`` (an integer in [1, 50]), ``cache_threshold`` (a number in [0, 1])."""
     if not isinstance(body, dict):
         raise FieldError("body", body, "a JSON object")
     _unknown("", body, set(STEER_FIELDS))
@@ -118,4 +147,8 @@ def parse_steer(body: Any) -> dict[str, Any]:
         changes["control_scale"] = check_control_scale(body["control_scale"])
     if "ip_adapter_scale" in body:
         changes["ip_adapter_scale"] = check_ip_adapter_scale(body["ip_adapter_scale"])
+    if "cache_interval" in body:
+        changes["cache_interval"] = _int("cache_interval", body["cache_interval"], 1, MAX_CACHE_INTERVAL)
+    if "cache_threshold" in body:
+        changes["cache_threshold"] = check_number(body["cache_threshold"], "cache_threshold", 0.0, 1.0)
     return changes

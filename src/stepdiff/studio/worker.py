@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..images import save_image
-from ..preview import PreviewBudget, frame_latents
+from ..preview import frame_latents
 from .execute import SHUTDOWN_REASON, JobInputs, JobResult, execute, image_names, make_plan
-from .previews import FrameMaker, StepUpdate
+from .previews import EVENT_GAP, FrameMaker, StepUpdate, StreamBudget
 from .state import _Closing, _Dropped, _Live
 from .store import StoreError
 
@@ -170,11 +170,11 @@ class Workers:
         self._planned(live)
         if inputs is None:
             inputs = self.read_inputs(spec)
-        with self.pool.use(spec.model, spec.loras) as model:
+        with self.pool.use(spec.model, spec.loras, ip_adapter=spec.ip_adapter_image is not None) as model:
             pipe = self._pipeline_for(spec.scheduler, spec.kind, spec.control is not None, model)
             maker = self.frame_maker(model)
             clock = {"mark": time.perf_counter()}
-            budget = (PreviewBudget() if spec.preview.method == "auto" and spec.preview.every is None
+            budget = (StreamBudget() if spec.preview.method == "auto" and spec.preview.every is None
                       and maker.resolve("auto") == "tiny" else None)
 
             def started(run: Any) -> None:
@@ -183,7 +183,7 @@ class Workers:
             def step(run: Any, state: Any) -> None:
                 offered = time.perf_counter()
                 if budget is not None:
-                    budget.step_done(offered - clock["mark"])
+                    budget.step_done(offered - clock["mark"], clock.get("seen"))
                 i, total = state.step_index, run.num_timesteps
                 frame_step = False
                 if self.hub.listening:
@@ -194,7 +194,8 @@ class Workers:
                             state.model_rows, state.guidance_scale, tensor, budget, maker)
                 clock["mark"] = time.perf_counter()
                 if budget is not None:
-                    budget.spend(clock["mark"] - offered)
+                    budget.overhead(clock["mark"] - offered)
+                    clock["seen"] = budget.mark()  # frames in the making as the next step starts
 
             return execute(pipe, spec, inputs, live.token, live.plan, policies, job_id=live.id, model=model.folder,
                            on_start=started, on_step=step, steering=lambda: live.steering)
@@ -212,11 +213,14 @@ class Workers:
             values = plan.values()
         if not self.hub.listening:
             return
+        if tensor is None and i < total - 1 and offered - live.last_event < EVENT_GAP:
+            return  # a step event without a frame at most every EVENT_GAP seconds: the counters are in the next one
+        live.last_event = offered
         every = live.spec.preview.every or 1
         self.previewer.offer(StepUpdate(
             job=live.id, step=i, total=total, timestep=timestep, rows=rows, model_rows=model_rows, guidance=guidance,
             tensor=None if tensor is None else tensor.detach().float().cpu().clone(), method=live.spec.preview.method,
-            frame_step=i if tensor is not None else None, budget=budget if tensor is not None else None,
+            frame_step=i if tensor is not None else None, budget=budget,
             cadence=every if budget is None else budget.cadence, maker=maker,
             extra={"steer": values},
         ))

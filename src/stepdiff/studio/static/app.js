@@ -106,15 +106,32 @@ function follow(job) {
   $("steer-cutoff-value").textContent = p.cfg_cutoff ?? "none";
   $("steer-control-box").hidden = !p.control;
   if (p.control) { $("steer-control").value = p.control_scale; $("steer-control-value").textContent = p.control_scale; }
+  const policies = cachePolicies(p);
+  for (const [box, slider, value] of [["steer-cache-box", "steer-cache", policies.interval],
+                                      ["steer-threshold-box", "steer-threshold", policies.threshold]]) {
+    $(box).hidden = value == null;
+    if (value != null) { $(slider).value = value; $(`${slider}-value`).textContent = value; }
+  }
   $("rows-saved").textContent = job.rows_saved || 0;
   setRunning(!FINAL.has(job.state));
   $("status").textContent = job.state === "queued" ? `queued (position ${job.position})` : job.state;
   if (FINAL.has(job.state)) finished(job);
 }
 
+// The steerable step caching of a job: DeepCache's interval (fast: 3) and First-Block-Cache's threshold.
+function cachePolicies(p) {
+  const out = { interval: p.fast ? 3 : null, threshold: null };
+  for (const part of (p.cache || "").split(",")) {
+    const [name, value] = part.split(":");
+    if (name === "deepcache") out.interval = Number(value);
+    if (name === "fbc") out.threshold = Number(value);
+  }
+  return out;
+}
+
 function setRunning(running) {
   $("stop").disabled = !running;
-  for (const id of ["steer", "steer-cutoff", "steer-control"]) $(id).disabled = !running;
+  for (const id of Object.keys(steerFields)) $(id).disabled = !running;
   document.body.classList.toggle("running", running);
 }
 
@@ -124,7 +141,8 @@ async function stop() {
 }
 
 // Each slider steers the running job from its next step; the server records every change.
-const steerFields = { steer: "guidance", "steer-cutoff": "cfg_cutoff", "steer-control": "control_scale" };
+const steerFields = { steer: "guidance", "steer-cutoff": "cfg_cutoff", "steer-control": "control_scale",
+                      "steer-cache": "cache_interval", "steer-threshold": "cache_threshold" };
 function steer(e) {
   const id = current, slider = e.target.id, field = steerFields[slider];
   $(`${slider}-value`).textContent = $(slider).value;
