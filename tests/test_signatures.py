@@ -1,6 +1,7 @@
 """Every registered pipeline class has the classic class's ``__call__`` signature: the same names in the same
 order with the same defaults (a positional caller of the classic class gets the same binding), plus stepdiff's
-own keyword arguments at the end. One registry-wide test, so a new class or a hand edit cannot drift."""
+own keyword arguments at the end. One registry-wide test, so a new class or an edit of the table the signatures
+are generated from (``stepdiff.pipelines.signatures``; tests/test_signature_table.py) cannot drift."""
 
 import inspect
 

@@ -29,12 +29,12 @@ with quiet_transformers():
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..control import CancelToken
 from ..guidance import ClassifierFreeGuidance, Guidance, check_guidance_scale
 from ..loop import LoopState
 from .base import Conditioning, StepDiffPipeline, _check_int, pop_prompts, remembered, repeat_rows, tokenize, warn_truncated
 from .flux_ip_adapter import FluxIPAdapterRun
 from .run import CallInputs, Run, current_run
+from .signatures import classic_call
 
 __all__ = ["FluxGuidance", "FluxPipeline", "pack_latents", "unpack_latents"]
 
@@ -505,40 +505,4 @@ class FluxPipeline(FluxIPAdapterRun, StepDiffPipeline, FluxLoraLoaderMixin, From
         # The classic names (tools that map the outputs to __call__ arguments read them from this line).
         return prompt_embeds, pooled_prompt_embeds, text_ids
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        true_cfg_scale: float = 1.0,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 28,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 3.5,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        negative_ip_adapter_image: Any = None,
-        negative_ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 512,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Generate images. Arguments and defaults follow the classic FluxPipeline: ``guidance_scale`` is the
-        distilled guidance (guidance-distilled transformers), ``true_cfg_scale`` > 1 with a ``negative_prompt`` runs
-        true classifier-free guidance. See ``StableDiffusionPipeline.__call__`` for the callback protocol; returns a
-        ``StepDiffPipelineOutput``."""
-        return self._call(locals())
+    __call__ = classic_call("FluxPipeline")

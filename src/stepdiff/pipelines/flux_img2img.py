@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from ..control import CancelToken
 from .flux import FluxPipeline
 from .kinds import Image2ImageRun
 from .run import Run
+from .signatures import classic_call
 
 __all__ = ["FluxImg2ImgPipeline"]
 
@@ -28,39 +28,4 @@ class FluxImg2ImgPipeline(Image2ImageRun, FluxPipeline):
         shape = (rows, self.latent_channels(), height // self.vae_scale_factor, width // self.vae_scale_factor)
         return self._unpack_given(latents, shape).to(device=device, dtype=dtype)
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        true_cfg_scale: float = 1.0,
-        image: Any = None,
-        height: int | None = None,
-        width: int | None = None,
-        strength: float = 0.6,
-        num_inference_steps: int = 28,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        negative_ip_adapter_image: Any = None,
-        negative_ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 512,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Generate images from ``image`` and a prompt; see ``FluxPipeline.__call__`` for the guidance arguments."""
-        return self._call(locals())
+    __call__ = classic_call("FluxImg2ImgPipeline")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
-
-from ..control import CancelToken
 from .flux import FluxPipeline
 from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
+from .signatures import classic_call
 
 __all__ = ["FluxInpaintPipeline"]
 
@@ -23,42 +21,4 @@ class FluxInpaintPipeline(InpaintRun, FluxPipeline):
 
     denoiser_channels = FluxPipeline.denoiser_channels
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        true_cfg_scale: float = 1.0,
-        image: Any = None,
-        mask_image: Any = None,
-        masked_image_latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        padding_mask_crop: int | None = None,
-        strength: float = 0.6,
-        num_inference_steps: int = 28,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        negative_ip_adapter_image: Any = None,
-        negative_ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 512,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Inpaint ``image`` under ``mask_image``; see ``FluxPipeline.__call__`` for the guidance arguments."""
-        return self._call(locals())
+    __call__ = classic_call("FluxInpaintPipeline")

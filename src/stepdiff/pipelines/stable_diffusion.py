@@ -12,13 +12,13 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .._quiet import quiet_transformers
-from ..control import CancelToken
 
 with quiet_transformers():
     from diffusers.loaders import FromSingleFileMixin, IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from .base import Conditioning, StepDiffPipeline, normalize_legacy_configs, pop_prompts, repeat_rows, tokenize
 from .ip_adapter import IPAdapterRun
 from .run import Run
+from .signatures import classic_call
 
 __all__ = ["StableDiffusionPipeline"]
 
@@ -127,42 +127,4 @@ class StableDiffusionPipeline(
         # The classic names (tools that map the outputs to __call__ arguments read them from this line).
         return prompt_embeds, negative_prompt_embeds
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Generate images. Arguments and defaults follow the classic StableDiffusionPipeline.
-
-        ``callback_on_step_end(pipeline, step_index, timestep, callback_kwargs) -> dict | None`` runs after
-        every step with the tensors named in ``callback_on_step_end_tensor_inputs`` (default
-        ``["latents"]``; allowed: ``_callback_tensor_inputs``). ``cancel``: a ``CancelToken`` another
-        thread may trigger. ``interrupt_output``: what an interrupted run decodes, ``"denoised"`` (the last
-        x0 estimate, a clean image; default), ``"latents"`` (the classic behaviour) or ``"finish"`` /
-        ``"finish:N"`` (3 / N more steps on a re-timed schedule down to t = 0; ``stepdiff.finishing``).
-        Returns a ``StepDiffPipelineOutput``.
-        """
-        return self._call(locals())
+    __call__ = classic_call("StableDiffusionPipeline")

@@ -17,10 +17,10 @@ with quiet_transformers():
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..control import CancelToken
 from ..guidance import Guidance, SkipLayerGuidance, check_guidance_scale
 from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize, warn_truncated
 from .run import CallInputs, Run
+from .signatures import classic_call
 
 __all__ = ["StableDiffusion3Pipeline"]
 
@@ -249,43 +249,4 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
         # The classic names (tools that map the outputs to __call__ arguments read them from this line).
         return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        prompt_3: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 28,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        negative_prompt_3: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 256,
-        skip_guidance_layers: list[int] | None = None,
-        skip_layer_guidance_scale: float = 2.8,
-        skip_layer_guidance_stop: float = 0.2,
-        skip_layer_guidance_start: float = 0.01,
-        mu: float | None = None,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Generate images. Arguments and defaults follow the classic StableDiffusion3Pipeline.
-
-        See ``StableDiffusionPipeline.__call__`` for the callback protocol; returns a ``StepDiffPipelineOutput``.
-        """
-        return self._call(locals())
+    __call__ = classic_call("StableDiffusion3Pipeline")

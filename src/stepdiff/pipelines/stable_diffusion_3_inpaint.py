@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
-
-from ..control import CancelToken
 from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
+from .signatures import classic_call
 from .stable_diffusion_3 import StableDiffusion3Pipeline
 
 __all__ = ["StableDiffusion3InpaintPipeline"]
@@ -30,41 +28,4 @@ class StableDiffusion3InpaintPipeline(InpaintRun, StableDiffusion3Pipeline):
         **INPAINT_CALLBACK_NAMES,
     }
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        prompt_3: str | list[str] | None = None,
-        image: Any = None,
-        mask_image: Any = None,
-        masked_image_latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        padding_mask_crop: int | None = None,
-        strength: float = 0.6,
-        num_inference_steps: int = 50,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        negative_prompt_3: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 256,
-        mu: float | None = None,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Inpaint ``image`` under ``mask_image``; see ``StableDiffusionPipeline.__call__`` for callbacks."""
-        return self._call(locals())
+    __call__ = classic_call("StableDiffusion3InpaintPipeline")

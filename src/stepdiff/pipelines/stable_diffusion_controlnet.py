@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..control import CancelToken
 from .controlnet import ControlNetRun, as_controlnet, check_controlnet_fits
+from .signatures import classic_call
 from .stable_diffusion import StableDiffusionPipeline
 
 __all__ = ["StableDiffusionControlNetPipeline"]
@@ -52,42 +51,4 @@ class StableDiffusionControlNetPipeline(ControlNetRun, StableDiffusionPipeline):
         )
         self.register_modules(controlnet=controlnet)
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: Any = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
-        guess_mode: bool = False,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Generate images following the control ``image``; see ``StableDiffusionPipeline.__call__`` for callbacks.
-
-        ``controlnet_conditioning_scale``: the weight of each ControlNet's residuals (a number, or one per ControlNet);
-        ``control_guidance_start`` / ``control_guidance_end``: the fraction of the steps each ControlNet acts on;
-        ``guess_mode``: the ControlNets see only the conditional rows (no prompt needed to follow the image).
-        """
-        return self._call(locals())
+    __call__ = classic_call("StableDiffusionControlNetPipeline")

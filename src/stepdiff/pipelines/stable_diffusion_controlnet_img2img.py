@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
-from ..control import CancelToken
 from .kinds import Image2ImageRun
+from .signatures import classic_call
 from .stable_diffusion_controlnet import StableDiffusionControlNetPipeline
 
 __all__ = ["StableDiffusionControlNetImg2ImgPipeline"]
@@ -29,37 +27,4 @@ class StableDiffusionControlNetImg2ImgPipeline(Image2ImageRun, StableDiffusionCo
     def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.match_init_image(super().check_kind_inputs(args), args)
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: Any = None,
-        control_image: Any = None,
-        height: int | None = None,
-        width: int | None = None,
-        strength: float = 0.8,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        controlnet_conditioning_scale: float | list[float] = 0.8,
-        guess_mode: bool = False,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Generate images from ``image`` and a prompt, following ``control_image``."""
-        return self._call(locals())
+    __call__ = classic_call("StableDiffusionControlNetImg2ImgPipeline")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
-
-from ..control import CancelToken
 from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
+from .signatures import classic_call
 from .stable_diffusion import StableDiffusionPipeline
 
 __all__ = ["StableDiffusionInpaintPipeline"]
@@ -24,37 +22,4 @@ class StableDiffusionInpaintPipeline(InpaintRun, StableDiffusionPipeline):
         **INPAINT_CALLBACK_NAMES,
     }
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: Any = None,
-        mask_image: Any = None,
-        masked_image_latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        padding_mask_crop: int | None = None,
-        strength: float = 1.0,
-        num_inference_steps: int | None = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Inpaint ``image`` under ``mask_image``; see ``StableDiffusionPipeline.__call__`` for callbacks."""
-        return self._call(locals())
+    __call__ = classic_call("StableDiffusionInpaintPipeline")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
-
-from ..control import CancelToken
 from ._sdxl_kinds import SDXLControlNetImageMixin, SDXLImageMixin
 from .kinds import Image2ImageRun
+from .signatures import classic_call
 from .stable_diffusion_xl_controlnet import StableDiffusionXLControlNetPipeline
 
 __all__ = ["StableDiffusionXLControlNetImg2ImgPipeline"]
@@ -26,49 +24,4 @@ class StableDiffusionXLControlNetImg2ImgPipeline(SDXLControlNetImageMixin, Image
         *SDXLImageMixin._callback_tensor_inputs, "control_image", "image",
     ]
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        image: Any = None,
-        control_image: Any = None,
-        height: int | None = None,
-        width: int | None = None,
-        strength: float = 0.8,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        controlnet_conditioning_scale: float | list[float] = 0.8,
-        guess_mode: bool = False,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
-        negative_target_size: tuple[int, int] | None = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
-        clip_skip: int | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        cancel: CancelToken | None = None,
-        interrupt_output: str = "denoised",
-    ):
-        """Generate images from ``image`` and a prompt, following ``control_image``."""
-        return self._call(locals())
+    __call__ = classic_call("StableDiffusionXLControlNetImg2ImgPipeline")
