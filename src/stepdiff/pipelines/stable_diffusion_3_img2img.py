@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from ..control import CancelToken
-from .kinds import Image2ImageRun
+from .kinds import Image2ImageKind
 from .stable_diffusion_3 import StableDiffusion3Pipeline
 
 __all__ = ["StableDiffusion3Img2ImgPipeline"]
 
 
-class StableDiffusion3Img2ImgPipeline(Image2ImageRun, StableDiffusion3Pipeline):
+class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
     """Re-draw ``image`` at ``strength``, resized to ``height`` x ``width``; arguments follow the classic pipeline."""
 
-    size_from_image: ClassVar[bool] = False
+    kind = Image2ImageKind(size_from_image=False)
 
     def __call__(
         self,

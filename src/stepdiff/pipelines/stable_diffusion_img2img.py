@@ -7,14 +7,16 @@ from typing import Any
 import torch
 
 from ..control import CancelToken
-from .kinds import Image2ImageRun
+from .kinds import Image2ImageKind
 from .stable_diffusion import StableDiffusionPipeline
 
 __all__ = ["StableDiffusionImg2ImgPipeline"]
 
 
-class StableDiffusionImg2ImgPipeline(Image2ImageRun, StableDiffusionPipeline):
+class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     """Re-draw ``image`` at ``strength`` (0: keep it, 1: ignore it); arguments follow the classic pipeline."""
+
+    kind = Image2ImageKind()
 
     def __call__(
         self,

@@ -7,14 +7,16 @@ from typing import Any, ClassVar
 import torch
 
 from ..control import CancelToken
-from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintKind
 from .stable_diffusion import StableDiffusionPipeline
 
 __all__ = ["StableDiffusionInpaintPipeline"]
 
 
-class StableDiffusionInpaintPipeline(InpaintRun, StableDiffusionPipeline):
+class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
     """Repaint the white part of ``mask_image``; arguments follow the classic pipeline."""
+
+    kind = InpaintKind()
 
     _callback_tensor_inputs: ClassVar[list[str]] = [
         *StableDiffusionPipeline._callback_tensor_inputs, "mask", "masked_image_latents",

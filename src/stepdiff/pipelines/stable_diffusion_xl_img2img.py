@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..control import CancelToken
-from ._sdxl_kinds import SDXLImageMixin
-from .kinds import Image2ImageRun
+from ._sdxl_kinds import IMAGE_CALLBACK_NAMES, IMAGE_CALLBACK_TENSOR_INPUTS, image_init
+from .kinds import Image2ImageKind
 from .stable_diffusion_xl import StableDiffusionXLPipeline
 
 __all__ = ["StableDiffusionXLImg2ImgPipeline"]
 
 
-class StableDiffusionXLImg2ImgPipeline(SDXLImageMixin, Image2ImageRun, StableDiffusionXLPipeline):
+class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
     """Re-draw ``image`` at ``strength``, or continue a base run's latents from ``denoising_start`` (refiner)."""
+
+    kind = Image2ImageKind(refiner=True)
+    _callback_tensor_inputs: ClassVar[list[str]] = IMAGE_CALLBACK_TENSOR_INPUTS
+    _callback_names: ClassVar[dict[str, tuple[str, str]]] = IMAGE_CALLBACK_NAMES
+    __init__ = image_init
 
     def __call__(
         self,
