@@ -20,17 +20,10 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "stepdiff"
 
-# KNOWN CYCLES, still to be taken apart (issue 23, item 3 splits pipelines/base.py): the engine's circle, base <-> run <->
-# kinds, which single_file joins because base loads a checkpoint through single_file.offline_kwargs while
-# single_file.resolve checks a model folder with base's check_folder. (Gone: limits <-> single_file, now that limits
-# reads a checkpoint's derived configs from single_file.folder; callbacks <-> caching, now that caching's --fast preset
-# imports CFGCutoffCallback from callbacks.cutoffs, not the package that re-exports caching; the CLI <-> batch <->
-# studio circle.) Each entry is the set of modules of one strongly connected component; a component found must be a
-# subset of one of these.
-KNOWN_CYCLES: list[frozenset[str]] = [
-    frozenset({"stepdiff.pipelines.base", "stepdiff.pipelines.run", "stepdiff.pipelines.kinds", "stepdiff.single_file",
-               "stepdiff.single_file.resolve"}),
-]
+# KNOWN CYCLES: none left (issue 23 took apart the engine's circle base <-> run <-> kinds <-> single_file, the
+# limits <-> single_file edge, the callbacks <-> caching circle and the CLI <-> batch <-> studio one). A cycle found
+# fails the test; should one ever have to be accepted for a while, list its modules here as a frozenset.
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 # Modules issue 23's items 1 and 2 made or moved (the loader, the request, the three callers): in no cycle at all.
 NO_CYCLES_IN = ("stepdiff.cli", "stepdiff.loading", "stepdiff.request", "stepdiff.validators", "stepdiff.batch", "stepdiff.studio.spec",
@@ -119,7 +112,7 @@ def test_the_cycle_finder_finds_cycles():
     assert cycles(graph) == [frozenset({"a", "b", "c"})]
 
 
-def test_no_new_import_cycles():
+def test_no_import_cycles():
     found = cycles(import_graph())
     print("import cycles among src/stepdiff modules:", [sorted(c) for c in found] or "none")
     print("known (being fixed elsewhere):", [sorted(c) for c in KNOWN_CYCLES])
@@ -146,18 +139,9 @@ def test_cli_modules_are_short():
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60  # end_lineno - lineno + 1 of a def: its signature, docstring and body
 
-# STILL LONG, being shortened elsewhere (issue 23, item 3 splits pipelines/base.py; the studio's own work): only files
-# and functions under pipelines/ and studio/ (and the studio's cli/serve.py). Anything else over a limit fails; a
-# listed one that is short now is printed, and its entry should go.
-STILL_LONG = {  # a module (its path under src/stepdiff) or a function (path:Qualified.name): why it is allowed today
-    "pipelines/base.py": "1049 lines (the engine's seven jobs)",
-    "pipelines/flux.py": "544 lines",
-    "studio/ray_workers.py": "408 lines",
-    "pipelines/base.py:StepDiffPipeline.prepare": "89 lines",
-    "studio/app.py:create_app": "193 lines",
-    "studio/execute.py:execute": "61 lines",
-    "cli/serve.py:cmd_serve": "61 lines",
-}
+# STILL LONG: nothing today. Anything over a limit fails; should a long module or function ever have to be accepted
+# for a while, name it here (a module by its path under src/stepdiff, a function as path:Qualified.name) with why.
+STILL_LONG: dict[str, str] = {}
 
 
 def _module_lengths() -> dict[str, int]:
@@ -188,10 +172,7 @@ def _over(lengths: dict[str, int], limit: int, functions: bool) -> dict[str, int
     allowed = {name for name in STILL_LONG if (":" in name) == functions}
     long = {name: n for name, n in lengths.items() if n > limit}
     short_now = sorted(name for name in allowed if lengths.get(name, 0) <= limit)
-    if short_now:
-        print(f"STILL_LONG entries now within {limit} lines (remove them):", short_now)
-    for name in allowed:
-        assert name.startswith(("pipelines/", "studio/", "cli/serve.py")), f"STILL_LONG may name only others' files: {name}"
+    assert short_now == [], f"STILL_LONG entries now within {limit} lines (remove them): {short_now}"
     return {name: n for name, n in long.items() if name not in allowed}
 
 
@@ -271,3 +252,21 @@ def test_the_run_uses_only_the_pipelines_public_interface():
     private = sorted(set(re.findall(r"\b(?:pipe|pipeline|self\.pipeline)\._(?!_)\w+", text)))
     # the classic private spellings a callback may use are documented, never called, by the run
     assert [p for p in private if not p.endswith(("_interrupt", "_guidance_scale"))] == [], private
+
+
+MAX_PROJECT_CLASSES_IN_MRO = 5
+
+
+def test_public_pipelines_have_short_mros():
+    """Kinds (image-to-image, inpainting) and features (ControlNet, IP-Adapter) are objects a pipeline holds, not
+    mixins: no public pipeline class has more than 5 project classes in its MRO (there were up to 10)."""
+    import inspect
+
+    import stepdiff
+    from stepdiff.pipelines.base import StepDiffPipeline
+
+    counts = {name: sum(k.__module__.startswith("stepdiff") for k in cls.__mro__)
+              for name in dir(stepdiff) if inspect.isclass(cls := getattr(stepdiff, name)) and issubclass(cls, StepDiffPipeline)}
+    assert len(counts) >= 18, counts
+    print("project classes in each public pipeline's MRO:", counts)
+    assert {n: c for n, c in counts.items() if c > MAX_PROJECT_CLASSES_IN_MRO} == {}

@@ -1,4 +1,4 @@
-"""ControlNet on the shared loop: a mixin over a family (SD, SDXL), like the kinds of run.
+"""ControlNet on the shared loop: a feature object a family's pipeline class holds (SD, SDXL).
 
 The control images are per-row conditioning: ``controlnet_cond_0``, ``controlnet_cond_1``, ... sit in
 the conditional and the unconditional dicts of the run, next to the text embeddings, so they follow
@@ -27,60 +27,16 @@ import PIL.Image
 import torch
 from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from ..guidance import control_window
+from .controlnet_models import _nets, as_controlnet, check_controlnet_fits
+from .images import _image_size, _preprocess
+from .parts import MISSING, Part, has_part, marker
 from .run import CallInputs, Run, current_run, remembered
 
-__all__ = ["ControlNetRun", "ControlState", "as_controlnet", "check_controlnet_fits"]
+__all__ = ["ControlNetFeature", "ControlNetRun", "ControlState", "as_controlnet", "check_controlnet_fits"]
 
 _IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
-
-
-def as_controlnet(controlnet: Any) -> ControlNetModel | MultiControlNetModel | None:
-    """A ControlNetModel, or several (a list or tuple) as diffusers' MultiControlNetModel, as the classic pipelines.
-    None is kept: a pipeline built with its text encoders only runs ``encode_prompt`` (a call says what is missing)."""
-    if controlnet is None:
-        return None
-    if isinstance(controlnet, (list, tuple)):
-        if not controlnet:
-            raise ValueError("controlnet is an empty list; pass a ControlNetModel or a non-empty list of them")
-        bad = [type(c).__name__ for c in controlnet if not isinstance(c, ControlNetModel)]
-        if bad:
-            raise TypeError(f"controlnet must be a ControlNetModel or a list of them; the list holds {', '.join(bad)}")
-        return MultiControlNetModel(list(controlnet))
-    if not isinstance(controlnet, (ControlNetModel, MultiControlNetModel)):
-        raise TypeError(
-            f"controlnet must be a diffusers ControlNetModel, a MultiControlNetModel or a list of ControlNetModel, "
-            f"got {type(controlnet).__name__}"
-        )
-    return controlnet
-
-
-def _nets(controlnet: Any) -> list[ControlNetModel]:
-    return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
-
-
-def check_controlnet_fits(controlnet: Any, unet: Any) -> None:
-    """A ControlNet made for another base model fails here, naming what differs, before any model work."""
-    if controlnet is None or unet is None:
-        return
-    ucfg = unet.config
-    for k, net in enumerate(_nets(controlnet)):
-        which = "controlnet" if not isinstance(controlnet, MultiControlNetModel) else f"controlnet[{k}]"
-        cfg = net.config
-        for name in ("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels",
-                     "addition_embed_type"):
-            mine, theirs = getattr(cfg, name, None), getattr(ucfg, name, None)
-            if isinstance(mine, (list, tuple)):
-                mine, theirs = list(mine), list(theirs) if isinstance(theirs, (list, tuple)) else theirs
-            if name == "in_channels":
-                theirs = 4 if theirs in (4, 9) else theirs  # inpainting UNets take 9 channels; ControlNets see latents
-            if mine != theirs:
-                raise ValueError(
-                    f"{which} does not fit this base model: its {name} is {mine!r} but the UNet's is {theirs!r} "
-                    "(a ControlNet must be trained for the same base model family)"
-                )
 
 
 def _real(name: str, value: object) -> float:
@@ -140,28 +96,26 @@ def _scale_property() -> property:
     return property(get, set_, doc=get.__doc__)
 
 
-class ControlNetRun:
-    """ControlNet(s) steer the family's UNet through residuals computed, per model call, from per-row conditioning."""
+class ControlNetFeature(Part):
+    """ControlNet(s) steer the family's UNet through residuals computed, per model call, from per-row conditioning.
 
-    _control_image_name: ClassVar[str] = "image"  # the classic argument (and callback tensor) name
-    # Callback names of the control images: the classic name and, for the img2img pipelines (``control_image``),
-    # also ``image``, so that the official ControlNet callbacks, which ask for ``image``, work there too.
-    _control_tensor_names: ClassVar[tuple[str, ...]] = ("image",)
+    ``image_name``: the classic argument (and callback tensor) name of the control images: ``image``, or
+    ``control_image`` where ``image`` is the init image (image-to-image, inpainting); there the control images are
+    the callback tensor ``image`` too, so that the official ControlNet callbacks, which ask for ``image``, work.
+    """
 
-    controlnet_conditioning_scale = _scale_property()
-    _call_components: ClassVar[tuple[str, ...]] = ("controlnet",)
+    components: ClassVar[tuple[str, ...]] = ("controlnet",)
 
-    @property
-    def control_image_processor(self) -> VaeImageProcessor:
-        proc = self.__dict__.get("_control_image_processor")
-        if proc is None:
-            proc = self.__dict__["_control_image_processor"] = VaeImageProcessor(
-                vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
-            )
-        return proc
+    def __init__(self, image_name: str = "image") -> None:
+        self._control_image_name = image_name
+        self._control_tensor_names = (image_name,) if image_name == "image" else (image_name, "image")
 
-    def control_nets(self) -> list[ControlNetModel]:
-        return _nets(self.controlnet)
+    def pipeline_attributes(self) -> dict[str, Any]:
+        return {"controlnet_conditioning_scale": _scale_property(), "control_image_processor": _processor_property(),
+                "control_nets": control_nets, "_control_image_name": self._control_image_name}
+
+    def control_nets(self, pipe: Any) -> list[ControlNetModel]:
+        return _nets(pipe.controlnet)
 
     # ------------------------------------------------------------ checks
 
@@ -180,7 +134,7 @@ class ControlNetRun:
             raise ValueError(f"{name} has {len(image)} control images but there are {n} ControlNets; give one per ControlNet")
         return list(image)
 
-    def _preprocess_control(self, k: int, image: object, height, width, n: int) -> torch.Tensor:
+    def _preprocess_control(self, pipe: Any, k: int, image: object, height, width, n: int) -> torch.Tensor:
         name = self._control_image_name if n == 1 else f"{self._control_image_name}[{k}]"
         items = image if isinstance(image, list) else [image]
         if not items or not all(isinstance(i, _IMAGE_TYPES) for i in items):
@@ -189,10 +143,10 @@ class ControlNetRun:
                 f"{name} must be a PIL image, a numpy array, a torch tensor or a list of them, got {', '.join(kinds)}"
             )
         try:
-            tensor = self.control_image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+            tensor = pipe.control_image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name} could not be read as a control image: {e}") from None
-        channels = self.control_nets()[k].config.conditioning_channels
+        channels = self.control_nets(pipe)[k].config.conditioning_channels
         if tensor.ndim != 4 or tensor.shape[1] != channels:
             raise ValueError(
                 f"{name} has {tensor.shape[1] if tensor.ndim == 4 else '?'} channels (shape {tuple(tensor.shape)}) but the "
@@ -200,9 +154,8 @@ class ControlNetRun:
             )
         return tensor
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
-        kind = super().check_kind_inputs(args)  # type: ignore[misc]
-        nets = self.control_nets()
+    def check_inputs(self, pipe: Any, args: dict[str, Any], kind: CallInputs) -> None:
+        nets = self.control_nets(pipe)
         n = len(nets)
         images = self._control_images(args.pop(self._control_image_name, None), n)
         scale = args.pop("controlnet_conditioning_scale", 1.0)
@@ -226,7 +179,7 @@ class ControlNetRun:
             raise TypeError(f"guess_mode must be True or False, got {guess_mode!r}")
         guess_mode = guess_mode or bool(nets[0].config.global_pool_conditions)
         height, width = args.get("height"), args.get("width")
-        tensors = [self._preprocess_control(k, img, height, width, n) for k, img in enumerate(images)]
+        tensors = [self._preprocess_control(pipe, k, img, height, width, n) for k, img in enumerate(images)]
         sizes = {tuple(t.shape[-2:]) for t in tensors}
         if len(sizes) > 1:
             raise ValueError(
@@ -237,7 +190,7 @@ class ControlNetRun:
         if height is None and width is None:
             for dim, value in (("height", h), ("width", w)):
                 try:
-                    self._check_size(dim, value)
+                    pipe._check_size(dim, value)
                 except (ValueError, TypeError) as e:
                     raise ValueError(f"{self._control_image_name} is {w}x{h} (width x height), which this model cannot "
                                      f"generate at: {e}; pass a larger control image or height and width") from None
@@ -246,20 +199,19 @@ class ControlNetRun:
             scales=scales, start=starts, end=ends, guess_mode=guess_mode, keys=[f"controlnet_cond_{k}" for k in range(n)],
         )
         kind.control_images = tensors
-        return kind
 
-    def match_init_image(self, kind: CallInputs, args: dict[str, Any]) -> CallInputs:
+    def check_with_kind(self, pipe: Any, args: dict[str, Any], kind: CallInputs) -> None:
         """Image-to-image and inpainting with ControlNets: the init ``image`` and the control images get one size, as
         the classic pipelines (both resized to ``height`` / ``width`` when given; otherwise they must already agree,
         where the classic pipelines crash in the ControlNet)."""
-        from .kinds import _image_size, _preprocess
-
+        if not pipe.kind.takes_image:
+            return
         height, width = args.get("height"), args.get("width")
         sized = kind.image is not None  # image-to-image has read the image (and its size) already; inpainting reads it later
         if height is not None or width is not None:
             if sized:
-                kind.image = _preprocess(self.image_processor, "image", kind.image_arg, height=height, width=width)
-            return kind
+                kind.image = _preprocess(pipe.image_processor, "image", kind.image_arg, height=height, width=width)
+            return
         h, w = kind.control_images[0].shape[-2:]
         if sized:
             image_h, image_w = kind.height, kind.width
@@ -267,19 +219,17 @@ class ControlNetRun:
             image = kind.image_arg
             first = image[0] if isinstance(image, list) else image
             size = _image_size(image)
-            if size is None or (isinstance(first, torch.Tensor) and first.ndim == 4 and first.shape[1] == self.latent_channels()):
-                return kind  # latents given as the image, or no size to tell: reading it later checks the rest
-            f = self.vae_scale_factor  # as the classic image processor: rounded down to whole latent pixels
+            if size is None or (isinstance(first, torch.Tensor) and first.ndim == 4 and first.shape[1] == pipe.latent_channels()):
+                return  # latents given as the image, or no size to tell: reading it later checks the rest
+            f = pipe.vae_scale_factor  # as the classic image processor: rounded down to whole latent pixels
             image_h, image_w = (int(s) // f * f for s in size)
         if (image_h, image_w) != (h, w):
             raise ValueError(
                 f"{self._control_image_name} is {w}x{h} but image is {image_w}x{image_h} (width x height); "
                 "give them one size, or pass height and width to resize both"
             )
-        return kind
 
-    def check_kind_batch(self, kind: CallInputs, batch_size: int) -> None:
-        super().check_kind_batch(kind, batch_size)  # type: ignore[misc]
+    def check_batch(self, pipe: Any, kind: CallInputs, batch_size: int) -> None:
         batches = [t.shape[0] for t in kind.control_images]
         for k, b in enumerate(batches):
             if b not in (1, batch_size):
@@ -291,31 +241,24 @@ class ControlNetRun:
 
     # ---------------------------------------------------------- the run
 
-    def truncate_end(self, run: Run, steps: torch.Tensor, kind: CallInputs) -> torch.Tensor:
-        kind.control.num_steps = len(steps)
-        return super().truncate_end(run, steps, kind)  # type: ignore[misc]
+    def schedule(self, pipe: Any, run: Run, steps: torch.Tensor, kind: CallInputs) -> None:
+        kind.control.num_steps = len(steps)  # before SDXL's denoising_end cuts the schedule
 
-    def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: CallInputs) -> torch.Tensor:
-        steps = super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)  # type: ignore[misc]
+    def start(self, pipe: Any, run: Run, kind: CallInputs) -> None:
         run.extras.control = kind.control  # before on_run_start, so callbacks can set the first step's scale
-        return steps
 
-    def add_kind_conditioning(self, run: Run, kind: CallInputs, dtype, device, generator) -> None:
-        super().add_kind_conditioning(run, kind, dtype, device, generator)  # type: ignore[misc]
+    def add_conditioning(self, pipe: Any, run: Run, kind: CallInputs, dtype, device, generator) -> None:
         state = run.state
         rows = state.latents.shape[0]
-        for net, key, image in zip(self.control_nets(), kind.control.keys, kind.control_images):
+        for net, key, image in zip(self.control_nets(pipe), kind.control.keys, kind.control_images):
             repeat_by = rows if image.shape[0] == 1 else rows // image.shape[0]  # as the classic prepare_image
             image = image.repeat_interleave(repeat_by, dim=0).to(device=device, dtype=net.dtype)
             state.cond[key] = state.uncond[key] = image  # the same control image for both sides
         state.cond["control_rows"] = torch.ones(rows, device=device, dtype=dtype)
         state.uncond["control_rows"] = torch.zeros(rows, device=device, dtype=dtype)
 
-    def controlnet_inputs(self, conditioning: dict) -> dict[str, Any]:
-        """The family's extra ControlNet arguments (SDXL: ``added_cond_kwargs``)."""
-        return {}
-
-    def unet_extras(self, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict, run: Run) -> dict:
+    def model_extras(self, pipe: Any, latent_input: torch.Tensor, timestep: torch.Tensor, conditioning: dict,
+                     run: Run) -> dict[str, Any]:
         """The ControlNet residuals for the rows of this model call, as UNet keyword arguments."""
         control: ControlState = run.extras.control
         scales = control.scales_at(run.state.steps_completed)
@@ -325,14 +268,15 @@ class ControlNetRun:
             rows = None if bool(on.all()) else on
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
-        for net, key, scale in zip(self.control_nets(), control.keys, scales):
+        family_inputs = getattr(pipe, "controlnet_inputs", None)  # SDXL: added_cond_kwargs
+        for net, key, scale in zip(self.control_nets(pipe), control.keys, scales):
             if scale == 0.0:  # outside its window (or scale 0): adds nothing, so it is not run
                 continue
             sub = conditioning if rows is None else {k: v[rows] for k, v in conditioning.items()}
             d, m = net(
                 latent_input if rows is None else latent_input[rows], timestep,
                 encoder_hidden_states=sub["encoder_hidden_states"], controlnet_cond=sub[key], conditioning_scale=scale,
-                guess_mode=control.guess_mode, return_dict=False, **self.controlnet_inputs(sub),
+                guess_mode=control.guess_mode, return_dict=False, **(family_inputs(sub) if family_inputs else {}),
             )
             if rows is not None:
                 d = [_scatter(x, rows) for x in d]
@@ -345,18 +289,18 @@ class ControlNetRun:
 
     # ---------------------------------------------------------- callbacks
 
-    def _state_tensor(self, state, name: str):
+    def callback_tensor(self, pipe: Any, state: Any, name: str) -> Any:
         if name in self._control_tensor_names:
             images = [state.cond[k] for k in state.cond if k.startswith("controlnet_cond_")]
             return images[0] if len(images) == 1 else images
-        return super()._state_tensor(state, name)  # type: ignore[misc]
+        return MISSING
 
-    def _apply_callback_result(self, state, result: object, step: int) -> None:
+    def apply_callback_result(self, pipe: Any, state: Any, result: object, step: int) -> object:
         for name in self._control_tensor_names:
             if isinstance(result, dict) and name in result:
                 result = dict(result)
                 self._set_control_images(state, name, result.pop(name), step)
-        super()._apply_callback_result(state, result, step)  # type: ignore[misc]
+        return result
 
     def _set_control_images(self, state, name: str, value: object, step: int) -> None:
         keys = [k for k in state.cond if k.startswith("controlnet_cond_")]
@@ -385,11 +329,31 @@ class ControlNetRun:
         for key, v in checked:  # all checked first: a refused list changes none of the images
             state.cond[key] = state.uncond[key] = v
 
-    def finish(self, run: Run) -> Any:
-        out = super().finish(run)  # type: ignore[misc]
+    def finish(self, pipe: Any, run: Run) -> None:
         scales = run.extras.control.scales
-        remembered(self)["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else list(scales)
-        return out
+        remembered(pipe)["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else list(scales)
+
+
+def control_nets(pipe: Any) -> list[ControlNetModel]:
+    """The pipeline's ControlNets, one list (a ``MultiControlNetModel``'s nets)."""
+    return _nets(pipe.controlnet)
+
+
+def _processor_property() -> property:
+    def get(pipe: Any) -> VaeImageProcessor:
+        proc = pipe.__dict__.get("_control_image_processor")
+        if proc is None:
+            proc = pipe.__dict__["_control_image_processor"] = VaeImageProcessor(
+                vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+            )
+        return proc
+
+    return property(get)
+
+
+# The former mixin's name: ``issubclass(cls, ControlNetRun)`` holds for a pipeline class with ControlNets.
+ControlNetRun = marker("ControlNetRun", "A pipeline class with a ControlNetFeature.",
+                       lambda cls: has_part(cls, ControlNetFeature), __name__)
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """IP-Adapter on Flux, through diffusers' own ``FluxIPAdapterMixin`` (``load_ip_adapter``, ``set_ip_adapter_scale``,
-``unload_ip_adapter``), as ``IPAdapterRun`` does it for SD and SDXL.
+``unload_ip_adapter``), as ``IPAdapterFeature`` does it for SD and SDXL.
 
 The classic Flux pipelines take ``ip_adapter_image`` / ``ip_adapter_image_embeds`` for the prompt and
 ``negative_ip_adapter_image`` / ``negative_ip_adapter_image_embeds`` for true CFG's negative pass; a side given
@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from .._quiet import quiet_transformers
-from .ip_adapter import IPAdapterRun
+from .ip_adapter import IPAdapterFeature, IPAdapterRun, ip_adapters_loaded
 from .run import CallInputs, Run
 
 with quiet_transformers():
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _DiffusersFlux
 
-__all__ = ["FluxIPAdapterRun"]
+__all__ = ["FluxIPAdapterFeature", "FluxIPAdapterRun"]
 
 _NAMES = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds")
 
@@ -50,19 +50,17 @@ def _check_side(prefix: str, image: object, embeds: object, n: int) -> None:
                                  f"tokens, dim)): one set for every image of the call, got {got}")
 
 
-class FluxIPAdapterRun(IPAdapterRun):
+class FluxIPAdapterFeature(IPAdapterFeature):
     """The classic Flux IP-Adapter arguments as per-row conditioning, with run-scoped scales."""
 
     # The classic Flux pipeline's public helpers, unchanged: CLIP image embeddings (one set per adapter, repeated
     # for every row) and their per-adapter arrangement.
-    encode_image = _DiffusersFlux.encode_image
-    prepare_ip_adapter_image_embeds = _DiffusersFlux.prepare_ip_adapter_image_embeds
+    classic = _DiffusersFlux
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
-        # IPAdapterRun's check knows one image argument; Flux has two sides, checked here.
-        kind = super(IPAdapterRun, self).check_kind_inputs(args)
+    def check_inputs(self, pipe: Any, args: dict[str, Any], kind: CallInputs) -> None:
+        # IPAdapterFeature's check knows one image argument; Flux has two sides, checked here.
         values = {name: args.pop(name, None) for name in _NAMES}
-        n = self._ip_adapters_loaded()
+        n = ip_adapters_loaded(pipe)
         given = [name for name in _NAMES if values[name] is not None]
         if not given:
             if n:
@@ -70,18 +68,16 @@ class FluxIPAdapterRun(IPAdapterRun):
                     "this pipeline has an IP-Adapter loaded: pass ip_adapter_image (or ip_adapter_image_embeds), "
                     "or call pipe.unload_ip_adapter()"
                 )
-            return kind
+            return
         if not n:
             raise ValueError(f"{given[0]} needs an IP-Adapter: call pipe.load_ip_adapter(...) first")
         for prefix in ("", "negative_"):
             _check_side(prefix, values[f"{prefix}ip_adapter_image"], values[f"{prefix}ip_adapter_image_embeds"], n)
         kind.ip_adapter = values
-        return kind
 
-    def check_kind_rows(self, kind: CallInputs, rows: int, batch_size: int, num_images_per_prompt: int) -> None:
-        super().check_kind_rows(kind, rows, batch_size, num_images_per_prompt)
+    def check_rows(self, pipe: Any, kind: CallInputs, rows: int, batch_size: int, per_prompt: int) -> None:
         values = kind.ip_adapter
-        if values is None or getattr(self, "image_encoder", None) is not None:
+        if values is None or getattr(pipe, "image_encoder", None) is not None:
             return
         # Without an image encoder every side the run uses needs its embeddings (the classic pipelines encode a
         # black image for a side given neither, and fail inside the encoder call without one).
@@ -100,18 +96,17 @@ class FluxIPAdapterRun(IPAdapterRun):
                     "image, and this pipeline has no image encoder"
                 )
 
-    def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: CallInputs) -> torch.Tensor:
+    def start(self, pipe: Any, run: Run, kind: CallInputs) -> None:
         if kind.ip_adapter is not None:
             run.extras.ip_adapter_size = (kind.height, kind.width)
-        return super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)
+        super().start(pipe, run, kind)
 
-    def add_model_conditioning(self, run: Run, dtype: torch.dtype, device: torch.device) -> None:
+    def add_conditioning(self, pipe: Any, run: Run, kind: CallInputs, dtype, device, generator) -> None:
         values, run.extras.ip_adapter = run.extras.ip_adapter, None  # used once, here
-        super().add_model_conditioning(run, dtype, device)  # (IPAdapterRun's part sees no IP-Adapter input)
         if values is None:
             return
         height, width = run.extras.ip_adapter_size
-        black = [np.zeros((width, height, 3), dtype=np.uint8)] * self._ip_adapters_loaded()  # the classic default
+        black = [np.zeros((width, height, 3), dtype=np.uint8)] * ip_adapters_loaded(pipe)  # the classic default
         rows = run.state.latents.shape[0]
         sides = [("", run.state.cond)]
         if run.guidance.negatives:  # the run has negative rows (true CFG may be on now, or turned on by a callback)
@@ -120,10 +115,13 @@ class FluxIPAdapterRun(IPAdapterRun):
             image, embeds = values[f"{prefix}ip_adapter_image"], values[f"{prefix}ip_adapter_image_embeds"]
             if image is None and embeds is None:
                 image = black
-            for k, e in enumerate(self.prepare_ip_adapter_image_embeds(image, embeds, device, rows)):
+            for k, e in enumerate(pipe.prepare_ip_adapter_image_embeds(image, embeds, device, rows)):
                 side[f"ip_adapter_image_embeds_{k}"] = e.to(dtype)
 
-    def added_cond_extras(self, conditioning: dict) -> dict[str, Any]:
+    def added_cond(self, pipe: Any, conditioning: dict) -> dict[str, Any]:
         """``ip_adapter_image_embeds`` for the transformer's ``joint_attention_kwargs``, from this call's rows."""
-        extras = super().added_cond_extras(conditioning)
+        extras = super().added_cond(pipe, conditioning)
         return {"ip_adapter_image_embeds": extras["image_embeds"]} if extras else {}
+
+
+FluxIPAdapterRun = IPAdapterRun  # the former mixin's name (``issubclass`` holds for Flux's classes too)

@@ -1,4 +1,5 @@
-"""IP-Adapter on the shared loop, through diffusers' own ``IPAdapterMixin`` (``load_ip_adapter``,
+"""IP-Adapter on the shared loop (a feature object a family's pipeline class holds), through diffusers' own
+``IPAdapterMixin`` (``load_ip_adapter``,
 ``set_ip_adapter_scale``, ``unload_ip_adapter``).
 
 The image embeddings are per-row conditioning: ``ip_adapter_image_embeds_0``, ... hold the positive
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from .._quiet import quiet_transformers
+from .parts import Part, diffusers_method, has_part, marker
 from .run import CallInputs, Run, current_run
 
 with quiet_transformers():
@@ -30,47 +32,40 @@ with quiet_transformers():
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline as _DiffusersSD
 
-__all__ = ["IPAdapterRun"]
+__all__ = ["IPAdapterFeature", "IPAdapterRun"]
 
 _IP_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, FluxIPAdapterAttnProcessor)
 _LOCK = threading.RLock()
 
 
-class IPAdapterRun:
+class IPAdapterFeature(Part):
     """``ip_adapter_image`` / ``ip_adapter_image_embeds`` as per-row conditioning, and run-scoped IP-Adapter scales."""
 
     # The classic pipelines' public helpers, unchanged: CLIP image features (zeros for the negative rows, or the
     # encoder's features of a black image for "plus" adapters) and their per-adapter arrangement.
-    encode_image = _DiffusersSD.encode_image
-    prepare_ip_adapter_image_embeds = _DiffusersSD.prepare_ip_adapter_image_embeds
+    classic = _DiffusersSD
 
-    def _ip_processors(self) -> dict[str, Any]:
-        return {n: p for n, p in self.denoiser.attn_processors.items() if isinstance(p, _IP_PROCESSORS)}
+    def pipeline_attributes(self) -> dict[str, Any]:
+        return {"encode_image": self.classic.encode_image, "set_ip_adapter_scale": set_ip_adapter_scale,
+                "prepare_ip_adapter_image_embeds": self.classic.prepare_ip_adapter_image_embeds}
 
-    def _ip_adapters_loaded(self) -> int:
-        proj = getattr(self.denoiser, "encoder_hid_proj", None)  # the UNet's, or Flux's transformer's
-        if getattr(self.denoiser.config, "encoder_hid_dim_type", None) != "ip_image_proj" or proj is None:
-            return 0
-        return len(proj.image_projection_layers)
-
-    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
-        kind = super().check_kind_inputs(args)  # type: ignore[misc]
+    def check_inputs(self, pipe: Any, args: dict[str, Any], kind: CallInputs) -> None:
         image, embeds = args.pop("ip_adapter_image", None), args.pop("ip_adapter_image_embeds", None)
-        n = self._ip_adapters_loaded()
+        n = ip_adapters_loaded(pipe)
         if image is None and embeds is None:
             if n:
                 raise ValueError(
                     "this pipeline has an IP-Adapter loaded: pass ip_adapter_image (or ip_adapter_image_embeds), "
                     "or call pipe.unload_ip_adapter()"
                 )
-            return kind
+            return
         name = "ip_adapter_image" if image is not None else "ip_adapter_image_embeds"
         if image is not None and embeds is not None:
             raise ValueError("pass at most one of ip_adapter_image and ip_adapter_image_embeds (got both)")
         if not n:
             raise ValueError(f"{name} needs an IP-Adapter: call pipe.load_ip_adapter(...) first")
         if image is not None:
-            if getattr(self, "image_encoder", None) is None:
+            if getattr(pipe, "image_encoder", None) is None:
                 raise ValueError(
                     "ip_adapter_image needs an image encoder, and this pipeline has none (the IP-Adapter was loaded "
                     "with image_encoder_folder=None?): load one with the adapter, or pass ip_adapter_image_embeds"
@@ -89,18 +84,14 @@ class IPAdapterRun:
                     got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
                     raise ValueError(f"ip_adapter_image_embeds[{k}] must be a 3-D or 4-D tensor, got {got}")
         kind.ip_adapter = (image, embeds)
-        return kind
 
-    def set_timesteps(self, run: Run, num_inference_steps, timesteps, sigmas, kind: CallInputs) -> torch.Tensor:
-        steps = super().set_timesteps(run, num_inference_steps, timesteps, sigmas, kind)  # type: ignore[misc]
+    def start(self, pipe: Any, run: Run, kind: CallInputs) -> None:
         if kind.ip_adapter is not None:
             run.extras.ip_adapter = kind.ip_adapter
             with _LOCK:  # never while another run's model call has its own scales in the processors
-                run.extras.ip_adapter_scales = {n: list(p.scale) for n, p in self._ip_processors().items()}
-        return steps
+                run.extras.ip_adapter_scales = {n: list(p.scale) for n, p in ip_processors(pipe).items()}
 
-    def add_model_conditioning(self, run: Run, dtype: torch.dtype, device: torch.device) -> None:
-        super().add_model_conditioning(run, dtype, device)  # type: ignore[misc]
+    def add_conditioning(self, pipe: Any, run: Run, kind: CallInputs, dtype, device, generator) -> None:
         if run.extras.ip_adapter is None:
             return
         (image, embeds), run.extras.ip_adapter = run.extras.ip_adapter, None  # used once, here
@@ -108,51 +99,67 @@ class IPAdapterRun:
         # Given embeddings are [negative, positive] when the call starts with guidance, positive alone otherwise,
         # as in the classic pipelines; images always give both.
         both = embeds is None or run.do_classifier_free_guidance
-        prepared = self.prepare_ip_adapter_image_embeds(image, embeds, device, rows, both)
+        prepared = pipe.prepare_ip_adapter_image_embeds(image, embeds, device, rows, both)
         for k, e in enumerate(prepared):
             negative, positive = e.chunk(2) if both else (torch.zeros_like(e), e)
             run.state.cond[f"ip_adapter_image_embeds_{k}"] = positive.to(dtype)
             run.state.uncond[f"ip_adapter_image_embeds_{k}"] = negative.to(dtype)
 
-    def added_cond_extras(self, conditioning: dict) -> dict[str, Any]:
+    def added_cond(self, pipe: Any, conditioning: dict) -> dict[str, Any]:
         keys = [k for k in conditioning if k.startswith("ip_adapter_image_embeds_")]
         keys.sort(key=lambda k: int(k.rsplit("_", 1)[1]))
         return {"image_embeds": [conditioning[k] for k in keys]} if keys else {}
 
     @contextlib.contextmanager
-    def model_call_context(self, run: Run) -> Iterator[None]:
+    def model_call_context(self, pipe: Any, run: Run) -> Iterator[None]:
         """The run's IP-Adapter scales in the attention processors for the length of one model call."""
         scales = run.extras.ip_adapter_scales
         if scales is None:
-            with super().model_call_context(run):  # type: ignore[misc]
-                yield
+            yield
             return
         with _LOCK:
-            processors = self._ip_processors()
+            processors = ip_processors(pipe)
             saved = {n: list(p.scale) for n, p in processors.items()}
             for n, p in processors.items():
                 p.scale = list(scales.get(n, p.scale))
             try:
-                with super().model_call_context(run):  # type: ignore[misc]
-                    yield
+                yield
             finally:
                 for n, p in processors.items():
                     p.scale = saved[n]
 
-    def set_ip_adapter_scale(self, scale: Any) -> None:
-        """The classic call. Inside a step callback it changes the current run only (from its next model call);
-        outside a run it sets the scale new calls start from."""
-        run = current_run(self)
-        if run is None or run.extras.ip_adapter_scales is None:
-            with _LOCK:
-                super().set_ip_adapter_scale(scale)  # type: ignore[misc]
-            return
-        with _LOCK:  # let diffusers work out the per-layer scales, read them, put the caller's back
-            processors = self._ip_processors()
-            saved = {n: list(p.scale) for n, p in processors.items()}
-            try:
-                super().set_ip_adapter_scale(scale)  # type: ignore[misc]
-                run.extras.ip_adapter_scales = {n: list(p.scale) for n, p in processors.items()}
-            finally:
-                for n, p in processors.items():
-                    p.scale = saved[n]
+
+def ip_processors(pipe: Any) -> dict[str, Any]:
+    return {n: p for n, p in pipe.denoiser.attn_processors.items() if isinstance(p, _IP_PROCESSORS)}
+
+
+def ip_adapters_loaded(pipe: Any) -> int:
+    proj = getattr(pipe.denoiser, "encoder_hid_proj", None)  # the UNet's, or Flux's transformer's
+    if getattr(pipe.denoiser.config, "encoder_hid_dim_type", None) != "ip_image_proj" or proj is None:
+        return 0
+    return len(proj.image_projection_layers)
+
+
+def set_ip_adapter_scale(pipe: Any, scale: Any) -> None:
+    """The classic call. Inside a step callback it changes the current run only (from its next model call);
+    outside a run it sets the scale new calls start from."""
+    classic = diffusers_method(pipe, "set_ip_adapter_scale")  # diffusers' IPAdapterMixin / FluxIPAdapterMixin
+    run = current_run(pipe)
+    if run is None or run.extras.ip_adapter_scales is None:
+        with _LOCK:
+            classic(scale)
+        return
+    with _LOCK:  # let diffusers work out the per-layer scales, read them, put the caller's back
+        processors = ip_processors(pipe)
+        saved = {n: list(p.scale) for n, p in processors.items()}
+        try:
+            classic(scale)
+            run.extras.ip_adapter_scales = {n: list(p.scale) for n, p in processors.items()}
+        finally:
+            for n, p in processors.items():
+                p.scale = saved[n]
+
+
+# The former mixin's name: ``issubclass(cls, IPAdapterRun)`` holds for a pipeline class with IP-Adapters.
+IPAdapterRun = marker("IPAdapterRun", "A pipeline class with an IPAdapterFeature (Flux's included).",
+                      lambda cls: has_part(cls, IPAdapterFeature), __name__)

@@ -1,8 +1,16 @@
 """One registry of pipelines: which family, which kind of run, which module.
 
 Read by ``stepdiff`` and ``stepdiff.pipelines`` for their lazy imports, by ``auto`` to pick a class,
-and by the loading errors for their hints. Adding a pipeline of an existing family is one new file and one line
-here; what a new family takes is counted in docs/architecture.md.
+and by the loading errors for their hints. What a pipeline class takes, counted in source places:
+
+- a kind or feature combination of an existing family: its class (a few lines: the family class with
+  ``kind = ...`` / ``features = ...`` and its ``__call__`` signature) and one line here;
+- a new family with its kinds: the family module (prompts -> conditioning, one model call, callback names;
+  its kinds are ``Image2ImageKind`` / ``InpaintKind`` objects, with parameters where the family differs), one
+  line here per class, and its ``__call__`` signatures. ``tests/test_toy_family.py`` shows it: no shared module
+  names the toy family.
+
+docs/architecture.md draws the house.
 This module imports nothing from the pipelines, so there is no import cycle.
 """
 

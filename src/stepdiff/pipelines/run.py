@@ -37,7 +37,7 @@ StepState = LoopState  # what a run yields after each step
 
 @dataclass(slots=True)  # a field missing here is an AttributeError, not a silent new key
 class CallInputs:
-    """What a call's kind and features add to its arguments, checked (``check_kind_inputs``) and then filled in as
+    """What a call's family, kind and features add to its arguments, checked (their ``check_inputs``) and filled in as
     the run is prepared: one typed field each (None: not this call's)."""
 
     height: int | None = None  # the call's size, once known (image to image: the picture's)
@@ -306,7 +306,7 @@ class Run:
         if self._iterated and not self._loop_finished and not self._interrupt:
             self._stop_reason = self._stop_reason or "stopped by caller"
             self._interrupt = True
-        from .base import run_hooks
+        from .callback_io import run_hooks
 
         self.compute.free()  # also for a run prepared but never iterated
         if self.interrupted and self.interrupt_output == "finish" and self.finished is None:

@@ -15,8 +15,11 @@ from .._quiet import quiet_transformers
 
 with quiet_transformers():
     from diffusers.loaders import FromSingleFileMixin, IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
-from .base import Conditioning, StepDiffPipeline, normalize_legacy_configs, pop_prompts, repeat_rows, tokenize
-from .ip_adapter import IPAdapterRun
+from .base import StepDiffPipeline
+from .checks import pop_prompts, repeat_rows, tokenize
+from .conditioning import Conditioning
+from .folders import normalize_legacy_configs
+from .ip_adapter import IPAdapterFeature
 from .run import Run
 from .signatures import classic_call
 
@@ -27,7 +30,7 @@ _LOGGER = diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion.pip
 
 
 class StableDiffusionPipeline(
-    IPAdapterRun, StepDiffPipeline, StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin,
+    StepDiffPipeline, StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin,
     IPAdapterMixin, FromSingleFileMixin,
 ):
     """Text-to-image with Stable Diffusion 1.x/2.x, on stepdiff's shared denoising loop.
@@ -43,6 +46,7 @@ class StableDiffusionPipeline(
         "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
     }
     family = "sd"
+    features = (IPAdapterFeature(),)
 
     def __init__(
         self,

@@ -18,7 +18,9 @@ with quiet_transformers():
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..guidance import Guidance, SkipLayerGuidance, check_guidance_scale
-from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize, warn_truncated
+from .base import StepDiffPipeline
+from .checks import pop_prompts, repeat_rows, tokenize, warn_truncated
+from .conditioning import Conditioning
 from .run import CallInputs, Run
 from .signatures import classic_call
 
@@ -85,8 +87,7 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
     def min_size(self) -> int:
         return self.size_multiple()
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
-        kind = super().check_kind_inputs(args)
+    def check_family_inputs(self, args: dict[str, Any], kind: CallInputs) -> None:
         mu = args.pop("mu", None)
         if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)):
             raise ValueError(f"mu must be None or a finite number, got {mu!r}")
@@ -109,7 +110,6 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
             slg = {"layers": list(layers), "layer_scale": check_guidance_scale(scale, "skip_layer_guidance_scale"),
                    "start": float(start), "stop": float(stop)}
         kind.skip_layer_guidance = slg
-        return kind
 
     def make_guidance(self, guidance_scale: float, guidance_rescale: float, kind: CallInputs | None = None) -> Guidance:
         slg = (kind or CallInputs()).skip_layer_guidance

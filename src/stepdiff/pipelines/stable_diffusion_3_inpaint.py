@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintKind
 from .signatures import classic_call
 from .stable_diffusion_3 import StableDiffusion3Pipeline
 
 __all__ = ["StableDiffusion3InpaintPipeline"]
 
 
-class StableDiffusion3InpaintPipeline(InpaintRun, StableDiffusion3Pipeline):
+class StableDiffusion3InpaintPipeline(StableDiffusion3Pipeline):
     """Repaint the white part of ``mask_image``, resized to ``height`` x ``width``; arguments follow the classic pipeline.
 
     A transformer with as many input channels as the VAE has latent channels (SD3, SD3.5) gets the known region put
@@ -20,6 +20,7 @@ class StableDiffusion3InpaintPipeline(InpaintRun, StableDiffusion3Pipeline):
     other SD3 pipeline does (the classic inpainting pipeline leaves it out: see docs/what-differs.md).
     """
 
+    kind = InpaintKind()
     _callback_tensor_inputs: ClassVar[list[str]] = [
         *StableDiffusion3Pipeline._callback_tensor_inputs, "mask", "masked_image_latents",
     ]

@@ -9,14 +9,15 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .controlnet import ControlNetRun, as_controlnet, check_controlnet_fits
+from .controlnet import ControlNetFeature, as_controlnet, check_controlnet_fits
+from .ip_adapter import IPAdapterFeature
 from .signatures import classic_call
 from .stable_diffusion import StableDiffusionPipeline
 
 __all__ = ["StableDiffusionControlNetPipeline"]
 
 
-class StableDiffusionControlNetPipeline(ControlNetRun, StableDiffusionPipeline):
+class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
     """Text-to-image guided by control images (``image``); arguments follow the classic pipeline.
 
     ``controlnet``: a ``ControlNetModel``, a ``MultiControlNetModel`` or a list of ControlNetModel (then ``image``
@@ -25,6 +26,7 @@ class StableDiffusionControlNetPipeline(ControlNetRun, StableDiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    features = (IPAdapterFeature(), ControlNetFeature())
     _callback_tensor_inputs: ClassVar[list[str]] = [
         "latents", "prompt_embeds", "negative_prompt_embeds", "image", "denoised",
     ]

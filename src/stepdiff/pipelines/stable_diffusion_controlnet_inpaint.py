@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
+from .controlnet import ControlNetFeature
+from .ip_adapter import IPAdapterFeature
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintKind
 from .signatures import classic_call
 from .stable_diffusion_controlnet import StableDiffusionControlNetPipeline
 
 __all__ = ["StableDiffusionControlNetInpaintPipeline"]
 
 
-class StableDiffusionControlNetInpaintPipeline(InpaintRun, StableDiffusionControlNetPipeline):
+class StableDiffusionControlNetInpaintPipeline(StableDiffusionControlNetPipeline):
     """Repaint the white part of ``mask_image`` following ``control_image``; arguments follow the classic pipeline.
 
     The ControlNets see the 4-channel latents (as the classic pipeline), also with a 9-channel inpainting UNet.
@@ -19,8 +21,8 @@ class StableDiffusionControlNetInpaintPipeline(InpaintRun, StableDiffusionContro
     ControlNet callbacks work here.
     """
 
-    _control_image_name: ClassVar[str] = "control_image"
-    _control_tensor_names: ClassVar[tuple[str, ...]] = ("control_image", "image")
+    kind = InpaintKind()
+    features = (IPAdapterFeature(), ControlNetFeature("control_image"))
     _callback_tensor_inputs: ClassVar[list[str]] = [
         "latents", "prompt_embeds", "negative_prompt_embeds", "control_image", "image", "mask", "masked_image_latents",
         "denoised",
@@ -29,8 +31,5 @@ class StableDiffusionControlNetInpaintPipeline(InpaintRun, StableDiffusionContro
         **StableDiffusionControlNetPipeline._callback_names,
         **INPAINT_CALLBACK_NAMES,
     }
-
-    def check_kind_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.match_init_image(super().check_kind_inputs(args), args)
 
     __call__ = classic_call("StableDiffusionControlNetInpaintPipeline")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintKind
 from .signatures import classic_call
 from .stable_diffusion import StableDiffusionPipeline
 
 __all__ = ["StableDiffusionInpaintPipeline"]
 
 
-class StableDiffusionInpaintPipeline(InpaintRun, StableDiffusionPipeline):
+class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
     """Repaint the white part of ``mask_image``; arguments follow the classic pipeline."""
+
+    kind = InpaintKind()
 
     _callback_tensor_inputs: ClassVar[list[str]] = [
         *StableDiffusionPipeline._callback_tensor_inputs, "mask", "masked_image_latents",

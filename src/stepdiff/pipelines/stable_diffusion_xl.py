@@ -20,8 +20,10 @@ with quiet_transformers():
         StableDiffusionXLLoraLoaderMixin,
         TextualInversionLoaderMixin,
     )
-from .base import Conditioning, StepDiffPipeline, pop_prompts, repeat_rows, tokenize
-from .ip_adapter import IPAdapterRun
+from .base import StepDiffPipeline
+from .checks import check_fraction, pop_prompts, repeat_rows, tokenize
+from .conditioning import Conditioning
+from .ip_adapter import IPAdapterFeature
 from .run import CallInputs, Run
 from .signatures import classic_call
 
@@ -31,12 +33,7 @@ __all__ = ["StableDiffusionXLPipeline"]
 _LOGGER = diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl")
 
 
-def _fraction(name: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{name} must be None or a number strictly between 0 and 1, got {value!r}")
-    return float(value)
+_fraction = check_fraction
 
 
 def _size_pair(name: str, value: object) -> tuple[int, int] | None:
@@ -50,8 +47,36 @@ def _size_pair(name: str, value: object) -> tuple[int, int] | None:
     raise ValueError(f"{name} must be a (height, width) pair of non-negative ints, got {value!r}")
 
 
+def pop_aesthetic_scores(args: dict[str, Any]) -> dict[str, float]:
+    """Image-to-image and inpainting: the refiner's aesthetic-score micro-conditioning (classic defaults)."""
+    scores = {}
+    for name, default in (("aesthetic_score", 6.0), ("negative_aesthetic_score", 2.5)):
+        value = args.pop(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        scores[name] = float(value)
+    return scores
+
+
+def image_time_id_lists(
+    pipe: Any, height, width, original_size, crops_coords_top_left, target_size, negative_original_size,
+    negative_crops_coords_top_left, negative_target_size, aesthetic_score, negative_aesthetic_score,
+) -> tuple[tuple, tuple | None]:
+    """The image pipelines' micro-conditioning: an aesthetic score for refiners, the positive crops for both sides."""
+    original_size = original_size or (height, width)
+    target_size = target_size or (height, width)
+    negative_original_size = negative_original_size or original_size
+    negative_target_size = negative_target_size or target_size
+    if pipe.config.get("requires_aesthetics_score", False):  # the refiner: an aesthetic score, no target size
+        return (original_size + crops_coords_top_left + (aesthetic_score,),
+                negative_original_size + negative_crops_coords_top_left + (negative_aesthetic_score,))
+    # As the classic image pipelines: the negative rows use the positive crop coordinates.
+    return (original_size + crops_coords_top_left + target_size,
+            negative_original_size + crops_coords_top_left + negative_target_size)
+
+
 class StableDiffusionXLPipeline(
-    IPAdapterRun, StepDiffPipeline, StableDiffusionMixin, FromSingleFileMixin, StableDiffusionXLLoraLoaderMixin,
+    StepDiffPipeline, StableDiffusionMixin, FromSingleFileMixin, StableDiffusionXLLoraLoaderMixin,
     TextualInversionLoaderMixin, IPAdapterMixin,
 ):
     """Text-to-image with SDXL base models, on stepdiff's shared denoising loop (no watermarker)."""
@@ -73,6 +98,7 @@ class StableDiffusionXLPipeline(
         "negative_add_time_ids": ("uncond", "time_ids"),
     }
     family = "sdxl"
+    features = (IPAdapterFeature(),)
 
     def __init__(
         self,
@@ -115,6 +141,10 @@ class StableDiffusionXLPipeline(
         negative_crops_coords_top_left, negative_target_size, **extra: Any,
     ) -> tuple[tuple, tuple | None]:
         """Micro-conditioning of the conditional rows and (None: the same) of the unconditional rows."""
+        if self.kind.takes_image:  # image-to-image and inpainting: the refiner's aesthetic score
+            return image_time_id_lists(self, height, width, original_size, crops_coords_top_left, target_size,
+                                       negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                                       **extra)
         original_size = original_size or (height, width)
         target_size = target_size or (height, width)
         ids = original_size + crops_coords_top_left + target_size
@@ -192,22 +222,22 @@ class StableDiffusionXLPipeline(
         )
         for name in self._SIZE_ARGS:
             kwargs[name] = _size_pair(name, args.pop(name, (0, 0) if "crops" in name else None))
+        if self.kind.takes_image:
+            kwargs.update(pop_aesthetic_scores(args))
         return batch, kwargs
 
     def model_kwargs(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"cross_attention_kwargs": args.pop("cross_attention_kwargs", None)}
 
-    def check_kind_inputs(self, args: dict[str, Any]) -> CallInputs:
-        kind = super().check_kind_inputs(args)
-        kind.denoising_end = _fraction("denoising_end", args.pop("denoising_end", None))
-        return kind
+    def check_family_inputs(self, args: dict[str, Any], call: CallInputs) -> None:
+        call.denoising_end = _fraction("denoising_end", args.pop("denoising_end", None))
 
-    def truncate_end(self, run: Run, steps: torch.Tensor, kind: CallInputs) -> torch.Tensor:
+    def truncate_end(self, run: Run, steps: torch.Tensor, call: CallInputs) -> torch.Tensor:
         """``denoising_end``: stop where a refiner takes over ("mixture of denoisers"), as the classic pipeline."""
-        end = kind.denoising_end
+        end = call.denoising_end
         if end is None:
             return steps
-        start = kind.denoising_start
+        start = call.denoising_start
         if start is not None and start >= end:
             raise ValueError(f"denoising_start ({start}) must be less than denoising_end ({end})")
         train = run.scheduler.config.num_train_timesteps

@@ -9,14 +9,15 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .controlnet import ControlNetRun, as_controlnet, check_controlnet_fits
+from .controlnet import ControlNetFeature, as_controlnet, check_controlnet_fits
+from .ip_adapter import IPAdapterFeature
 from .signatures import classic_call
 from .stable_diffusion_xl import StableDiffusionXLPipeline
 
 __all__ = ["StableDiffusionXLControlNetPipeline"]
 
 
-class StableDiffusionXLControlNetPipeline(ControlNetRun, StableDiffusionXLPipeline):
+class StableDiffusionXLControlNetPipeline(StableDiffusionXLPipeline):
     """SDXL text-to-image guided by control images (``image``); arguments follow the classic pipeline.
 
     See ``StableDiffusionControlNetPipeline``; the ControlNets also get each row's pooled text embeddings and time
@@ -24,6 +25,7 @@ class StableDiffusionXLControlNetPipeline(ControlNetRun, StableDiffusionXLPipeli
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    features = (IPAdapterFeature(), ControlNetFeature())
     _callback_tensor_inputs: ClassVar[list[str]] = [
         "latents", "prompt_embeds", "negative_prompt_embeds", "add_text_embeds", "add_time_ids",
         "negative_pooled_prompt_embeds", "negative_add_time_ids", "image", "denoised",

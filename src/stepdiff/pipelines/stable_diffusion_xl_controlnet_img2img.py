@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ._sdxl_kinds import SDXLControlNetImageMixin, SDXLImageMixin
-from .kinds import Image2ImageRun
+from ._sdxl_kinds import (
+    IMAGE_CALLBACK_NAMES,
+    IMAGE_CALLBACK_TENSOR_INPUTS,
+    controlnet_image_init,
+)
+from .controlnet import ControlNetFeature
+from .ip_adapter import IPAdapterFeature
+from .kinds import Image2ImageKind
 from .signatures import classic_call
 from .stable_diffusion_xl_controlnet import StableDiffusionXLControlNetPipeline
 
 __all__ = ["StableDiffusionXLControlNetImg2ImgPipeline"]
 
 
-class StableDiffusionXLControlNetImg2ImgPipeline(SDXLControlNetImageMixin, Image2ImageRun, StableDiffusionXLControlNetPipeline):
+class StableDiffusionXLControlNetImg2ImgPipeline(StableDiffusionXLControlNetPipeline):
     """SDXL: re-draw ``image`` at ``strength`` following ``control_image``; arguments follow the classic pipeline.
 
     The classic pipeline names its control tensor ``control_image``, so the classic
@@ -20,8 +26,12 @@ class StableDiffusionXLControlNetImg2ImgPipeline(SDXLControlNetImageMixin, Image
     reach the control images and the official callback works.
     """
 
+    kind = Image2ImageKind(refiner=True)
+    features = (IPAdapterFeature(), ControlNetFeature("control_image"))
+    __init__ = controlnet_image_init
+    _callback_names: ClassVar[dict[str, tuple[str, str]]] = IMAGE_CALLBACK_NAMES
     _callback_tensor_inputs: ClassVar[list[str]] = [
-        *SDXLImageMixin._callback_tensor_inputs, "control_image", "image",
+        *IMAGE_CALLBACK_TENSOR_INPUTS, "control_image", "image",
     ]
 
     __call__ = classic_call("StableDiffusionXLControlNetImg2ImgPipeline")

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ._sdxl_kinds import SDXLControlNetImageMixin, SDXLImageMixin
-from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
+from ._sdxl_kinds import (
+    IMAGE_CALLBACK_NAMES,
+    IMAGE_CALLBACK_TENSOR_INPUTS,
+    controlnet_image_init,
+)
+from .controlnet import ControlNetFeature
+from .ip_adapter import IPAdapterFeature
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintKind
 from .signatures import classic_call
 from .stable_diffusion_xl_controlnet import StableDiffusionXLControlNetPipeline
 
 __all__ = ["StableDiffusionXLControlNetInpaintPipeline"]
 
 
-class StableDiffusionXLControlNetInpaintPipeline(SDXLControlNetImageMixin, InpaintRun, StableDiffusionXLControlNetPipeline):
+class StableDiffusionXLControlNetInpaintPipeline(StableDiffusionXLControlNetPipeline):
     """SDXL: repaint the white part of ``mask_image`` following ``control_image``; arguments follow the classic
     pipeline.
 
@@ -20,11 +26,14 @@ class StableDiffusionXLControlNetInpaintPipeline(SDXLControlNetImageMixin, Inpai
     callback tensor ``control_image`` (classic name) and also ``image``, so the official ControlNet callbacks work.
     """
 
+    kind = InpaintKind(refiner=True)
+    features = (IPAdapterFeature(), ControlNetFeature("control_image"))
+    __init__ = controlnet_image_init
     _callback_tensor_inputs: ClassVar[list[str]] = [
-        *SDXLImageMixin._callback_tensor_inputs, "mask", "masked_image_latents", "control_image", "image",
+        *IMAGE_CALLBACK_TENSOR_INPUTS, "mask", "masked_image_latents", "control_image", "image",
     ]
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
-        **StableDiffusionXLControlNetPipeline._callback_names, **SDXLImageMixin._callback_names,
+        **StableDiffusionXLControlNetPipeline._callback_names, **IMAGE_CALLBACK_NAMES,
         **INPAINT_CALLBACK_NAMES,
     }
 

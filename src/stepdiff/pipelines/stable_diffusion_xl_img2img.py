@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from ._sdxl_kinds import SDXLImageMixin
-from .kinds import Image2ImageRun
+from typing import ClassVar
+
+from ._sdxl_kinds import IMAGE_CALLBACK_NAMES, IMAGE_CALLBACK_TENSOR_INPUTS, image_init
+from .kinds import Image2ImageKind
 from .signatures import classic_call
 from .stable_diffusion_xl import StableDiffusionXLPipeline
 
 __all__ = ["StableDiffusionXLImg2ImgPipeline"]
 
 
-class StableDiffusionXLImg2ImgPipeline(SDXLImageMixin, Image2ImageRun, StableDiffusionXLPipeline):
+class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
     """Re-draw ``image`` at ``strength``, or continue a base run's latents from ``denoising_start`` (refiner)."""
+
+    kind = Image2ImageKind(refiner=True)
+    _callback_tensor_inputs: ClassVar[list[str]] = IMAGE_CALLBACK_TENSOR_INPUTS
+    _callback_names: ClassVar[dict[str, tuple[str, str]]] = IMAGE_CALLBACK_NAMES
+    __init__ = image_init
 
     __call__ = classic_call("StableDiffusionXLImg2ImgPipeline")

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ._sdxl_kinds import SDXLImageMixin
-from .kinds import INPAINT_CALLBACK_NAMES, InpaintRun
+from ._sdxl_kinds import IMAGE_CALLBACK_NAMES, IMAGE_CALLBACK_TENSOR_INPUTS, image_init
+from .kinds import INPAINT_CALLBACK_NAMES, InpaintKind
 from .signatures import classic_call
 from .stable_diffusion_xl import StableDiffusionXLPipeline
 
 __all__ = ["StableDiffusionXLInpaintPipeline"]
 
 
-class StableDiffusionXLInpaintPipeline(SDXLImageMixin, InpaintRun, StableDiffusionXLPipeline):
+class StableDiffusionXLInpaintPipeline(StableDiffusionXLPipeline):
     """Repaint the white part of ``mask_image``; arguments follow the classic pipeline."""
 
-    _callback_tensor_inputs: ClassVar[list[str]] = [*SDXLImageMixin._callback_tensor_inputs, "mask", "masked_image_latents"]
+    kind = InpaintKind(refiner=True)
+    __init__ = image_init
+    _callback_tensor_inputs: ClassVar[list[str]] = [*IMAGE_CALLBACK_TENSOR_INPUTS, "mask", "masked_image_latents"]
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = {
-        **SDXLImageMixin._callback_names,
+        **IMAGE_CALLBACK_NAMES,
         **INPAINT_CALLBACK_NAMES,
     }
 

@@ -109,7 +109,7 @@ def download_hub_id(repo_id: str, allow_pickle: bool = False) -> Path:
 def resolve_model(path: str | os.PathLike, allow_pickle: bool = False) -> Path:
     """What ``--model`` names, as a local path: a model folder (checked), a single-file checkpoint (its header
     checked), or a hub id's downloaded snapshot folder. Clear errors for everything else."""
-    from ..pipelines.base import check_folder
+    from ..pipelines.folders import check_folder
 
     path = Path(path)
     text = str(path)
