@@ -15,6 +15,7 @@ import pytest
 
 import stepdiff
 from stepdiff.control import CancelToken
+from stepdiff.pipelines.components import INITS, classic_init
 from stepdiff.pipelines.registry import REGISTRY
 from stepdiff.pipelines.signatures import SIGNATURES, Signature, classic_call, stub
 
@@ -137,3 +138,57 @@ def test_a_class_outside_the_table_can_have_its_own_entry():
     assert Toy()("a red circle") == {"prompt": "a red circle", "num_inference_steps": 4, "cancel": None,
                                      "interrupt_output": "denoised"}
     assert Toy.__call__.__module__ == __name__ and Toy.__call__.__doc__ == "Toy."
+
+
+# Where stepdiff's constructors differ from the classic ones on purpose: ``name: (ours, classic)``. Safety checkers
+# are loaded if present but never run, so none is required; SD3 runs without its T5 encoder (``text_encoder_3=None``).
+INIT_DEFAULTS_NOT_CLASSIC = {
+    "safety_checker": (None, inspect.Parameter.empty),
+    "feature_extractor": (None, inspect.Parameter.empty),
+    "requires_safety_checker": (False, True),
+    "text_encoder_3": (None, inspect.Parameter.empty),
+    "tokenizer_3": (None, inspect.Parameter.empty),
+}
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=NAMES)
+def test_init_takes_the_classic_components_in_order_with_the_classic_defaults(entry):
+    """``from_pretrained`` reads ``inspect.signature(cls.__init__)`` for the components and config arguments."""
+    ours = inspect.signature(getattr(stepdiff, entry.name).__init__).parameters
+    classic = inspect.signature(getattr(diffusers, entry.name).__init__).parameters
+    assert list(ours) == list(classic)
+    for name, parameter in ours.items():
+        expected = classic[name].default
+        if name in INIT_DEFAULTS_NOT_CLASSIC and expected == INIT_DEFAULTS_NOT_CLASSIC[name][1]:
+            expected = INIT_DEFAULTS_NOT_CLASSIC[name][0]
+        assert parameter.default == expected, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_comes_from_the_component_table_and_its_annotations_resolve(name):
+    init = getattr(stepdiff, name).__init__
+    assert init.__code__.co_filename.startswith("<stepdiff.pipelines.signatures ")
+    assert init.__code__.co_filename.endswith(".__init__>")
+    hints = typing.get_type_hints(init)
+    assert hints["vae"] is diffusers.AutoencoderKL and hints["return"] is type(None)
+    source = inspect.getsource(init)
+    assert "    self._init_components(\n        {\"" in source and '"vae": vae,' in source and "locals()" not in source
+
+
+def test_init_hands_components_and_config_on_by_name():
+    class Recorder:
+        def _init_components(self, modules, config):
+            self.got = modules, config
+
+    init = classic_init("StableDiffusionXLImg2ImgPipeline")
+    recorder = Recorder()
+    init(recorder, *"abcdefg", feature_extractor="f", requires_aesthetics_score=True)
+    modules, config = recorder.got
+    assert modules == {
+        "vae": "a", "text_encoder": "b", "text_encoder_2": "c", "tokenizer": "d", "tokenizer_2": "e", "unet": "f",
+        "scheduler": "g", "image_encoder": None, "feature_extractor": "f",
+    }
+    assert config == {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": True, "add_watermarker": None}
+    with pytest.raises(TypeError, match="unet"):
+        init(recorder, *"abcde")
+    assert sorted(INITS) == sorted({getattr(stepdiff, n).__init__.__qualname__.split(".")[0] for n in NAMES})

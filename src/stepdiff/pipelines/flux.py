@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -27,12 +26,12 @@ from .._quiet import quiet_transformers
 with quiet_transformers():
     from diffusers.loaders import FluxIPAdapterMixin, FluxLoraLoaderMixin, FromSingleFileMixin
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..guidance import Guidance
 from ..loop import LoopState
 from .base import StepDiffPipeline
 from .checks import _check_int, pop_prompts, repeat_rows, tokenize, warn_truncated
+from .components import classic_init, register_components
 from .conditioning import Conditioning
 from .flux_ip_adapter import FluxIPAdapterFeature
 from .flux_layout import (
@@ -93,24 +92,8 @@ class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin, F
     _joint_attention_kwargs = joint_attention_kwargs
     current_timestep = _routed_flux("current_timestep", "The timestep of the current run's latest step.")
 
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        text_encoder_2: Any,
-        tokenizer_2: Any,
-        transformer: FluxTransformer2DModel,
-        image_encoder: Any = None,
-        feature_extractor: Any = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, transformer=transformer, scheduler=scheduler, image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
-        )
+    __init__ = classic_init("FluxPipeline")
+    _init_components = register_components
 
     # ------------------------------------------------------------ family rules
 

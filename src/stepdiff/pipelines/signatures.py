@@ -34,7 +34,9 @@ import torch
 
 from ..control import CancelToken
 
-__all__ = ["DEFAULTS", "GROUPS", "OURS", "PARAMETERS", "SIGNATURES", "Signature", "classic_call", "stub"]
+__all__ = [
+    "DEFAULTS", "GROUPS", "OURS", "PARAMETERS", "SIGNATURES", "Signature", "classic_call", "compile_method", "stub",
+]
 
 # Each parameter's annotation (as source text), by annotation.
 _ANNOTATED = {
@@ -264,22 +266,28 @@ def _source(parameters: list[tuple[str, str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compile_method(class_name: str, source: str, namespace: dict[str, Any], doc: str | None) -> Callable[..., Any]:
+    """Compile the one function in ``source`` (a method of ``class_name``) in ``namespace``, under future
+    annotations, registering the source with ``linecache`` (tracebacks, ``inspect.getsource``)."""
+    method = source.split("(", 1)[0].removeprefix("def ")
+    filename = f"<stepdiff.pipelines.signatures {class_name}.{method}>"
+    code = compile(source, filename, "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    exec(code, namespace)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    function = namespace[method]
+    function.__qualname__ = f"{class_name}.{method}"
+    function.__doc__ = doc
+    return function
+
+
 def classic_call(class_name: str, signature: Signature | None = None, module: str | None = None) -> Callable[..., Any]:
     """The ``__call__`` of ``class_name``, from its ``SIGNATURES`` entry (or ``signature``), for ``module`` (by default
     the caller's, as ``collections.namedtuple`` does): ``__call__ = classic_call("StableDiffusionPipeline")``."""
     signature = SIGNATURES[class_name] if signature is None else signature
     module = sys._getframe(1).f_globals.get("__name__", __name__) if module is None else module
     parameters = signature.parameters()
-    source = _source(parameters)
-    filename = f"<stepdiff.pipelines.signatures {class_name}.__call__>"
     namespace = {"__name__": module, **_ANNOTATION_NAMES, **{f"_default_{n}": d for n, _, d in parameters}}
-    code = compile(source, filename, "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True)
-    exec(code, namespace)
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks, getsource
-    function = namespace["__call__"]
-    function.__qualname__ = f"{class_name}.__call__"
-    function.__doc__ = signature.doc
-    return function
+    return compile_method(class_name, _source(parameters), namespace, signature.doc)
 
 
 def stub(class_name: str) -> str:

@@ -5,11 +5,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
-from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .._quiet import quiet_transformers
 
@@ -17,6 +14,7 @@ with quiet_transformers():
     from diffusers.loaders import FromSingleFileMixin, IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from .base import StepDiffPipeline
 from .checks import pop_prompts, repeat_rows, tokenize
+from .components import classic_init, register_components
 from .conditioning import Conditioning
 from .folders import normalize_legacy_configs
 from .ip_adapter import IPAdapterFeature
@@ -48,25 +46,11 @@ class StableDiffusionPipeline(
     family = "sd"
     features = (IPAdapterFeature(),)
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        safety_checker: Any = None,
-        feature_extractor: Any = None,
-        image_encoder: Any = None,
-        requires_safety_checker: bool = False,
-    ) -> None:
-        super().__init__()
-        normalize_legacy_configs(scheduler, unet)
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
-        )
-        self.register_to_config(requires_safety_checker=requires_safety_checker)
+    __init__ = classic_init("StableDiffusionPipeline")
+
+    def _init_components(self, modules: dict[str, Any], config: dict[str, Any]) -> None:
+        normalize_legacy_configs(modules["scheduler"], modules["unet"])
+        register_components(self, modules, config)
 
     def _embed(self, texts: list[str], device: torch.device, clip_skip: int | None, max_length: int | None = None):
         texts = self.maybe_convert_prompt(texts, self.tokenizer)  # textual-inversion multi-vector tokens

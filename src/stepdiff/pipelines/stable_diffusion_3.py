@@ -7,7 +7,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
 from .._quiet import quiet_transformers
@@ -15,11 +14,11 @@ from .._quiet import quiet_transformers
 with quiet_transformers():
     from diffusers.loaders import FromSingleFileMixin, SD3IPAdapterMixin, SD3LoraLoaderMixin
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..guidance import Guidance, SkipLayerGuidance, check_guidance_scale
 from .base import StepDiffPipeline
 from .checks import pop_prompts, repeat_rows, tokenize, warn_truncated
+from .components import classic_init, register_components
 from .conditioning import Conditioning
 from .run import CallInputs, Run
 from .signatures import classic_call
@@ -54,26 +53,8 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
     flow_matching = True
     _denoiser_name: ClassVar[str] = "transformer"
 
-    def __init__(
-        self,
-        transformer: SD3Transformer2DModel,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer_2: CLIPTokenizer,
-        text_encoder_3: Any = None,
-        tokenizer_3: Any = None,
-        image_encoder: Any = None,
-        feature_extractor: Any = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
-            tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3, transformer=transformer,
-            scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor,
-        )
+    __init__ = classic_init("StableDiffusion3Pipeline")
+    _init_components = register_components
 
     # ------------------------------------------------------------ family rules
 

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPTextModel, CLIPTokenizer
-
+from .components import classic_init
 from .controlnet import ControlNetFeature, as_controlnet, check_controlnet_fits
 from .ip_adapter import IPAdapterFeature
 from .signatures import classic_call
@@ -31,26 +27,11 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
         "latents", "prompt_embeds", "negative_prompt_embeds", "image", "denoised",
     ]
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        controlnet: ControlNetModel | MultiControlNetModel | list[ControlNetModel] | tuple[ControlNetModel, ...],
-        scheduler: KarrasDiffusionSchedulers,
-        safety_checker: Any = None,
-        feature_extractor: Any = None,
-        image_encoder: Any = None,
-        requires_safety_checker: bool = False,
-    ) -> None:
-        controlnet = as_controlnet(controlnet)
-        check_controlnet_fits(controlnet, unet)
-        super().__init__(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
-            requires_safety_checker=requires_safety_checker,
-        )
-        self.register_modules(controlnet=controlnet)
+    __init__ = classic_init("StableDiffusionControlNetPipeline")
+
+    def _init_components(self, modules: dict[str, Any], config: dict[str, Any]) -> None:
+        modules["controlnet"] = as_controlnet(modules["controlnet"])
+        check_controlnet_fits(modules["controlnet"], modules["unet"])
+        super()._init_components(modules, config)
 
     __call__ = classic_call("StableDiffusionControlNetPipeline")

@@ -5,11 +5,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
-from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .._quiet import quiet_transformers
 
@@ -22,6 +19,7 @@ with quiet_transformers():
     )
 from .base import StepDiffPipeline
 from .checks import check_fraction, pop_prompts, repeat_rows, tokenize
+from .components import classic_init, register_components
 from .conditioning import Conditioning
 from .ip_adapter import IPAdapterFeature
 from .run import CallInputs, Run
@@ -100,27 +98,11 @@ class StableDiffusionXLPipeline(
     family = "sdxl"
     features = (IPAdapterFeature(),)
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        tokenizer_2: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        image_encoder: Any = None,
-        feature_extractor: Any = None,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
-        )
-        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+    __init__ = classic_init("StableDiffusionXLPipeline")
+
+    def _init_components(self, modules: dict[str, Any], config: dict[str, Any]) -> None:
+        del config["add_watermarker"]  # no invisible watermark here; the classic class keeps it out of the config too
+        register_components(self, modules, config)
 
     def _embed(self, texts: list[str], texts_2: list[str], device, clip_skip: int | None, max_length=None):
         """(hidden states of both encoders concatenated, pooled projection of the second)."""

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
+from .components import classic_init
 from .controlnet import ControlNetFeature, as_controlnet, check_controlnet_fits
 from .ip_adapter import IPAdapterFeature
 from .signatures import classic_call
@@ -31,29 +27,12 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionXLPipeline):
         "negative_pooled_prompt_embeds", "negative_add_time_ids", "image", "denoised",
     ]
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        tokenizer_2: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        controlnet: ControlNetModel | MultiControlNetModel | list[ControlNetModel] | tuple[ControlNetModel, ...],
-        scheduler: KarrasDiffusionSchedulers,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-        feature_extractor: Any = None,
-        image_encoder: Any = None,
-    ) -> None:
-        controlnet = as_controlnet(controlnet)
-        check_controlnet_fits(controlnet, unet)
-        super().__init__(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
-            feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-        )
-        self.register_modules(controlnet=controlnet)
+    __init__ = classic_init("StableDiffusionXLControlNetPipeline")
+
+    def _init_components(self, modules: dict[str, Any], config: dict[str, Any]) -> None:
+        modules["controlnet"] = as_controlnet(modules["controlnet"])
+        check_controlnet_fits(modules["controlnet"], modules["unet"])
+        super()._init_components(modules, config)
 
     def controlnet_inputs(self, conditioning: dict) -> dict[str, Any]:
         return {"added_cond_kwargs": {"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]}}

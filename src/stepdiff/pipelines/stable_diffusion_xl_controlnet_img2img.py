@@ -7,8 +7,8 @@ from typing import ClassVar
 from ._sdxl_kinds import (
     IMAGE_CALLBACK_NAMES,
     IMAGE_CALLBACK_TENSOR_INPUTS,
-    controlnet_image_init,
 )
+from .components import classic_init
 from .controlnet import ControlNetFeature
 from .ip_adapter import IPAdapterFeature
 from .kinds import Image2ImageKind
@@ -28,7 +28,7 @@ class StableDiffusionXLControlNetImg2ImgPipeline(StableDiffusionXLControlNetPipe
 
     kind = Image2ImageKind(refiner=True)
     features = (IPAdapterFeature(), ControlNetFeature("control_image"))
-    __init__ = controlnet_image_init
+    __init__ = classic_init("StableDiffusionXLControlNetImg2ImgPipeline")
     _callback_names: ClassVar[dict[str, tuple[str, str]]] = IMAGE_CALLBACK_NAMES
     _callback_tensor_inputs: ClassVar[list[str]] = [
         *IMAGE_CALLBACK_TENSOR_INPUTS, "control_image", "image",
