@@ -208,3 +208,20 @@ def _signal_handlers_per_test():
     yield
     for s, handler in defaults.items():
         signal.signal(s, handler)
+
+
+JOB_FINAL_STATES = ("finished", "cancelled", "failed", "interrupted")
+
+
+def wait_job(client, job_id, states=JOB_FINAL_STATES, step=None, timeout=120):
+    """Poll a studio job (``GET /api/jobs/{id}``) until it is in ``states`` (and past ``step``, if given)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    job = client.get(f"/api/jobs/{job_id}").json()
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["state"] in states and (step is None or job["steps_completed"] >= step):
+            return job
+        time.sleep(0.005)
+    raise AssertionError(f"job {job_id} is {job['state']} at step {job['steps_completed']}, not {states}: {job}")

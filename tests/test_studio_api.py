@@ -14,6 +14,8 @@ from stepdiff.studio import JobSpec, Studio, create_app
 from stepdiff.studio.events import EventHub
 from stepdiff.studio.server import limits_for
 
+from .conftest import wait_job as wait
+
 PROMPT = "a red circle on a blue background"
 LONG = 500  # steps of a job that must still be running while a test acts on it (the tiny model: ~3 ms a step)
 
@@ -46,15 +48,6 @@ def submit(client, **fields):
     assert r.status_code == 201, r.text
     return r.json()
 
-
-def wait(client, job_id, states=("finished", "cancelled", "failed", "interrupted"), timeout=60, step=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        if job["state"] in states and (step is None or job["steps_completed"] >= step):
-            return job
-        time.sleep(0.005)
-    raise AssertionError(f"job {job_id} is {job['state']} at step {job['steps_completed']}, not {states}")
 
 
 def png_metadata(client, url):

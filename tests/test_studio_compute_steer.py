@@ -1,7 +1,6 @@
 """Steering a running studio job's step caching (its compute policies) from the next step: DeepCache's interval
 and First-Block-Cache's threshold; what cannot change mid-run is refused, naming the field."""
 
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +11,8 @@ from stepdiff.caching import DeepCacheCallback, FirstBlockCacheCallback, TGateCa
 from stepdiff.studio import Studio, create_app
 from stepdiff.studio.server import limits_for
 from stepdiff.studio.steering import GuidancePlan, parse_steer
+
+from .conftest import wait_job as wait
 
 PROMPT = "a red circle on a blue background"
 LONG = 500  # steps: still running while the test steers it (the tiny model: a few ms a step)
@@ -31,15 +32,6 @@ def submit(client, **fields):
     assert r.status_code == 201, r.text
     return r.json()
 
-
-def wait(client, job_id, states=("finished", "cancelled", "failed", "interrupted"), step=None, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        if job["state"] in states and (step is None or job["steps_completed"] >= step):
-            return job
-        time.sleep(0.005)
-    raise AssertionError(f"job {job_id} is {job['state']} at step {job['steps_completed']}, not {states}")
 
 
 def test_steer_deepcache_interval_mid_run(client):

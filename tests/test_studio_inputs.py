@@ -3,7 +3,6 @@ deleting a job, steering every per-step value, and a clear 4xx naming the field 
 
 import io
 import json
-import time
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ from stepdiff.studio import Studio, create_app
 from stepdiff.studio.pool import PipelinePool
 from stepdiff.studio.server import limits_for
 from stepdiff.testing import make_tiny_controlnet
+
+from .conftest import wait_job as wait
 
 PROMPT = "a red circle on a blue background"
 FINAL = ("finished", "cancelled", "failed", "interrupted")
@@ -54,15 +55,6 @@ def upload(client, data, content_type="image/png"):
     assert r.status_code == 201, r.text
     return r.json()
 
-
-def wait(client, job_id, states=FINAL, step=None, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        if job["state"] in states and (step is None or job["steps_completed"] >= step):
-            return job
-        time.sleep(0.005)
-    raise AssertionError(job)
 
 
 def submit(client, **fields):

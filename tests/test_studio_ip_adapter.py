@@ -3,7 +3,6 @@ runs with the adapter loaded, its ``ip_adapter_scale`` is steered mid-run, a job
 and every bad input is a 422 naming the field."""
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +14,8 @@ from stepdiff.studio import Studio, create_app
 from stepdiff.studio.pool import PipelinePool
 from stepdiff.studio.server import limits_for
 from stepdiff.testing import make_tiny_ip_adapter
+
+from .conftest import wait_job as wait
 
 PROMPT = "a red circle on a blue background"
 FINAL = ("finished", "cancelled", "failed", "interrupted")
@@ -55,15 +56,6 @@ def submit(client, **fields):
     assert r.status_code == 201, r.text
     return r.json()
 
-
-def wait(client, job_id, states=FINAL, step=None, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        if job["state"] in states and (step is None or job["steps_completed"] >= step):
-            return job
-        time.sleep(0.005)
-    raise AssertionError(job)
 
 
 def pixels(client, job):

@@ -5,7 +5,6 @@ model call, steering from the next step, step events through Ray, and an actor k
 import io
 import os
 import signal
-import time
 
 import pytest
 import ray  # a test dependency (the test extra): a missing Ray fails here, it never skips
@@ -17,6 +16,8 @@ from stepdiff.batch.ray_runner import local_ray_options
 from stepdiff.studio import Studio, create_app
 from stepdiff.studio.ray_workers import ActorConfig, RayWorkers
 from stepdiff.studio.server import limits_for
+
+from .conftest import wait_job as wait
 
 PROMPT = "a red circle on a blue background"
 LONG = 500  # steps of a job that must still be running while a test acts on it
@@ -58,15 +59,6 @@ def submit(client, **fields):
     assert r.status_code == 201, r.text
     return r.json()
 
-
-def wait(client, job_id, states=("finished", "cancelled", "failed", "interrupted"), timeout=90, step=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        if job["state"] in states and (step is None or job["steps_completed"] >= step):
-            return job
-        time.sleep(0.01)
-    raise AssertionError(f"job {job_id} is {job['state']} at step {job['steps_completed']}, not {states}")
 
 
 def pixels(client, url) -> bytes:
