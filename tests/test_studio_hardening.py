@@ -410,12 +410,12 @@ def live_server(tiny_pipe, sd_folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(uvicorn, "Server", Server)
 
-    def start(**kw):
+    def start(out=None, **kw):
         studio = Studio(tiny_pipe, sd_folder, tmp_path / "live", limits=limits_for(sd_folder, 500))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        out = io.StringIO()
+        out = io.StringIO() if out is None else out
         thread = threading.Thread(target=serve, args=(studio,), kwargs=dict(port=port, out=out, **kw), daemon=True)
         thread.start()
         until(lambda: held and held[-1].started, what="the server to listen")
@@ -426,6 +426,26 @@ def live_server(tiny_pipe, sd_folder, tmp_path, monkeypatch):
     for server, thread in servers:
         server.should_exit = True
         thread.join(30)
+
+
+def test_the_printed_url_already_accepts_connections(live_server):
+    """The URL is printed once the socket listens: a client that connects the moment it reads the line waits in the
+    backlog until uvicorn accepts, and is not refused (it was, while uvicorn was still starting)."""
+    seen = []
+
+    class Out(io.StringIO):
+        def write(self, text):
+            if text.startswith("stepdiff studio: "):
+                port = int(text.rsplit(":", 1)[1].strip().strip("/"))
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                    seen.append("accepted")
+                except OSError as e:
+                    seen.append(repr(e))
+            return super().write(text)
+
+    live_server(out=Out())
+    assert seen == ["accepted"]
 
 
 def _raw(port, data, timeout=5.0):

@@ -78,6 +78,7 @@ def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, token: str 
         sock.close()
         studio.close()
         raise OSError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    sock.listen(ACCEPT_BACKLOG)  # before the URL is printed: a client that connects at once waits, not refused
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{bound}/" + (f"?token={token}" if token else "")
