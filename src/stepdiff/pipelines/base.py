@@ -273,7 +273,7 @@ class StepDiffPipeline(DiffusionPipeline):
     def set_timesteps(self, run: Run, num_inference_steps: int | None, timesteps, sigmas, call: CallInputs) -> torch.Tensor:
         """Set the run's scheduler and return the timesteps the loop will run."""
         steps, num_inference_steps = retrieve_timesteps(
-            run.scheduler, num_inference_steps, self._execution_device, timesteps=timesteps, sigmas=sigmas,
+            run.scheduler, num_inference_steps, call.device, timesteps=timesteps, sigmas=sigmas,
             **self.scheduler_kwargs(call.height, call.width, call),
         )
         steps = self.kind.truncate_start(self, run, steps, num_inference_steps, call)

@@ -42,6 +42,7 @@ def prepare_run(pipe: Any, args: dict[str, Any], scheduler: Any = None) -> Run:
     # 2. The run, with its own scheduler and guidance; timesteps; then callbacks check their settings
     # against this run (schedule lengths, tables) and may set the first step's guidance.
     run = _new_run(pipe, args, plan, call, scheduler, started)
+    call.device = pipe._execution_device
     try:
         run.timesteps = pipe.set_timesteps(run, plan.num_inference_steps, plan.timesteps, plan.sigmas, call)
         if len(run.timesteps) == 0:
@@ -69,7 +70,7 @@ def _new_run(pipe: Any, args: dict[str, Any], plan: CallPlan, call: CallInputs, 
     )
 
 def _start_state(pipe: Any, run: Run, call: CallInputs, plan: CallPlan, encode_kwargs: dict[str, Any]) -> None:
-    device = pipe._execution_device
+    device = call.device
     # 3. Encode prompts: conditional and unconditional rows, kept apart.
     with text_lora_scale(pipe, run.model_kwargs):
         conditioning = pipe.encode(
