@@ -251,3 +251,19 @@ def test_a_run_can_have_its_own_scheduler(sd_pipe, count_calls):
     with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler .* got str"):
         sd_pipe.steps(**_kwargs(), scheduler="ddim")
     assert calls.calls == 0
+
+
+def test_steps_run_without_autograd_and_callbacks_in_the_callers_mode(sd_pipe):
+    """Each step's own work (model call, guidance, scheduler step) runs under ``torch.no_grad``, as the classic
+    pipelines' whole ``__call__`` does: latents a callback returned with ``requires_grad`` come out of the next
+    scheduler step without it. The callback itself runs in the caller's grad mode (a callback may use autograd)."""
+    modes, grads = [], []
+
+    def callback(pipe, i, t, kw):
+        modes.append(torch.is_grad_enabled())
+        grads.append(kw["latents"].requires_grad)
+        return {"latents": kw["latents"].detach().clone().requires_grad_(True)} if i == 0 else kw
+
+    sd_pipe("a cat", num_inference_steps=3, generator=gen(), output_type="latent", callback_on_step_end=callback)
+    assert modes == [True, True, True]
+    assert grads == [False, False, False]  # step 1's latents came from step 0's grad-requiring ones

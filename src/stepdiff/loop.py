@@ -139,19 +139,29 @@ def denoise(
     for i, t in enumerate(timesteps):
         if should_stop():
             return
-        sides = guidance.batches()  # decided before the model call: uncond rows only when they are used
-        state.guidance_scale = guidance.scale
-        # Flow-matching schedulers have no input scaling.
-        x_in = scheduler.scale_model_input(state.latents, t) if hasattr(scheduler, "scale_model_input") else state.latents
-        output, rows = _guided_output(state, model, guidance, i, t, x_in, sides, batched, inference_mode)
-        state.model_rows += rows
-        state.rows_per_step.append(rows)
-        if output.is_inference():
-            output = output.clone()  # schedulers may return it as the x0 estimate, which callbacks may edit
-        _scheduler_step(state, scheduler, output, i, t, x_in, step_kwargs, guidance, check_finite, flow_matching)
-        if after_step is not None:
-            after_step(state)
+        with torch.no_grad():  # as the classic pipelines' whole __call__; left before the yield (callbacks, caller)
+            _step(state, scheduler, model, step_kwargs, guidance, i, t, batched, inference_mode, flow_matching,
+                  check_finite)
+            if after_step is not None:
+                after_step(state)
         yield state
+
+
+def _step(
+    state: LoopState, scheduler, model: ModelFn, step_kwargs: dict, guidance: Guidance, i: int, t: torch.Tensor,
+    batched: dict, inference_mode: bool, flow_matching: bool, check_finite: bool,
+) -> None:
+    """One step: the model call(s) over the sides guidance asks for, then the scheduler step."""
+    sides = guidance.batches()  # decided before the model call: uncond rows only when they are used
+    state.guidance_scale = guidance.scale
+    # Flow-matching schedulers have no input scaling.
+    x_in = scheduler.scale_model_input(state.latents, t) if hasattr(scheduler, "scale_model_input") else state.latents
+    output, rows = _guided_output(state, model, guidance, i, t, x_in, sides, batched, inference_mode)
+    state.model_rows += rows
+    state.rows_per_step.append(rows)
+    if output.is_inference():
+        output = output.clone()  # schedulers may return it as the x0 estimate, which callbacks may edit
+    _scheduler_step(state, scheduler, output, i, t, x_in, step_kwargs, guidance, check_finite, flow_matching)
 
 
 def _conditioning(
