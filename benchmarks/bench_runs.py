@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import stepdiff
-from _common import SMOKE, describe_paired, medians, table, time_rounds
+from _common import SMOKE, ModelClock, describe_paired, medians, table, time_rounds
 from stepdiff.shapes.dataset import Sample, render
 
 PROMPT = "a green square on a yellow background"
@@ -63,19 +63,23 @@ def image_pipelines(args, folder) -> None:
     rows = []
     for label, ours_cls, theirs_cls, extra in kinds:
         ours, theirs = _load(ours_cls, theirs_cls, folder)
+        clocks = {id(p): ModelClock(p.unet) for p in (ours, theirs)}  # the pipeline's own time: outside the UNet
 
-        def call(p, extra=extra):
-            return lambda: p(PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), **extra)
+        def call(p, extra=extra, clocks=clocks):
+            return clocks[id(p)].wrap(
+                lambda: p(PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), **extra))
 
         rounds = time_rounds(
             {"stepdiff": call(ours), "diffusers": call(theirs), "diffusers again": call(theirs)}, args.repeats
         )
         m = medians(rounds)
+        out_ours, out_theirs = (1e3 * clocks[id(p)].median_outside() for p in (ours, theirs))
         rows.append((label, f"{m['stepdiff']:.3f}", f"{m['diffusers']:.3f}", f"{m['stepdiff'] / m['diffusers']:.3f}",
                      describe_paired(rounds, "stepdiff", "diffusers"),
-                     f"{m['diffusers again'] / m['diffusers']:.3f} / {describe_paired(rounds, 'diffusers again', 'diffusers')}"))
+                     f"{m['diffusers again'] / m['diffusers']:.3f} / {describe_paired(rounds, 'diffusers again', 'diffusers')}",
+                     f"{out_ours:.1f} / {out_theirs:.1f}"))
     print(table(rows, ("run", "stepdiff s", "diffusers s", "ratio of medians", "per-round ratio",
-                       "noise floor: diffusers again / diffusers")))
+                       "noise floor: diffusers again / diffusers", "ms outside the UNet per call, stepdiff / diffusers")))
 
 
 def step_iterator(args, folder) -> None:
