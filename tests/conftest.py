@@ -13,7 +13,21 @@ import stepdiff
 from stepdiff.testing import make_tiny_sd, make_tiny_sdxl
 
 diffusers_logging.disable_progress_bar()
-torch.set_num_threads(int(os.environ.get("STEPDIFF_TEST_THREADS", "2")))
+# Under pytest-xdist (pyproject's addopts: two worker processes) each worker gets one torch thread: two workers on a
+# 2-core machine use both cores; one process on two threads used 1.2 of them (the suite's models are tiny).
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(int(os.environ.get("STEPDIFF_TEST_THREADS", "1" if _XDIST_WORKER else "2")))
+
+# Which tests share a worker (``--dist loadgroup``): a file's tests stay together, so its module fixtures (a studio
+# server, a browser, a local Ray) are made once; the files that start a local Ray share one worker, and so do the two
+# that drive Chromium, so two of them never run at once.
+_SHARED_WORKER = {"test_batch_ray": "ray", "test_studio_ray": "ray",
+                  "test_studio_browser": "browser", "test_studio_browser_modes": "browser"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_SHARED_WORKER.get(item.path.stem, item.path.stem)))
 
 
 @pytest.fixture(scope="session")
