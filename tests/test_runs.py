@@ -267,3 +267,36 @@ def test_steps_run_without_autograd_and_callbacks_in_the_callers_mode(sd_pipe):
     sd_pipe("a cat", num_inference_steps=3, generator=gen(), output_type="latent", callback_on_step_end=callback)
     assert modes == [True, True, True]
     assert grads == [False, False, False]  # step 1's latents came from step 0's grad-requiring ones
+
+
+def test_threads_sharing_a_pipeline_take_turns_with_its_tokenizers(sdxl_pipe):
+    """A fast tokenizer keeps a call's padding and truncation on the shared object between setting them and encoding
+    (transformers issue #47085): two threads tokenizing at once could encode with each other's settings (a
+    7-token prompt concatenated with a 77-token one). stepdiff tokenizes under one lock: no two tokenizer calls
+    overlap, even when each is slow."""
+    import time
+
+    active, overlaps = {}, []  # thread -> depth of its tokenizer calls (a call may make nested ones)
+
+    def slow(method):
+        def call(self, *args, **kwargs):
+            me = threading.get_ident()
+            if any(depth for thread, depth in list(active.items()) if thread != me):
+                overlaps.append(method)
+            active[me] = active.get(me, 0) + 1
+            time.sleep(0.005)  # widen the window a race needs
+            try:
+                return getattr(super(type(self), self), method)(*args, **kwargs)
+            finally:
+                active[me] -= 1
+        return call
+
+    for tok in (sdxl_pipe.tokenizer, sdxl_pipe.tokenizer_2):
+        tok.__class__ = type("Slow" + type(tok).__name__, (type(tok),),
+                             {"__call__": slow("__call__"), "tokenize": slow("tokenize"), "decode": slow("decode")})
+    prompts = ["a cat", "a red dog on a blue mat under the sky"]
+    a, b = _in_threads([lambda p=p: sdxl_pipe(**{**_kwargs(1), "prompt": p}) for p in prompts])
+    assert overlaps == []
+    for out, prompt in zip((a, b), prompts):  # and each thread got its own prompt's image
+        alone = sdxl_pipe(**{**_kwargs(1), "prompt": prompt})
+        np.testing.assert_array_equal(out.images, alone.images)

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import re
+import threading
 
-__all__ = ["prompt_tokens", "unknown_words", "unknown_words_note"]
+__all__ = ["TOKENIZER_LOCK", "prompt_tokens", "unknown_words", "unknown_words_note"]
+
+TOKENIZER_LOCK = threading.RLock()
+"""Held around every use of a tokenizer in stepdiff. A fast (Rust-backed) tokenizer sets a call's padding and
+truncation on the shared object, then encodes: two threads that share a pipeline (the studio's workers) could each
+encode with the other's settings (7 unpadded tokens where 77 were asked for) or get "RuntimeError: Already borrowed"
+(transformers issue #47085). Tokenizing a prompt takes well under a millisecond, so one lock serves all tokenizers."""
 
 _SMALL_VOCABULARY = 200  # list the known words only for small closed-vocabulary models
 # Words in any script (CJK included), and runs of non-ASCII symbols (emoji) as words of their own;
@@ -30,7 +37,8 @@ def unknown_words(tokenizer, prompt: str, vocabulary: list[str] | None = None) -
     unk = getattr(tokenizer, "unk_token", None)
     unknown = []
     for word in words:
-        tokens = tokenizer.tokenize(word)
+        with TOKENIZER_LOCK:
+            tokens = tokenizer.tokenize(word)
         if len(tokens) != 1 or tokens[0] == unk:
             unknown.append(word)
     return unknown, []
@@ -38,7 +46,8 @@ def unknown_words(tokenizer, prompt: str, vocabulary: list[str] | None = None) -
 
 def prompt_tokens(tokenizer, prompt: str) -> tuple[int, int]:
     """(tokens ``prompt`` makes with start and end, tokens the text encoder reads): a longer prompt is cut."""
-    return len(tokenizer(prompt, truncation=False).input_ids), int(tokenizer.model_max_length)
+    with TOKENIZER_LOCK:
+        return len(tokenizer(prompt, truncation=False).input_ids), int(tokenizer.model_max_length)
 
 
 def unknown_words_note(unknown: list[str], known: list[str], ignored: bool = False) -> str:

@@ -15,6 +15,7 @@ from diffusers.utils import logging as diffusers_logging
 from ..control import CancelToken
 from ..finishing import parse_interrupt_output
 from ..guidance import check_guidance_scale
+from ..vocabulary import TOKENIZER_LOCK
 from .callback_io import resolve_callback
 
 __all__ = ["CallPlan", "check_call", "check_fraction", "pop_prompts", "repeat_rows", "tokenize", "warn_truncated"]
@@ -152,12 +153,19 @@ def _check_generator(generator: object, rows: int, batch_size: int, per_prompt: 
         raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int | None = None, logger: Any = None) -> torch.Tensor:
-    """CLIP-style tokens padded to the model length (or ``max_length``), as the classic pipelines do; a text
-    longer than that is cut, with the classic warning on ``logger`` naming what was cut."""
+def tokenize(tokenizer, texts: list[str], max_length: int | None = None, logger: Any = None, reason: str | None = None,
+             textual_inversion: Callable[[list[str], Any], list[str]] | None = None) -> torch.Tensor:
+    """Tokens padded to the model length (or ``max_length``), as the classic pipelines do; a text longer than that is
+    cut, with the classic warning on ``logger`` naming what was cut (``reason``: why; CLIP's by default).
+    ``textual_inversion``: the pipeline's ``maybe_convert_prompt`` (multi-vector tokens), run first. All of it under
+    ``TOKENIZER_LOCK``: one pipeline may tokenize in several threads."""
     length = max_length or tokenizer.model_max_length
-    ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-    warn_truncated(tokenizer, texts, length, f"CLIP can only handle sequences up to {length} tokens", logger)
+    with TOKENIZER_LOCK:
+        if textual_inversion is not None:
+            texts = textual_inversion(texts, tokenizer)
+        ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        warn_truncated(tokenizer, texts, length, reason or f"CLIP can only handle sequences up to {length} tokens",
+                       logger)
     return ids
 
 
@@ -165,8 +173,9 @@ def warn_truncated(tokenizer, texts: list[str], length: int, reason: str, logger
     """The classic pipelines' warning for texts longer than ``length`` tokens, with the part that was cut (the tokens
     past ``length - 1``, before the closing special token), on ``logger`` (the classic pipeline module's logger, under
     diffusers' verbosity settings)."""
-    full = tokenizer(texts, truncation=False, verbose=False).input_ids
-    removed = [tokenizer.decode(ids[length - 1 : -1]) for ids in full if len(ids) > length]
+    with TOKENIZER_LOCK:
+        full = tokenizer(texts, truncation=False, verbose=False).input_ids
+        removed = [tokenizer.decode(ids[length - 1 : -1]) for ids in full if len(ids) > length]
     if removed:
         (logger or _LOGGER).warning(f"The following part of your input was truncated because {reason}: {removed}")
 

@@ -30,7 +30,7 @@ with quiet_transformers():
 from ..guidance import Guidance
 from ..loop import LoopState
 from .base import StepDiffPipeline
-from .checks import _check_int, pop_prompts, repeat_rows, tokenize, warn_truncated
+from .checks import _check_int, pop_prompts, repeat_rows, tokenize
 from .components import classic_init, register_components
 from .conditioning import Conditioning
 from .flux_ip_adapter import FluxIPAdapterFeature
@@ -176,11 +176,8 @@ class FluxPipeline(StepDiffPipeline, FluxLoraLoaderMixin, FromSingleFileMixin, F
         clip = self.text_encoder(tokenize(self.tokenizer, texts, self.tokenizer_max_length, _LOGGER).to(device),
                                  output_hidden_states=False)
         pooled = clip.pooler_output.to(dtype=self.text_encoder.dtype, device=device)
-        ids = self.tokenizer_2(
-            texts_2, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt",
-        ).input_ids
-        warn_truncated(self.tokenizer_2, texts_2, max_sequence_length,
-                       f"`max_sequence_length` is set to {max_sequence_length} tokens", _LOGGER)
+        ids = tokenize(self.tokenizer_2, texts_2, max_sequence_length, _LOGGER,
+                       reason=f"`max_sequence_length` is set to {max_sequence_length} tokens")
         t5 = self.text_encoder_2(ids.to(device), output_hidden_states=False)[0]
         return t5.to(dtype=self.text_encoder_2.dtype, device=device), pooled
 

@@ -53,8 +53,7 @@ class StableDiffusionPipeline(
         register_components(self, modules, config)
 
     def _embed(self, texts: list[str], device: torch.device, clip_skip: int | None, max_length: int | None = None):
-        texts = self.maybe_convert_prompt(texts, self.tokenizer)  # textual-inversion multi-vector tokens
-        ids = tokenize(self.tokenizer, texts, max_length, _LOGGER).to(device)
+        ids = tokenize(self.tokenizer, texts, max_length, _LOGGER, textual_inversion=self.maybe_convert_prompt).to(device)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = (ids != self.tokenizer.pad_token_id).long()

@@ -17,7 +17,7 @@ with quiet_transformers():
 
 from ..guidance import Guidance, SkipLayerGuidance, check_guidance_scale
 from .base import StepDiffPipeline
-from .checks import pop_prompts, repeat_rows, tokenize, warn_truncated
+from .checks import pop_prompts, repeat_rows, tokenize
 from .components import classic_init, register_components
 from .conditioning import Conditioning
 from .run import CallInputs, Run
@@ -126,12 +126,8 @@ class StableDiffusion3Pipeline(StepDiffPipeline, SD3LoraLoaderMixin, FromSingleF
         if self.text_encoder_3 is None:
             dim = self.transformer.config.joint_attention_dim
             return torch.zeros((len(texts), max_sequence_length, dim), device=device, dtype=self.text_encoder.dtype)
-        ids = self.tokenizer_3(
-            texts, padding="max_length", max_length=max_sequence_length, truncation=True, add_special_tokens=True,
-            return_tensors="pt",
-        ).input_ids
-        warn_truncated(self.tokenizer_3, texts, max_sequence_length,
-                       f"`max_sequence_length` is set to {max_sequence_length} tokens", _LOGGER)
+        ids = tokenize(self.tokenizer_3, texts, max_sequence_length, _LOGGER,
+                       reason=f"`max_sequence_length` is set to {max_sequence_length} tokens")
         return self.text_encoder_3(ids.to(device))[0].to(dtype=self.text_encoder_3.dtype, device=device)
 
     def _embed(self, texts, texts_2, texts_3, device, clip_skip, max_sequence_length):

@@ -111,8 +111,8 @@ class StableDiffusionXLPipeline(
         for tokenizer, encoder, batch in pairs:
             if encoder is None:
                 continue
-            batch = self.maybe_convert_prompt(batch, tokenizer)  # textual-inversion multi-vector tokens
-            out = encoder(tokenize(tokenizer, batch, max_length, _LOGGER).to(device), output_hidden_states=True)
+            ids = tokenize(tokenizer, batch, max_length, _LOGGER, textual_inversion=self.maybe_convert_prompt)
+            out = encoder(ids.to(device), output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds come first
                 pooled = out[0]
             hidden.append(out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
